@@ -1,0 +1,28 @@
+"""jaxquant: post-training quantization of LLMs in JAX."""
+
+from .config import QuantConfig
+from .formats import UniformQuantizedWeight
+from .gptq import gptq
+from .grid import dequantize_codes, find_params, quantize_codes
+from .hessian import HessianState, hessian_init, hessian_update
+from .packing import pack, pack_qweight, pack_qzeros, unpack, unpack_qweight, unpack_qzeros
+from .rtn import rtn
+
+__all__ = [
+    "QuantConfig",
+    "UniformQuantizedWeight",
+    "gptq",
+    "rtn",
+    "find_params",
+    "quantize_codes",
+    "dequantize_codes",
+    "HessianState",
+    "hessian_init",
+    "hessian_update",
+    "pack",
+    "unpack",
+    "pack_qweight",
+    "unpack_qweight",
+    "pack_qzeros",
+    "unpack_qzeros",
+]

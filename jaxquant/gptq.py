@@ -1,0 +1,207 @@
+"""GPTQ (Frantar et al., 2022) following the reference `GPTQ.fasterquant` of IST-DASLab/gptq.
+
+Columns are quantized one at a time; the rounding error of each column is spread over the
+not-yet-quantized columns through the upper Cholesky factor U of H^-1 (H^-1 = U^T U). Updates are
+applied lazily: within a block of `block_size` columns immediately, to the rest of the matrix
+once per block.
+
+Deviations from the reference (none changes results with the default block_size = group_size):
+  * Group parameters are computed on the fully error-updated weights. When a group starts
+    inside a block the reference reads its weights from `W`, which lacks the updates from the
+    current block, so its result depends on the block size. Here a group starting mid-block is
+    read from the block's working copy, and when neither of block_size and group_size divides
+    the other the block is shrunk to gcd(block_size, group_size) so every group is either inside
+    one block or starts at a block start. block_size is thus a pure speed knob.
+  * act-order uses a stable sort of diag(H), so ties (e.g. dead columns) keep their order.
+  * A failed Cholesky factorisation is retried with more damping (see QuantConfig.damp_retries).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import QuantConfig
+from .formats import UniformQuantizedWeight
+from .grid import dequantize_codes, find_params, quantize_codes
+from .packing import check_packable
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "act_order", "static_groups"))
+def _prepare(W, H, *, bits, sym, group_size, act_order, static_groups):
+    """Dead columns, fixed group parameters and the act-order permutation.
+
+    Returns the permuted W and H, perm, and for fixed parameters (per channel or static groups)
+    the tables scales/zeros [G, N] with col_group[j] = table row of permuted column j.
+    """
+    N, K = W.shape
+    dead = jnp.diag(H) == 0
+    H = H + jnp.diag(dead.astype(H.dtype))  # H_ii = 1 where it was 0
+    W_live = jnp.where(dead[None, :], 0.0, W)
+    if group_size == -1:
+        # As the reference: per-channel parameters come from W before dead columns are zeroed.
+        scale, zero = find_params(W, bits, sym)
+        tables, col_group = (scale[None], zero[None]), jnp.zeros(K, jnp.int32)
+    elif static_groups:
+        scale, zero = find_params(W_live.reshape(N, K // group_size, group_size), bits, sym)
+        tables, col_group = (scale.T, zero.T), jnp.arange(K, dtype=jnp.int32) // group_size
+    else:
+        tables, col_group = None, jnp.arange(K, dtype=jnp.int32) // group_size
+    perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(K)
+    if act_order and tables is not None:
+        col_group = col_group[perm]  # static groups are looked up through the permutation
+    return W_live[:, perm], H[perm][:, perm], perm, col_group, tables
+
+
+@jax.jit
+def _inverse_cholesky_upper(H, percdamp):
+    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); NaN if not PD."""
+    eye = jnp.eye(H.shape[0], dtype=H.dtype)
+    H = H + percdamp * jnp.mean(jnp.diag(H)) * eye
+    L = jnp.linalg.cholesky(H)
+    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
+    return jnp.linalg.cholesky(Hinv).T
+
+
+@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size"))
+def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_size):
+    """The GPTQ column loop on permuted W [N, K] with U = chol(H^-1, upper).
+
+    tables=None means group parameters are recomputed at each group start (group_size must then
+    divide block_size or be a multiple of it). Returns codes, dequantized W, loss, tables.
+    """
+    N, K = W.shape
+    bs, gs = block_size, group_size
+    maxq = 2**bits - 1
+    dynamic = tables is None
+    # Pad K so blocks (and dynamic groups) tile it. Padded columns are zero with an identity
+    # Hessian block: they quantize to exactly 0 and never touch the real columns.
+    span = max(bs, gs) if dynamic else bs
+    Kp = -(-K // span) * span
+    W = jnp.pad(W, ((0, 0), (0, Kp - K)))
+    U = jnp.eye(Kp, dtype=U.dtype).at[:K, :K].set(U)
+    if dynamic:
+        col_group = jnp.arange(Kp, dtype=jnp.int32) // gs
+        tables = (jnp.ones((Kp // gs, N), jnp.float32), jnp.zeros((Kp // gs, N), jnp.float32))
+    else:  # padded columns use an extra dummy group (scale 1, zero 0)
+        G = tables[0].shape[0]
+        col_group = jnp.pad(col_group, (0, Kp - K), constant_values=G)
+        tables = (jnp.pad(tables[0], ((0, 1), (0, 0)), constant_values=1.0),
+                  jnp.pad(tables[1], ((0, 1), (0, 0))))
+
+    def block(b, carry):
+        W, Q, D, loss, tables = carry
+        i1 = b * bs
+        W1 = lax.dynamic_slice_in_dim(W, i1, bs, axis=1)
+        U1 = lax.dynamic_slice(U, (i1, i1), (bs, bs))
+
+        def column(i, c):
+            W1, Q1, D1, E1, loss, tables = c
+            j = i1 + i
+            if dynamic:
+                def refresh(t):
+                    # Current weights of the group: inside this block, or (gs a multiple of bs)
+                    # starting at this block, where W has all earlier updates applied.
+                    src = (lax.dynamic_slice_in_dim(W1, i, gs, axis=1) if gs <= bs
+                           else lax.dynamic_slice_in_dim(W, i1, gs, axis=1))
+                    scale, zero = find_params(src, bits, sym)
+                    return t[0].at[j // gs].set(scale), t[1].at[j // gs].set(zero)
+
+                tables = lax.cond(j % gs == 0, refresh, lambda t: t, tables)
+            scale, zero = tables[0][col_group[j]], tables[1][col_group[j]]
+            w = W1[:, i]
+            q = quantize_codes(w, scale, zero, maxq)
+            dq = dequantize_codes(q, scale, zero)
+            d = U1[i, i]
+            loss = loss + jnp.sum((w - dq) ** 2) / d**2 / 2
+            err = (w - dq) / d
+            W1 = W1 - err[:, None] * U1[i][None, :]  # U1[i, :i] == 0: only columns >= i move
+            return W1, Q1.at[:, i].set(q), D1.at[:, i].set(dq), E1.at[:, i].set(err), loss, tables
+
+        zeros = jnp.zeros((N, bs), jnp.float32)
+        init = (W1, jnp.zeros((N, bs), jnp.int32), zeros, zeros, loss, tables)
+        _, Q1, D1, E1, loss, tables = lax.fori_loop(0, bs, column, init)
+        # Lazy update of all later columns (U rows are zero left of the block).
+        W = W - jnp.matmul(E1, lax.dynamic_slice_in_dim(U, i1, bs, axis=0), precision=_HIGHEST)
+        Q = lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
+        D = lax.dynamic_update_slice_in_dim(D, D1, i1, axis=1)
+        return W, Q, D, loss, tables
+
+    init = (W, jnp.zeros((N, Kp), jnp.int32), jnp.zeros((N, Kp), jnp.float32),
+            jnp.zeros((), jnp.float32), tables)
+    _, Q, D, loss, tables = lax.fori_loop(0, Kp // bs, block, init)
+    return Q[:, :K], D[:, :K], loss, tables
+
+
+def _block_size(cfg: QuantConfig, K: int) -> int:
+    bs, gs = min(cfg.block_size, K), cfg.group_size
+    if gs != -1 and not cfg.static_groups and bs % gs and gs % bs:
+        bs = math.gcd(bs, gs)
+    return bs
+
+
+def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False):
+    """Quantize W [out_features, in_features] (torch layout) with layer Hessian H [K, K].
+
+    Returns (weight, error) where error = sum over columns of ||w - q||^2 / (2 [H^-1]_qq), the
+    reference's `Losses` total; with return_dequantized=True also the quantized-dequantized
+    W [N, K] float32 that the algorithm used (equal to weight.dequantize().T exactly).
+    """
+    W = jnp.asarray(W, jnp.float32)
+    H = jnp.asarray(H, jnp.float32)
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D [out_features, in_features], got shape {W.shape}")
+    N, K = W.shape
+    cfg.validate(K)
+    if H.shape != (K, K):
+        raise ValueError(f"H has shape {H.shape}, expected ({K}, {K}) for W of shape {W.shape}")
+    check_packable(K, cfg.bits, "in_features")
+    check_packable(N, cfg.bits, "out_features")
+    if not bool(jnp.isfinite(W).all()):
+        raise ValueError("W contains NaN or Inf")
+    if not bool(jnp.isfinite(H).all()):
+        raise ValueError("Hessian H contains NaN or Inf")
+
+    gs = cfg.group_size
+    Wp, Hp, perm, col_group, tables = _prepare(
+        W, H, bits=cfg.bits, sym=cfg.sym, group_size=gs,
+        act_order=cfg.act_order, static_groups=cfg.static_groups,
+    )
+    for retry in range(cfg.damp_retries + 1):
+        percdamp = cfg.percdamp * 10**retry
+        U = _inverse_cholesky_upper(Hp, percdamp)
+        if bool(jnp.isfinite(U).all()):
+            break
+        if retry < cfg.damp_retries:
+            warnings.warn(f"GPTQ: Cholesky failed with percdamp={percdamp:g}, retrying with more damping")
+    else:
+        raise ValueError(
+            f"Hessian not positive definite after {cfg.damp_retries} damping retries "
+            f"(percdamp up to {percdamp:g})"
+        )
+
+    codes, deq, loss, (scales, zeros) = _quantize_blocks(
+        Wp, U, col_group, tables, bits=cfg.bits, sym=cfg.sym, group_size=gs,
+        block_size=_block_size(cfg, K),
+    )
+    invperm = jnp.argsort(perm)
+    codes, deq = codes[:, invperm], deq[:, invperm]
+    G = 1 if gs == -1 else K // gs
+    if gs == -1:
+        g_idx = jnp.zeros(K, jnp.int32)
+    elif cfg.act_order and not cfg.static_groups:
+        g_idx = (jnp.arange(K, dtype=jnp.int32) // gs)[invperm]  # g_idx[perm[i]] = i // gs
+    else:
+        g_idx = jnp.arange(K, dtype=jnp.int32) // gs
+    weight = UniformQuantizedWeight.from_codes(
+        codes, scales[:G], zeros[:G].astype(jnp.int32), g_idx,
+        bits=cfg.bits, group_size=gs, sym=cfg.sym,
+    )
+    return (weight, float(loss), deq) if return_dequantized else (weight, float(loss))

@@ -1,0 +1,164 @@
+"""LLaMA family (LLaMA 1/2/3, SmolLM2, Mistral-style GQA): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.common import (CausalLM, Embed, Linear, RMSNorm, apply_rope, attention_mask, dot_product_attention,
+                           rope_inverse_frequencies, rope_parameters, update_cache)
+from models.weights import Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: tuple = (("rope_theta", 10000.0), ("rope_type", "default"))  # sorted items of the HF rope parameters
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 2048
+
+    family = "llama"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"LLaMA with hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope=tuple(sorted(rope_parameters(hf).items())),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        )
+
+    @property
+    def kv_cache_shape(self):
+        return self.num_kv_heads, self.head_dim
+
+
+# Sub-layers in true-sequential order (the order GPTQ quantizes them inside a decoder layer).
+SEQUENTIAL_GROUPS = (
+    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    ("self_attn/o_proj",),
+    ("mlp/up_proj", "mlp/gate_proj"),
+    ("mlp/down_proj",),
+)
+
+# HF parameter name -> Flax path. "{i}" is the layer index; `linear` kernels are transposed ([out, in] -> [in, out]).
+NAME_MAP = (
+    Rule(r"model\.embed_tokens\.weight", "embed_tokens/embedding"),
+    Rule(r"model\.norm\.weight", "norm/scale"),
+    Rule(r"lm_head\.weight", "lm_head/kernel", linear=True),
+    Rule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers_{0}/input_layernorm/scale"),
+    Rule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers_{0}/post_attention_layernorm/scale"),
+    Rule(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", "layers_{0}/self_attn/{1}_proj/kernel", linear=True),
+    Rule(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias", "layers_{0}/self_attn/{1}_proj/bias"),
+    Rule(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers_{0}/mlp/{1}_proj/kernel", linear=True),
+    Rule(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", "layers_{0}/mlp/{1}_proj/bias"),
+)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.q_proj = Linear(c.num_heads * c.head_dim, c.attention_bias, self.dtype)
+        self.k_proj = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype)
+        self.v_proj = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype)
+        self.o_proj = Linear(c.hidden_size, c.attention_bias, self.dtype)
+        self.inv_freq = rope_inverse_frequencies(c.head_dim, dict(c.rope))
+
+    def __call__(self, x, positions, cache=None, cache_index=None, kv_mask=None):
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        k, v, cache = update_cache(cache, k, v, cache_index)
+        mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.gate_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
+        self.up_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
+        self.down_proj = Linear(c.hidden_size, c.mlp_bias, self.dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.self_attn = Attention(c, self.dtype)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.mlp = MLP(c, self.dtype)
+
+    def __call__(self, h, positions, cache=None, cache_index=None, kv_mask=None):
+        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, cache_index, kv_mask)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache
+
+
+class LlamaForCausalLM(CausalLM):
+    """``__call__(ids [B,T], positions [B,T]?, cache?, cache_index?, kv_mask?) -> (logits [B,T,V] f32, cache)``."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype)
+        self.layers = [DecoderLayer(c, self.dtype) for _ in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, False, self.dtype)
+
+    def embed(self, ids, positions):
+        return self.embed_tokens(ids)
+
+    def head(self, h):
+        h = self.norm(h)
+        logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+
+CONFIG = LlamaConfig
+MODEL = LlamaForCausalLM
+IGNORED_WEIGHTS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
