@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -60,6 +61,41 @@ def cmd_generate(args) -> list:
     return outs
 
 
+def cmd_quantize(args):
+    import models
+    from jaxquant import checkpoint, data
+    from jaxquant.config import QuantConfig
+    from jaxquant.pipeline import METHODS, quantize_model
+
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+                         static_groups=args.static_groups, block_size=args.block_size, percdamp=args.percdamp,
+                         true_sequential=args.true_sequential)
+    if args.method not in METHODS:
+        raise SystemExit(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
+        raise SystemExit(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    lm = models.from_pretrained(args.model, dtype=args.dtype)
+    calib = None
+    if METHODS[args.method].needs_hessian:
+        calib = data.calibration_windows(lm.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                         source=args.calib, directory=args.data_dir)
+    t0 = time.perf_counter()
+    params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size)
+    wall = time.perf_counter() - t0
+    calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed} \
+        if calib is not None else None
+    checkpoint.save(out, params, lm, args.method, config, report, overwrite=args.overwrite,
+                    extra={"calib": calib_info, "quant_wall_s": wall, "model": args.model})
+    print(json.dumps({"out": out, "method": args.method, "quant_wall_s": round(wall, 2),
+                      "total_error": report.total_error(), **dataclasses.asdict(config)}, indent=1))
+    if args.export_gptq:
+        from jaxquant import gptq_export
+
+        gptq_export.export(args.export_gptq, params, lm, config)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,12 +126,27 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.set_defaults(fn=cmd_generate)
 
-    try:
-        from jaxquant import quantize_cli
-    except ImportError:
-        quantize_cli = None
-    if quantize_cli is not None:
-        quantize_cli.add_parser(sub)
+    p = sub.add_parser("quantize", help="quantize a model layer by layer and save an orbax checkpoint")
+    model_args(p)
+    p.add_argument("--method", default="gptq", help="rtn | gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 = one scale per output channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before the solve")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", default="c4", help="c4 (first 900 documents of the C4 file) | wikitext2 | text file")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--export-gptq", default=None, help="also write a GPTQ safetensors directory here")
+    p.set_defaults(fn=cmd_quantize)
 
     args = parser.parse_args(argv)
     args.fn(args)

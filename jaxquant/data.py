@@ -30,14 +30,16 @@ EVAL_DATASETS = ("wikitext2", "ptb", "c4-heldout")
 
 
 def data_dir(explicit: Optional[str] = None) -> Optional[Path]:
-    candidates = [explicit, os.environ.get("JAXQUANT_DATA"),
+    if explicit:  # an explicit directory is used or rejected; never silently replaced by another one
+        if any(Path(explicit, f).exists() for f in FILES.values()):
+            return Path(explicit)
+        raise FileNotFoundError(f"data directory {explicit} has none of {sorted(FILES.values())}")
+    candidates = [os.environ.get("JAXQUANT_DATA"),
                   Path(__file__).resolve().parents[1].parent / "shared" / "data",
                   Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
     for c in candidates:
         if c and any(Path(c, f).exists() for f in FILES.values()):
             return Path(c)
-    if explicit:
-        raise FileNotFoundError(f"data directory {explicit} has none of {sorted(FILES.values())}")
     return None
 
 

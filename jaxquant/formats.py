@@ -67,6 +67,17 @@ class UniformQuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return (self.in_features, self.out_features)
 
+    def check_shapes(self) -> None:
+        """Raise ValueError if the stored arrays do not fit the static fields (e.g. a corrupt checkpoint)."""
+        K, N, b = self.in_features, self.out_features, self.bits
+        G = 1 if self.group_size == -1 else K // self.group_size
+        want = {"qweight": (K * b // 32, N), "qzeros": (G, N * b // 32), "scales": (G, N), "g_idx": (K,)}
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, expected {shape} for a {K}x{N} {b}-bit weight "
+                                 f"with group_size {self.group_size}")
+
     def codes(self) -> jax.Array:
         """Unpacked codes [K, N]."""
         return unpack_qweight(self.qweight, self.bits)
@@ -98,3 +109,19 @@ class UniformQuantizedWeight:
     def avg_bits(self) -> float:
         """Stored bits per weight, including scales, zeros and g_idx."""
         return 8 * self.nbytes / (self.in_features * self.out_features)
+
+
+# Names of the quantized-weight pytrees that checkpoints can store (looked up by class name).
+QUANTIZED_FORMATS = ("UniformQuantizedWeight",)
+
+
+def quantized_bits(params) -> dict:
+    """Stored bits of every quantized kernel in a parameter tree: {"avg_bits", "quantized_params", "stored_bits"}.
+
+    avg_bits = all stored bits of the quantized weights (codes, scales, zeros, indices) / their parameter count.
+    """
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: hasattr(x, "avg_bits"))
+              if hasattr(leaf, "avg_bits")]
+    count = sum(leaf.in_features * leaf.out_features for leaf in leaves)
+    bits = sum(8 * leaf.nbytes for leaf in leaves)
+    return {"avg_bits": bits / count if count else None, "quantized_params": count, "stored_bits": bits}

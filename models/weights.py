@@ -54,17 +54,26 @@ def _to_numpy(t) -> np.ndarray:
 def _read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     from safetensors import safe_open
 
+    # safetensors reports a truncated or corrupt file with its own SafetensorError (a plain Exception subclass):
+    # every failure to read becomes a CheckpointError naming the file.
     try:
-        # The numpy backend cannot hold bfloat16; go through torch where the file has it.
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (TypeError, ValueError) as err:
-        if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
-            raise CheckpointError(f"cannot read {path}: {err}") from err
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, _to_numpy(f.get_tensor(name))
+        f = safe_open(path, framework="np")
+        names = list(f.keys())
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
+    pt = None
+    for name in names:
+        try:
+            try:
+                array = f.get_tensor(name)
+            except TypeError as err:  # the numpy backend cannot hold bfloat16; go through torch for those tensors
+                if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
+                    raise
+                pt = pt or safe_open(path, framework="pt")
+                array = _to_numpy(pt.get_tensor(name))
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"cannot read tensor {name!r} from safetensors file {path}: {err}") from err
+        yield name, array
 
 
 def _read_torch_bin(path: str) -> Iterator[Tuple[str, np.ndarray]]:
@@ -198,16 +207,19 @@ def convert(state: Iterator[Tuple[str, np.ndarray]], rules, expected: dict, dtyp
                 continue
             raise CheckpointError(f"{source}: tensor {name!r} has no place in this model (unknown parameter)")
         linear = next(r.linear for r in rules if r.match(name) is not None)
-        if linear:
-            array = array.T
         if path not in want:
             if path[-1] == "kernel" and path[0] == "lm_head":
                 continue  # tied embeddings: checkpoint still carries lm_head.weight; the model uses the embedding
             raise CheckpointError(f"{source}: tensor {name!r} maps to {'/'.join(path)}, which this model config "
                                   "does not have")
-        if tuple(array.shape) != tuple(want[path]):
+        # Compare in the checkpoint's layout ([out, in] for linear weights), so both shapes in the message are the
+        # ones a user sees in the file and in the HF model.
+        expected = tuple(want[path])[::-1] if linear else tuple(want[path])
+        if tuple(array.shape) != expected:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the model expects "
-                                  f"{tuple(want[path])} (as {'/'.join(path)})")
+                                  f"{expected} (as {'/'.join(path)}{', transposed' if linear else ''})")
+        if linear:
+            array = array.T
         got[path] = jnp.asarray(array, dtype=dtype)
     missing = [p for p in want if p not in got]
     if missing:
