@@ -161,11 +161,18 @@ def _assemble(plain: dict, quantized: dict, expected: dict, source: str) -> dict
                 if f"{key}/{f.name}" not in flat:
                     raise CheckpointError(f"{source}: missing tensor {key}/{f.name}")
                 arrays[f.name] = jnp.asarray(flat[f"{key}/{f.name}"])
-            leaf = cls(**arrays, **spec)
+            try:
+                leaf = cls(**arrays, **spec)
+            except TypeError as err:  # a static field missing from, or unknown to, the metadata entry
+                raise CheckpointError(f"{source}: metadata of quantized {key} does not fit {cls.__name__}: {err}") \
+                    from err
             if tuple(leaf.shape) != tuple(want.shape):
                 raise CheckpointError(f"{source}: {key} is quantized with shape {tuple(leaf.shape)}, the model "
                                       f"expects {tuple(want.shape)}")
-            leaf.check_shapes()
+            try:
+                leaf.check_shapes()
+            except ValueError as err:  # arrays and metadata (bits, group size, ...) disagree: name the tensor
+                raise CheckpointError(f"{source}: quantized {key}: {err}") from err
             out[path] = leaf
         else:
             if key not in flat:

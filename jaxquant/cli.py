@@ -5,19 +5,28 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 
 
 def load_model(path: str, dtype: str = "float32"):
-    """A HF/GGUF model directory, a built-in name, or a jaxquant quantized checkpoint directory."""
-    from jaxquant import checkpoint
+    """A HF/GGUF model directory, a built-in name, a jaxquant quantized checkpoint directory, or a GPTQ checkpoint
+    directory (config.json with quantization_config.quant_method "gptq", e.g. written by ``--export-gptq``)."""
+    from jaxquant import checkpoint, gptq_export
 
     if checkpoint.is_checkpoint(path):
         return checkpoint.load(path)
+    if gptq_export.is_gptq_dir(path):
+        return gptq_export.load(path, dtype=dtype)
     import models
 
     return models.from_pretrained(path, dtype=dtype)
+
+
+def command_line(args) -> str:
+    """The command that produced a result row: the argv given to ``main`` (not the caller's ``sys.argv``)."""
+    return " ".join(shlex.quote(a) for a in ["jaxquant", *args.argv])
 
 
 def cmd_eval(args) -> dict:
@@ -32,8 +41,8 @@ def cmd_eval(args) -> dict:
     out = ev.perplexity(lm.module, lm.params, ids, seqlen=args.seqlen, batch_size=args.batch_size,
                         max_windows=args.max_windows)
     meta = getattr(lm, "quant_meta", None) or {"method": "fp32" if args.dtype == "float32" else args.dtype}
-    row = results.row("perplexity", model=args.model, dataset=args.dataset, dtype=args.dtype,
-                      load_seconds=load_s, **meta, **out)
+    row = results.row("perplexity", command=command_line(args), model=args.model, dataset=args.dataset,
+                      dtype=args.dtype, load_seconds=load_s, **meta, **out)
     print(json.dumps(row, indent=1))
     if args.out:
         results.append_rows(args.out, [row])
@@ -45,6 +54,8 @@ def cmd_generate(args) -> list:
 
     lm = load_model(args.model, args.dtype)
     tok = lm.tokenizer
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer files; cannot tokenize the prompts")
     texts = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -75,6 +86,12 @@ def cmd_quantize(args):
     out = os.path.abspath(args.out)
     if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise SystemExit(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    if args.export_gptq:
+        export_dir = os.path.abspath(args.export_gptq)
+        if export_dir == out:
+            raise SystemExit("--export-gptq must be another directory than --out")
+        if os.path.exists(export_dir) and os.listdir(export_dir) and not args.overwrite:
+            raise SystemExit(f"--export-gptq {export_dir} exists and is not empty (pass --overwrite to replace it)")
     lm = models.from_pretrained(args.model, dtype=args.dtype)
     calib = None
     if METHODS[args.method].needs_hessian:
@@ -92,7 +109,7 @@ def cmd_quantize(args):
     if args.export_gptq:
         from jaxquant import gptq_export
 
-        gptq_export.export(args.export_gptq, params, lm, config)
+        gptq_export.export(args.export_gptq, params, lm, config, overwrite=args.overwrite)
     return out
 
 
@@ -148,7 +165,9 @@ def main(argv=None):
     p.add_argument("--export-gptq", default=None, help="also write a GPTQ safetensors directory here")
     p.set_defaults(fn=cmd_quantize)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     args.fn(args)
     return 0
 

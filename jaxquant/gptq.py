@@ -62,12 +62,20 @@ def _prepare(W, H, *, bits, sym, group_size, act_order, static_groups):
 
 @jax.jit
 def _inverse_cholesky_upper(H, percdamp):
-    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); NaN if not PD."""
+    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); NaN if not PD.
+
+    With J the reversal permutation and J Hd J = L L^T: Hd^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is upper
+    triangular with a positive diagonal, so it is the Cholesky factor U. One factorisation and one triangular solve
+    instead of the reference's cholesky -> cholesky_inverse -> cholesky (about a third of the flops).
+    """
     eye = jnp.eye(H.shape[0], dtype=H.dtype)
     H = H + percdamp * jnp.mean(jnp.diag(H)) * eye
-    L = jnp.linalg.cholesky(H)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
-    return jnp.linalg.cholesky(Hinv).T
+    L = jnp.linalg.cholesky(H[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(L, eye, lower=True)[::-1, ::-1]
+
+
+# Columns per unrolled step of the column loop: fewer, larger loop bodies (one launch sequence per step).
+_UNROLL = 8
 
 
 @partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size"))
@@ -76,6 +84,12 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
 
     tables=None means group parameters are recomputed at each group start (group_size must then
     divide block_size or be a multiple of it). Returns codes, dequantized W, loss, tables.
+
+    Written for the GPU: no data-dependent branch inside the loops (an XLA conditional reads its
+    predicate on the host, a device->host round trip per column) and no reduction per column.
+    Dynamic groups inside a block are a loop over groups around a loop over their columns; groups
+    spanning several blocks are refreshed at their first block by a select. The loss is summed
+    from the block's scaled errors, sum(err^2)/2 = sum((w - q)^2 / d^2)/2, once per block.
     """
     N, K = W.shape
     bs, gs = block_size, group_size
@@ -95,39 +109,57 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
         col_group = jnp.pad(col_group, (0, Kp - K), constant_values=G)
         tables = (jnp.pad(tables[0], ((0, 1), (0, 0)), constant_values=1.0),
                   jnp.pad(tables[1], ((0, 1), (0, 0))))
+    inner = dynamic and gs <= bs  # groups inside a block: parameters fixed per inner loop
+    sub = gs if inner else bs  # columns per inner loop
+
+    def columns(i1, i0, U1, scale_zero, tables, c):
+        """Columns i0 .. i0+sub-1 of the block starting at i1 (fixed scale/zero, or table lookups)."""
+
+        def column(ii, c):
+            W1, Q1, D1, E1 = c
+            i = i0 + ii
+            if scale_zero is not None:
+                scale, zero = scale_zero
+            else:
+                g = col_group[i1 + i]
+                scale, zero = tables[0][g], tables[1][g]
+            w = W1[:, i]
+            q = quantize_codes(w, scale, zero, maxq)
+            dq = dequantize_codes(q, scale, zero)
+            err = (w - dq) / U1[i, i]
+            W1 = W1 - err[:, None] * U1[i][None, :]  # U1[i, :i] == 0: only columns >= i move
+            return W1, Q1.at[:, i].set(q), D1.at[:, i].set(dq), E1.at[:, i].set(err)
+
+        return lax.fori_loop(0, sub, column, c, unroll=math.gcd(sub, _UNROLL))
 
     def block(b, carry):
         W, Q, D, loss, tables = carry
         i1 = b * bs
         W1 = lax.dynamic_slice_in_dim(W, i1, bs, axis=1)
         U1 = lax.dynamic_slice(U, (i1, i1), (bs, bs))
-
-        def column(i, c):
-            W1, Q1, D1, E1, loss, tables = c
-            j = i1 + i
-            if dynamic:
-                def refresh(t):
-                    # Current weights of the group: inside this block, or (gs a multiple of bs)
-                    # starting at this block, where W has all earlier updates applied.
-                    src = (lax.dynamic_slice_in_dim(W1, i, gs, axis=1) if gs <= bs
-                           else lax.dynamic_slice_in_dim(W, i1, gs, axis=1))
-                    scale, zero = find_params(src, bits, sym)
-                    return t[0].at[j // gs].set(scale), t[1].at[j // gs].set(zero)
-
-                tables = lax.cond(j % gs == 0, refresh, lambda t: t, tables)
-            scale, zero = tables[0][col_group[j]], tables[1][col_group[j]]
-            w = W1[:, i]
-            q = quantize_codes(w, scale, zero, maxq)
-            dq = dequantize_codes(q, scale, zero)
-            d = U1[i, i]
-            loss = loss + jnp.sum((w - dq) ** 2) / d**2 / 2
-            err = (w - dq) / d
-            W1 = W1 - err[:, None] * U1[i][None, :]  # U1[i, :i] == 0: only columns >= i move
-            return W1, Q1.at[:, i].set(q), D1.at[:, i].set(dq), E1.at[:, i].set(err), loss, tables
-
         zeros = jnp.zeros((N, bs), jnp.float32)
-        init = (W1, jnp.zeros((N, bs), jnp.int32), zeros, zeros, loss, tables)
-        _, Q1, D1, E1, loss, tables = lax.fori_loop(0, bs, column, init)
+        c = (W1, jnp.zeros((N, bs), jnp.int32), zeros, zeros)
+        if inner:
+            def group(g, gc):
+                c, tables = gc
+                i0 = g * gs
+                # Current weights of the group: all earlier columns' updates are applied in W1.
+                scale, zero = find_params(lax.dynamic_slice_in_dim(c[0], i0, gs, axis=1), bits, sym)
+                t = (i1 + i0) // gs
+                tables = (tables[0].at[t].set(scale), tables[1].at[t].set(zero))
+                return columns(i1, i0, U1, (scale, zero), tables, c), tables
+
+            c, tables = lax.fori_loop(0, bs // gs, group, (c, tables))
+        else:
+            if dynamic:  # gs a multiple of bs: a group starting at this block is read from W, fully updated
+                t = i1 // gs
+                scale, zero = find_params(lax.dynamic_slice_in_dim(W, i1, gs, axis=1), bits, sym)
+                new = i1 % gs == 0
+                tables = (tables[0].at[t].set(jnp.where(new, scale, tables[0][t])),
+                          tables[1].at[t].set(jnp.where(new, zero, tables[1][t])))
+            c = columns(i1, 0, U1, None, tables, c)
+        _, Q1, D1, E1 = c
+        loss = loss + jnp.sum(E1 * E1) / 2
         # Lazy update of all later columns (U rows are zero left of the block).
         W = W - jnp.matmul(E1, lax.dynamic_slice_in_dim(U, i1, bs, axis=0), precision=_HIGHEST)
         Q = lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)

@@ -19,6 +19,8 @@ def find_params(w_rows: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax
 
     The range always contains 0; all-zero rows get [-1, 1] so that scale > 0.
     `zero` is an integer-valued float: round(-xmin/scale), or 2**(bits-1) when sym.
+    Note (as in the reference): on the sym grid a row's most negative value maps to exactly
+    -(maxq+1)/2 + 1/2 grid steps, a rounding tie that float rounding of scale breaks.
     """
     maxq = 2**bits - 1
     x = jnp.asarray(w_rows, jnp.float32)

@@ -106,3 +106,111 @@ def smollm2_tokenizer():
     tok = models.load_tokenizer(models.resolve_builtin("smollm2-135m"))
     assert tok is not None, "could not build the SmolLM2 tokenizer from its GGUF file"
     return tok
+
+
+# ---------------------------------------------------------------------------------------------------- other families
+# Tiny OPT / Falcon configs (transformers config kwargs); every linear's in/out features is a multiple of 32, so all
+# of them can be packed at 2, 3, 4 and 8 bits.
+TINY_OPT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                max_position_embeddings=64, dropout=0.0)
+# falcon-7b-like: multi-query (fused QKV of 64 + 2 * 16 = 96 outputs), parallel attention + MLP.
+TINY_FALCON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=False,
+                   multi_query=True, parallel_attn=True, new_decoder_architecture=False)
+_HF_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig", TINY_LLAMA),
+               "opt": ("OPTForCausalLM", "OPTConfig", TINY_OPT),
+               "falcon": ("FalconForCausalLM", "FalconConfig", TINY_FALCON)}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_llama, tmp_path_factory):
+    """``tiny_hf(family, **overrides) -> TinyLlama`` (the class is generic): a random tiny HF model of ``family``
+    ("llama" | "opt" | "falcon"), saved once per session. LLaMA goes through ``tiny_llama`` (same cache)."""
+    transformers = pytest.importorskip("transformers")
+    cache = {}
+
+    def get(family: str, **overrides) -> TinyLlama:
+        if family == "llama":
+            return tiny_llama(**overrides)
+        model_cls, config_cls, base = _HF_CLASSES[family]
+        config = {**base, **overrides}
+        key = (family, repr(sorted(config.items())))
+        if key not in cache:
+            import torch
+
+            seed = new_seed()
+            torch.manual_seed(seed)
+            hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
+            randomize_(hf, seed)
+            directory = str(tmp_path_factory.mktemp(f"tiny_{family}"))
+            hf.save_pretrained(directory)
+            cache[key] = TinyLlama(hf, directory, seed, config)
+        return cache[key]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------------ quantized models
+class Quantized:
+    """One ``quantize_model`` run: ``lm`` (the float model), ``calib`` [n, seqlen], ``config``, ``params``, ``report``
+    and ``calls``: every ``solve(W, H, cfg)`` call of the method, in order, as (W [out, in], H or None) numpy pairs."""
+
+    def __init__(self, lm, calib, config, params, report, calls):
+        self.lm, self.calib, self.config, self.params, self.report, self.calls = lm, calib, config, params, report, calls
+
+
+def run_recorded(lm, calib, config, method: str, *, needs_hessian=None, batch_size: int = 4) -> Quantized:
+    """``quantize_model`` with ``method`` wrapped so that every (W, H) it is given is recorded. ``needs_hessian``
+    overrides the method's own flag (e.g. RTN with Hessians collected, to test the collection path cheaply)."""
+    from jaxquant import pipeline
+
+    base = pipeline.METHODS[method]
+    calls = []
+
+    def solve(W, H, cfg):
+        calls.append((np.asarray(W), None if H is None else np.asarray(H)))
+        return base.solve(W, H, cfg)
+
+    name = f"_recorded_{method}"
+    flag = base.needs_hessian if needs_hessian is None else needs_hessian
+    pipeline.METHODS[name] = pipeline.Method(name, solve, needs_hessian=flag)
+    try:
+        params, report = pipeline.quantize_model(lm, calib, config, method=name, batch_size=batch_size,
+                                                 progress=False)
+    finally:
+        del pipeline.METHODS[name]
+    return Quantized(lm, calib, config, params, report, calls)
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_hf):
+    """``tiny_quantized(method, family="llama", needs_hessian=None, **QuantConfig fields) -> Quantized``: one run of
+    the pipeline on ``tiny_hf(family)`` (default configs) with one fixed set of calibration windows (4 x 32 random ids,
+    batch 4). Each distinct run is done once per session and shared by the test files."""
+    from jaxquant.config import QuantConfig
+
+    cache = {}
+    calib = np.random.default_rng(new_seed()).integers(0, 128, (4, 32)).astype(np.int32)
+    assert all(base["vocab_size"] == 128 for _, _, base in _HF_CLASSES.values())
+
+    def get(method: str, family: str = "llama", needs_hessian=None, **fields) -> Quantized:
+        key = (method, family, needs_hessian, repr(sorted(fields.items())))
+        if key not in cache:
+            cache[key] = run_recorded(tiny_hf(family).loaded, calib, QuantConfig(**fields), method,
+                                      needs_hessian=needs_hessian)
+        return cache[key]
+
+    return get
+
+
+_LOGITS = None
+
+
+def jit_logits(module, params, ids):
+    """Logits [B, T, V] of ``module`` under one shared jit (the module is a static argument, hashed by value), so that
+    every test comparing parameter trees of one architecture and layout reuses the compiled program."""
+    global _LOGITS
+    if _LOGITS is None:
+        import jax
+
+        _LOGITS = jax.jit(lambda m, p, x: m.apply({"params": p}, x)[0], static_argnums=0)
+    return np.asarray(_LOGITS(module, params, ids))

@@ -9,8 +9,9 @@ Rounding ties. A weight whose x/scale lies within float32 noise of a .5 tie may 
 in a float32 implementation, and in GPTQ that one choice then steers the rest of the row. So that
 a comparison tests the algorithm and not the last bit, the GPTQ oracle can be given the
 implementation's codes and zero points (`follow`): where, and only where, its own value is within
-`tie_tol` (relative) of a tie and the implementation took the other neighbour, it takes that
-neighbour too and counts the event in `forced`. Every other decision is its own.
+tie_tol * maxq grid steps of a tie (float32 noise scales with the weights' range, i.e. with maxq
+steps) and the implementation took the other neighbour, it takes that neighbour too and counts
+the event in `forced`. Every other decision is its own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _round(x, follow=None, tie_tol=0.0):
     if follow is None:
         return r, np.zeros(np.shape(x), bool)
     other = np.where(r > x, r - 1, r + 1)
-    near = np.abs(np.abs(x - np.floor(x)) - 0.5) < tie_tol * np.maximum(1.0, np.abs(x))
+    near = np.abs(np.abs(x - np.floor(x)) - 0.5) < tie_tol
     take = near & (follow == other)
     return np.where(take, other, r), take
 
@@ -45,7 +46,7 @@ def grid_params(x, bits, sym, follow_zero=None, tie_tol=0.0):
     scale = (hi - lo) / maxq
     if sym:
         return scale, np.full_like(scale, (maxq + 1) / 2), np.zeros(scale.shape, bool)
-    zero, forced = _round(-lo / scale, follow_zero, tie_tol)
+    zero, forced = _round(-lo / scale, follow_zero, tie_tol * maxq)
     return scale, zero, forced
 
 
@@ -54,7 +55,7 @@ def grid_quantize(x, scale, zero, bits, follow=None, tie_tol=0.0):
     maxq = 2**bits - 1
     if follow is not None:
         follow = np.asarray(follow, np.float64) - zero  # the rounding it implies (unless clamped)
-    r, forced = _round(x / scale, follow, tie_tol)
+    r, forced = _round(x / scale, follow, tie_tol * maxq)
     return np.clip(r + zero, 0, maxq), forced
 
 

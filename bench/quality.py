@@ -1,0 +1,140 @@
+"""Quality table: SmolLM2-135M perplexity (WikiText-2 test + held-out C4) for float32, RTN and GPTQ configurations.
+
+Each configuration is quantized once (calibration: 128 x 2048 tokens from the C4 file's first 900 documents, seed 0),
+saved as a checkpoint under ``runs/quality/<name>``, and evaluated on every dataset by the GPTQ protocol (full splits,
+seqlen 2048). Rows go to ``bench/results/quality_smollm2-135m.json`` as soon as each is measured, so the script can be
+stopped and resumed: a (config, dataset) pair already in the file is skipped.
+
+    python bench/quality.py                       # every configuration
+    python bench/quality.py --only rtn-w4-g128 gptq-w4-g128 --datasets wikitext2
+    python bench/quality.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from jaxquant import checkpoint, data, results  # noqa: E402
+from jaxquant.config import QuantConfig  # noqa: E402
+from jaxquant.eval import perplexity  # noqa: E402
+from jaxquant.formats import quantized_bits  # noqa: E402
+from jaxquant.pipeline import quantize_model  # noqa: E402
+
+# name -> (method, QuantConfig kwargs); asymmetric everywhere, as the issue asks.
+CONFIGS = {
+    "fp32": ("fp32", None),
+    "rtn-w4-g128": ("rtn", dict(bits=4, group_size=128)),
+    "gptq-w4-g128": ("gptq", dict(bits=4, group_size=128)),
+    "gptq-w4-g128-actorder": ("gptq", dict(bits=4, group_size=128, act_order=True)),
+    "rtn-w3-g128": ("rtn", dict(bits=3, group_size=128)),
+    "gptq-w3-g128": ("gptq", dict(bits=3, group_size=128)),
+    "rtn-w4-pc": ("rtn", dict(bits=4, group_size=-1)),
+    "gptq-w4-pc": ("gptq", dict(bits=4, group_size=-1)),
+    "rtn-w3-pc": ("rtn", dict(bits=3, group_size=-1)),
+    "gptq-w3-pc": ("gptq", dict(bits=3, group_size=-1)),
+}
+RESULTS = "bench/results/quality_smollm2-135m.json"
+
+
+def done(path):
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {(r["name"], r["dataset"]) for r in json.load(f)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--datasets", nargs="*", default=["wikitext2", "c4-heldout"])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    names = args.only or list(CONFIGS)
+    if args.list:
+        print("\n".join(f"{n}: {CONFIGS[n]}" for n in CONFIGS))
+        return
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
+
+    base = models.from_pretrained(args.model)
+    texts = {d: data.tokenize(base.tokenizer, data.eval_text(d)) for d in args.datasets}
+    calib = None
+    for name in names:
+        todo = [d for d in args.datasets if (name, d) not in done(args.out)]
+        if not todo:
+            continue
+        method, kwargs = CONFIGS[name]
+        cfg = QuantConfig(**kwargs) if kwargs else None
+        params, quant_s, bits = base.params, 0.0, {"avg_bits": 32.0}
+        ckpt = os.path.join("runs", "quality", name)
+        if method != "fp32":
+            if checkpoint.is_checkpoint(ckpt):
+                lm = checkpoint.load(ckpt)
+                params, quant_s = lm.params, lm.quant_meta["quant_wall_s"]
+            else:
+                if method == "gptq" and calib is None:
+                    calib = data.calibration_windows(base.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=0)
+                t0 = time.perf_counter()
+                params, report = quantize_model(base, calib if method == "gptq" else None, cfg, method=method,
+                                                batch_size=args.batch_size)
+                quant_s = time.perf_counter() - t0
+                checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True,
+                                extra={"quant_wall_s": quant_s, "model": args.model,
+                                       "calib": {"source": "c4[:900]", "nsamples": args.nsamples,
+                                                 "seqlen": args.seqlen, "seed": 0} if method == "gptq" else None})
+            bits = quantized_bits(params)
+        for dataset in todo:
+            out = perplexity(base.module, params, texts[dataset], seqlen=args.seqlen)
+            row = results.row(
+                "quality", name=name, model=args.model, method=method,
+                wbits=cfg.bits if cfg else 32, abits=16, kv_bits=16, group_size=cfg.group_size if cfg else None,
+                act_order=cfg.act_order if cfg else False, sym=cfg.sym if cfg else None,
+                avg_bits=bits["avg_bits"], extra={}, dataset=dataset, seqlen=args.seqlen,
+                eval_tokens=out["eval_tokens"],
+                calib={"source": "c4 first 900 docs", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                       "seed": 0} if method == "gptq" else None,
+                ppl=out["ppl"], quant_wall_s=quant_s, eval_seconds=out["seconds"])
+            print(json.dumps(row), flush=True)
+            results.append_rows(args.out, [row], key=("name", "dataset", "model"))
+            write_markdown(args.out)
+
+
+def write_markdown(path):
+    with open(path) as f:
+        rows = json.load(f)
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(r["name"], {})[r["dataset"]] = r
+    lines = ["| config | method | wbits | group | act-order | avg bits | WikiText-2 ppl | C4 held-out ppl | "
+             "quant wall s (CPU) |", "|" + "---|" * 9]
+    for name in CONFIGS:
+        if name not in by_name:
+            continue
+        rs = by_name[name]
+        r = next(iter(rs.values()))
+        cell = lambda d: f"{rs[d]['ppl']:.3f}" if d in rs else "-"  # noqa: E731
+        lines.append(f"| {name} | {r['method']} | {r['wbits']} | {r['group_size']} | {r['act_order']} | "
+                     f"{r['avg_bits']:.3f} | {cell('wikitext2')} | {cell('c4-heldout')} | {r['quant_wall_s']:.0f} |")
+    r = rows[-1]
+    lines += ["", f"Device: {r['device']}; JAX {r['jax']}; seqlen {r['seqlen']}; full test splits; "
+                  f"command: `{r['command']}`."]
+    with open(path.replace(".json", ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
