@@ -23,7 +23,7 @@ the names ``*ForCausalLM.save_pretrained`` writes). With K = in_features, N = ou
 
 Dense weights are written in the HF layout [out, in] (Flax kernels transposed back), in ``dtype`` (float16 by
 default, the dtype GPTQ kernels run in; bfloat16 and float32 are possible); ``scales`` are always float16, as AutoGPTQ
-writes them. ``config.json`` gets ``dtype`` set accordingly.
+writes them. ``config.json`` gets ``dtype`` and ``torch_dtype`` set accordingly.
 
 Zero-point conventions (``checkpoint_format``):
 
@@ -49,7 +49,7 @@ import os
 import re
 import shutil
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,8 @@ def quantization_config(config, leaves, checkpoint_format: str) -> dict:
     for leaf in leaves:
         if (leaf.bits, leaf.group_size, leaf.sym) != (first.bits, first.group_size, first.sym):
             raise ValueError("GPTQ checkpoints have one (bits, group_size, sym) for all layers; found "
-                             f"{(first.bits, first.group_size, first.sym)} and {(leaf.bits, leaf.group_size, leaf.sym)}")
+                             f"{(first.bits, first.group_size, first.sym)} and "
+                             f"{(leaf.bits, leaf.group_size, leaf.sym)}")
     if config is not None and (config.bits, config.group_size, config.sym) != (first.bits, first.group_size, first.sym):
         raise ValueError(f"config says bits={config.bits}, group_size={config.group_size}, sym={config.sym} but the "
                          f"quantized weights have {first.bits}, {first.group_size}, {first.sym}")
@@ -213,9 +214,8 @@ def export(out_dir: str, params: dict, lm, config=None, checkpoint_format: str =
 
     qcfg = quantization_config(config, leaves, checkpoint_format)
     hf_config = {k: v for k, v in lm.hf_config.items() if k != "quantization_config"}
-    hf_config["dtype"] = dtype
-    if "torch_dtype" in hf_config:
-        hf_config["torch_dtype"] = dtype
+    hf_config["dtype"] = dtype  # transformers >= 4.56 reads "dtype", older readers (and vLLM's) "torch_dtype"
+    hf_config["torch_dtype"] = dtype
     hf_config["quantization_config"] = qcfg
 
     tmp = out_dir + ".partial"

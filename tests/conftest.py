@@ -109,14 +109,16 @@ def smollm2_tokenizer():
 
 
 # ---------------------------------------------------------------------------------------------------- other families
-# Tiny OPT / Falcon configs (transformers config kwargs); every linear's in/out features is a multiple of 32, so all
-# of them can be packed at 2, 3, 4 and 8 bits.
-TINY_OPT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+# Tiny models for the quantization tests (transformers config kwargs). Every linear's in/out features is a multiple
+# of 32 (packable at 2, 3, 4 and 8 bits), and nearly all linears are 64 x 64: compiled programs are per shape, so the
+# three families share most of them (only LLaMA's GQA k/v_proj, 64 -> 32, and Falcon's fused QKV, 64 -> 96, differ).
+TINY_QUANT_LLAMA = dict(TINY_LLAMA, intermediate_size=64)
+TINY_OPT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=64, dropout=0.0)
 # falcon-7b-like: multi-query (fused QKV of 64 + 2 * 16 = 96 outputs), parallel attention + MLP.
 TINY_FALCON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=False,
-                   multi_query=True, parallel_attn=True, new_decoder_architecture=False)
-_HF_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig", TINY_LLAMA),
+                   multi_query=True, parallel_attn=True, new_decoder_architecture=False, ffn_hidden_size=64)
+_HF_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig", TINY_QUANT_LLAMA),
                "opt": ("OPTForCausalLM", "OPTConfig", TINY_OPT),
                "falcon": ("FalconForCausalLM", "FalconConfig", TINY_FALCON)}
 
@@ -124,13 +126,14 @@ _HF_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig", TINY_LLAMA),
 @pytest.fixture(scope="session")
 def tiny_hf(tiny_llama, tmp_path_factory):
     """``tiny_hf(family, **overrides) -> TinyLlama`` (the class is generic): a random tiny HF model of ``family``
-    ("llama" | "opt" | "falcon"), saved once per session. LLaMA goes through ``tiny_llama`` (same cache)."""
+    ("llama" | "opt" | "falcon"; TINY_QUANT_LLAMA / TINY_OPT / TINY_FALCON with overrides), saved once per session.
+    LLaMA goes through ``tiny_llama`` (same cache)."""
     transformers = pytest.importorskip("transformers")
     cache = {}
 
     def get(family: str, **overrides) -> TinyLlama:
         if family == "llama":
-            return tiny_llama(**overrides)
+            return tiny_llama(**{**TINY_QUANT_LLAMA, **overrides})
         model_cls, config_cls, base = _HF_CLASSES[family]
         config = {**base, **overrides}
         key = (family, repr(sorted(config.items())))
@@ -155,7 +158,8 @@ class Quantized:
     and ``calls``: every ``solve(W, H, cfg)`` call of the method, in order, as (W [out, in], H or None) numpy pairs."""
 
     def __init__(self, lm, calib, config, params, report, calls):
-        self.lm, self.calib, self.config, self.params, self.report, self.calls = lm, calib, config, params, report, calls
+        self.lm, self.calib, self.config = lm, calib, config
+        self.params, self.report, self.calls = params, report, calls
 
 
 def run_recorded(lm, calib, config, method: str, *, needs_hessian=None, batch_size: int = 4) -> Quantized:

@@ -240,7 +240,7 @@ EXPORT_CASES = {  # name: (run, bits, act-order)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_quantized, tiny_llama, tmp_path_factory):
+def exported(tiny_quantized, tmp_path_factory):
     cache = {}
 
     def get(case):
@@ -261,13 +261,13 @@ def exported(tiny_quantized, tiny_llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
-def test_gptq_export_round_trip(exported, tiny_llama, rng, case):
+def test_gptq_export_round_trip(exported, tiny_hf, rng, case):
     q, params, cfg, dirs = exported(case)
     _, bits, act = EXPORT_CASES[case]
     want = _as_exported(params)
     ids = _ids(rng)
     want_logits = jit_logits(q.lm.module, want, ids)
-    original = load_file(os.path.join(tiny_llama().dir, "model.safetensors"))
+    original = load_file(os.path.join(tiny_hf("llama").dir, "model.safetensors"))
     loaded = {}
     for fmt, directory in dirs.items():
         assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors", "quantize_config.json"]
@@ -309,7 +309,7 @@ def test_gptq_export_round_trip(exported, tiny_llama, rng, case):
         np.testing.assert_array_equal(jit_logits(lm.module, lm.params, ids), want_logits)
         loaded[fmt] = lm
         # An independent numpy reader (AutoGPTQ's formula) put into the transformers model gives the same logits.
-        hf = _hf_logits(tiny_llama().hf, _reference_state_dict(directory, fmt), ids)
+        hf = _hf_logits(tiny_hf("llama").hf, _reference_state_dict(directory, fmt), ids)
         assert np.max(np.abs(hf - want_logits)) <= 1e-4 * np.max(np.abs(hf))
     _assert_trees_identical(loaded["gptq"].params, loaded["gptq_v2"].params)
 
@@ -373,7 +373,8 @@ def test_gptq_export_opt_falcon(tiny_quantized, tiny_hf, tmp_path, rng, family):
     q = tiny_quantized("rtn", family, needs_hessian=True, bits=4, group_size=32)
     d = gptq_export.export(str(tmp_path / family), q.params, q.lm, q.config)
     tensors = load_file(os.path.join(d, "model.safetensors"))
-    prefix = {"opt": "model.decoder.layers.0.self_attn.q_proj", "falcon": "transformer.h.0.self_attention.dense"}[family]
+    prefix = {"opt": "model.decoder.layers.0.self_attn.q_proj",
+              "falcon": "transformer.h.0.self_attention.dense"}[family]
     assert {prefix + s for s in (".qweight", ".qzeros", ".scales", ".g_idx")} <= set(tensors)
     if family == "opt":
         assert prefix + ".bias" in tensors and "model.decoder.embed_positions.weight" in tensors
@@ -388,9 +389,10 @@ def test_gptq_export_opt_falcon(tiny_quantized, tiny_hf, tmp_path, rng, family):
 
 
 def test_transformers_loads_export(exported, rng):
-    """transformers reads GPTQ checkpoints only through gptqmodel (its GPTQ quantizer requires it, also on CPU)."""
-    pytest.importorskip("gptqmodel", reason="transformers needs gptqmodel to load GPTQ checkpoints")
-    pytest.importorskip("optimum", reason="transformers' GPTQ integration needs optimum")
+    """transformers reads GPTQ checkpoints only through optimum + gptqmodel (its GPTQ quantizer raises ImportError
+    without them, also on CPU); skipped where they are not installed."""
+    pytest.importorskip("optimum", reason="transformers needs optimum + gptqmodel to load GPTQ checkpoints")
+    pytest.importorskip("gptqmodel", reason="transformers needs optimum + gptqmodel to load GPTQ checkpoints")
     q, params, _, dirs = exported("4bit")
     ids = _ids(rng)
     want = jit_logits(q.lm.module, _as_exported(params), ids)
@@ -441,7 +443,8 @@ def test_broken_gptq_export_is_rejected(exported, tmp_path, case, message):
         "missing qweight of a layer": dict(edit_tensors=drop(*(f"{up}.{s}" for s in ("qweight", "qzeros", "scales",
                                                                                        "g_idx")))),
         "scales wrong shape": dict(edit_tensors=lambda t: t.update({f"{L0Q}.scales": t[f"{L0Q}.scales"][:1]})),
-        "qzeros wrong dtype": dict(edit_tensors=lambda t: t.update({f"{L0Q}.qzeros": t[f"{L0Q}.qzeros"].astype(np.int64)})),
+        "qzeros wrong dtype": dict(
+            edit_tensors=lambda t: t.update({f"{L0Q}.qzeros": t[f"{L0Q}.qzeros"].astype(np.int64)})),
         "g_idx out of range": dict(edit_tensors=lambda t: t.update({f"{L0Q}.g_idx": np.where(
             np.arange(t[f"{L0Q}.g_idx"].size) == 3, 2, t[f"{L0Q}.g_idx"]).astype(np.int32)})),
         "bits 5": dict(edit_config=lambda c: c.update(bits=5), edit_qfile=lambda c: c.update(bits=5)),

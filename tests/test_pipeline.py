@@ -147,7 +147,7 @@ def test_true_sequential_o_proj_sees_quantized_qkv(tiny_quantized):
 
 def test_gptq_beats_rtn_on_calibration_data(tiny_quantized):
     """On the calibration windows GPTQ's logits are much closer to the float model's than RTN's (mean squared error).
-    With 4 x 32 tokens per Hessian the margin is large: GPTQ/RTN ~ 0.3-0.4 over many seeds, asserted < 0.75."""
+    With 4 x 32 tokens per Hessian the margin is large: GPTQ/RTN ~ 0.3-0.45 over many seeds, asserted < 0.75."""
     g, r = tiny_quantized("gptq", **GPTQ4), tiny_quantized("rtn", **RTN4)
     assert g.calib is r.calib
     lm = g.lm
@@ -157,8 +157,8 @@ def test_gptq_beats_rtn_on_calibration_data(tiny_quantized):
     assert mse["gptq"] < 0.75 * mse["rtn"], mse
 
 
-def test_bad_arguments(tiny_llama):
-    lm = tiny_llama().loaded
+def test_bad_arguments(tiny_hf):
+    lm = tiny_hf("llama").loaded
     cfg = QuantConfig(bits=4, group_size=32)
     calib = np.zeros((6, 8), np.int32)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
@@ -175,12 +175,12 @@ TEXT = ("The committee met on Tuesday to discuss the new bridge over the river. 
         "Several residents asked about the noise, and the chair promised regular updates on the town website. ") * 3
 
 
-def test_cli_quantize_then_eval(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+def test_cli_quantize_then_eval(tiny_hf, smollm2_tokenizer, tmp_path, capsys):
     from jaxquant import checkpoint, gptq_export
     from jaxquant.cli import main
 
     tok = smollm2_tokenizer
-    b = tiny_llama(vocab_size=len(tok))
+    b = tiny_hf("llama", vocab_size=len(tok))  # same layers as tiny_quantized's: compiled GPTQ programs reused
     model_dir = tmp_path / "model"
     shutil.copytree(b.dir, model_dir)
     tok.save_pretrained(str(model_dir))
@@ -189,7 +189,7 @@ def test_cli_quantize_then_eval(tiny_llama, smollm2_tokenizer, tmp_path, capsys)
     out, gdir = tmp_path / "q", tmp_path / "gptq"
     capsys.readouterr()
     assert main(["quantize", "--model", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
-                 "--nsamples", "4", "--seqlen", "32", "--calib", str(text), "--out", str(out),
+                 "--act-order", "--nsamples", "4", "--seqlen", "32", "--calib", str(text), "--out", str(out),
                  "--export-gptq", str(gdir)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["out"] == str(out) and summary["method"] == "gptq" and summary["bits"] == 4

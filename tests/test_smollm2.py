@@ -2,7 +2,6 @@
 config, logits on an English sentence, and 32 greedy tokens."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -27,7 +26,6 @@ def ours():
 @pytest.fixture(scope="module")
 def theirs():
     directory = models.resolve_builtin("smollm2-135m")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=models.SMOLLM2_GGUF,
                                                              dtype=torch.float32).eval()
 
