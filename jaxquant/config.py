@@ -13,6 +13,7 @@ class QuantConfig:
 
     bits:            code width, one of 2, 3, 4, 8.
     group_size:      input columns sharing one (scale, zero); -1 = one pair per output channel.
+                     When it does not divide in_features the last group is shorter (as the reference).
     sym:             symmetric grid (zero fixed at 2**(bits-1)).
     act_order:       GPTQ: quantize columns in order of decreasing Hessian diagonal.
     static_groups:   GPTQ: group parameters computed up front on the original weights
@@ -59,8 +60,17 @@ class QuantConfig:
         self._check_fields()
         if in_features <= 0:
             raise ValueError(f"in_features={in_features} must be positive")
-        if self.group_size != -1 and in_features % self.group_size != 0:
+        if self.group_size != -1 and self.group_size > in_features:
             raise ValueError(
-                f"group_size={self.group_size} does not divide in_features={in_features} "
-                f"({in_features} % {self.group_size} = {in_features % self.group_size})"
+                f"group_size={self.group_size} exceeds in_features={in_features}; "
+                "use group_size=-1 for one scale per output channel"
             )
+
+    def num_groups(self, in_features: int) -> int:
+        return num_groups(in_features, self.group_size)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups along the input dimension. As in the GPTQ reference and the AutoGPTQ format, a group size that does
+    not divide in_features leaves a shorter last group (SmolLM2's 576 inputs at g128: 4 full groups + 64 columns)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)

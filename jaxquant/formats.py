@@ -70,7 +70,7 @@ class UniformQuantizedWeight:
     def check_shapes(self) -> None:
         """Raise ValueError if the stored arrays do not fit the static fields (e.g. a corrupt checkpoint)."""
         K, N, b = self.in_features, self.out_features, self.bits
-        G = 1 if self.group_size == -1 else K // self.group_size
+        G = 1 if self.group_size == -1 else -(-K // self.group_size)
         want = {"qweight": (K * b // 32, N), "qzeros": (G, N * b // 32), "scales": (G, N), "g_idx": (K,)}
         for name, shape in want.items():
             got = tuple(getattr(self, name).shape)

@@ -50,7 +50,9 @@ def _prepare(W, H, *, bits, sym, group_size, act_order, static_groups):
         scale, zero = find_params(W, bits, sym)
         tables, col_group = (scale[None], zero[None]), jnp.zeros(K, jnp.int32)
     elif static_groups:
-        scale, zero = find_params(W_live.reshape(N, K // group_size, group_size), bits, sym)
+        G = -(-K // group_size)  # a short last group is zero-padded: zeros never change the grid's range
+        W_pad = jnp.pad(W_live, ((0, 0), (0, G * group_size - K)))
+        scale, zero = find_params(W_pad.reshape(N, G, group_size), bits, sym)
         tables, col_group = (scale.T, zero.T), jnp.arange(K, dtype=jnp.int32) // group_size
     else:
         tables, col_group = None, jnp.arange(K, dtype=jnp.int32) // group_size
@@ -225,7 +227,7 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False):
     )
     invperm = jnp.argsort(perm)
     codes, deq = codes[:, invperm], deq[:, invperm]
-    G = 1 if gs == -1 else K // gs
+    G = cfg.num_groups(K)
     if gs == -1:
         g_idx = jnp.zeros(K, jnp.int32)
     elif cfg.act_order and not cfg.static_groups:

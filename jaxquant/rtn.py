@@ -18,9 +18,11 @@ def rtn_codes(W: jax.Array, bits: int, group_size: int, sym: bool):
     """W [N, K] -> (codes [N, K] int32, scales [G, N], zeros [G, N] float32, g_idx [K])."""
     N, K = W.shape
     gs = K if group_size == -1 else group_size
-    Wg = jnp.asarray(W, jnp.float32).reshape(N, K // gs, gs)  # groups of consecutive columns
+    G = -(-K // gs)
+    # Zero-padding a short last group changes nothing: the grid's range always includes 0.
+    Wg = jnp.pad(jnp.asarray(W, jnp.float32), ((0, 0), (0, G * gs - K))).reshape(N, G, gs)
     scale, zero = find_params(Wg, bits, sym)  # [N, G]
-    codes = quantize_codes(Wg, scale[..., None], zero[..., None], 2**bits - 1).reshape(N, K)
+    codes = quantize_codes(Wg, scale[..., None], zero[..., None], 2**bits - 1).reshape(N, G * gs)[:, :K]
     g_idx = jnp.arange(K, dtype=jnp.int32) // gs
     return codes, scale.T, zero.T, g_idx
 
