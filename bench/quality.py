@@ -73,44 +73,46 @@ def main():
     base = models.from_pretrained(args.model)
     texts = {d: data.tokenize(base.tokenizer, data.eval_text(d)) for d in args.datasets}
     calib = None
-    for name in names:
-        todo = [d for d in args.datasets if (name, d) not in done(args.out)]
-        if not todo:
-            continue
-        method, kwargs = CONFIGS[name]
-        cfg = QuantConfig(**kwargs) if kwargs else None
-        params, quant_s, bits = base.params, 0.0, {"avg_bits": 32.0}
-        ckpt = os.path.join("runs", "quality", name)
-        if method != "fp32":
-            if checkpoint.is_checkpoint(ckpt):
-                lm = checkpoint.load(ckpt)
-                params, quant_s = lm.params, lm.quant_meta["quant_wall_s"]
-            else:
-                if method == "gptq" and calib is None:
-                    calib = data.calibration_windows(base.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=0)
-                t0 = time.perf_counter()
-                params, report = quantize_model(base, calib if method == "gptq" else None, cfg, method=method,
-                                                batch_size=args.batch_size)
-                quant_s = time.perf_counter() - t0
-                checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True,
-                                extra={"quant_wall_s": quant_s, "model": args.model,
-                                       "calib": {"source": "c4[:900]", "nsamples": args.nsamples,
-                                                 "seqlen": args.seqlen, "seed": 0} if method == "gptq" else None})
-            bits = quantized_bits(params)
-        for dataset in todo:
+    # Datasets outermost: the short held-out C4 column fills in for every configuration first.
+    for dataset in args.datasets:
+        for name in names:
+            if (name, dataset) in done(args.out):
+                continue
+            method, kwargs = CONFIGS[name]
+            cfg = QuantConfig(**kwargs) if kwargs else None
+            params, quant_s, bits = base.params, 0.0, {"avg_bits": 32.0}
+            ckpt = os.path.join("runs", "quality", name)
+            if method != "fp32":
+                if checkpoint.is_checkpoint(ckpt):
+                    lm = checkpoint.load(ckpt)
+                    params, quant_s = lm.params, lm.quant_meta["quant_wall_s"]
+                else:
+                    if method == "gptq" and calib is None:
+                        calib = data.calibration_windows(base.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=0)
+                    t0 = time.perf_counter()
+                    params, report = quantize_model(base, calib if method == "gptq" else None, cfg, method=method,
+                                                    batch_size=args.batch_size)
+                    quant_s = time.perf_counter() - t0
+                    checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True,
+                                    extra={"quant_wall_s": quant_s, "model": args.model,
+                                           "calib": calib_info(args) if method == "gptq" else None})
+                bits = quantized_bits(params)
             out = perplexity(base.module, params, texts[dataset], seqlen=args.seqlen)
             row = results.row(
                 "quality", name=name, model=args.model, method=method,
                 wbits=cfg.bits if cfg else 32, abits=16, kv_bits=16, group_size=cfg.group_size if cfg else None,
                 act_order=cfg.act_order if cfg else False, sym=cfg.sym if cfg else None,
                 avg_bits=bits["avg_bits"], extra={}, dataset=dataset, seqlen=args.seqlen,
-                eval_tokens=out["eval_tokens"],
-                calib={"source": "c4 first 900 docs", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                       "seed": 0} if method == "gptq" else None,
+                eval_tokens=out["eval_tokens"], calib=calib_info(args) if method == "gptq" else None,
                 ppl=out["ppl"], quant_wall_s=quant_s, eval_seconds=out["seconds"])
             print(json.dumps(row), flush=True)
             results.append_rows(args.out, [row], key=("name", "dataset", "model"))
             write_markdown(args.out)
+
+
+def calib_info(args):
+    return {"source": "c4 file, first 900 documents joined with \\n\\n", "nsamples": args.nsamples,
+            "seqlen": args.seqlen, "seed": 0}
 
 
 def write_markdown(path):

@@ -7,12 +7,14 @@ from .grid import dequantize_codes, find_params, quantize_codes
 from .hessian import HessianState, hessian_init, hessian_update
 from .packing import pack, pack_qweight, pack_qzeros, unpack, unpack_qweight, unpack_qzeros
 from .rtn import rtn
+from .pipeline import quantize_model
 
 __all__ = [
     "QuantConfig",
     "UniformQuantizedWeight",
     "gptq",
     "rtn",
+    "quantize_model",
     "find_params",
     "quantize_codes",
     "dequantize_codes",

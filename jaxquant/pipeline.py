@@ -115,11 +115,12 @@ class QuantizeReport:
 
 
 def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, method: str = "gptq",
-                   batch_size: int = 4, progress: bool = True):
+                   batch_size: int = 4, progress: bool = True, params: Optional[dict] = None):
     """Quantize every linear layer inside the decoder layers of ``lm`` (a ``models.LoadedModel``).
 
-    calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). Returns ``(params, report)``:
-    the parameter tree with ``QuantizedWeight`` leaves in place of the quantized kernels, and a per-linear report.
+    calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). ``params`` replaces
+    ``lm.params`` (e.g. a tree already partly quantized). Returns ``(params, report)``: the parameter tree with
+    quantized-weight leaves in place of the quantized kernels, and a per-linear report.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
@@ -127,7 +128,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     family, cfg_model = lm.family, lm.config
     layer = family.DecoderLayer(cfg_model, lm.dtype)
     groups = family.SEQUENTIAL_GROUPS if config.true_sequential else (sum(family.SEQUENTIAL_GROUPS, ()),)
-    host = jax.device_get(lm.params)
+    host = jax.device_get(lm.params if params is None else params)
     rows: List[dict] = []
     t_start = time.perf_counter()
 
