@@ -73,7 +73,7 @@ def main():
 
     steady = slice(1, None) if nsamples > 1 else slice(None)
     row = results.row(
-        "ppl_parity", model=args.model, method="fp32", wbits=16, abits=16, dataset=args.dataset, seqlen=seqlen,
+        "ppl_parity", model=args.model, method="fp32", wbits=32, abits=16, dataset=args.dataset, seqlen=seqlen,
         eval_tokens=nsamples * seqlen, nsamples=nsamples, total_tokens=int(ids.size), full_split=args.max_windows is None,
         ppl_jax=ppl(jax_nll), ppl_torch=ppl(torch_nll), rel_diff=abs(ppl(jax_nll) - ppl(torch_nll)) / ppl(torch_nll),
         jax_s_per_window=statistics.median(jax_s[steady]), torch_s_per_window=statistics.median(torch_s[steady]),

@@ -21,7 +21,10 @@ def environment() -> dict:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+    """The command as typed: console scripts by name, scripts as ``python path``."""
+    prog = sys.argv[0]
+    head = [os.path.basename(prog)] if not prog.endswith(".py") else ["python", os.path.relpath(prog)]
+    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
 
 
 def row(benchmark: str, **fields) -> dict:
