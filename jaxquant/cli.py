@@ -98,7 +98,8 @@ def cmd_quantize(args):
         calib = data.calibration_windows(lm.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                          source=args.calib, directory=args.data_dir)
     t0 = time.perf_counter()
-    params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size)
+    params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size,
+                                    reuse_inputs=args.reuse_inputs)
     wall = time.perf_counter() - t0
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed} \
         if calib is not None else None
@@ -159,6 +160,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="c4", help="c4 (first 900 documents of the C4 file) | wikitext2 | text file")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--no-reuse-inputs", dest="reuse_inputs", action="store_false",
+                   help="recompute whole layers in every pass instead of feeding quantized groups their stored "
+                        "inputs (less memory, about twice the compute)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true")

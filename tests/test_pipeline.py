@@ -207,3 +207,20 @@ def test_cli_quantize_then_eval(tiny_hf, smollm2_tokenizer, tmp_path, capsys):
     assert rows["orbax"]["quant_config"]["bits"] == 4 and rows["orbax"]["calib"]["nsamples"] == 4
     # Same codes; the export rounds scales and the other tensors to float16, which moves the perplexity very little.
     assert abs(math.log(rows["gptq"]["ppl"] / rows["orbax"]["ppl"])) < 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon"])
+def test_reusing_stored_inputs_matches_recomputing_them(tiny_hf, family):
+    """Feeding quantized groups their stored inputs (the default) gives what recomputing the whole layer gives."""
+    lm = tiny_hf(family).loaded
+    calib = np.random.default_rng().integers(0, 128, (4, 32)).astype(np.int32)
+    cfg = QuantConfig(**GPTQ4)
+    runs = {reuse: quantize_model(lm, calib, cfg, batch_size=2, progress=False, reuse_inputs=reuse)
+            for reuse in (True, False)}
+    (p_reuse, r_reuse), (p_full, r_full) = runs[True], runs[False]
+    assert abs(r_reuse.total_error() - r_full.total_error()) <= 1e-5 * r_full.total_error()
+    a, b = _flat(p_reuse), _flat(p_full)
+    for key, leaf in a.items():
+        if isinstance(leaf, UniformQuantizedWeight):
+            agree = float(np.mean(np.asarray(leaf.codes()) == np.asarray(b[key].codes())))
+            assert agree >= 0.999, (key, agree)
