@@ -132,8 +132,11 @@ def write_markdown(path):
         lines.append(f"| {name} | {r['method']} | {r['wbits']} | {r['group_size']} | {r['act_order']} | "
                      f"{r['avg_bits']:.3f} | {cell('wikitext2')} | {cell('c4-heldout')} | {r['quant_wall_s']:.0f} |")
     r = rows[-1]
-    lines += ["", f"Device: {r['device']}; JAX {r['jax']}; seqlen {r['seqlen']}; full test splits; "
-                  f"command: `{r['command']}`."]
+    lines += ["", f"Device: {r['device']}; JAX {r['jax']}; seqlen {r['seqlen']}; WikiText-2: full test split; C4 "
+                  "held-out: the C4 file's last 100 documents. '-' = not measured yet; configurations not listed are "
+                  "not measured yet (`python bench/quality.py` resumes). avg bits: stored bits of the quantized "
+                  "linears (codes, float32 scales, packed zeros, g_idx) per weight. Each row's exact command is in "
+                  "the JSON file."]
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
