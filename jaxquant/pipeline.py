@@ -9,8 +9,8 @@ For each decoder layer, only that layer's weights and the calibration activation
 
 Input reuse (``reuse_inputs=True``, the default): once a group is quantized, the inputs of the groups before it are
 final, so the passes that follow feed those linears their stored inputs (a Flax method interceptor) and XLA drops
-everything upstream of them as dead code: attention runs once per layer instead of four times (about half the
-compute on LLaMA-shaped layers), at the cost of keeping each group's inputs for the layer (for SmolLM2 and 128 x 2048
+everything upstream of them as dead code: attention runs once per layer instead of four times (at the cost
+of keeping each group's inputs for the layer: for SmolLM2 and 128 x 2048
 tokens about 3.4 GB). The values fed are the ones the reference would recompute, up to float rounding of a
 differently fused program.
 
