@@ -67,11 +67,16 @@ class UniformQuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return (self.in_features, self.out_features)
 
+    @staticmethod
+    def expected_shapes(K: int, N: int, bits: int, group_size: int) -> dict:
+        """Shapes of the stored arrays for a K x N (in x out) weight; a short last group counts as a group."""
+        G = 1 if group_size == -1 else -(-K // group_size)
+        return {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N), "g_idx": (K,)}
+
     def check_shapes(self) -> None:
         """Raise ValueError if the stored arrays do not fit the static fields (e.g. a corrupt checkpoint)."""
         K, N, b = self.in_features, self.out_features, self.bits
-        G = 1 if self.group_size == -1 else -(-K // self.group_size)
-        want = {"qweight": (K * b // 32, N), "qzeros": (G, N * b // 32), "scales": (G, N), "g_idx": (K,)}
+        want = self.expected_shapes(K, N, b, self.group_size)
         for name, shape in want.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:

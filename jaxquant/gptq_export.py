@@ -58,7 +58,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxquant.config import SUPPORTED_BITS, num_groups
 from jaxquant.formats import UniformQuantizedWeight
-from jaxquant.packing import pack_qzeros, unpack_qzeros
+from jaxquant.packing import check_packable, pack_qzeros, unpack_qzeros
 from models.weights import CheckpointError, Rule
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -306,12 +306,13 @@ def read_quantization_config(directory: str, hf_config: dict) -> dict:
 def _quantized_leaf(prefix: str, parts: dict, shape: Tuple[int, int], q: dict, source: str) -> UniformQuantizedWeight:
     bits, gs = q["bits"], q["group_size"]
     K, N = shape
-    step = 32 if bits == 3 else 32 // bits
-    if K % step or N % step:
-        raise CheckpointError(f"{source}: {prefix} is {K}x{N}, which {bits}-bit GPTQ packing cannot hold "
-                              f"(both must be multiples of {step})")
+    try:
+        check_packable(K, bits, "in_features")
+        check_packable(N, bits, "out_features")
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {prefix} is {K}x{N}: {err}") from err
     G = num_groups(K, gs)
-    want = {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N), "g_idx": (K,)}
+    want = UniformQuantizedWeight.expected_shapes(K, N, bits, gs)
     if "g_idx" not in parts and not q["desc_act"] and all(s in parts for s in ("qweight", "qzeros", "scales")):
         parts = dict(parts, g_idx=np.arange(K, dtype=np.int32) // (K if gs == -1 else gs))  # pre-act-order files
     for suffix in QUANT_SUFFIXES:

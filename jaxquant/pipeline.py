@@ -10,8 +10,7 @@ For each decoder layer, only that layer's weights and the calibration activation
 Input reuse (``reuse_inputs=True``, the default): once a group is quantized, the inputs of the groups before it are
 final, so the passes that follow feed those linears their stored inputs (a Flax method interceptor) and XLA drops
 everything upstream of them as dead code: attention runs once per layer instead of four times (at the cost
-of keeping each group's inputs for the layer: for SmolLM2 and 128 x 2048
-tokens about 3.4 GB). The values fed are the ones the reference would recompute, up to float rounding of a
+of keeping each group's inputs for the layer: nsamples x seqlen x the summed input widths, float32). The values fed are the ones the reference would recompute, up to float rounding of a
 differently fused program.
 
 Methods plug in as a ``solve(W [out, in], H [in, in], cfg) -> (QuantizedWeight, error)`` function plus whether they
