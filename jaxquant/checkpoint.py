@@ -30,9 +30,9 @@ FORMAT_VERSION = 1
 
 
 def _formats() -> dict:
-    from jaxquant import formats
+    from jaxquant.formats import all_formats
 
-    return {name: getattr(formats, name) for name in formats.QUANTIZED_FORMATS}
+    return all_formats()
 
 
 def _version() -> str:
@@ -64,7 +64,10 @@ def _split(params: dict):
             static = {k: v for k, v in fields.items() if k not in arrays}
             quantized[key] = {"format": type(leaf).__name__, **static}
             for name, array in arrays.items():
-                plain[path + (name,)] = array
+                if array.size == 0:  # orbax refuses zero-size arrays (e.g. a CSR with no outliers): keep the spec
+                    quantized[key].setdefault("_empty", {})[name] = [list(array.shape), array.dtype.name]
+                else:
+                    plain[path + (name,)] = array
         else:
             plain[path] = np.asarray(leaf)
     return unflatten_dict(plain), quantized
@@ -151,12 +154,17 @@ def _assemble(plain: dict, quantized: dict, expected: dict, source: str) -> dict
         key = "/".join(path)
         if key in quantized:
             spec = dict(quantized[key])
+            empty = spec.pop("_empty", {})
             cls = formats.get(spec.pop("format"))
             if cls is None:
                 raise CheckpointError(f"{source}: {key} has unknown quantized format {quantized[key]['format']!r}")
             arrays = {}
             for f in dataclasses.fields(cls):
                 if f.name in spec:
+                    continue
+                if f.name in empty:
+                    shape, dtype = empty[f.name]
+                    arrays[f.name] = jnp.zeros(shape, dtype)
                     continue
                 if f"{key}/{f.name}" not in flat:
                     raise CheckpointError(f"{source}: missing tensor {key}/{f.name}")

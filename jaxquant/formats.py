@@ -116,8 +116,30 @@ class UniformQuantizedWeight:
         return 8 * self.nbytes / (self.in_features * self.out_features)
 
 
-# Names of the quantized-weight pytrees that checkpoints can store (looked up by class name).
-QUANTIZED_FORMATS = ("UniformQuantizedWeight",)
+# Quantized-weight pytrees that checkpoints can store, by class name. Each format lives in its own module (one per
+# method family) and registers itself with @register_format; FORMAT_MODULES lists those modules so that loading a
+# checkpoint finds every format without importing the methods by hand.
+FORMAT_MODULES = ("jaxquant.formats",)
+_REGISTRY: dict = {}
+
+
+def register_format(cls):
+    """Class decorator: a frozen dataclass pytree with array fields + static fields, ``shape`` (in, out),
+    ``check_shapes()``, ``dequantize(dtype)``, ``matmul(x)``, ``nbytes`` and ``avg_bits()``."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def all_formats() -> dict:
+    """{class name: class} of every registered quantized-weight format."""
+    import importlib
+
+    for module in FORMAT_MODULES:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+register_format(UniformQuantizedWeight)
 
 
 def quantized_bits(params) -> dict:
