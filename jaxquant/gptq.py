@@ -76,6 +76,20 @@ def _inverse_cholesky_upper(H, percdamp):
     return jax.scipy.linalg.solve_triangular(L, eye, lower=True)[::-1, ::-1]
 
 
+def factor_with_damping_retries(factor, percdamp: float, damp_retries: int, method: str = "GPTQ"):
+    """``factor(p)`` (an inverse Cholesky factor of the Hessian damped by ``p``, NaN where not positive definite) for
+    the first p = percdamp * 10**r, r = 0 .. damp_retries, that is finite; warns at each retry, then a ValueError.
+    Shared by GPTQ and SpQR, which damp differently (see their ``factor``)."""
+    for retry in range(damp_retries + 1):
+        p = percdamp * 10**retry
+        U = factor(p)
+        if bool(jnp.isfinite(U).all()):
+            return U
+        if retry < damp_retries:
+            warnings.warn(f"{method}: Cholesky failed with percdamp={p:g}, retrying with more damping")
+    raise ValueError(f"Hessian not positive definite after {damp_retries} damping retries (percdamp up to {p:g})")
+
+
 # Columns per unrolled step of the column loop: fewer, larger loop bodies (one launch sequence per step).
 _UNROLL = 8
 
@@ -208,18 +222,7 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False):
         W, H, bits=cfg.bits, sym=cfg.sym, group_size=gs,
         act_order=cfg.act_order, static_groups=cfg.static_groups,
     )
-    for retry in range(cfg.damp_retries + 1):
-        percdamp = cfg.percdamp * 10**retry
-        U = _inverse_cholesky_upper(Hp, percdamp)
-        if bool(jnp.isfinite(U).all()):
-            break
-        if retry < cfg.damp_retries:
-            warnings.warn(f"GPTQ: Cholesky failed with percdamp={percdamp:g}, retrying with more damping")
-    else:
-        raise ValueError(
-            f"Hessian not positive definite after {cfg.damp_retries} damping retries "
-            f"(percdamp up to {percdamp:g})"
-        )
+    U = factor_with_damping_retries(lambda p: _inverse_cholesky_upper(Hp, p), cfg.percdamp, cfg.damp_retries)
 
     codes, deq, loss, (scales, zeros) = _quantize_blocks(
         Wp, U, col_group, tables, bits=cfg.bits, sym=cfg.sym, group_size=gs,
