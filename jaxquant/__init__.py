@@ -8,11 +8,17 @@ from .hessian import HessianState, hessian_init, hessian_update
 from .packing import pack, pack_qweight, pack_qzeros, unpack, unpack_qweight, unpack_qzeros
 from .rtn import rtn
 from .pipeline import quantize_model
+from .formats_spqr import SpQRWeight, spqr_average_bits
+from .spqr import SpQRConfig, spqr  # also registers the "spqr" pipeline method
 
 __all__ = [
     "QuantConfig",
     "UniformQuantizedWeight",
     "gptq",
+    "spqr",
+    "SpQRConfig",
+    "SpQRWeight",
+    "spqr_average_bits",
     "rtn",
     "quantize_model",
     "find_params",

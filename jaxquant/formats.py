@@ -119,7 +119,7 @@ class UniformQuantizedWeight:
 # Quantized-weight pytrees that checkpoints can store, by class name. Each format lives in its own module (one per
 # method family) and registers itself with @register_format; FORMAT_MODULES lists those modules so that loading a
 # checkpoint finds every format without importing the methods by hand.
-FORMAT_MODULES = ("jaxquant.formats",)
+FORMAT_MODULES = ("jaxquant.formats", "jaxquant.formats_spqr")
 _REGISTRY: dict = {}
 
 
