@@ -111,6 +111,17 @@ class UniformQuantizedWeight:
     def nbytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in (self.qweight, self.qzeros, self.scales, self.g_idx))
 
+    def tp_output_specs(self, n_dev: int, axis: str):
+        """PartitionSpecs (in this pytree's structure) splitting the output dimension over ``n_dev`` devices on mesh
+        axis ``axis``, or None when a device's share of columns is not whole packed words of qzeros."""
+        from jax.sharding import PartitionSpec as P
+
+        per_word = 32 if self.bits == 3 else 32 // self.bits  # zero codes per packing unit along N
+        if self.out_features % (n_dev * per_word):
+            return None
+        split = P(None, axis)
+        return dataclasses.replace(self, qweight=split, qzeros=split, scales=split, g_idx=P())
+
     def avg_bits(self) -> float:
         """Stored bits per weight, including scales, zeros and g_idx."""
         return 8 * self.nbytes / (self.in_features * self.out_features)

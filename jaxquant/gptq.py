@@ -18,6 +18,7 @@ Deviations from the reference (none changes results with the default block_size 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from functools import partial
@@ -25,6 +26,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import QuantConfig
 from .formats import UniformQuantizedWeight
@@ -188,6 +190,26 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
     return Q[:, :K], D[:, :K], loss, tables
 
 
+@functools.lru_cache(maxsize=None)
+def _row_parallel_blocks(mesh, dynamic: bool, **static):
+    """``_quantize_blocks`` under shard_map: each device runs the column loop on its slice of output rows (rows are
+    independent given U); the loss is summed across devices. Cached per (mesh, settings): one compile each."""
+    from jax.sharding import PartitionSpec as P
+
+    from .distributed import axis_name, shard_map
+
+    ax = axis_name(mesh)
+    rows, cols = P(ax, None), P(None, ax)
+
+    def body(w, u, col_group, tables):
+        q, d, loss, tables = _quantize_blocks(w, u, col_group, tables, **static)
+        return q, d, lax.psum(loss, ax), tables
+
+    tables_spec = None if dynamic else (cols, cols)
+    return jax.jit(shard_map(body, mesh, in_specs=(rows, P(), P(), tables_spec),
+                             out_specs=(rows, rows, P(), (cols, cols))))
+
+
 def _block_size(cfg: QuantConfig, K: int) -> int:
     bs, gs = min(cfg.block_size, K), cfg.group_size
     if gs != -1 and not cfg.static_groups and bs % gs and gs % bs:
@@ -195,8 +217,11 @@ def _block_size(cfg: QuantConfig, K: int) -> int:
     return bs
 
 
-def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False):
+def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None):
     """Quantize W [out_features, in_features] (torch layout) with layer Hessian H [K, K].
+
+    mesh: a one-axis ``jax.sharding.Mesh``; the column loop then runs row-parallel across its devices (when they
+    divide out_features; otherwise on one device). Same arithmetic per row, so the same codes.
 
     Returns (weight, error) where error = sum over columns of ||w - q||^2 / (2 [H^-1]_qq), the
     reference's `Losses` total; with return_dequantized=True also the quantized-dequantized
@@ -224,10 +249,15 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False):
     )
     U = factor_with_damping_retries(lambda p: _inverse_cholesky_upper(Hp, p), cfg.percdamp, cfg.damp_retries)
 
-    codes, deq, loss, (scales, zeros) = _quantize_blocks(
-        Wp, U, col_group, tables, bits=cfg.bits, sym=cfg.sym, group_size=gs,
-        block_size=_block_size(cfg, K),
-    )
+    static = dict(bits=cfg.bits, sym=cfg.sym, group_size=gs, block_size=_block_size(cfg, K))
+    if mesh is not None and mesh.devices.size > 1 and N % mesh.devices.size == 0:
+        from .distributed import axis_name
+
+        Wp = jax.device_put(Wp, NamedSharding(mesh, PartitionSpec(axis_name(mesh), None)))
+        solve = _row_parallel_blocks(mesh, tables is None, **static)
+        codes, deq, loss, (scales, zeros) = solve(Wp, U, col_group, tables)
+    else:
+        codes, deq, loss, (scales, zeros) = _quantize_blocks(Wp, U, col_group, tables, **static)
     invperm = jnp.argsort(perm)
     codes, deq = codes[:, invperm], deq[:, invperm]
     G = cfg.num_groups(K)

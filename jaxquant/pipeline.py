@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -36,12 +37,13 @@ class Method:
     name: str
     solve: Callable  # (W [out, in] float32, H [in, in] or None, cfg) -> (quantized weight, error float)
     needs_hessian: bool = True
+    row_parallel: bool = False  # solve(..., mesh=) splits the output rows over the mesh's devices
 
 
-def _gptq(W, H, cfg):
+def _gptq(W, H, cfg, mesh=None):
     from jaxquant.gptq import gptq
 
-    return gptq(W, H, cfg)
+    return gptq(W, H, cfg, mesh=mesh)
 
 
 def _rtn(W, H, cfg):
@@ -52,7 +54,7 @@ def _rtn(W, H, cfg):
 
 
 METHODS: Dict[str, Method] = {
-    "gptq": Method("gptq", _gptq),
+    "gptq": Method("gptq", _gptq, row_parallel=True),
     "rtn": Method("rtn", _rtn, needs_hessian=False),
 }
 
@@ -142,6 +144,8 @@ class QuantizeReport:
     seconds: float
     nsamples: int
     seqlen: int
+    devices: int = 1
+    peak_device_bytes: Optional[int] = None  # allocator peak over the run (None where the backend keeps none: CPU)
 
     def total_error(self) -> float:
         return float(sum(r["error"] for r in self.layers))
@@ -149,12 +153,17 @@ class QuantizeReport:
 
 def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, method: str = "gptq",
                    batch_size: int = 4, progress: bool = True, params: Optional[dict] = None,
-                   reuse_inputs: bool = True):
+                   reuse_inputs: bool = True, mesh=None):
     """Quantize every linear layer inside the decoder layers of ``lm`` (a ``models.LoadedModel``).
 
     calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). ``params`` replaces
     ``lm.params`` (e.g. a tree already partly quantized). Returns ``(params, report)``: the parameter tree with
     quantized-weight leaves in place of the quantized kernels, and a per-linear report.
+
+    mesh: a one-axis ``jax.sharding.Mesh`` (``jaxquant.distributed.make_mesh()``): every calibration batch is split
+    across its devices (``batch_size`` must be a multiple of the device count) and the Hessians are all-reduced;
+    row-parallel methods (GPTQ) split each solve's output rows across the devices. The decoder layers' weights stay
+    in host memory; only the layer being processed is put on the devices.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
@@ -163,6 +172,15 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     layer = family.DecoderLayer(cfg_model, lm.dtype)
     groups = family.SEQUENTIAL_GROUPS if config.true_sequential else (sum(family.SEQUENTIAL_GROUPS, ()),)
     host = jax.device_get(lm.params if params is None else params)
+    n_dev = 1 if mesh is None else mesh.devices.size
+    if mesh is not None:
+        from jaxquant.distributed import batch_sharding, replicated
+
+        on_devices = lambda tree: jax.device_put(tree, replicated(mesh))  # noqa: E731
+        split_batch = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+    else:
+        on_devices, split_batch = jax.device_put, lambda x: x
+    solve = partial(m.solve, mesh=mesh) if (mesh is not None and m.row_parallel) else m.solve
     rows: List[dict] = []
     t_start = time.perf_counter()
 
@@ -174,10 +192,14 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         batch_size = max(1, min(batch_size, n))
         if n % batch_size:
             raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
-        positions = jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen))
+        if batch_size % n_dev:
+            raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's {n_dev} devices")
+        positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen)))
         embed = jax.jit(lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed))
-        top = non_layer_params(host)
-        inps = [embed(top, jnp.asarray(calibration[i: i + batch_size])) for i in range(0, n, batch_size)]
+        top = on_devices(non_layer_params(host))
+        inps = [embed(top, split_batch(jnp.asarray(calibration[i: i + batch_size])))
+                for i in range(0, n, batch_size)]
+        del top
         collectors = {g: _make_collector(layer, g) for g in groups}
         forward = _make_forward(layer)
     else:
@@ -187,7 +209,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
     for lname in bar:
-        work = jax.device_put(host[lname])  # only this layer's weights on the device
+        work = on_devices(host[lname])  # only this layer's weights on the device(s)
         quantized = {}
         layer_err = 0.0
         stored = [{} for _ in inps or ()]  # per batch: final inputs of the groups quantized so far
@@ -203,7 +225,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             for name in group:
                 t0 = time.perf_counter()
                 kernel = _get(work, name)["kernel"]
-                qw, err = m.solve(jnp.asarray(kernel, jnp.float32).T, hessians[name], config)
+                qw, err = solve(jnp.asarray(kernel, jnp.float32).T, hessians[name], config)
                 # Later groups and the next layer see the quantized weight (dense copy: one compiled program).
                 work = _with(work, f"{name}/kernel", qw.dequantize(kernel.dtype))
                 quantized[name] = qw
@@ -219,6 +241,9 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         host = dict(host, **{lname: stored})
         bar.set_postfix(err=f"{layer_err:.4g}")
     bar.close()
+    from jaxquant.distributed import peak_device_bytes
+
     report = QuantizeReport(method=method, config=config, layers=rows, seconds=time.perf_counter() - t_start,
-                            nsamples=int(n), seqlen=int(seqlen))
+                            nsamples=int(n), seqlen=int(seqlen), devices=n_dev,
+                            peak_device_bytes=peak_device_bytes(None if mesh is None else mesh.devices.flat))
     return host, report

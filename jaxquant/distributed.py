@@ -1,0 +1,96 @@
+"""Quantization and quantized inference on several devices, with JAX's own sharding (Mesh, NamedSharding, shard_map).
+
+One mesh axis is enough for every use here:
+
+* calibration (``pipeline.quantize_model(..., mesh=)``): each batch of calibration sequences is split across the
+  devices along the batch axis; every jitted layer pass runs data-parallel and the Hessian ``X^T X`` of a sharded
+  batch is reduced by the all-reduce that XLA inserts for the replicated result;
+* solves (``gptq(..., mesh=)``): GPTQ treats the output rows of W independently once ``H^-1`` is known, so the column
+  loop runs under ``shard_map`` on a slice of rows per device (``H``'s factor is replicated);
+* inference (``shard_params``): dense kernels and quantized weights (codes, scales, zeros) are split along their
+  output dimension (tensor parallel); the jitted forward and generation loop run unchanged and XLA adds the gathers.
+
+Multi-host: call ``jax.distributed.initialize()`` on every host first; ``make_mesh()`` then spans ``jax.devices()``
+(all hosts), and the same code runs as one SPMD program.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "devices"
+
+
+def make_mesh(devices: Optional[Sequence] = None, axis: str = AXIS) -> Mesh:
+    """A one-axis mesh over ``devices`` (default: every device of the default backend, all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.array(devices), (axis,))
+
+
+def axis_name(mesh: Mesh) -> str:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"jaxquant uses a one-axis mesh; got axes {mesh.axis_names}")
+    return mesh.axis_names[0]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split across the devices."""
+    return NamedSharding(mesh, P(axis_name(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_map(fn, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` without the replication check (the GPTQ loop carries replicated and per-device values)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def peak_device_bytes(devices: Optional[Sequence] = None) -> Optional[int]:
+    """Largest ``peak_bytes_in_use`` over ``devices`` (allocator statistics: GPUs/TPUs), or None where the backend
+    keeps none (the CPU)."""
+    peaks = []
+    for d in devices if devices is not None else jax.local_devices():
+        stats = d.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+# ------------------------------------------------------------------------------------------- tensor parallel
+def _is_quantized_leaf(x) -> bool:
+    from jaxquant.formats import all_formats
+
+    return type(x).__name__ in all_formats()
+
+
+def _output_split(leaf, n_dev: int, axis: str):
+    """Shardings' PartitionSpecs that split a linear weight along its output dimension (a pytree of them for a
+    quantized weight, from its ``tp_output_specs``), or None where that does not divide evenly."""
+    if _is_quantized_leaf(leaf):
+        specs = getattr(leaf, "tp_output_specs", None)
+        return specs(n_dev, axis) if specs is not None else None
+    if getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] % n_dev == 0:
+        return P(None, axis)
+    return None
+
+
+def shard_params(params: dict, mesh: Mesh) -> dict:
+    """Place a (quantized) parameter tree on ``mesh``: every linear ``kernel`` (dense [in, out] or a quantized
+    weight) split along its output dimension where it divides evenly, everything else replicated."""
+    axis, n_dev = axis_name(mesh), mesh.devices.size
+
+    def place(path, leaf):
+        keys = [str(getattr(p, "key", "")) for p in path]
+        split = _output_split(leaf, n_dev, axis) if keys and keys[-1] == "kernel" else None
+        if split is None:
+            return jax.device_put(leaf, replicated(mesh))
+        shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), split,
+                                           is_leaf=lambda s: isinstance(s, P))
+        return jax.device_put(leaf, shardings)
+
+    return jax.tree_util.tree_map_with_path(place, params, is_leaf=_is_quantized_leaf)
