@@ -72,17 +72,50 @@ def cmd_generate(args) -> list:
     return outs
 
 
+_SPQR_ONLY = ("qq_scale_bits", "qq_zero_bits", "qq_groupsize", "outlier_threshold", "simplified_outliers",
+              "round_zero")
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def _spqr_config(args):
+    """SpQRConfig from the command line; shared options left unset take SpQR's defaults (the README recipe)."""
+    from jaxquant.spqr import SpQRConfig
+
+    for flag, given in (("--sym", args.sym), ("--static-groups", args.static_groups),
+                        ("--export-gptq", args.export_gptq)):
+        if given:
+            raise SystemExit(f"{flag} is not supported with --method spqr")
+    base = SpQRConfig()
+    fields = dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order, percdamp=args.percdamp,
+                  block_size=args.block_size, true_sequential=args.true_sequential,
+                  qq_scale_bits=args.qq_scale_bits, qq_zero_bits=args.qq_zero_bits, qq_groupsize=args.qq_groupsize,
+                  outlier_relative_threshold=args.outlier_threshold, simplified_outliers=args.simplified_outliers,
+                  round_zero=args.round_zero)
+    try:
+        return SpQRConfig(**{k: _default(v, getattr(base, k)) for k, v in fields.items()})
+    except ValueError as err:
+        raise SystemExit(f"invalid SpQR settings: {err}") from err
+
+
 def cmd_quantize(args):
     import models
     from jaxquant import checkpoint, data
     from jaxquant.config import QuantConfig
     from jaxquant.pipeline import METHODS, quantize_model
 
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                         static_groups=args.static_groups, block_size=args.block_size, percdamp=args.percdamp,
-                         true_sequential=args.true_sequential)
+    if args.method != "spqr":
+        given = [k for k in _SPQR_ONLY if getattr(args, k) is not None]
+        if given:
+            raise SystemExit(f"--{given[0].replace('_', '-')} applies to --method spqr only")
     if args.method not in METHODS:
         raise SystemExit(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
+    config = _spqr_config(args) if args.method == "spqr" else QuantConfig(
+        bits=args.bits, group_size=_default(args.group_size, 128), sym=args.sym,
+        act_order=_default(args.act_order, False), static_groups=args.static_groups, block_size=args.block_size,
+        percdamp=_default(args.percdamp, 0.01), true_sequential=args.true_sequential)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise SystemExit(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
@@ -146,14 +179,27 @@ def main(argv=None):
 
     p = sub.add_parser("quantize", help="quantize a model layer by layer and save an orbax checkpoint")
     model_args(p)
-    p.add_argument("--method", default="gptq", help="rtn | gptq")
+    p.add_argument("--method", default="gptq", help="rtn | gptq | spqr")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1 = one scale per output channel")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns per group; -1 = one scale per output channel (default 128; spqr: 16)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="columns by decreasing Hessian diagonal (default: off; spqr: on)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before the solve")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--percdamp", type=float, default=None,
+                   help="damping as a fraction of the mean Hessian diagonal (default 0.01; spqr: 1.0)")
+    p.add_argument("--qq-scale-bits", type=int, default=None, help="spqr: bits of the group scales (default 3)")
+    p.add_argument("--qq-zero-bits", type=int, default=None, help="spqr: bits of the group zero points (default 3)")
+    p.add_argument("--qq-groupsize", type=int, default=None,
+                   help="spqr: output rows sharing a second-level scale and zero (default 16)")
+    p.add_argument("--outlier-threshold", type=float, default=None,
+                   help="spqr: outlier threshold relative to the layer's mean error (default 0.2; inf = none)")
+    p.add_argument("--simplified-outliers", action="store_const", const=True, default=None,
+                   help="spqr: skip the leave-one-out pass when fitting group statistics")
+    p.add_argument("--round-zero", action="store_const", const=True, default=None,
+                   help="spqr: integer zero points before their second-level quantization")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
