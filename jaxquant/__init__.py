@@ -10,6 +10,8 @@ from .rtn import rtn
 from .pipeline import quantize_model
 from .formats_spqr import SpQRWeight, spqr_average_bits
 from .spqr import SpQRConfig, spqr  # also registers the "spqr" pipeline method
+from .formats_lut import LUTQuantizedWeight
+from .squeezellm import SqueezeLLMConfig, squeezellm  # also registers the "squeezellm" pipeline method
 
 __all__ = [
     "QuantConfig",
@@ -19,6 +21,9 @@ __all__ = [
     "SpQRConfig",
     "SpQRWeight",
     "spqr_average_bits",
+    "squeezellm",
+    "SqueezeLLMConfig",
+    "LUTQuantizedWeight",
     "rtn",
     "quantize_model",
     "find_params",

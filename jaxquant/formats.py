@@ -130,7 +130,7 @@ class UniformQuantizedWeight:
 # Quantized-weight pytrees that checkpoints can store, by class name. Each format lives in its own module (one per
 # method family) and registers itself with @register_format; FORMAT_MODULES lists those modules so that loading a
 # checkpoint finds every format without importing the methods by hand.
-FORMAT_MODULES = ("jaxquant.formats", "jaxquant.formats_spqr")
+FORMAT_MODULES = ("jaxquant.formats", "jaxquant.formats_spqr", "jaxquant.formats_lut")
 _REGISTRY: dict = {}
 
 

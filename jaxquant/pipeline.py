@@ -14,7 +14,9 @@ of keeping each group's inputs for the layer: nsamples x seqlen x the summed inp
 differently fused program.
 
 Methods plug in as a ``solve(W [out, in], H [in, in], cfg) -> (QuantizedWeight, error)`` function plus whether they
-need the Hessian (RTN does not, and skips the forward passes altogether).
+need the Hessian (RTN does not, and skips the forward passes altogether). A method whose statistics are not a layer
+Hessian (SqueezeLLM: the Fisher of the whole model's loss) gives ``stats(lm, calibration, cfg, params)``, computed
+once before the layer loop; solve then receives that linear's entry in place of H.
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ class Method:
     solve: Callable  # (W [out, in] float32, H [in, in] or None, cfg) -> (quantized weight, error float)
     needs_hessian: bool = True
     row_parallel: bool = False  # solve(..., mesh=) splits the output rows over the mesh's devices
+    # (lm, calibration, cfg, params) -> {"layers_{i}/<sub-layer>": statistics}, computed once before the layer loop;
+    # solve gets the linear's entry in place of H (e.g. SqueezeLLM's Fisher). Needs calibration, not the Hessian.
+    stats: Optional[Callable] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_hessian or self.stats is not None
 
 
 def _gptq(W, H, cfg, mesh=None):
@@ -170,7 +179,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     m = METHODS[method]
     family, cfg_model = lm.family, lm.config
     layer = family.DecoderLayer(cfg_model, lm.dtype)
-    groups = family.SEQUENTIAL_GROUPS if config.true_sequential else (sum(family.SEQUENTIAL_GROUPS, ()),)
+    sequential = getattr(config, "true_sequential", True)  # configs without the flag (SqueezeLLM) need no order
+    groups = family.SEQUENTIAL_GROUPS if sequential else (sum(family.SEQUENTIAL_GROUPS, ()),)
     host = jax.device_get(lm.params if params is None else params)
     n_dev = 1 if mesh is None else mesh.devices.size
     if mesh is not None:
@@ -204,6 +214,11 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         forward = _make_forward(layer)
     else:
         n, seqlen = (0, 0) if calibration is None else np.shape(calibration)
+    model_stats = None
+    if m.stats is not None:
+        if calibration is None or np.ndim(calibration) != 2:
+            raise ValueError(f"method {method!r} needs calibration token ids of shape [n, seqlen]")
+        model_stats = m.stats(lm, np.asarray(calibration), config, host)
 
     from tqdm.auto import tqdm
 
@@ -214,7 +229,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         layer_err = 0.0
         stored = [{} for _ in inps or ()]  # per batch: final inputs of the groups quantized so far
         for group in groups:
-            hessians = {name: None for name in group}
+            hessians = {name: None if model_stats is None else model_stats[f"{lname}/{name}"] for name in group}
             if m.needs_hessian:
                 states = {name: hessian_init(_get(work, name)["kernel"].shape[0]) for name in group}
                 for b, h in enumerate(inps):
