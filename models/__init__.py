@@ -114,12 +114,14 @@ def abstract_params(module) -> dict:
     return shapes["params"]
 
 
-def from_pretrained(path_or_name: str, dtype="float32", tokenizer: bool = True) -> LoadedModel:
+def from_pretrained(path_or_name: str, dtype="float32", tokenizer: bool = True, on_host: bool = False) -> LoadedModel:
+    """Load a HF checkpoint directory, a GGUF file or a built-in name. ``on_host=True`` keeps the weights in host
+    memory (numpy), so a model larger than the accelerator can be quantized layer by layer."""
     directory = resolve_path(path_or_name)
     hf_config = load_hf_config(directory)
     family, config, module = build(hf_config, dtype)
     params = convert(iter_state_dict(directory), family.NAME_MAP, abstract_params(module), resolve_dtype(dtype),
-                     source=directory, ignore=getattr(family, "IGNORED_WEIGHTS", ()))
+                     source=directory, ignore=getattr(family, "IGNORED_WEIGHTS", ()), on_host=on_host)
     return LoadedModel(family=family, config=config, module=module, params=params,
                        tokenizer=load_tokenizer(directory) if tokenizer else None,
                        hf_config=hf_config, source=directory, dtype=resolve_dtype(dtype))

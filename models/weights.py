@@ -189,8 +189,11 @@ def read_gguf_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
 
 # ---------------------------------------------------------------------------------------------------- conversion
 def convert(state: Iterator[Tuple[str, np.ndarray]], rules, expected: dict, dtype,
-            source: str = "checkpoint", ignore: Tuple[str, ...] = ()) -> dict:
+            source: str = "checkpoint", ignore: Tuple[str, ...] = (), on_host: bool = False) -> dict:
     """HF (name, array) pairs -> nested Flax params, checked against ``expected`` (a tree of ShapeDtypeStructs).
+
+    on_host: keep the arrays in host memory (numpy) instead of putting them on the default device, for models larger
+    than the device (the quantization pipeline moves one decoder layer at a time).
 
     Every expected parameter must be present with the right shape; an unknown or mismatched tensor is an error that
     names it. ``ignore``: regexes of HF names that are legitimately unused (e.g. rotary buffers).
@@ -220,7 +223,7 @@ def convert(state: Iterator[Tuple[str, np.ndarray]], rules, expected: dict, dtyp
                                   f"{expected} (as {'/'.join(path)}{', transposed' if linear else ''})")
         if linear:
             array = array.T
-        got[path] = jnp.asarray(array, dtype=dtype)
+        got[path] = np.asarray(array, dtype=dtype) if on_host else jnp.asarray(array, dtype=dtype)
     missing = [p for p in want if p not in got]
     if missing:
         def describe(path):

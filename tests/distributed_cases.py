@@ -3,10 +3,14 @@
 Not collected on its own (no test_ prefix): ``python -m pytest tests/distributed_cases.py`` with that flag runs it."""
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+
+import models
 
 from jaxquant.config import QuantConfig
 from jaxquant.distributed import make_mesh, shard_params
@@ -46,13 +50,18 @@ def test_row_parallel_solve_same_codes(rng, mesh, cfg):
     assert abs(err_many - err_one) <= 1e-5 * err_one
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "falcon"])
+# One family keeps CI short: the sharding code is family-agnostic (all run through the same pipeline and forward);
+# the other families pass too: JAXQUANT_DIST_FAMILIES=llama,opt,falcon.
+@pytest.mark.parametrize("family", os.environ.get("JAXQUANT_DIST_FAMILIES", "llama").split(","))
 def test_data_parallel_pipeline_same_codes_ppl_and_tokens(rng, mesh, tiny_hf, family):
     lm = tiny_hf(family).loaded
+    # The sharded run streams layers from host memory: the model is loaded as numpy arrays.
+    lm_host = models.from_pretrained(tiny_hf(family).dir, tokenizer=False, on_host=True)
+    assert all(type(x) is np.ndarray for x in jax.tree_util.tree_leaves(lm_host.params))
     calib = rng.integers(0, 128, (8, 32)).astype(np.int32)
     cfg = QuantConfig(bits=4, group_size=32, act_order=True)
     p1, r1 = quantize_model(lm, calib, cfg, batch_size=4, progress=False)
-    p4, r4 = quantize_model(lm, calib, cfg, batch_size=4, progress=False, mesh=mesh)
+    p4, r4 = quantize_model(lm_host, calib, cfg, batch_size=4, progress=False, mesh=mesh)
     assert r4.devices == N_DEV and r1.devices == 1
     q1, q4 = _quantized(p1), _quantized(p4)
     assert q1.keys() == q4.keys() and q1
