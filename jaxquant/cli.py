@@ -100,6 +100,27 @@ def _spqr_config(args):
         raise SystemExit(f"invalid SpQR settings: {err}") from err
 
 
+_SQUEEZELLM_ONLY = ("sparsity", "sensitive_pct", "fisher_batch_size")
+
+
+def _squeezellm_config(args):
+    """SqueezeLLMConfig from the command line: --bits 3|4, --sparsity P (percent kept in float16, the paper's split:
+    min(P, --sensitive-pct) by Fisher, the rest by magnitude)."""
+    from jaxquant.squeezellm import PAPER_SENSITIVE_PCT, SqueezeLLMConfig
+
+    for flag, given in (("--group-size", args.group_size is not None), ("--sym", args.sym),
+                        ("--act-order", args.act_order), ("--static-groups", args.static_groups),
+                        ("--percdamp", args.percdamp is not None), ("--export-gptq", args.export_gptq)):
+        if given:
+            raise SystemExit(f"{flag} is not supported with --method squeezellm")
+    try:
+        return SqueezeLLMConfig.from_sparsity(args.bits, _default(args.sparsity, 0.0),
+                                              sensitive_pct=_default(args.sensitive_pct, PAPER_SENSITIVE_PCT),
+                                              fisher_batch_size=_default(args.fisher_batch_size, 1))
+    except ValueError as err:
+        raise SystemExit(f"invalid SqueezeLLM settings: {err}") from err
+
+
 def cmd_quantize(args):
     import models
     from jaxquant import checkpoint, data
@@ -110,12 +131,19 @@ def cmd_quantize(args):
         given = [k for k in _SPQR_ONLY if getattr(args, k) is not None]
         if given:
             raise SystemExit(f"--{given[0].replace('_', '-')} applies to --method spqr only")
+    if args.method != "squeezellm":
+        given = [k for k in _SQUEEZELLM_ONLY if getattr(args, k) is not None]
+        if given:
+            raise SystemExit(f"--{given[0].replace('_', '-')} applies to --method squeezellm only")
     if args.method not in METHODS:
         raise SystemExit(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
-    config = _spqr_config(args) if args.method == "spqr" else QuantConfig(
-        bits=args.bits, group_size=_default(args.group_size, 128), sym=args.sym,
-        act_order=_default(args.act_order, False), static_groups=args.static_groups, block_size=args.block_size,
-        percdamp=_default(args.percdamp, 0.01), true_sequential=args.true_sequential)
+    if args.method == "squeezellm":
+        config = _squeezellm_config(args)
+    else:
+        config = _spqr_config(args) if args.method == "spqr" else QuantConfig(
+            bits=args.bits, group_size=_default(args.group_size, 128), sym=args.sym,
+            act_order=_default(args.act_order, False), static_groups=args.static_groups, block_size=args.block_size,
+            percdamp=_default(args.percdamp, 0.01), true_sequential=args.true_sequential)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise SystemExit(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
@@ -127,7 +155,7 @@ def cmd_quantize(args):
             raise SystemExit(f"--export-gptq {export_dir} exists and is not empty (pass --overwrite to replace it)")
     lm = models.from_pretrained(args.model, dtype=args.dtype)
     calib = None
-    if METHODS[args.method].needs_hessian:
+    if METHODS[args.method].needs_calibration:
         calib = data.calibration_windows(lm.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                          source=args.calib, directory=args.data_dir)
     t0 = time.perf_counter()
@@ -179,7 +207,7 @@ def main(argv=None):
 
     p = sub.add_parser("quantize", help="quantize a model layer by layer and save an orbax checkpoint")
     model_args(p)
-    p.add_argument("--method", default="gptq", help="rtn | gptq | spqr")
+    p.add_argument("--method", default="gptq", help="rtn | gptq | spqr | squeezellm")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per group; -1 = one scale per output channel (default 128; spqr: 16)")
@@ -200,6 +228,14 @@ def main(argv=None):
                    help="spqr: skip the leave-one-out pass when fitting group statistics")
     p.add_argument("--round-zero", action="store_const", const=True, default=None,
                    help="spqr: integer zero points before their second-level quantization")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="squeezellm: percent of the weights kept in float16 (paper: 0, 0.05, 0.45; default 0)")
+    p.add_argument("--sensitive-pct", type=float, default=None,
+                   help="squeezellm: of --sparsity, the percent chosen by Fisher value (default 0.05); the rest "
+                        "are outliers by magnitude")
+    p.add_argument("--fisher-batch-size", type=int, default=None,
+                   help="squeezellm: samples per Fisher gradient computation (memory: that many gradient copies; "
+                        "default 1)")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
