@@ -154,6 +154,7 @@ class QuantizeReport:
     nsamples: int
     seqlen: int
     devices: int = 1
+    layer_seconds: List[float] = dataclasses.field(default_factory=list)  # wall time of each decoder layer
     peak_device_bytes: Optional[int] = None  # allocator peak over the run (None where the backend keeps none: CPU)
 
     def total_error(self) -> float:
@@ -223,7 +224,9 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     from tqdm.auto import tqdm
 
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
+    layer_seconds = []
     for lname in bar:
+        t_layer = time.perf_counter()
         work = on_devices(host[lname])  # only this layer's weights on the device(s)
         quantized = {}
         layer_err = 0.0
@@ -254,11 +257,12 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         for name, qw in quantized.items():
             stored = _with(stored, f"{name}/kernel", jax.device_get(qw))
         host = dict(host, **{lname: stored})
+        layer_seconds.append(time.perf_counter() - t_layer)
         bar.set_postfix(err=f"{layer_err:.4g}")
     bar.close()
     from jaxquant.distributed import peak_device_bytes
 
     report = QuantizeReport(method=method, config=config, layers=rows, seconds=time.perf_counter() - t_start,
-                            nsamples=int(n), seqlen=int(seqlen), devices=n_dev,
+                            nsamples=int(n), seqlen=int(seqlen), devices=n_dev, layer_seconds=layer_seconds,
                             peak_device_bytes=peak_device_bytes(None if mesh is None else mesh.devices.flat))
     return host, report
