@@ -153,21 +153,35 @@ def cmd_quantize(args):
             raise SystemExit("--export-gptq must be another directory than --out")
         if os.path.exists(export_dir) and os.listdir(export_dir) and not args.overwrite:
             raise SystemExit(f"--export-gptq {export_dir} exists and is not empty (pass --overwrite to replace it)")
-    lm = models.from_pretrained(args.model, dtype=args.dtype)
+    mesh = None
+    if args.devices != "1":
+        import jax
+
+        from jaxquant.distributed import make_mesh
+
+        n_all = jax.device_count()
+        n_dev = n_all if args.devices == "all" else int(args.devices)
+        if not 1 <= n_dev <= n_all:
+            raise SystemExit(f"--devices {args.devices}: {n_all} device(s) available")
+        mesh = make_mesh(jax.devices()[:n_dev]) if n_dev > 1 else None
+    # Weights stay in host memory; the pipeline moves one decoder layer at a time to the device(s).
+    lm = models.from_pretrained(args.model, dtype=args.dtype, on_host=args.stream_layers)
     calib = None
     if METHODS[args.method].needs_calibration:
         calib = data.calibration_windows(lm.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                          source=args.calib, directory=args.data_dir)
     t0 = time.perf_counter()
     params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size,
-                                    reuse_inputs=args.reuse_inputs)
+                                    reuse_inputs=args.reuse_inputs, mesh=mesh)
     wall = time.perf_counter() - t0
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed} \
         if calib is not None else None
     checkpoint.save(out, params, lm, args.method, config, report, overwrite=args.overwrite,
                     extra={"calib": calib_info, "quant_wall_s": wall, "model": args.model})
     print(json.dumps({"out": out, "method": args.method, "quant_wall_s": round(wall, 2),
-                      "total_error": report.total_error(), **dataclasses.asdict(config)}, indent=1))
+                      "total_error": report.total_error(), "devices": report.devices,
+                      "peak_device_gb": None if report.peak_device_bytes is None else
+                      round(report.peak_device_bytes / 2**30, 3), **dataclasses.asdict(config)}, indent=1))
     if args.export_gptq:
         from jaxquant import gptq_export
 
@@ -245,6 +259,10 @@ def main(argv=None):
     p.add_argument("--no-reuse-inputs", dest="reuse_inputs", action="store_false",
                    help="recompute whole layers in every pass instead of feeding quantized groups their stored "
                         "inputs (less memory, about twice the compute)")
+    p.add_argument("--devices", default="1", help="devices to spread the work over: N or 'all' (calibration batches "
+                   "split across them, Hessians all-reduced, GPTQ solves split by output rows)")
+    p.add_argument("--stream-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the model in host memory and move one decoder layer at a time to the device(s)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true")
