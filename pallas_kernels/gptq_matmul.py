@@ -1,0 +1,579 @@
+"""GPTQ-format dequantize-and-matmul for decode-sized activations: a Mosaic GPU (Hopper) Pallas kernel + its jnp reference.
+
+Computation (y = x @ W, W[k, n] = scales[g, n] * (code[k, n] - zero[g, n]), g = group of row k):
+
+    x [M, K] (bfloat16 or float16, M <= 64 on the kernel path)  ->  y [M, N] in x's dtype, accumulated in float32.
+
+The kernel computes the transposed product y^T = W^T x^T so that the weight is the 64-row A operand of the Hopper
+``wgmma`` instruction (dequantized in registers) and the few activation rows are its N operand (8..64 wide): the
+tensor cores do no wasted work at batch 1, and the weight bytes (the only large stream) are read exactly once.
+
+Kernel layout (built once at load time by :func:`pack`, a :class:`GPTQKernelWeight` pytree):
+
+  qweight [N_pad/64, K_pad/64, bits, 128] int32: for every 64x64 tile of W^T (64 output rows x 64 input columns)
+      ``bits`` planes of one 32-bit word per thread of the warpgroup. Thread t holds exactly the 32 codes of its
+      ``wgmma`` A-fragment registers (rows 16*(t//32) + (t%32)//4 (+8), columns 2*(t%4) (+1, +8, +9) of each 16-wide
+      k slice); the two codes of one bf16x2 register sit at bits s and 16+s of the same word, so one shift and one
+      mask put both into place (``_FIELDS`` below lists every position; the reference decodes through the same table).
+      3-bit codes are split into a 2-bit plane pair (like 2-bit codes) and one plane of high bits.
+  scales  [G_k, N_pad] in the activation dtype; group of input column k is k // group (group = a multiple of 64).
+  nbias   [G_k, N_pad] = -(magic + zero), asymmetric weights only (symmetric: zero = 2**(bits-1), a constant).
+  perm    [K_pad] int32 or None: activation column feeding each kernel row (act-order weights are sorted by group at
+      pack time; value K = a zero column for padding). None when the rows are already in group order.
+
+Dequantization in registers (per bf16x2 / f16x2 register, 2 weights): ``v = ((word >> s) & mask) | magic`` is the
+float ``magic + code`` (magic = 128 for bf16, 1024 for f16: exact for codes below 2**7 / 2**10), then
+``w = fma(fma(v, 1, nbias), scale, -0)``: an exact ``code - zero`` and one rounding of ``scale * (code - zero)``, the
+same value as the reference's float32 product rounded to the activation dtype.
+
+Kernel grid: (N_pad/64 output tiles, k_splits); each CTA (one warpgroup) streams its K range through an
+``emit_pipeline`` of TMA copies (``stages`` deep, ``tile_k`` columns a step) and writes a float32 partial
+[64, M_pad]; the wrapper sums the k_splits partials (one small XLA fusion with the transpose and the cast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNEL_BITS = (2, 3, 4)
+CHUNK = 64  # K and N granularity of the layout (one wgmma A tile is 64 x 64 at 128-byte swizzle)
+K_ALIGN = 256  # K_pad is a multiple of this, so every tile_k in (64, 128, 256) divides it
+MAX_KERNEL_M = 64  # larger activations take the XLA dequantize + matmul path (measured faster; bench/NOTES_kernels.md)
+_MAGIC = {"bfloat16": 128.0, "float16": 1024.0}
+
+
+# ------------------------------------------------------------------------------------------------- register layout
+def _thread_coords() -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) [128 threads, 16 pairs, 2 elements] inside a 64x64 tile of W^T for every code a thread holds.
+
+    Pair P = 4*j + p is register p of k-slice j in the order of Mosaic GPU's WGMMA layout (wgmma A fragment):
+    p = 0: (row r, cols c, c+1), 1: (r+8, c..), 2: (r, c+8..), 3: (r+8, c+8..) with r = 16*warp + lane//4,
+    c = 16*j + 2*(lane % 4).
+    """
+    t = np.arange(128)[:, None, None]
+    pair = np.arange(16)[None, :, None]
+    elem = np.arange(2)[None, None, :]
+    warp, lane = t // 32, t % 32
+    j, p = pair // 4, pair % 4
+    row = 16 * warp + lane // 4 + 8 * (p % 2)
+    col = 16 * j + 8 * (p // 2) + 2 * (lane % 4) + elem
+    return np.broadcast_to(row, (128, 16, 2)), np.broadcast_to(col, (128, 16, 2))
+
+
+def _fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
+    """For each pair P: the bit fields [(plane, word_shift, width, code_shift)] that make up its two codes.
+
+    Element e of the pair sits at bit ``16*e + word_shift`` of ``plane``; ``code_shift`` is where those ``width``
+    bits go inside the code. Decoding pair P: OR over fields of ((word[plane] >> word_shift) & mask) << code_shift
+    (with both 16-bit halves at once), which is what the kernel does in registers.
+    """
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"the GPTQ kernel supports {KERNEL_BITS}-bit codes, got bits={bits}")
+    out = []
+    for P in range(16):
+        if bits == 4:
+            out.append([(P // 4, 4 * (P % 4), 4, 0)])
+        elif bits == 2:
+            out.append([(P // 8, 2 * (P % 8), 2, 0)])
+        else:  # 3 bits: low 2 bits as for 2-bit codes, the high bit in plane 2 at bit P
+            out.append([(P // 8, 2 * (P % 8), 2, 0), (2, P, 1, 2)])
+    return out
+
+
+def _pack_tiles(codes_nk: jax.Array, bits: int) -> jax.Array:
+    """codes [N_pad, K_pad] (W^T) -> qweight [N_pad/64, K_pad/64, bits, 128] int32 (module docstring layout)."""
+    n, k = codes_nk.shape
+    row, col = _thread_coords()
+    tiles = codes_nk.astype(jnp.uint32).reshape(n // CHUNK, CHUNK, k // CHUNK, CHUNK).transpose(0, 2, 1, 3)
+    vals = tiles[:, :, row, col]  # [Nt, Kt, 128, 16, 2]
+    planes = [jnp.zeros(vals.shape[:3], jnp.uint32) for _ in range(bits)]
+    for P, fields in enumerate(_fields(bits)):
+        for plane, word_shift, width, code_shift in fields:
+            part = (vals[:, :, :, P, :] >> code_shift) & (2**width - 1)  # [Nt, Kt, 128, 2]
+            planes[plane] = planes[plane] | (part[..., 0] << word_shift) | (part[..., 1] << (16 + word_shift))
+    words = jnp.stack(planes, axis=2)  # [Nt, Kt, bits, 128]
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def _unpack_tiles(qweight: jax.Array, bits: int) -> jax.Array:
+    """Exact inverse of _pack_tiles through the kernel's own bit extraction: qweight -> codes [N_pad, K_pad] int32."""
+    nt, kt = qweight.shape[:2]
+    words = jax.lax.bitcast_convert_type(qweight, jnp.uint32)  # [Nt, Kt, bits, 128]
+    pairs = []
+    for fields in _fields(bits):
+        v = jnp.zeros((nt, kt, 128), jnp.uint32)
+        for plane, word_shift, width, code_shift in fields:
+            mask = (2**width - 1) * 0x00010001
+            v = v | (((words[:, :, plane] >> word_shift) & mask) << code_shift)
+        pairs.append(jnp.stack([v & 0xFFFF, v >> 16], axis=-1))
+    vals = jnp.stack(pairs, axis=3)  # [Nt, Kt, 128, 16, 2]
+    row, col = _thread_coords()
+    tiles = jnp.zeros((nt, kt, CHUNK, CHUNK), jnp.int32).at[:, :, row, col].set(vals.astype(jnp.int32))
+    return tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK)
+
+
+# ------------------------------------------------------------------------------------------------ kernel-layout pytree
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["qweight", "scales", "nbias", "perm"],
+    meta_fields=["bits", "group", "in_features", "out_features", "dtype_name"],
+)
+@dataclasses.dataclass(frozen=True)
+class GPTQKernelWeight:
+    """A GPTQ weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU.
+
+    Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, scales / nbias [G_k, N_pad], perm [K_pad] or None;
+    K = in_features, N = out_features, K_pad = G_k * group (a multiple of 256), N_pad = ceil(N / 64) * 64.
+    """
+
+    qweight: jax.Array
+    scales: jax.Array
+    nbias: Optional[jax.Array]
+    perm: Optional[jax.Array]
+    bits: int
+    group: int
+    in_features: int
+    out_features: int
+    dtype_name: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def k_pad(self) -> int:
+        return self.qweight.shape[1] * CHUNK
+
+    @property
+    def n_pad(self) -> int:
+        return self.qweight.shape[0] * CHUNK
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for a in (self.qweight, self.scales, self.nbias, self.perm) if a is not None]
+        return sum(a.size * a.dtype.itemsize for a in arrays)
+
+    def codes_kn(self) -> jax.Array:
+        """Codes [K_pad, N_pad] in kernel row order (rows sorted by group for act-order weights)."""
+        return _unpack_tiles(self.qweight, self.bits).T
+
+    def dequantize_padded(self) -> jax.Array:
+        """W [K_pad, N_pad] in kernel row order, in the activation dtype: round(scale * (code - zero))."""
+        magic = _MAGIC[self.dtype_name]
+        zero_plus_magic = (-self.nbias.astype(jnp.float32) if self.nbias is not None
+                           else jnp.float32(magic + 2 ** (self.bits - 1)))
+        rows = jnp.arange(self.k_pad) // self.group
+        code_minus_zero = self.codes_kn().astype(jnp.float32) + magic - (
+            zero_plus_magic[rows] if self.nbias is not None else zero_plus_magic)
+        return (code_minus_zero * self.scales.astype(jnp.float32)[rows]).astype(self.dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """Dense W [K, N] in the original input order (for checks; the kernel never builds it)."""
+        w = self.dequantize_padded().astype(dtype)
+        if self.perm is None:
+            return w[: self.in_features, : self.out_features]
+        dense = jnp.zeros((self.in_features + 1, self.n_pad), dtype).at[self.perm].set(w)
+        return dense[: self.in_features, : self.out_features]
+
+    def prepare_activations(self, x2d: jax.Array, m_pad: int) -> jax.Array:
+        """x [M, K] -> [m_pad, K_pad] in kernel row order: the act-order gather over M x K and zero padding."""
+        m, k = x2d.shape
+        x2d = x2d.astype(self.dtype)
+        if self.perm is not None:
+            x2d = jnp.concatenate([x2d, jnp.zeros((m, 1), x2d.dtype)], axis=1)[:, self.perm]
+            return jnp.pad(x2d, ((0, m_pad - m), (0, 0)))
+        return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
+
+    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
+        """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
+
+        The Pallas kernel runs when ``use_kernel`` (default: the default backend is a GPU, x's dtype is the packed
+        dtype and M = prod(leading dims) <= 64); otherwise the XLA dequantize-then-matmul reference.
+        """
+        lead, k = x.shape[:-1], x.shape[-1]
+        if k != self.in_features:
+            raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
+        m = math.prod(lead)
+        if use_kernel is None:
+            use_kernel = (jax.default_backend() == "gpu" and x.dtype == self.dtype and 1 <= m <= MAX_KERNEL_M)
+        if use_kernel:
+            y = gptq_matmul(x.reshape(m, k), self, config=config)
+        else:
+            y = reference_matmul(x.reshape(m, k), self)
+        return y.reshape(*lead, self.out_features)
+
+
+def _row_plan(g_idx: np.ndarray, G: int):
+    """Kernel row order for input columns with groups g_idx [K]: (group, K_pad, src_rows [K_pad], perm or None).
+
+    src_rows[r] is the input column feeding kernel row r (K = padding). Rows keep their order when the groups are
+    contiguous runs of one size (the last may be shorter); otherwise (act-order) they are sorted by group and every
+    group gets ``group`` slots. Raises ValueError for layouts the kernel cannot take.
+    """
+    g_idx = g_idx.astype(np.int64)
+    K = g_idx.shape[0]
+    if K == 0 or g_idx.min() < 0 or g_idx.max() >= G:
+        raise ValueError(f"g_idx must be non-empty with values in [0, {G})")
+    counts = np.bincount(g_idx, minlength=G)
+    if G == 1:
+        # Per output channel: one group spanning the padded K.
+        group = k_pad = _round_up(K, K_ALIGN)
+        return group, k_pad, np.arange(k_pad), None
+    if counts.max() % CHUNK:
+        raise ValueError(f"the GPTQ kernel needs group sizes that are multiples of {CHUNK}; the largest group has "
+                         f"{counts.max()} rows")
+    group = int(counts.max())
+    k_pad = _round_up(G * group, math.lcm(group, K_ALIGN))
+    if np.all(np.diff(g_idx) >= 0) and np.all(counts[:-1] == group):
+        return group, k_pad, np.arange(k_pad), None
+    order = np.argsort(g_idx, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.arange(K) - starts[g_idx[order]] + g_idx[order] * group
+    src_rows = np.full(k_pad, K, np.int64)
+    src_rows[slot] = order
+    return group, k_pad, src_rows, jnp.asarray(src_rows, jnp.int32)
+
+
+def check_packable(g_idx, num_groups: int, bits: int) -> None:
+    """Raise ValueError (naming the problem) if a GPTQ weight with these groups / bits cannot use the kernel."""
+    _fields(bits)
+    _row_plan(np.asarray(g_idx), num_groups)
+
+
+def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bfloat16) -> GPTQKernelWeight:
+    """Convert a GPTQ weight (unpacked arrays) into the kernel layout; done once at load time.
+
+    codes_kn [K, N] integer codes, scales / zeros [G, N] (zeros are plain zero codes), g_idx [K] group of each input
+    column (any order: act-order rows are sorted by group here and ``perm`` gathers x's columns to match).
+    ``sym`` with every zero equal to 2**(bits-1) drops the zero array (the kernel uses the constant).
+    g_idx must be concrete (it decides the static row order); the other arrays may live on any device.
+    """
+    dtype_name = jnp.dtype(dtype).name
+    if dtype_name not in _MAGIC:
+        raise ValueError(f"the GPTQ kernel computes in bfloat16 or float16, got {dtype_name}")
+    _fields(bits)  # validates bits
+    codes_kn = jnp.asarray(codes_kn)
+    K, N = codes_kn.shape
+    scales = jnp.asarray(scales)
+    G = scales.shape[0]
+    if scales.shape != (G, N) or jnp.shape(zeros) != (G, N) or np.shape(g_idx) != (K,):
+        raise ValueError(f"expected scales / zeros [G, {N}] and g_idx [{K}], got {scales.shape}, "
+                         f"{jnp.shape(zeros)}, {np.shape(g_idx)}")
+    group, k_pad, src_rows, perm = _row_plan(np.asarray(g_idx), G)
+    n_pad = _round_up(N, CHUNK)
+    g_k = k_pad // group
+
+    codes_ext = jnp.concatenate([codes_kn.astype(jnp.int32), jnp.zeros((1, N), jnp.int32)], axis=0)
+    codes_pad = jnp.pad(codes_ext[jnp.asarray(np.minimum(src_rows, K))], ((0, 0), (0, n_pad - N)))
+    qweight = _pack_tiles(codes_pad.T, bits)
+
+    def by_group(a, fill):
+        a = jnp.asarray(a)
+        return jnp.pad(a, ((0, g_k - G), (0, n_pad - N)), constant_values=fill)
+
+    magic = _MAGIC[dtype_name]
+    scales_k = by_group(scales.astype(jnp.float32), 0.0).astype(dtype)
+    zeros = jnp.asarray(zeros)
+    sym_zero = 2 ** (bits - 1)
+    try:  # symmetric weights whose zeros are all 2**(bits-1) need no zero array (concrete zeros only)
+        drop_zeros = sym and bool(jnp.all(zeros == sym_zero))
+    except jax.errors.ConcretizationTypeError:
+        drop_zeros = False
+    nbias = None if drop_zeros else (-(by_group(zeros.astype(jnp.float32), sym_zero) + magic)).astype(dtype)
+    return GPTQKernelWeight(qweight=qweight, scales=scales_k, nbias=nbias, perm=perm, bits=bits, group=group,
+                            in_features=K, out_features=N, dtype_name=dtype_name)
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+# ------------------------------------------------------------------------------------------------------ references
+def reference_matmul(x2d: jax.Array, w: GPTQKernelWeight) -> jax.Array:
+    """Pure-jnp x [M, K] @ W -> [M, N] in x's dtype: dequantize the kernel layout, one XLA matmul (also the
+    large-M path on GPU)."""
+    xk = w.prepare_activations(x2d, x2d.shape[0]).astype(x2d.dtype)
+    y = jnp.matmul(xk, w.dequantize_padded().astype(x2d.dtype), preferred_element_type=jnp.float32)
+    return y[:, : w.out_features].astype(x2d.dtype)
+
+
+def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelConfig") -> jax.Array:
+    """The kernel's exact block decomposition in jnp: per (output tile, k split, pipeline step) the same blocks of
+    qweight / scales / nbias the kernel's index maps select, decoded with the kernel's bit fields, float32 partials
+    summed over splits as the wrapper does. For CPU tests of the tiling logic."""
+    m = x2d.shape[0]
+    m_pad = _m_pad(m)
+    cfg = config.resolved(w)
+    xk = w.prepare_activations(x2d, m_pad)
+    steps = w.k_pad // cfg.tile_k // cfg.k_splits
+    magic = _MAGIC[w.dtype_name]
+    sym_nbias = -(magic + 2 ** (w.bits - 1))
+    out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
+    for n_idx in range(w.n_pad // CHUNK):
+        for split in range(cfg.k_splits):
+            acc = jnp.zeros((CHUNK, m_pad), jnp.float32)
+            for step in range(steps):
+                kb = split * steps + step
+                x_blk = xk[:, kb * cfg.tile_k:(kb + 1) * cfg.tile_k]
+                w_blk = w.qweight[n_idx:n_idx + 1, kb * cfg.tile_k // CHUNK:(kb + 1) * cfg.tile_k // CHUNK]
+                srow = _scale_block_index(kb, cfg.tile_k, w.group) * cfg.groups_per_step(w)
+                s_blk = w.scales[srow:srow + cfg.groups_per_step(w), n_idx * CHUNK:(n_idx + 1) * CHUNK]
+                codes = _unpack_tiles(w_blk, w.bits).astype(jnp.float32)  # [64, tile_k]
+                grp = (jnp.arange(cfg.tile_k) // CHUNK * CHUNK) // w.group if cfg.groups_per_step(w) > 1 else \
+                    jnp.zeros(cfg.tile_k, jnp.int32)
+                if w.nbias is not None:
+                    b_blk = w.nbias[srow:srow + cfg.groups_per_step(w), n_idx * CHUNK:(n_idx + 1) * CHUNK]
+                    nb = b_blk.astype(jnp.float32).T[:, grp]
+                else:
+                    nb = jnp.float32(sym_nbias)
+                a = ((codes + magic + nb) * s_blk.astype(jnp.float32).T[:, grp]).astype(w.dtype)
+                acc = acc + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+            out = out.at[split, n_idx * CHUNK:(n_idx + 1) * CHUNK].set(acc)
+    return _finish(out, m, w.out_features, x2d.dtype)
+
+
+def _finish(partials: jax.Array, m: int, n: int, dtype) -> jax.Array:
+    return partials.sum(0)[:n, :m].T.astype(dtype)
+
+
+def _m_pad(m: int) -> int:
+    return max(8, _round_up(m, 8))
+
+
+def _scale_block_index(k_block, tile_k: int, group: int):
+    """Block index (in units of groups_per_step rows) of the scales / nbias block for pipeline step k_block."""
+    if group >= tile_k:
+        return k_block // (group // tile_k) if isinstance(k_block, int) else jax.lax.div(k_block, group // tile_k)
+    return k_block
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes: tile_k input columns per pipeline step (64, 128 or 256), ``stages`` TMA buffers in flight,
+    ``k_splits`` CTAs sharing one output tile's K range (float32 partials summed afterwards). None = heuristic."""
+
+    tile_k: Optional[int] = None
+    stages: int = 4
+    k_splits: Optional[int] = None
+
+    def groups_per_step(self, w: GPTQKernelWeight) -> int:
+        return max(1, self.tile_k // w.group)
+
+    def resolved(self, w: GPTQKernelWeight, num_sms: int = 132) -> "KernelConfig":
+        tile_k = self.tile_k or 256
+        k_splits = self.k_splits
+        if k_splits is None:
+            # Enough CTAs for ~2 per SM; every split keeps >= 4 pipeline steps.
+            n_tiles, steps = w.n_pad // CHUNK, w.k_pad // tile_k
+            k_splits = 1
+            while n_tiles * k_splits < 2 * num_sms and steps % (2 * k_splits) == 0 and steps // (2 * k_splits) >= 4:
+                k_splits *= 2
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits)
+        cfg.check(w)
+        return cfg
+
+    def check(self, w: GPTQKernelWeight) -> None:
+        if self.tile_k % CHUNK or w.k_pad % self.tile_k:
+            raise ValueError(f"tile_k={self.tile_k} must be a multiple of {CHUNK} dividing K_pad={w.k_pad}")
+        if w.group % self.tile_k and self.tile_k % w.group:
+            raise ValueError(f"tile_k={self.tile_k} and the kernel group size {w.group} must divide one another")
+        steps = w.k_pad // self.tile_k
+        if steps % self.k_splits:
+            raise ValueError(f"k_splits={self.k_splits} must divide the {steps} pipeline steps (K_pad/tile_k)")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+
+
+# ---------------------------------------------------------------------------------------------------------- kernel
+def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelConfig] = None,
+                out_init: Optional[jax.Array] = None) -> jax.Array:
+    """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype.
+
+    ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place
+    (pass it NaN-filled to prove every output tile is written).
+    """
+    m, k = x2d.shape
+    if k != w.in_features:
+        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
+    if not 1 <= m <= MAX_KERNEL_M:
+        raise ValueError(f"the GPTQ kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
+    if x2d.dtype != w.dtype:
+        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    cfg = (config or KernelConfig()).resolved(w)
+    m_pad = _m_pad(m)
+    xk = w.prepare_activations(x2d, m_pad)
+    call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
+                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, out_init is not None)
+    args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
+    if out_init is not None:
+        if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
+            raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
+                             f"{out_init.dtype} {out_init.shape}")
+        args.append(out_init)
+    partials = call(*args)
+    return _finish(partials, m, w.out_features, x2d.dtype)
+
+
+def _i32(v: int) -> int:
+    """A 32-bit pattern as the signed value MLIR's i32 constants take."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _half_bits(value: float, dtype_name: str) -> int:
+    return int(np.asarray(value, dtype=jnp.dtype(dtype_name)).view(np.uint16))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, aliased):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype_name)
+    n_tiles = n_pad // CHUNK
+    steps = k_pad // tile_k // k_splits
+    gps = max(1, tile_k // group)
+    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias)
+    swizzle = 128
+    x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
+    n_in = 3 + has_bias
+
+    def kernel(*refs):
+        x_gmem, w_gmem, s_gmem = refs[:3]
+        b_gmem = refs[3] if has_bias else None
+        out_gmem = refs[-1]
+        n_idx = pl.program_id(0)
+        split = pl.program_id(1)
+        k0 = split * steps
+
+        in_specs = [
+            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms),
+            plgpu.BlockSpec((None, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
+            plgpu.BlockSpec((gps, CHUNK), lambda k: (_scale_block_index(k0 + k, tile_k, group), n_idx)),
+        ]
+        if has_bias:
+            in_specs.append(
+                plgpu.BlockSpec((gps, CHUNK), lambda k: (_scale_block_index(k0 + k, tile_k, group), n_idx)))
+
+        def acc_scope(acc_ref):
+            def step(_, x_smem, w_smem, s_smem, *b_smem):
+                a = dequant(w_smem, s_smem, *b_smem)
+                plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(0)
+
+            gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
+            plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=min(stages, steps))(*gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((CHUNK, m_pad), jnp.float32))
+
+        def store(o_smem):
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * CHUNK, CHUNK), :])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((CHUNK, m_pad), jnp.float32))
+
+    gmem_spec = pl.BlockSpec(memory_space=plgpu.GMEM)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32),
+        grid=(n_tiles, k_splits),
+        in_specs=[gmem_spec] * (n_in + aliased),
+        out_specs=gmem_spec,
+        compiler_params=plgpu.CompilerParams(),
+        input_output_aliases={n_in: 0} if aliased else {},
+        name=f"gptq_w{bits}_m{m_pad}",
+    )
+
+
+def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias):
+    """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
+    dequantized A operand [64, tile_k] in the WGMMA register layout."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype_name)
+    arg_types = (plgpu.RefType(), plgpu.RefType()) + ((plgpu.RefType(),) if has_bias else ())
+    ret = plgpu.ShapeDtypeStruct((CHUNK, tile_k), dtype, layout=plgpu.Layout.WGMMA)
+    fields = _fields(bits)
+    magic = _MAGIC[dtype_name]
+    ptx_ty = "bf16x2" if dtype_name == "bfloat16" else "f16x2"
+    one2 = _half_bits(1.0, dtype_name) * 0x00010001
+    base2 = _half_bits(magic, dtype_name) * 0x00010001
+    negzero2 = 0x80008000
+    sym_nbias2 = _half_bits(-(magic + 2 ** (bits - 1)), dtype_name) * 0x00010001
+
+    @plgpu.inline_mgpu(arg_types=arg_types, return_type=ret)
+    def dequant(ctx, w_ref, s_ref, *b_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+        import jax.experimental.mosaic.gpu as mgpu
+
+        i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
+        index = ir.IndexType.get()
+        vec_ty = ir.VectorType.get((2,), mgpu.utils.dtype_to_ir_type(dtype))
+
+        def ci(v):
+            return arith.constant(i32, _i32(v))
+
+        def cidx(v):
+            return arith.constant(index, v)
+
+        def fma2(a, b, c):
+            return llvm.inline_asm(i32, [a, b, c], f"fma.rn.{ptx_ty} $0, $1, $2, $3;", "=r,r,r,r")
+
+        def splat2(ref, r, c):
+            half = arith.bitcast(i16, memref.load(ref, [r, c]))
+            v = arith.extui(i32, half)
+            return arith.ori(v, arith.shli(v, ci(16)))
+
+        tid = mgpu.utils.thread_idx()
+        lane = arith.remui(tid, ci(32))
+        row0 = arith.addi(arith.muli(arith.divui(tid, ci(32)), ci(16)), arith.divui(lane, ci(4)))
+        rows = [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, ci(8)))]
+        tid_idx = arith.index_cast(index, tid)
+
+        one, base, negzero = ci(one2), ci(base2), ci(negzero2)
+        regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, tile_k)), dtype=object)
+        scale_cache = {}
+        for c in range(tile_k // CHUNK):
+            words = [memref.load(w_ref, [cidx(c), cidx(p), tid_idx]) for p in range(bits)]
+            gr = (c * CHUNK) // group if gps > 1 else 0
+            if gr not in scale_cache:
+                s2 = [splat2(s_ref, cidx(gr), r) for r in rows]
+                nb2 = [splat2(b_ref[0], cidx(gr), r) for r in rows] if has_bias else [ci(sym_nbias2)] * 2
+                scale_cache[gr] = (s2, nb2)
+            s2, nb2 = scale_cache[gr]
+            for P, pair_fields in enumerate(fields):
+                j, p = divmod(P, 4)
+                kc, h = 2 * j + p // 2, p % 2
+                v = base
+                for plane, word_shift, width, code_shift in pair_fields:
+                    shift = word_shift - code_shift
+                    w = words[plane]
+                    if shift > 0:
+                        w = arith.shrui(w, ci(shift))
+                    elif shift < 0:
+                        w = arith.shli(w, ci(-shift))
+                    v = arith.ori(v, arith.andi(w, ci(((2**width - 1) << code_shift) * 0x00010001)))
+                v = fma2(fma2(v, one, nb2[h]), s2[h], negzero)
+                regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(
+                    vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), v))
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return dequant

@@ -1,0 +1,184 @@
+"""GPTQ kernel layout and tiling logic on the CPU (the Mosaic GPU kernel itself runs in bench/kernels.py on a GPU:
+its in-register dequantization is an ``inline_mgpu`` block, which Pallas' GPU interpreter cannot run).
+
+Oracles are float64 numpy: W[k, n] = round_dtype(round_dtype(scale[g, n]) * (code[k, n] - zero[g, n])), the value
+the kernel's two fused multiply-adds produce, and y = x @ W.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import gptq_matmul as gm
+
+NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def random_gptq(rng, K, N, bits, group, sym, act):
+    G = 1 if group == -1 else -(-K // group)
+    codes = rng.integers(0, 2**bits, (K, N))
+    scales = rng.uniform(0.005, 0.02, (G, N)).astype(np.float32)
+    zeros = np.full((G, N), 2 ** (bits - 1)) if sym else rng.integers(0, 2**bits, (G, N))
+    g_idx = np.zeros(K, np.int64) if group == -1 else np.arange(K) // group
+    if act:
+        g_idx = rng.permutation(g_idx)
+    return codes, scales, zeros, g_idx
+
+
+def oracle_weight(codes, scales, zeros, g_idx, dtype_name):
+    dt = NP_DTYPES[dtype_name]
+    s = scales.astype(dt).astype(np.float64)[g_idx]
+    return (s * (codes - zeros[g_idx])).astype(dt).astype(np.float64)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+CASES = [  # K, N, bits, group, sym, act, dtype
+    (256, 64, 4, 128, False, False, "bfloat16"),
+    (576, 72, 4, 128, True, False, "bfloat16"),  # short last group, N not a multiple of 64
+    (384, 64, 3, 128, False, True, "bfloat16"),  # act-order
+    (320, 128, 3, 64, True, False, "float16"),
+    (200, 64, 2, -1, False, False, "bfloat16"),  # per channel, K not a multiple of 64
+    (512, 96, 2, 128, False, True, "float16"),
+]
+
+
+@pytest.mark.parametrize("K,N,bits,group,sym,act,dtype", CASES)
+def test_layout_roundtrip_and_dequantize(rng, K, N, bits, group, sym, act, dtype):
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, sym, act)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype)
+    assert w.qweight.shape == (w.n_pad // 64, w.k_pad // 64, bits, 128) and w.k_pad % gm.K_ALIGN == 0
+    assert (w.nbias is None) == sym and (w.perm is None) == (not act)
+    # Codes come back exactly in kernel row order (act-order rows sorted by group, padding rows zero).
+    src = np.arange(w.k_pad) if w.perm is None else np.asarray(w.perm)
+    kernel_codes = np.asarray(w.codes_kn())
+    real = src < K
+    np.testing.assert_array_equal(kernel_codes[real, :N], codes[src[real]])
+    if act:  # every group is contiguous in kernel order
+        rows_group = np.where(real, g_idx[np.minimum(src, K - 1)], -1)
+        assert np.all(rows_group[real] == np.nonzero(real)[0] // w.group)
+    np.testing.assert_array_equal(np.asarray(w.dequantize(jnp.float32)),
+                                  oracle_weight(codes, scales, zeros, g_idx, dtype))
+
+
+def emulate_kernel_dequant(w: gm.GPTQKernelWeight, n_tile: int, k_chunk: int) -> np.ndarray:
+    """The kernel's register arithmetic in numpy for one 64x64 tile: shift/mask into the magic float, then
+    fma(v, 1, nbias) and fma(., scale, -0) in the half-precision dtype. Returns W^T tile [64 rows n, 64 cols k]."""
+    dt = NP_DTYPES[w.dtype_name]
+    words = np.asarray(w.qweight[n_tile, k_chunk]).view(np.uint32)  # [bits, 128]
+    base = np.uint32(gm._half_bits(gm._MAGIC[w.dtype_name], w.dtype_name) * 0x00010001)
+    group_row = (k_chunk * 64) // w.group
+    cols = slice(n_tile * 64, (n_tile + 1) * 64)
+    scale = np.asarray(w.scales[group_row, cols]).astype(np.float64)
+    nbias = (np.asarray(w.nbias[group_row, cols]).astype(np.float64) if w.nbias is not None
+             else np.full(64, -(gm._MAGIC[w.dtype_name] + 2 ** (w.bits - 1))))
+    row, col = gm._thread_coords()
+    tile = np.full((64, 64), np.nan)
+    for P, fields in enumerate(gm._fields(w.bits)):
+        v = np.full(128, base, np.uint32)
+        for plane, word_shift, width, code_shift in fields:
+            shift = word_shift - code_shift
+            part = words[plane] >> shift if shift >= 0 else words[plane] << -shift
+            v |= part & np.uint32(((2**width - 1) << code_shift) * 0x00010001)
+        halves = np.stack([v & 0xFFFF, v >> 16], axis=-1).astype(np.uint16).view(dt).astype(np.float64)  # [128, 2]
+        r = row[:, P, :]
+        d = (halves + nbias[r]).astype(dt).astype(np.float64)  # fma(v, 1, nbias): exact small integers
+        tile[r, col[:, P, :]] = (d * scale[r]).astype(dt).astype(np.float64)  # fma(d, scale, -0): one rounding
+    return tile
+
+
+@pytest.mark.parametrize("K,N,bits,group,sym,act,dtype", CASES[:4])
+def test_register_arithmetic(rng, K, N, bits, group, sym, act, dtype):
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, sym, act)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype)
+    dense = np.asarray(w.dequantize_padded().astype(jnp.float32)).astype(np.float64)  # [K_pad, N_pad]
+    for n_tile in range(w.n_pad // 64):
+        for k_chunk in (0, w.k_pad // 64 - 1, int(rng.integers(w.k_pad // 64))):
+            tile = emulate_kernel_dequant(w, n_tile, k_chunk)
+            assert not np.isnan(tile).any()  # every element of the A fragment is produced by some thread
+            np.testing.assert_array_equal(tile, dense[k_chunk * 64:(k_chunk + 1) * 64, n_tile * 64:(n_tile + 1) * 64].T)
+
+
+@pytest.mark.parametrize("K,N,bits,group,sym,act,dtype", CASES)
+def test_reference_matmul(rng, K, N, bits, group, sym, act, dtype):
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, sym, act)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    xq = jnp.asarray(x, dtype)
+    want = np.asarray(xq.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, dtype)
+    got = jax.jit(lambda x, w: w.matmul(x))(xq, w)  # CPU: the dispatch takes the reference path
+    assert got.shape == (2, 3, N) and got.dtype == xq.dtype
+    assert rel_err(got, want) < 8e-3
+
+
+@pytest.mark.parametrize("tile_k,stages,k_splits", [(64, 2, 1), (128, 4, 2), (256, 3, None), (256, 2, 4)])
+def test_tiled_reference_matches(rng, tile_k, stages, k_splits):
+    """The kernel's block decomposition (index maps of qweight / scales / nbias, groups per step, split-K partials,
+    M and K padding) reproduces the plain reference."""
+    K, N, bits, group = 1024, 128, int(rng.choice([3, 4])), int(rng.choice([64, 128, 256, 512]))
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, False, bool(rng.integers(2)))
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((int(rng.integers(1, 65)), K)), jnp.bfloat16)
+    cfg = gm.KernelConfig(tile_k=tile_k, stages=stages, k_splits=k_splits)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
+    got = gm.reference_matmul_tiled(x, w, cfg)
+    assert rel_err(got, want) < 8e-3
+    assert rel_err(got, gm.reference_matmul(x, w)) < 8e-3
+
+
+def test_config_heuristic_and_errors(rng):
+    codes, scales, zeros, g_idx = random_gptq(rng, 4096, 4096, 4, 128, False, False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
+    cfg = gm.KernelConfig().resolved(w)
+    assert cfg.tile_k == 256 and (4096 // 256) % cfg.k_splits == 0 and (4096 // 64) * cfg.k_splits >= 132
+    with pytest.raises(ValueError, match="tile_k=96"):
+        gm.KernelConfig(tile_k=96).resolved(w)
+    with pytest.raises(ValueError, match="k_splits=3"):
+        gm.KernelConfig(tile_k=256, k_splits=3).resolved(w)
+    x = jnp.zeros((65, 4096), jnp.bfloat16)
+    with pytest.raises(ValueError, match="1..64 activation rows"):
+        gm.gptq_matmul(x, w)
+    with pytest.raises(ValueError, match="input features"):
+        gm.gptq_matmul(jnp.ones((1, 4000), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="packed for bfloat16"):
+        gm.gptq_matmul(jnp.ones((1, 4096), jnp.float16), w)
+
+
+def test_pack_rejects_unsupported(rng):
+    codes, scales, zeros, g_idx = random_gptq(rng, 256, 64, 4, 32, False, False)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
+    codes, scales, zeros, g_idx = random_gptq(rng, 256, 64, 4, 128, False, False)
+    with pytest.raises(ValueError, match="8-bit|bits=8"):
+        gm.pack(codes, scales, zeros, g_idx, bits=8, sym=False)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="g_idx"):
+        gm.pack(codes, scales, zeros, g_idx[:-1], bits=4, sym=False)
+
+
+def test_prepare_for_kernels(rng):
+    from jaxquant.config import QuantConfig
+    from jaxquant.formats import UniformQuantizedWeight
+    from jaxquant.kernel_layout import prepare_for_kernels
+    from jaxquant.rtn import rtn
+
+    W = rng.standard_normal((96, 256)).astype(np.float32)  # [out, in]
+    params = {"a": {"kernel": rtn(W, QuantConfig(bits=4, group_size=128))},
+              "b": {"kernel": rtn(W, QuantConfig(bits=8, group_size=128))},  # 8-bit: stays on the reference path
+              "c": {"kernel": rtn(W, QuantConfig(bits=3, group_size=32))},  # group 32: stays as well
+              "norm": {"scale": jnp.ones(4)}}
+    out = prepare_for_kernels(params)
+    assert isinstance(out["a"]["kernel"], gm.GPTQKernelWeight)
+    assert isinstance(out["b"]["kernel"], UniformQuantizedWeight)
+    assert isinstance(out["c"]["kernel"], UniformQuantizedWeight)
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+    want = params["a"]["kernel"].matmul(x.astype(jnp.float32))
+    assert rel_err(out["a"]["kernel"].matmul(x), want) < 1e-2
