@@ -173,8 +173,8 @@ def correctness_matrix(key):
                 f"rel_err={fro:.2e} vs_kernel_layout_ref={fro_kl:.2e} nan={nan} {'OK' if good else 'FAIL'}")
         except Exception:
             ok = False
-            log(f"check {i} raised:")
-            traceback.print_exc()
+            tb = traceback.format_exc()
+            log(f"check {i} raised:\n" + (tb if i == 0 else tb[-1500:]))
     return ok
 
 
