@@ -448,14 +448,13 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias)
     swizzle = 128
     x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
-    n_in = 3 + has_bias
 
-    def kernel(*refs):
+    def body(*refs):
         x_gmem, w_gmem, s_gmem = refs[:3]
         b_gmem = refs[3] if has_bias else None
         out_gmem = refs[-1]
-        n_idx = pl.program_id(0)
-        split = pl.program_id(1)
+        n_idx = jax.lax.axis_index("n")
+        split = jax.lax.axis_index("split")
         k0 = split * steps
 
         in_specs = [
@@ -487,17 +486,21 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
         pl.run_scoped(store, plgpu.SMEM((CHUNK, m_pad), jnp.float32))
 
-    gmem_spec = pl.BlockSpec(memory_space=plgpu.GMEM)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32),
-        grid=(n_tiles, k_splits),
-        in_specs=[gmem_spec] * (n_in + aliased),
-        out_specs=gmem_spec,
-        compiler_params=plgpu.CompilerParams(),
-        input_output_aliases={n_in: 0} if aliased else {},
-        name=f"gptq_w{bits}_m{m_pad}",
-    )
+    out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
+    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}"
+    mesh = plgpu.Mesh(grid=(n_tiles, k_splits), grid_names=("n", "split"))
+    params = plgpu.CompilerParams()
+    if not aliased:
+        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
+    # Poisoned-output variant (tests / benchmark): the kernel writes into a Ref made from the caller's buffer.
+    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
+
+    def call(*args):
+        out_ref = jax.new_ref(args[-1])
+        in_place(*args[:-1], out_ref)
+        return jax.freeze(out_ref)
+
+    return call
 
 
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias):
