@@ -45,12 +45,10 @@ def _get(tree, path: str):
     return tree
 
 
-def make_sample_loss(lm, remat: bool = True):
-    """``loss(layer_params [list per layer], top_params, ids [T]) -> mean next-token NLL`` of one sample, with each
-    decoder layer under ``jax.checkpoint`` when ``remat``. Built from the model's own embed / DecoderLayer / head, so
-    it is the forward of ``lm.module`` exactly."""
-    module, family = lm.module, lm.family
-    layer = family.DecoderLayer(lm.config, lm.dtype)
+def _sample_loss(module, layer, remat: bool):
+    """``loss(layer_params [list per layer], top_params, ids [T]) -> mean next-token NLL`` of one sample, each decoder
+    layer under ``jax.checkpoint`` when ``remat``: the model's own embed / DecoderLayer / head, i.e. the forward of
+    ``module`` exactly."""
 
     def layer_forward(p, h, positions):
         return layer.apply({"params": p}, h, positions)[0]
@@ -68,6 +66,23 @@ def make_sample_loss(lm, remat: bool = True):
         return -jnp.mean(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1))
 
     return loss
+
+
+@partial(jax.jit, static_argnames=("module", "layer", "where", "remat"), donate_argnums=(0,))
+def _accumulate(acc, layer_params, top, ids, *, module, layer, where, remat):
+    """acc + sum over the samples in ids [b, T] of each decoder kernel's squared gradient (float32). Module-level and
+    keyed on the (hashable) modules, so every call for one model shape reuses one compiled program."""
+    grad = jax.grad(_sample_loss(module, layer, remat))
+
+    def squares(g):
+        return {name: jnp.square(_get(g[i], sub)["kernel"].astype(jnp.float32)) for name, i, sub in where}
+
+    if ids.shape[0] == 1:
+        sq = squares(grad(layer_params, top, ids[0]))
+    else:  # per-sample gradients: b copies of the gradient
+        per_sample = jax.vmap(grad, in_axes=(None, None, 0))(layer_params, top, ids)
+        sq = jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), squares(per_sample))
+    return {name: acc[name] + sq[name] for name, _, _ in where}
 
 
 def fisher_diagonal(lm, calibration, *, params: Optional[dict] = None, batch_size: int = 1, remat: bool = True,
@@ -92,26 +107,14 @@ def fisher_diagonal(lm, calibration, *, params: Optional[dict] = None, batch_siz
             raise ValueError(f"{name}/kernel is already quantized: the Fisher needs the float model")
     layer_params = jax.device_put([params[f"layers_{i}"] for i in range(lm.config.num_layers)])  # once, not per step
     top = jax.device_put({k: v for k, v in params.items() if not k.startswith("layers_")})
-    where = [(name, int(name.split("/", 1)[0][len("layers_"):]), name.split("/", 1)[1]) for name in names]
-    grad = jax.grad(make_sample_loss(lm, remat))
-
-    def squares(g):
-        """{name: kernel gradient squared, float32} from a gradient over the per-layer parameter list."""
-        return {name: jnp.square(_get(g[i], sub)["kernel"].astype(jnp.float32)) for name, i, sub in where}
-
-    @partial(jax.jit, donate_argnums=(0,))
-    def accumulate(acc, layer_params, top, ids):
-        if ids.shape[0] == 1:
-            sq = squares(grad(layer_params, top, ids[0]))
-        else:
-            per_sample = jax.vmap(grad, in_axes=(None, None, 0))(layer_params, top, ids)
-            sq = jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), squares(per_sample))
-        return {name: acc[name] + sq[name] for name in names}
+    where = tuple((name, int(name.split("/", 1)[0][len("layers_"):]), name.split("/", 1)[1]) for name in names)
+    layer = lm.family.DecoderLayer(lm.config, lm.dtype)
 
     acc = {name: jnp.zeros(_get(params, name)["kernel"].shape, jnp.float32) for name in names}
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
-        acc = accumulate(acc, layer_params, top, jnp.asarray(calibration[start: start + batch_size]))
+        acc = _accumulate(acc, layer_params, top, jnp.asarray(calibration[start: start + batch_size]),
+                          module=lm.module, layer=layer, where=where, remat=remat)
         if progress:
             jax.block_until_ready(acc)
             print(f"fisher: {start + batch_size}/{n} samples, {time.perf_counter() - t0:.1f} s", flush=True)

@@ -106,12 +106,8 @@ class LUTQuantizedWeight:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """Dense weight [K, N] (Flax kernel layout): table values, the kept weights at their positions; float32 then
-        cast. Jittable (nnz is fixed by the array shapes)."""
-        dense = jnp.take_along_axis(self.lut.astype(jnp.float32).T, self.codes(), axis=0)  # [K, N]
-        if self.nnz:
-            rows = row_ids(self.row_ptr, self.nnz)
-            dense = dense.at[self.col_idx.astype(jnp.int32), rows].set(self.values.astype(jnp.float32))
-        return dense.astype(dtype)
+        cast. Jittable (nnz is fixed by the array shapes); one compiled program per shape when called eagerly."""
+        return _dequantize(self, jnp.dtype(dtype))
 
     def sparse_delta(self) -> jax.Array:
         """values - lut[row, code at (row, col)] in float32 [nnz]: the additive correction to the table product
@@ -135,6 +131,26 @@ class LUTQuantizedWeight:
     def avg_bits(self) -> float:
         """Stored bits per weight: codes, tables and the whole CSR (row pointers, column indices, values)."""
         return 8 * self.nbytes / (self.in_features * self.out_features)
+
+
+@partial(jax.jit, static_argnames=("bits",))
+def _table_values(qweight, lut, bits):
+    """lut[n, code[k, n]] as [K, N] float32: one compiled program per layer shape."""
+    return jnp.take_along_axis(lut.astype(jnp.float32).T, unpack_qweight(qweight, bits), axis=0)
+
+
+def _dequantize(w: LUTQuantizedWeight, dtype) -> jax.Array:
+    dense = _table_values(w.qweight, w.lut, w.bits)  # [K, N]
+    if w.nnz:
+        if isinstance(w.values, jax.core.Tracer) or isinstance(dense, jax.core.Tracer):
+            rows = row_ids(w.row_ptr, w.nnz)
+            dense = dense.at[w.col_idx.astype(jnp.int32), rows].set(w.values.astype(jnp.float32))
+        else:  # eager call (the pipeline, tests): place them on the host instead of compiling a scatter per nnz
+            host = np.array(dense)
+            rows = np.repeat(np.arange(w.out_features), np.diff(np.asarray(w.row_ptr)))
+            host[np.asarray(w.col_idx, np.int64), rows] = np.asarray(w.values, np.float32)
+            dense = jnp.asarray(host)
+    return dense.astype(dtype)
 
 
 def sparse_to_dense(w: LUTQuantizedWeight, dtype=jnp.float32) -> jax.Array:

@@ -161,6 +161,14 @@ def _lloyd(x, w, init_c, tol, *, max_iter):
     return c, labels, count, jnp.sum(w * dist, axis=1)
 
 
+@jax.jit
+def _checked_weights(x, w):
+    """(points finite, weights finite and >= 0, weights with unit weights in rows that have none: as the SqueezeLLM
+    reference does for a row without Fisher mass)."""
+    w_ok = jnp.all(jnp.isfinite(w) & (w >= 0))
+    return jnp.all(jnp.isfinite(x)), w_ok, jnp.where(jnp.sum(w, axis=1, keepdims=True) > 0, w, 1)
+
+
 def _prepare(points, weights, k, init):
     """Validate; return x [rows, n, d], w [rows, n] (rows without weight -> unit weights), the init (name or
     centroid array [rows, k, d]) and whether the input was 1-D rows."""
@@ -174,20 +182,16 @@ def _prepare(points, weights, k, init):
     rows, n, d = x.shape
     if rows < 1 or n < 1 or d < 1:
         raise ValueError(f"points must be non-empty, got shape {points.shape}")
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("points must be finite")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be a positive integer")
-    if weights is None:
-        w = jnp.ones((rows, n), x.dtype)
-    else:
-        w = jnp.asarray(weights, x.dtype)
-        if w.shape != (rows, n):
-            raise ValueError(f"weights must have shape {(rows, n)} (one per point), got {w.shape}")
-        if not bool(jnp.all(jnp.isfinite(w) & (w >= 0))):
-            raise ValueError("weights must be finite and >= 0")
-        # A row with no weight at all is clustered with unit weights (as the SqueezeLLM reference does).
-        w = jnp.where(jnp.sum(w, axis=1, keepdims=True) > 0, w, 1)
+    w = jnp.ones((rows, n), x.dtype) if weights is None else jnp.asarray(weights, x.dtype)
+    if w.shape != (rows, n):
+        raise ValueError(f"weights must have shape {(rows, n)} (one per point), got {w.shape}")
+    x_ok, w_ok, w = _checked_weights(x, w)
+    if not bool(x_ok):
+        raise ValueError("points must be finite")
+    if not bool(w_ok):
+        raise ValueError("weights must be finite and >= 0")
     if isinstance(init, str):
         if init not in INITS:
             raise ValueError(f"init={init!r}: use one of {INITS} or an array of initial centroids")

@@ -154,23 +154,23 @@ def range_threshold(q1: float, q3: float, r: float) -> float:
     return max(abs(q1 - r * iqr), abs(q3 + r * iqr))
 
 
-@jax.jit
-def _count_at_least(W, threshold):
-    return jnp.sum(jnp.abs(W) >= threshold.astype(W.dtype))
-
-
-def model_outlier_thresholds(weights: Dict[str, jax.Array], pct: float, iters: int = 60):
+def model_outlier_thresholds(weights: Dict[str, jax.Array], pct: float, iters: int = 64):
     """The reference's outlier thresholds with one range factor r for all ``weights`` ({name: matrix}): the smallest
     r (bisection) whose outliers |w| >= T(r), over all matrices, are at most ``pct`` % of all their weights.
 
-    Returns ({name: threshold}, r, outlier fraction)."""
-    weights = {name: jnp.asarray(w, jnp.float32) for name, w in weights.items()}
-    total = sum(int(w.size) for w in weights.values())
+    Host numpy (one sorted copy of |w| per matrix, then each count is a binary search); thresholds are compared in
+    float32, as the quantizer applies them. Returns ({name: threshold}, r, outlier fraction)."""
+    q, magnitudes = {}, {}
+    for name, w in weights.items():
+        w = np.asarray(w, np.float32)
+        q[name] = quartiles(w)
+        magnitudes[name] = np.sort(np.abs(w).reshape(-1))
+    total = sum(m.size for m in magnitudes.values())
     target = count_kept(total, pct)
-    q = {name: quartiles(w) for name, w in weights.items()}
 
     def count(r):
-        return sum(int(_count_at_least(w, jnp.float32(range_threshold(*q[name], r)))) for name, w in weights.items())
+        return sum(int(m.size - np.searchsorted(m, np.float32(range_threshold(*q[name], r)), side="left"))
+                   for name, m in magnitudes.items())
 
     lo, hi = -0.5, 1.0  # r = -0.5: T = |median|, about half of the weights
     while count(hi) > target:
@@ -186,6 +186,11 @@ def model_outlier_thresholds(weights: Dict[str, jax.Array], pct: float, iters: i
 
 
 # -------------------------------------------------------------------------------------------------- one matrix
+@jax.jit
+def _validity(W, fisher):
+    return jnp.all(jnp.isfinite(W)), jnp.all(jnp.isfinite(fisher) & (fisher >= 0))
+
+
 def _check(W, fisher):
     W = jnp.asarray(W, jnp.float32)
     if W.ndim != 2:
@@ -193,9 +198,10 @@ def _check(W, fisher):
     fisher = jnp.asarray(fisher, jnp.float32)
     if fisher.shape != W.shape:
         raise ValueError(f"fisher has shape {fisher.shape}, expected W's shape {W.shape} ([out, in])")
-    if not bool(jnp.all(jnp.isfinite(W))):
+    w_ok, f_ok = _validity(W, fisher)
+    if not bool(w_ok):
         raise ValueError("W has non-finite values")
-    if not bool(jnp.all(jnp.isfinite(fisher) & (fisher >= 0))):
+    if not bool(f_ok):
         raise ValueError("fisher must be finite and >= 0")
     return W, fisher
 
@@ -233,11 +239,20 @@ def decompose(W, fisher, cfg: SqueezeLLMConfig, outlier_threshold: Optional[floa
     return SqueezeParts(lut=lut, codes=codes, mask=mask, clusters=clusters)
 
 
+@jax.jit
+def _reconstruct(lut, codes, mask, W):
+    dense = jnp.take_along_axis(lut.astype(jnp.float32), codes, axis=1)
+    return jnp.where(mask, W.astype(jnp.float16).astype(jnp.float32), dense)
+
+
+@jax.jit
+def _fisher_error(W, fisher, lut, codes, mask):
+    return jnp.sum(fisher * jnp.square(W - _reconstruct(lut, codes, mask, W)))
+
+
 def reconstruct(parts: SqueezeParts, W) -> jax.Array:
     """The algorithm's W[out, in]: table values, float16 W where kept (float32)."""
-    dense = jnp.take_along_axis(parts.lut.astype(jnp.float32), parts.codes, axis=1)
-    kept = jnp.asarray(W, jnp.float32).astype(jnp.float16).astype(jnp.float32)
-    return jnp.where(parts.mask, kept, dense)
+    return _reconstruct(parts.lut, parts.codes, parts.mask, jnp.asarray(W, jnp.float32))
 
 
 def squeezellm(W, fisher, cfg: SqueezeLLMConfig, outlier_threshold: Optional[float] = None):
@@ -248,9 +263,10 @@ def squeezellm(W, fisher, cfg: SqueezeLLMConfig, outlier_threshold: Optional[flo
     if W.ndim == 2:
         check_packable(W.shape[1], cfg.bits, "in_features")
     parts = decompose(W, fisher, cfg, outlier_threshold)
-    sparse = csr_from_mask(np.asarray(W), np.asarray(parts.mask), np.float16) if bool(jnp.any(parts.mask)) else None
+    mask = np.asarray(parts.mask)
+    sparse = csr_from_mask(np.asarray(W), mask, np.float16) if mask.any() else None
     qw = LUTQuantizedWeight.from_codes(parts.codes, parts.lut, sparse, bits=cfg.bits)
-    err = float(jnp.sum(jnp.asarray(fisher, jnp.float32) * jnp.square(W - reconstruct(parts, W))))
+    err = float(_fisher_error(W, jnp.asarray(fisher, jnp.float32), parts.lut, parts.codes, parts.mask))
     return qw, err
 
 
