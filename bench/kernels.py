@@ -128,6 +128,52 @@ def copy_bandwidth():
     return 2 * a.nbytes / statistics.median(ts) / 1e9
 
 
+def read_bandwidth():
+    """GB/s of a read-only pass (sum of a 2 GB bf16 buffer), the ceiling that matters for a GEMV."""
+    a = jnp.ones((1024, 1024, 1024), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t0)
+    return a.nbytes / statistics.median(ts) / 1e9
+
+
+def diagnostics(key, reps, calls, variants, configs, ms=(1, 16), K=8192, N=28672):
+    """8192x28672 int4 g128: bf16 XLA vs kernel variants (full / async wgmma / no dequant arithmetic) x configs."""
+    key, kb, kw_key = jax.random.split(key, 3)
+    w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    bf_ws = copies(w_bf16, 2)
+    uqw, kw, w_float = make_weight(kw_key, K, N, 4, 128, False, False)
+    ws = copies(kw, 2)
+    for M in ms:
+        key, kx, kc = jax.random.split(key, 3)
+        xs = activations(kx, M, K, calls)
+        bf = time_chain(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
+                        bf_ws, xs, reps)
+        log(f"diag {K}x{N} M={M}: bf16 XLA {bf:.1f} us ({(w_bf16.nbytes + M * (K + N) * 2) / bf / 1e3:.0f} GB/s)")
+        for variant in variants:
+            for cfg in configs:
+                try:
+                    rc = cfg.resolved(kw)
+                    if variant != "nodeq":
+                        x = xs[0]
+                        y = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=cfg, _variant=variant))(x, kw)
+                        ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
+                        err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+                    else:
+                        err = float("nan")
+                    us = time_chain(lambda x, w: gm.gptq_matmul(x, w, config=cfg, _variant=variant), ws, xs, reps)
+                    log(f"diag {K}x{N} M={M} {variant:<6} tile_k={rc.tile_k} stages={rc.stages} "
+                        f"k_splits={rc.k_splits}: {us:7.1f} us = {kw.nbytes / us / 1e3:.0f} GB/s, x{bf / us:.2f} vs "
+                        f"bf16, err={err:.1e}")
+                except Exception as e:
+                    log(f"diag {variant} {cfg}: FAILED {type(e).__name__}: {str(e)[-600:]}")
+    del ws, bf_ws, kw, uqw, w_float, w_bf16
+
+
 # -------------------------------------------------------------------------------------------------- experiments
 def correctness_matrix(key):
     """Small odd shapes through every code path: bits, sym/asym, act-order, per-channel, float16, splits, M."""
@@ -366,6 +412,9 @@ def main():
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--prefill", action="store_true", help="large-M rows (XLA path) on 8192x28672")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--diag", action="store_true", help="bandwidth ceilings + kernel variants on 8192x28672")
+    ap.add_argument("--diag-variants", default="full,async,nodeq")
+    ap.add_argument("--diag-configs", default="auto,4,auto;256,4,1;256,4,4;128,4,4")
     ap.add_argument("--no-check-matrix", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--calls", type=int, default=32)
@@ -382,7 +431,11 @@ def main():
         ok = correctness_matrix(k)
         log(f"correctness matrix: {'all OK' if ok else 'FAILURES'}")
     bw = copy_bandwidth()
-    log(f"device-to-device copy: {bw:.0f} GB/s (read + write)")
+    log(f"device-to-device copy: {bw:.0f} GB/s (read + write); read-only pass: {read_bandwidth():.0f} GB/s")
+    if args.diag:
+        key, k = jax.random.split(key)
+        diagnostics(k, args.reps, args.calls, args.diag_variants.split(","),
+                    [parse_config(c) for c in args.diag_configs.split(";")])
     if args.sweep:
         key, k = jax.random.split(key)
         sweep(k, shapes(args.sweep_shapes), ints(args.sweep_ms), ints(args.sweep_bits),

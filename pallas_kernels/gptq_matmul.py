@@ -372,14 +372,25 @@ class KernelConfig:
         return max(1, self.tile_k // w.group)
 
     def resolved(self, w: GPTQKernelWeight, num_sms: int = 132) -> "KernelConfig":
-        tile_k = self.tile_k or 256
-        k_splits = self.k_splits
-        if k_splits is None:
-            # Enough CTAs for ~2 per SM; every split keeps >= 4 pipeline steps.
-            n_tiles, steps = w.n_pad // CHUNK, w.k_pad // tile_k
-            k_splits = 1
-            while n_tiles * k_splits < 2 * num_sms and steps % (2 * k_splits) == 0 and steps // (2 * k_splits) >= 4:
-                k_splits *= 2
+        """Fill in None fields: the (tile_k, k_splits) giving the most CTAs up to ~3.5 per SM (several small CTAs
+        per SM keep more TMA copies in flight and shorten the tail) with >= 4 pipeline steps per split, then the
+        largest tile_k, then the fewest splits. Measured on H100 (bench/NOTES_kernels.md)."""
+        n_tiles = w.n_pad // CHUNK
+        target = int(3.5 * num_sms)
+        best = None
+        for tile_k in ([self.tile_k] if self.tile_k else [256, 128, 64]):
+            if w.k_pad % tile_k or (w.group % tile_k and tile_k % w.group):
+                continue
+            steps = w.k_pad // tile_k
+            splits = [self.k_splits] if self.k_splits else [
+                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1)]
+            for k_splits in splits:
+                score = (min(n_tiles * k_splits, target), tile_k, -k_splits)
+                if best is None or score > best[0]:
+                    best = (score, tile_k, k_splits)
+        if best is None:
+            raise ValueError(f"no valid tile_k for K_pad={w.k_pad}, group={w.group} (requested {self.tile_k})")
+        _, tile_k, k_splits = best
         cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits)
         cfg.check(w)
         return cfg
@@ -398,7 +409,7 @@ class KernelConfig:
 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelConfig] = None,
-                out_init: Optional[jax.Array] = None) -> jax.Array:
+                out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype.
 
     ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place
@@ -415,7 +426,7 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     m_pad = _m_pad(m)
     xk = w.prepare_activations(x2d, m_pad)
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
-                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, out_init is not None)
+                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, out_init is not None, _variant)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     if out_init is not None:
         if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
@@ -437,7 +448,10 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, aliased):
+def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, aliased,
+                variant="full"):
+    """variant (measurements only): "full"; "async" keeps one wgmma in flight across pipeline steps; "nodeq" skips
+    the dequantization arithmetic (wrong results; isolates memory + wgmma time)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -445,7 +459,8 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     n_tiles = n_pad // CHUNK
     steps = k_pad // tile_k // k_splits
     gps = max(1, tile_k // group)
-    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias)
+    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq")
+    delay = 1 if variant == "async" and min(stages, steps) > 1 else 0
     swizzle = 128
     x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
@@ -458,7 +473,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
         k0 = split * steps
 
         in_specs = [
-            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms),
+            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms, delay_release=delay),
             plgpu.BlockSpec((None, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
             plgpu.BlockSpec((gps, CHUNK), lambda k: (_scale_block_index(k0 + k, tile_k, group), n_idx)),
         ]
@@ -470,10 +485,11 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             def step(_, x_smem, w_smem, s_smem, *b_smem):
                 a = dequant(w_smem, s_smem, *b_smem)
                 plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(delay)
 
             gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
             plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=min(stages, steps))(*gmem)
+            plgpu.wgmma_wait(0)
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((CHUNK, m_pad), jnp.float32))
@@ -503,7 +519,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     return call
 
 
-def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias):
+def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
     dequantized A operand [64, tile_k] in the WGMMA register layout."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -565,6 +581,10 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias):
             for P, pair_fields in enumerate(fields):
                 j, p = divmod(P, 4)
                 kc, h = 2 * j + p // 2, p % 2
+                if skip_arithmetic:
+                    regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(
+                        vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), words[P % bits]))
+                    continue
                 v = base
                 for plane, word_shift, width, code_shift in pair_fields:
                     shift = word_shift - code_shift
