@@ -245,7 +245,7 @@ def sweep(key, shapes, ms, bits_list, configs, reps, calls):
             del ws, kw, uqw, w_float
 
 
-def full_table(key, shapes, ms, formats, reps, calls, bw):
+def full_table(key, shapes, ms, formats, reps, calls, bw, on_rows=None):
     rows = []
     for (K, N) in shapes:
         key, kb = jax.random.split(key)
@@ -288,6 +288,8 @@ def full_table(key, shapes, ms, formats, reps, calls, bw):
                     f"xla-dequant {deq_us:.1f}, x{row['speedup_vs_bf16']} vs bf16, err {fro:.1e} "
                     f"{'OK' if row['correct'] else 'FAIL'}")
             del ws, uqws, kw, uqw, w_float
+            if on_rows is not None:
+                on_rows(rows)
     return rows
 
 
@@ -371,13 +373,15 @@ def _results_module():
     return module
 
 
-def write_outputs(rows, out_dir, bw):
+def write_outputs(rows, out_dir, bw, fresh=False):
     results = _results_module()
     append_rows, row = results.append_rows, results.row
 
     os.makedirs(out_dir, exist_ok=True)
     full = [row("kernels", **r) for r in rows]
     path = os.path.join(out_dir, "kernels.json")
+    if fresh and os.path.exists(path):
+        os.remove(path)
     append_rows(path, full, key=("format", "M", "K", "N", "kernel"))
     dev = full[0]["device"] if full else "?"
     lines = [f"# GPTQ kernel benchmark ({dev}, jax {full[0]['jax'] if full else '?'})", "",
@@ -443,7 +447,10 @@ def main():
     rows = []
     if not args.quick:
         key, k = jax.random.split(key)
-        rows = full_table(k, shapes(args.shapes), ints(args.ms), args.formats.split(","), args.reps, args.calls, bw)
+        partial_dir = os.environ.get("OUT")  # on the device machine: keep what finished if the call is cut short
+        on_rows = (lambda r: write_outputs(r, partial_dir, bw, fresh=True)) if partial_dir else None
+        rows = full_table(k, shapes(args.shapes), ints(args.ms), args.formats.split(","), args.reps, args.calls, bw,
+                          on_rows)
     if args.prefill:
         key, k = jax.random.split(key)
         rows += prefill_rows(k, args.reps, args.calls)
