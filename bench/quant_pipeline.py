@@ -99,7 +99,10 @@ def main():
             layer_seconds=report.layer_seconds, seconds_per_layer=per_layer,
             first_layer_compile_s=report.layer_seconds[0] - per_layer, setup_seconds=setup,
             implied_model_seconds=setup + report.layer_seconds[0] + per_layer * (args.model_layers - 1),
-            solve_seconds_per_layer=sum(r["seconds"] for r in report.layers) / args.layers,
+            steady_collect_seconds_per_layer=sum(r["collect_seconds"] for r in report.layers
+                                                 if r["layer"] != "layers_0") / max(args.layers - 1, 1),
+            steady_solve_seconds_per_layer=sum(r["seconds"] for r in report.layers
+                                               if r["layer"] != "layers_0") / max(args.layers - 1, 1),
             peak_mem_gb=[None if p is None else round(p / 2**30, 3) for p in peaks],
             peak_note="allocator peak per device since the process started (runs go from most devices to one, so "
                       "each multi-device figure is its own)")

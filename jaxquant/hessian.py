@@ -28,13 +28,18 @@ def hessian_init(K: int) -> HessianState:
     return HessianState(H=jnp.zeros((K, K), jnp.float32), n=jnp.zeros((), jnp.int32))
 
 
-@jax.jit
-def hessian_update(state: HessianState, x: jax.Array) -> HessianState:
-    """Fold activations x [..., K] into the running Hessian."""
+@partial(jax.jit, static_argnames=("shards",))
+def hessian_update(state: HessianState, x: jax.Array, shards: int = 1) -> HessianState:
+    """Fold activations x [..., K] into the running Hessian.
+
+    shards > 1: x is one of ``shards`` equal slices of a batch along its batch axis (data parallel). The sample count
+    then advances by the whole batch, so the partial Hessians of the slices, each updated with its own slice, sum to
+    the Hessian of the whole batch (the update is linear in H and in x^T x).
+    """
     K = state.H.shape[0]
     if x.shape[-1] != K:
         raise ValueError(f"activations have {x.shape[-1]} features, Hessian expects {K}")
-    tmp = math.prod(x.shape[:-2]) if x.ndim >= 3 else 1
+    tmp = math.prod(x.shape[:-2]) * shards if x.ndim >= 3 else 1
     x = x.reshape(-1, K).astype(jnp.float32)
     n_new = state.n + tmp
     # H <- H * n/(n+tmp) + 2/(n+tmp) * x^T x, the scaling applied to x as in the reference.

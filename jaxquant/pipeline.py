@@ -109,7 +109,7 @@ def _feeding(stored: dict):
     return nn.intercept_methods(interceptor)
 
 
-def _make_collector(layer, names: Tuple[str, ...]):
+def _make_collector(layer, names: Tuple[str, ...], update=hessian_update):
     """Jitted ``(layer_params, h, positions, states, stored) -> (states, inputs)``: folds the inputs of ``names``
     into their Hessians and returns those inputs (one array per distinct input, keyed by its first user;
     ``collect.aliases`` maps every name to that first user, filled in when the function is traced)."""
@@ -125,7 +125,7 @@ def _make_collector(layer, names: Tuple[str, ...]):
             x = _get(sown, name)["inputs"][0]
             first = next((n for t, n in seen if t is x), None)
             if first is None:
-                out[name], inputs[name] = hessian_update(states[name], x), x
+                out[name], inputs[name] = update(states[name], x), x
                 seen.append((x, name))
             else:
                 out[name] = out[first]
@@ -211,7 +211,13 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         inps = [embed(top, split_batch(jnp.asarray(calibration[i: i + batch_size])))
                 for i in range(0, n, batch_size)]
         del top
-        collectors = {g: _make_collector(layer, g) for g in groups}
+        if mesh is not None:
+            from jaxquant.distributed import partial_hessians
+
+            h_init, h_update, h_finish = partial_hessians(mesh)
+        else:
+            h_init, h_update, h_finish = hessian_init, hessian_update, lambda state: state.H
+        collectors = {g: _make_collector(layer, g, h_update) for g in groups}
         forward = _make_forward(layer)
     else:
         n, seqlen = (0, 0) if calibration is None else np.shape(calibration)
@@ -233,13 +239,19 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         stored = [{} for _ in inps or ()]  # per batch: final inputs of the groups quantized so far
         for group in groups:
             hessians = {name: None if model_stats is None else model_stats[f"{lname}/{name}"] for name in group}
+            t_group = time.perf_counter()
             if m.needs_hessian:
-                states = {name: hessian_init(_get(work, name)["kernel"].shape[0]) for name in group}
+                states = {name: h_init(_get(work, name)["kernel"].shape[0]) for name in group}
                 for b, h in enumerate(inps):
                     states, inputs, aliases = collectors[group](work, h, positions, states, stored[b])
                     if reuse_inputs:
                         stored[b].update({name: inputs[aliases[name]] for name in group})
-                hessians = {name: s.H for name, s in states.items()}
+                finished = {}  # q/k/v (up/gate) share one state: reduce it once
+                for name, state in states.items():
+                    finished.setdefault(id(state), h_finish(state))
+                    hessians[name] = finished[id(state)]
+                jax.block_until_ready(hessians)
+            collect_seconds = time.perf_counter() - t_group
             for name in group:
                 t0 = time.perf_counter()
                 kernel = _get(work, name)["kernel"]
@@ -249,7 +261,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                 quantized[name] = qw
                 layer_err += err
                 rows.append({"layer": lname, "name": name, "error": float(err),
-                             "seconds": time.perf_counter() - t0})
+                             "seconds": time.perf_counter() - t0, "collect_seconds": collect_seconds})
+                collect_seconds = 0.0  # a group's inputs are collected once, reported with its first linear
         if m.needs_hessian:
             inps = [forward(work, h, positions, stored[b]) for b, h in enumerate(inps)]
             del stored
