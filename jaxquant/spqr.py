@@ -13,7 +13,9 @@ GPTQ-style column-by-column quantization with error feedback through the upper C
     marks as likely outliers the weights whose exclusion lowers the group row's U-weighted squared error (grid fitted
     without them, no second level) by more than tau; those are replaced by the mean of the row's other weights in
     the group for the fit. ``simplified_outliers`` skips that pre-pass (statistics fitted on all weights).
-    Then, column by column, the weights whose error exceeds tau become outliers; the others keep their codes.
+    Then, column by column, the weights whose error exceeds tau become outliers; the others keep their codes. An
+    outlier keeps the current (error-updated) value of its weight, in float16, as the reference stores it; its code
+    slot holds the code of 0.
   * act-order permutation (decreasing diag H), damping ``percdamp * mean(diag H)`` added before dead columns get
     H_jj = 1 (SpQR's order; GPTQ damps after), block-wise lazy updates of the columns right of the block.
 Group statistics are fitted when the group starts, on the group's weights after the error feedback of every earlier
