@@ -19,6 +19,9 @@ The algorithm, exactly (the float64 numpy oracle in tests/kmeans_oracle.py imple
               lowest index on ties (farthest-point seeding: outlying channels get their own clusters, as RPTQ
               wants).
               An explicit array ``[rows, k]`` / ``[rows, k, d]`` may be given instead.
+  1-D order   for 1-D rows the centroids are kept in ascending order: sorted after the init and after every
+              update (the set of centroids, and so the clustering, is the same as without sorting; only the
+              numbering differs, and the output table comes out sorted).
   iteration   labels = nearest centroid (squared Euclidean distance, the lowest index on ties). If no label
               changed since the previous iteration the row has converged (its centroids are already the means of
               its clusters). Otherwise each centroid becomes the weighted mean of its points; a cluster with no
@@ -38,8 +41,13 @@ k-means++ (a seeded random draw that cannot be vectorised as cheaply and that no
 tol=1e-4 are kept with scikit-learn's meaning. For RPTQ the reference also uses scikit-learn's k-means++; the maximin
 init replaces it for the same reason.
 
-Cost per iteration and row: O(n k d) for the assignment and the one-hot weighted sums, with no [n, k] temporaries
-kept between steps; relocation (a top-k over the row) runs only in iterations where some row has an empty cluster.
+How it runs. 1-D rows (SqueezeLLM): each row is sorted once and its weights and weighted values are prefix-summed
+once (in double-float arithmetic, two float32 words per sum, so that a cluster's sum, a difference of two prefix
+sums, keeps float32 accuracy however much weight lies before it). With sorted centroids every cluster is a contiguous
+range of the sorted row, found by a binary search of the k - 1 midpoints: an iteration costs O(k log n) per row,
+so the whole k-means is dominated by one sort per row. Points (RPTQ): O(n k d) per iteration (assignment by
+squared distance, masked reductions for the sums). Relocating empty clusters (a top-k over the row) runs only in
+iterations where some row has one.
 """
 from __future__ import annotations
 
@@ -74,9 +82,11 @@ def _assign(x, c):
 
 
 def _weighted_sums(x, w, labels, k):
-    """Per-cluster total weight [k] and weighted sum of points [k, d] (one-hot reduction, fuses on GPU)."""
-    onehot = (labels[:, None] == jnp.arange(k, dtype=jnp.int32)[None, :]).astype(x.dtype) * w[:, None]  # [n, k]
-    return jnp.sum(onehot, axis=0), jnp.einsum("nk,nd->kd", onehot, x, precision=lax.Precision.HIGHEST)
+    """Per-cluster total weight [k] and weighted sum of points [k, d]: masked reductions over the points (written as
+    broadcast + sum, not a one-hot matmul, so XLA fuses them and never materialises an [n, k] array)."""
+    member = labels[:, None] == jnp.arange(k, dtype=jnp.int32)[None, :]  # [n, k]
+    wm = jnp.where(member, w[:, None], 0)
+    return jnp.sum(wm, axis=0), jnp.sum(wm[:, :, None] * x[:, None, :], axis=0)
 
 
 def _means(x, w, labels, c):
@@ -98,14 +108,13 @@ def _relocate(x, w, labels, c_old, new, empty):
     return jnp.where(empty[:, None], x[far[rank]], new)
 
 
-def _quantile_init(x, w, k):
-    """x [n, 1]: centroid j = first sorted value whose cumulative weight reaches (j + 0.5)/k of the total."""
-    v = x[:, 0]
-    order = jnp.argsort(v, stable=True)
-    cw = jnp.cumsum(w[order])
-    targets = (jnp.arange(k, dtype=v.dtype) + 0.5) / k * cw[-1]
-    idx = jnp.clip(jnp.searchsorted(cw, targets, side="left"), 0, v.shape[0] - 1)
-    return v[order][idx][:, None]
+def _quantile_init_sorted(xs, ws, k):
+    """xs [n] sorted, ws [n] in that order: centroid j = the first value whose cumulative weight reaches (j + 0.5)/k
+    of the total."""
+    cw = jnp.cumsum(ws)
+    targets = (jnp.arange(k, dtype=xs.dtype) + 0.5) / k * cw[-1]
+    idx = jnp.clip(jnp.searchsorted(cw, targets, side="left"), 0, xs.shape[0] - 1)
+    return xs[idx]
 
 
 def _maximin_init(x, w, k):
@@ -161,6 +170,113 @@ def _lloyd(x, w, init_c, tol, *, max_iter):
     return c, labels, count, jnp.sum(w * dist, axis=1)
 
 
+# ------------------------------------------------------------------------------------- 1-D rows: sorted path
+def _two_sum(a, b):
+    """s + e == a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _df_add(p, q):
+    """Double-float addition: (hi, lo) pairs, about twice the float32 precision."""
+    s, e = _two_sum(p[0], q[0])
+    return _two_sum(s, e + p[1] + q[1])
+
+
+def _df_prefix(v):
+    """Exclusive-to-inclusive prefix sums [n + 1] (starting at 0) of v [n] as (hi, lo) double-floats."""
+    hi, lo = lax.associative_scan(_df_add, (v, jnp.zeros_like(v)))
+    zero = jnp.zeros((1,), v.dtype)
+    return jnp.concatenate([zero, hi]), jnp.concatenate([zero, lo])
+
+
+def _df_range(prefix, lo, hi):
+    """sum of v[lo:hi] from its double-float prefix sums (float32 result)."""
+    return (prefix[0][hi] - prefix[0][lo]) + (prefix[1][hi] - prefix[1][lo])
+
+
+def _first_of_equal(c):
+    """For sorted centroids: index of the first centroid equal to each (nearest-centroid ties go to it)."""
+    return jnp.searchsorted(c, c, side="left").astype(jnp.int32)
+
+
+def _ranges_1d(xs, c):
+    """Sorted row xs [n], sorted centroids c [k] -> each cluster's range [lo, hi) in xs (empty for all but the first
+    of equal centroids). A point goes to the lower centroid at an exact midpoint, as argmin does."""
+    k, n = c.shape[0], xs.shape[0]
+    mid = (c[:-1] + c[1:]) / 2
+    pos = jnp.searchsorted(xs, mid, side="right").astype(jnp.int32)  # points <= each midpoint
+    bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), pos, jnp.full((1,), n, jnp.int32)])
+    first = _first_of_equal(c)
+    last = jnp.searchsorted(c, c, side="right").astype(jnp.int32) - 1
+    owner = first == jnp.arange(k, dtype=jnp.int32)
+    return jnp.where(owner, bounds[:-1], 0), jnp.where(owner, bounds[last + 1], 0)
+
+
+def _labels_1d(x, c):
+    """Nearest sorted centroid of every x (original order), the first of equal centroids / the lower at a midpoint."""
+    j = jnp.searchsorted((c[:-1] + c[1:]) / 2, x, side="left")  # number of midpoints below x
+    return _first_of_equal(c)[j]
+
+
+def _means_1d(cw, cwx, lo, hi, c):
+    total = _df_range(cw, lo, hi)
+    empty = total <= 0
+    return jnp.where(empty, c, _df_range(cwx, lo, hi) / jnp.where(empty, 1, total)), empty
+
+
+def _relocate_1d(x, w, c_old, new, empty):
+    labels = _labels_1d(x, c_old)
+    return _relocate(x[:, None], w, labels, c_old[:, None], new[:, None], empty)[:, 0]
+
+
+@jax.jit
+def _sorted_rows(x, w):
+    """Each row sorted ascending (stable: equal values keep their order), its weights and weighted values in that
+    order. A program of its own: the products must reach the compensated sums already rounded (compilers contract a
+    product into a following add, which breaks TwoSum's error term)."""
+    xs, ws = lax.sort((x, w), dimension=1, num_keys=1, is_stable=True)
+    return xs, ws, ws * xs
+
+
+@partial(jax.jit, static_argnames=("max_iter",))
+def _lloyd_1d(x, w, xs, ws, wxs, init_c, tol, *, max_iter):
+    """x [rows, n], w [rows, n] (positive total in every row), their sorted form (``_sorted_rows``), init_c
+    [rows, k] -> the same as _lloyd, centroids sorted ascending."""
+    rows, k = init_c.shape
+    cw, cwx = jax.vmap(_df_prefix)(ws), jax.vmap(_df_prefix)(wxs)
+    tol_abs = tol * jnp.var(x, axis=1)
+    ranges = jax.vmap(_ranges_1d)
+    means = jax.vmap(_means_1d)
+    relocate = jax.vmap(_relocate_1d)
+
+    def cond(state):
+        it, _, _, _, done, _ = state
+        return (it < max_iter) & ~jnp.all(done)
+
+    def body(state):
+        it, c, prev_lo, prev_hi, done, count = state
+        lo, hi = ranges(xs, c)
+        same = jnp.all(lo == prev_lo, axis=1) & jnp.all(hi == prev_hi, axis=1)
+        new, empty = means(cw, cwx, lo, hi, c)
+        new = lax.cond(jnp.any(empty), lambda: relocate(x, w, c, new, empty), lambda: new)
+        new = jnp.sort(new, axis=1)
+        shift = jnp.sum(jnp.square(new - c), axis=1)
+        update = ~done & ~same
+        c = jnp.where(update[:, None], new, c)
+        done = done | same | (update & (shift <= tol_abs))
+        return it + 1, c, lo, hi, done, count + update.astype(jnp.int32)
+
+    none = jnp.full((rows, k), -1, jnp.int32)
+    state = (jnp.int32(0), jnp.sort(init_c, axis=1), none, none, jnp.zeros((rows,), bool),
+             jnp.zeros((rows,), jnp.int32))
+    _, c, _, _, _, count = lax.while_loop(cond, body, state)
+    labels = jax.vmap(_labels_1d)(x, c).astype(jnp.int32)
+    dist = jnp.square(x - jnp.take_along_axis(c, labels, 1))
+    return c, labels, count, jnp.sum(w * dist, axis=1)
+
+
 @jax.jit
 def _checked_weights(x, w):
     """(points finite, weights finite and >= 0, weights with unit weights in rows that have none: as the SqueezeLLM
@@ -208,10 +324,23 @@ def _prepare(points, weights, k, init):
     return x, w, init, scalar_rows
 
 
-@partial(jax.jit, static_argnames=("k", "init"))
-def _init(x, w, *, k, init):
-    fn = _quantile_init if init == "quantile" else _maximin_init
-    return jax.vmap(fn, in_axes=(0, 0, None))(x, w, k)
+@partial(jax.jit, static_argnames=("k",))
+def _init_quantile(xs, ws, *, k):
+    """[rows, k] from the sorted rows (``_sorted_rows``)."""
+    return jax.vmap(_quantile_init_sorted, in_axes=(0, 0, None))(xs, ws, k)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _init_maximin(x, w, *, k):
+    return jax.vmap(_maximin_init, in_axes=(0, 0, None))(x, w, k)
+
+
+def _init(x, w, *, k, init, sorted_rows=None):
+    """[rows, k, d] initial centroids; 1-D rows take (or compute) their sorted form."""
+    if init == "quantile":
+        xs, ws, _ = _sorted_rows(x[..., 0], w) if sorted_rows is None else sorted_rows
+        return _init_quantile(xs, ws, k=k)[..., None]
+    return _init_maximin(x, w, k=k)
 
 
 def initial_centroids(points, weights=None, *, k: int, init: str = "auto") -> jax.Array:
@@ -236,6 +365,13 @@ def kmeans(points, weights=None, *, k: int, max_iter: int = 50, tol: float = 1e-
     if not tol >= 0:
         raise ValueError(f"tol={tol} must be >= 0")
     x, w, init, scalar_rows = _prepare(points, weights, k, init)
+    tol = jnp.asarray(tol, x.dtype)
+    if scalar_rows:
+        x1 = x[..., 0]
+        srt = _sorted_rows(x1, w)  # one sort per row, shared by the init and the iterations
+        init_c = _init(x, w, k=k, init=init, sorted_rows=srt) if isinstance(init, str) else init
+        c, labels, iterations, inertia = _lloyd_1d(x1, w, *srt, init_c[..., 0], tol, max_iter=max_iter)
+        return KMeansResult(c, labels, iterations, inertia)
     init_c = _init(x, w, k=k, init=init) if isinstance(init, str) else init
-    c, labels, iterations, inertia = _lloyd(x, w, init_c, jnp.asarray(tol, x.dtype), max_iter=max_iter)
-    return KMeansResult(c[..., 0] if scalar_rows else c, labels, iterations, inertia)
+    c, labels, iterations, inertia = _lloyd(x, w, init_c, tol, max_iter=max_iter)
+    return KMeansResult(c, labels, iterations, inertia)

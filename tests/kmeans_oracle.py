@@ -1,6 +1,7 @@
 """Plain float64 numpy weighted Lloyd's k-means, one row at a time, written from the rules in jaxquant/kmeans.py's
 docstring (not from its code): weighted-quantile or maximin init, strict-convergence / tolerance stop, farthest-point
-relocation of empty clusters. Used by tests/test_kmeans.py and tests/test_squeezellm.py."""
+relocation of empty clusters, 1-D centroids kept sorted; the assignment is a plain argmin over all centroids (the
+library's 1-D path uses sorted ranges and binary searches instead). Used by tests/test_kmeans.py and tests/test_squeezellm.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -45,6 +46,8 @@ def kmeans_row(x, w, k, max_iter=50, tol=1e-4, init="auto", init_c=None):
             init = "quantile" if x.shape[1] == 1 else "maximin"
         c = quantile_init(x[:, 0], w, k) if init == "quantile" else maximin_init(x, w, k)
     tol_abs = tol * np.mean(np.var(x, axis=0))
+    if scalar:  # 1-D rows: centroids kept in ascending order
+        c = np.sort(c, axis=0)
 
     def assign(c):
         d = np.stack([np.sum((x - cj) ** 2, axis=1) for cj in c], axis=1)  # [n, k]
@@ -72,6 +75,8 @@ def kmeans_row(x, w, k, max_iter=50, tol=1e-4, init="auto", init_c=None):
             for m, j in enumerate(empty):
                 new[j] = x[far[min(m, len(far) - 1)]]
             relocations += len(empty)
+        if scalar:
+            new = np.sort(new, axis=0)
         shift = np.sum((new - c) ** 2)
         c, prev = new, labels
         iterations += 1
