@@ -31,6 +31,11 @@ from .sparse import CSR, check_csr, csr_to_dense, row_ids
 
 LUT_BITS = (3, 4)
 
+try:  # public name, present in the JAX versions used here; the private one is the fallback
+    _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
 
 @register_format
 @partial(
@@ -142,7 +147,7 @@ def _table_values(qweight, lut, bits):
 def _dequantize(w: LUTQuantizedWeight, dtype) -> jax.Array:
     dense = _table_values(w.qweight, w.lut, w.bits)  # [K, N]
     if w.nnz:
-        if isinstance(w.values, jax.core.Tracer) or isinstance(dense, jax.core.Tracer):
+        if isinstance(w.values, _Tracer) or isinstance(dense, _Tracer):
             rows = row_ids(w.row_ptr, w.nnz)
             dense = dense.at[w.col_idx.astype(jnp.int32), rows].set(w.values.astype(jnp.float32))
         else:  # eager call (the pipeline, tests): place them on the host instead of compiling a scatter per nnz
