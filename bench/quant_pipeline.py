@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--devices", type=int, nargs="*", default=None, help="device counts to run (default: 1 and all)")
+    ap.add_argument("--mesh-solves", nargs="*", default=["linears"], choices=["linears", "rows"],
+                    help="how multi-device runs spread the solves (several: one run each)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -78,12 +80,14 @@ def main():
     calib = np.random.default_rng(1).integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32)
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size)
     rows = []
-    for n_dev in counts:
+    runs = [(n, mode) for n in counts for mode in (args.mesh_solves if n > 1 else ["-"])]
+    for n_dev, mode in runs:
         if n_dev > n_all:
             raise SystemExit(f"--devices {n_dev}: only {n_all} devices here")
         mesh = make_mesh(jax.devices()[:n_dev]) if n_dev > 1 else None
         t0 = time.perf_counter()
-        _, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh, progress=True)
+        _, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh, progress=True,
+                                   mesh_solves=mode if n_dev > 1 else "linears")
         wall = time.perf_counter() - t0
         peaks = [d.memory_stats().get("peak_bytes_in_use") if d.memory_stats() else None
                  for d in jax.devices()[:n_dev]]
@@ -91,7 +95,7 @@ def main():
         per_layer = float(np.median(steady))
         setup = wall - sum(report.layer_seconds)  # embedding of the calibration set, host->device moves
         row = results.row(
-            "quant_pipeline", what="gptq_quantize_model", devices=n_dev,
+            "quant_pipeline", what="gptq_quantize_model", devices=n_dev, mesh_solves=mode,
             model_shape=dict(hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=args.vocab,
                              layers_built=args.layers, model_layers=args.model_layers),
             calib=dict(nsamples=args.nsamples, seqlen=args.seqlen, batch=args.batch),

@@ -163,7 +163,7 @@ class QuantizeReport:
 
 def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, method: str = "gptq",
                    batch_size: int = 4, progress: bool = True, params: Optional[dict] = None,
-                   reuse_inputs: bool = True, mesh=None):
+                   reuse_inputs: bool = True, mesh=None, mesh_solves: str = "linears"):
     """Quantize every linear layer inside the decoder layers of ``lm`` (a ``models.LoadedModel``).
 
     calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). ``params`` replaces
@@ -172,9 +172,13 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
     mesh: a one-axis ``jax.sharding.Mesh`` (``jaxquant.distributed.make_mesh()``): every calibration batch is split
     across its devices (``batch_size`` must be a multiple of the device count) and the Hessians are all-reduced;
-    row-parallel methods (GPTQ) split each solve's output rows across the devices. The decoder layers' weights stay
-    in host memory; only the layer being processed is put on the devices.
+    the solves are spread too: ``mesh_solves="linears"`` (default) solves the independent linears of a group
+    (q/k/v, up/gate) at the same time on different devices; ``"rows"`` splits every solve's output rows across the
+    devices (row-parallel methods: GPTQ). The decoder layers' weights stay in host memory; only the layer being
+    processed is put on the devices.
     """
+    if mesh_solves not in ("linears", "rows"):
+        raise ValueError(f"mesh_solves={mesh_solves!r}: use 'linears' or 'rows'")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     m = METHODS[method]
@@ -191,7 +195,11 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         split_batch = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
     else:
         on_devices, split_batch = jax.device_put, lambda x: x
-    solve = partial(m.solve, mesh=mesh) if (mesh is not None and m.row_parallel) else m.solve
+    by_rows = mesh is not None and n_dev > 1 and mesh_solves == "rows" and m.row_parallel
+    solve = partial(m.solve, mesh=mesh) if by_rows else m.solve
+    # Linears of one group share nothing once their inputs are collected: with several devices, solve them at the
+    # same time, one per device (threads: JAX releases the GIL while a device computes).
+    spread = [] if (mesh is None or n_dev == 1 or by_rows) else list(mesh.devices.flat)
     rows: List[dict] = []
     t_start = time.perf_counter()
 
@@ -252,16 +260,30 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     hessians[name] = finished[id(state)]
                 jax.block_until_ready(hessians)
             collect_seconds = time.perf_counter() - t_group
-            for name in group:
+            def solve_one(name, device=None):
                 t0 = time.perf_counter()
+                W, H = jnp.asarray(_get(work, name)["kernel"], jnp.float32).T, hessians[name]
+                if device is not None:
+                    W, H = jax.device_put((W, H), device)
+                qw, err = solve(W, H, config)
+                return qw, float(err), time.perf_counter() - t0
+
+            if len(spread) > 1 and len(group) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(len(spread)) as pool:
+                    futures = [pool.submit(solve_one, name, spread[i % len(spread)]) for i, name in enumerate(group)]
+                    solved = [f.result() for f in futures]
+            else:
+                solved = [solve_one(name) for name in group]
+            for name, (qw, err, seconds) in zip(group, solved):
                 kernel = _get(work, name)["kernel"]
-                qw, err = solve(jnp.asarray(kernel, jnp.float32).T, hessians[name], config)
                 # Later groups and the next layer see the quantized weight (dense copy: one compiled program).
-                work = _with(work, f"{name}/kernel", qw.dequantize(kernel.dtype))
+                work = _with(work, f"{name}/kernel", on_devices(qw.dequantize(kernel.dtype)))
                 quantized[name] = qw
                 layer_err += err
-                rows.append({"layer": lname, "name": name, "error": float(err),
-                             "seconds": time.perf_counter() - t0, "collect_seconds": collect_seconds})
+                rows.append({"layer": lname, "name": name, "error": err, "seconds": seconds,
+                             "collect_seconds": collect_seconds})
                 collect_seconds = 0.0  # a group's inputs are collected once, reported with its first linear
         if m.needs_hessian:
             inps = [forward(work, h, positions, stored[b]) for b, h in enumerate(inps)]
