@@ -37,7 +37,6 @@ FORMATS = {  # name: (bits, group_size, sym, act_order)
     "w3g128": (3, 128, False, False),
     "w4g128-act": (4, 128, False, True),
 }
-L2_BYTES = 50e6
 TOL = 1e-2
 
 
@@ -75,15 +74,19 @@ def copies(tree, n):
     return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
 
 
-def n_rotations(nbytes):
-    return int(min(16, max(1, math.ceil(2 * L2_BYTES / nbytes))))
+def chain_length(nbytes, calls):
+    """Calls per timed chain: every call gets its own weight copy (XLA merges dots, and CSEs dequantizations, that
+    share a weight inside one program), within ~16 GB of copies."""
+    return int(max(4, min(calls, 16e9 // nbytes)))
 
 
 # ------------------------------------------------------------------------------------------------------- timing
 def time_chain(fn, ws, xs, reps):
-    """Median microseconds per call of fn(x, w) over chains of len(xs) calls (weights rotate)."""
+    """Median microseconds per call of fn(x_i, w_i) over a jitted chain of len(xs) calls, each on its own x and its
+    own weight copy (len(ws) == len(xs)), so neither XLA's operand sharing nor the L2 cache flatters it."""
     calls = len(xs)
-    chain = jax.jit(lambda ws, xs: [fn(xs[i], ws[i % len(ws)]) for i in range(calls)])
+    assert len(ws) == calls, (len(ws), calls)
+    chain = jax.jit(lambda ws, xs: [fn(xs[i], ws[i]) for i in range(calls)])
     jax.block_until_ready(chain(ws, xs))
     jax.block_until_ready(chain(ws, xs))
     times = []
@@ -94,6 +97,16 @@ def time_chain(fn, ws, xs, reps):
     return statistics.median(times) / calls * 1e6
 
 
+def device_times(fn, *args):
+    """Per-kernel GPU time (us) of one call of jitted fn, via CUPTI (jax.experimental.mosaic.gpu.profiler)."""
+    from jax.experimental.mosaic.gpu import profiler
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    _, per_kernel = profiler.measure(f, aggregate=False, iterations=5)(*args)
+    runs = [[(name[:60], t * 1e3) for name, t in run] for run in per_kernel]
+    return runs[len(runs) // 2]
+
+
 def activations(key, M, K, calls):
     return [jax.random.normal(k, (M, K), jnp.float32).astype(jnp.bfloat16) for k in jax.random.split(key, calls)]
 
@@ -101,7 +114,7 @@ def activations(key, M, K, calls):
 def check_kernel(kw, w_float, M, cfg, key):
     """Relative error (Frobenius, and max-abs) of the NaN-poisoned kernel output against x @ W_float."""
     x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(jnp.bfloat16)
-    rc = cfg.resolved(kw)
+    rc = cfg.resolved(kw, M)
     poison = jnp.full((rc.k_splits, kw.n_pad, gm._m_pad(M)), jnp.nan, jnp.float32)
     y = jax.jit(lambda x, w, p: gm.gptq_matmul(x, w, config=cfg, out_init=p))(x, kw, poison)
     y2 = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=cfg))(x, kw)
@@ -141,37 +154,58 @@ def read_bandwidth():
     return a.nbytes / statistics.median(ts) / 1e9
 
 
-def diagnostics(key, reps, calls, variants, configs, ms=(1, 16), K=8192, N=28672):
-    """8192x28672 int4 g128: bf16 XLA vs kernel variants (full / async wgmma / no dequant arithmetic) x configs."""
-    key, kb, kw_key = jax.random.split(key, 3)
+def bf16_matmul(x, w):
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def diagnostics(key, reps, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
+    """int4 g128 K x N: per-kernel GPU times (CUPTI) of bf16 XLA and of the kernel wrapper, the fixed per-call cost
+    (a 1-CTA weight), then kernel variants x configs timed as chains."""
+    key, kb, kw_key, kt = jax.random.split(key, 4)
     w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-    bf_ws = copies(w_bf16, 2)
     uqw, kw, w_float = make_weight(kw_key, K, N, 4, 128, False, False)
-    ws = copies(kw, 2)
+    x1 = jax.random.normal(kt, (1, K), jnp.float32).astype(jnp.bfloat16)
+    try:
+        log(f"diag cupti bf16 XLA M=1: {device_times(bf16_matmul, x1, w_bf16)}")
+        log(f"diag cupti kernel wrapper M=1: {device_times(lambda x, w: gm.gptq_matmul(x, w), x1, kw)}")
+        _, tiny, _ = make_weight(kt, 256, 64, 4, 128, False, False)
+        xt = x1[:, :256]
+        log(f"diag cupti tiny (256x64) wrapper: {device_times(lambda x, w: gm.gptq_matmul(x, w), xt, tiny)}")
+        n = 32
+        tinies = copies(tiny, n)
+        xts = activations(kt, 1, 256, n)
+        log(f"diag chain tiny wrapper: {time_chain(lambda x, w: gm.gptq_matmul(x, w), tinies, xts, reps):.1f} us/call")
+        rc = gm.KernelConfig().resolved(tiny, 1)
+        xks = [tiny.prepare_activations(x, 8) for x in xts]
+        log(f"diag chain tiny bare kernel: "
+            f"{time_chain(lambda x, w: gm.gptq_matmul_partials(x, w, rc), tinies, xks, reps):.1f} us/call")
+        log(f"diag chain tiny XLA add: {time_chain(lambda x, w: x + 1, tinies, xts, reps):.1f} us/call")
+    except Exception:
+        log("diag cupti / tiny failed:\n" + traceback.format_exc()[-2000:])
+    n = chain_length(w_bf16.nbytes, calls)
+    bf_ws = copies(w_bf16, n)
+    bf = {}
+    for M in ms:
+        key, kx = jax.random.split(key)
+        bf[M] = time_chain(bf16_matmul, bf_ws, activations(kx, M, K, n), reps)
+        log(f"diag {K}x{N} M={M}: bf16 XLA {bf[M]:.1f} us ({(w_bf16.nbytes + M * (K + N) * 2) / bf[M] / 1e3:.0f} GB/s)")
+    del bf_ws
+    n = chain_length(kw.nbytes, calls)
+    ws = copies(kw, n)
     for M in ms:
         key, kx, kc = jax.random.split(key, 3)
-        xs = activations(kx, M, K, calls)
-        bf = time_chain(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
-                        bf_ws, xs, reps)
-        log(f"diag {K}x{N} M={M}: bf16 XLA {bf:.1f} us ({(w_bf16.nbytes + M * (K + N) * 2) / bf / 1e3:.0f} GB/s)")
-        for variant in variants:
-            for cfg in configs:
-                try:
-                    rc = cfg.resolved(kw)
-                    if variant != "nodeq":
-                        x = xs[0]
-                        y = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=cfg, _variant=variant))(x, kw)
-                        ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
-                        err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-                    else:
-                        err = float("nan")
-                    us = time_chain(lambda x, w: gm.gptq_matmul(x, w, config=cfg, _variant=variant), ws, xs, reps)
-                    log(f"diag {K}x{N} M={M} {variant:<6} tile_k={rc.tile_k} stages={rc.stages} "
-                        f"k_splits={rc.k_splits}: {us:7.1f} us = {kw.nbytes / us / 1e3:.0f} GB/s, x{bf / us:.2f} vs "
-                        f"bf16, err={err:.1e}")
-                except Exception as e:
-                    log(f"diag {variant} {cfg}: FAILED {type(e).__name__}: {str(e)[-600:]}")
-    del ws, bf_ws, kw, uqw, w_float, w_bf16
+        xs = activations(kx, M, K, n)
+        for variant, cfg in configs:
+            try:
+                rc = cfg.resolved(kw, M)
+                err = check_kernel(kw, w_float, M, cfg, kc)[0] if variant != "nodeq" else float("nan")
+                us = time_chain(lambda x, w: gm.gptq_matmul(x, w, config=cfg, _variant=variant), ws, xs, reps)
+                log(f"diag {K}x{N} M={M} {variant:<5} tile_k={rc.tile_k} stages={rc.stages} k_splits={rc.k_splits} "
+                    f"n_sub={rc.n_sub}: {us:7.1f} us = {kw.nbytes / us / 1e3:.0f} GB/s, x{bf[M] / us:.2f} vs bf16, "
+                    f"err={err:.1e}")
+            except Exception as e:
+                log(f"diag {variant} {cfg}: FAILED {type(e).__name__}: {str(e)[-600:]}")
+    del ws, kw, uqw, w_float, w_bf16
 
 
 # -------------------------------------------------------------------------------------------------- experiments
@@ -205,7 +239,7 @@ def correctness_matrix(key):
             w_float = scales[g_idx] * (codes - zeros[g_idx]).astype(jnp.float32)
             x = jax.random.normal(k2, (M, K), jnp.float32).astype(dt)
             cfg = cfg or gm.KernelConfig()
-            rc = cfg.resolved(kw)
+            rc = cfg.resolved(kw, M)
             poison = jnp.full((rc.k_splits, kw.n_pad, gm._m_pad(M)), jnp.nan, jnp.float32)
             y = gm.gptq_matmul(x, kw, config=cfg, out_init=poison).astype(jnp.float32)
             ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
@@ -229,17 +263,19 @@ def sweep(key, shapes, ms, bits_list, configs, reps, calls):
         for bits in bits_list:
             key, kw_key = jax.random.split(key)
             uqw, kw, w_float = make_weight(kw_key, K, N, bits, 128, False, False)
-            ws = copies(kw, n_rotations(kw.nbytes))
+            n = chain_length(kw.nbytes, calls)
+            ws = copies(kw, n)
             for M in ms:
                 key, kx, kc = jax.random.split(key, 3)
-                xs = activations(kx, M, K, calls)
+                xs = activations(kx, M, K, n)
                 for cfg in configs:
                     try:
-                        rc = cfg.resolved(kw)
+                        rc = cfg.resolved(kw, M)
                         fro, mx, nan, same = check_kernel(kw, w_float, M, cfg, kc)
                         us = time_chain(lambda x, w, cfg=cfg: gm.gptq_matmul(x, w, config=cfg), ws, xs, reps)
                         log(f"sweep {K}x{N} w{bits} M={M} tile_k={rc.tile_k} stages={rc.stages} "
-                            f"k_splits={rc.k_splits}: {us:8.1f} us  err={fro:.1e} nan={nan} same={same}")
+                            f"k_splits={rc.k_splits} n_sub={rc.n_sub}: {us:8.1f} us  err={fro:.1e} nan={nan} "
+                            f"same={same}")
                     except Exception as e:
                         log(f"sweep {K}x{N} w{bits} M={M} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
             del ws, kw, uqw, w_float
@@ -250,26 +286,26 @@ def full_table(key, shapes, ms, formats, reps, calls, bw, on_rows=None):
     for (K, N) in shapes:
         key, kb = jax.random.split(key)
         w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        bf16_ws = copies(w_bf16, n_rotations(w_bf16.nbytes))
+        n = chain_length(w_bf16.nbytes, calls)
+        bf16_ws = copies(w_bf16, n)
         bf16_us = {}
         for M in ms:
             key, kx = jax.random.split(key)
-            xs = activations(kx, M, K, calls)
-            bf16_us[M] = time_chain(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)
-                                    .astype(x.dtype), bf16_ws, xs, reps)
+            bf16_us[M] = time_chain(bf16_matmul, bf16_ws, activations(kx, M, K, n), reps)
             log(f"{K}x{N} bf16 XLA M={M}: {bf16_us[M]:.1f} us")
         del bf16_ws, w_bf16
         for fmt in formats:
             bits, group, sym, act = FORMATS[fmt]
             key, kw_key = jax.random.split(key)
             uqw, kw, w_float = make_weight(kw_key, K, N, bits, group, sym, act)
-            ws = copies(kw, n_rotations(kw.nbytes))
-            uqws = copies(uqw, n_rotations(uqw.nbytes)) if uqw is not None else None
+            n = chain_length(max(kw.nbytes, uqw.nbytes if uqw is not None else 0), calls)
+            ws = copies(kw, n)
+            uqws = copies(uqw, n) if uqw is not None else None
             for M in ms:
                 key, kx, kc = jax.random.split(key, 3)
-                xs = activations(kx, M, K, calls)
+                xs = activations(kx, M, K, n)
                 cfg = gm.KernelConfig()
-                rc = cfg.resolved(kw)
+                rc = cfg.resolved(kw, M)
                 fro, mx, nan, same = check_kernel(kw, w_float, M, cfg, kc)
                 us = time_chain(lambda x, w: gm.gptq_matmul(x, w, config=cfg), ws, xs, reps)
                 deq_us = (time_chain(lambda x, w: w.matmul(x), uqws, xs, reps) if uqws is not None
@@ -282,7 +318,7 @@ def full_table(key, shapes, ms, formats, reps, calls, bw, on_rows=None):
                            bytes_moved=moved, copy_gbps=round(bw, 1), max_rel_err=float(f"{mx:.3g}"),
                            fro_rel_err=float(f"{fro:.3g}"), correct=bool(fro < TOL and not nan and same),
                            kernel="pallas-mosaic-gpu",
-                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits))
+                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
                 rows.append(row)
                 log(f"{K}x{N} {fmt} M={M}: kernel {us:.1f} us ({row['gbps']} GB/s), bf16 {bf16_us[M]:.1f}, "
                     f"xla-dequant {deq_us:.1f}, x{row['speedup_vs_bf16']} vs bf16, err {fro:.1e} "
@@ -301,13 +337,14 @@ def prefill_rows(key, reps, calls, ms=(128, 512)):
     w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
     uqw, kw, w_float = make_weight(kw_key, K, N, 4, 128, False, False)
     del w_float
+    n = 4
+    bf_ws, kws, uqws = copies(w_bf16, n), copies(kw, n), (copies(uqw, n) if uqw is not None else None)
     for M in ms:
         key, kx = jax.random.split(key)
-        xs = activations(kx, M, K, min(calls, 8))
-        bf = time_chain(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
-                        [w_bf16], xs, reps)
-        deq = time_chain(lambda x, w: w.matmul(x), [kw], xs, reps)
-        deq_uqw = time_chain(lambda x, w: w.matmul(x), [uqw], xs, reps) if uqw is not None else float("nan")
+        xs = activations(kx, M, K, n)
+        bf = time_chain(bf16_matmul, bf_ws, xs, reps)
+        deq = time_chain(lambda x, w: w.matmul(x), kws, xs, reps)
+        deq_uqw = time_chain(lambda x, w: w.matmul(x), uqws, xs, reps) if uqws is not None else float("nan")
         log(f"prefill {K}x{N} M={M}: bf16 {bf:.1f} us, kernel-layout XLA dequant+matmul {deq:.1f} us, "
             f"AutoGPTQ-layout XLA dequant+matmul {deq_uqw:.1f} us")
         rows.append(dict(format="gptq-w4g128", bits=4, group_size=128, sym=False, act_order=False, M=M, K=K, N=N,
@@ -398,8 +435,9 @@ def write_outputs(rows, out_dir, bw, fresh=False):
 
 
 def parse_config(text):
-    tile_k, stages, k_splits = (None if v in ("", "auto") else int(v) for v in text.split(","))
-    return gm.KernelConfig(tile_k=tile_k, stages=stages or 4, k_splits=k_splits)
+    """tile_k,stages,k_splits[,n_sub] with "auto" for the heuristic."""
+    tile_k, stages, k_splits, n_sub = ([None if v in ("", "auto") else int(v) for v in text.split(",")] + [None])[:4]
+    return gm.KernelConfig(tile_k=tile_k, stages=stages or 4, k_splits=k_splits, n_sub=n_sub)
 
 
 def main():
@@ -409,16 +447,16 @@ def main():
     ap.add_argument("--sweep-shapes", default="8192x28672,4096x4096")
     ap.add_argument("--sweep-ms", default="1,16")
     ap.add_argument("--sweep-bits", default="4")
-    ap.add_argument("--sweep-configs", default="256,4,auto;128,4,auto;256,2,auto;256,6,auto;256,4,1;256,4,2;256,4,4",
-                    help="tile_k,stages,k_splits;... (auto = heuristic)")
+    ap.add_argument("--sweep-configs", default="auto,4,auto,auto;256,4,auto,1;128,4,auto,2",
+                    help="tile_k,stages,k_splits,n_sub;... (auto = heuristic)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--prefill", action="store_true", help="large-M rows (XLA path) on 8192x28672")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--diag", action="store_true", help="bandwidth ceilings + kernel variants on 8192x28672")
-    ap.add_argument("--diag-variants", default="full,async,nodeq")
-    ap.add_argument("--diag-configs", default="auto,4,auto;256,4,1;256,4,4;128,4,4")
+    ap.add_argument("--diag-configs", default="full:auto,4,auto,auto;nodeq:auto,4,auto,auto",
+                    help="variant:tile_k,stages,k_splits,n_sub;...")
     ap.add_argument("--no-check-matrix", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--calls", type=int, default=32)
@@ -438,8 +476,8 @@ def main():
     log(f"device-to-device copy: {bw:.0f} GB/s (read + write); read-only pass: {read_bandwidth():.0f} GB/s")
     if args.diag:
         key, k = jax.random.split(key)
-        diagnostics(k, args.reps, args.calls, args.diag_variants.split(","),
-                    [parse_config(c) for c in args.diag_configs.split(";")])
+        diagnostics(k, args.reps, args.calls,
+                    [(c.split(":")[0], parse_config(c.split(":")[1])) for c in args.diag_configs.split(";")])
     if args.sweep:
         key, k = jax.random.split(key)
         sweep(k, shapes(args.sweep_shapes), ints(args.sweep_ms), ints(args.sweep_bits),

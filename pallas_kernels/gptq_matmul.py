@@ -314,32 +314,33 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     summed over splits as the wrapper does. For CPU tests of the tiling logic."""
     m = x2d.shape[0]
     m_pad = _m_pad(m)
-    cfg = config.resolved(w)
+    cfg = config.resolved(w, m)
     xk = w.prepare_activations(x2d, m_pad)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
     magic = _MAGIC[w.dtype_name]
     sym_nbias = -(magic + 2 ** (w.bits - 1))
     out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
-    for n_idx in range(w.n_pad // CHUNK):
+    rows, gps = CHUNK * cfg.n_sub, cfg.groups_per_step(w)
+    for n_idx in range(w.n_pad // rows):  # CTA grid (n, split), as the kernel's mesh
         for split in range(cfg.k_splits):
-            acc = jnp.zeros((CHUNK, m_pad), jnp.float32)
+            accs = [jnp.zeros((CHUNK, m_pad), jnp.float32) for _ in range(cfg.n_sub)]
             for step in range(steps):
                 kb = split * steps + step
                 x_blk = xk[:, kb * cfg.tile_k:(kb + 1) * cfg.tile_k]
-                w_blk = w.qweight[n_idx:n_idx + 1, kb * cfg.tile_k // CHUNK:(kb + 1) * cfg.tile_k // CHUNK]
-                srow = _scale_block_index(kb, cfg.tile_k, w.group) * cfg.groups_per_step(w)
-                s_blk = w.scales[srow:srow + cfg.groups_per_step(w), n_idx * CHUNK:(n_idx + 1) * CHUNK]
-                codes = _unpack_tiles(w_blk, w.bits).astype(jnp.float32)  # [64, tile_k]
-                grp = (jnp.arange(cfg.tile_k) // CHUNK * CHUNK) // w.group if cfg.groups_per_step(w) > 1 else \
+                w_blk = w.qweight[n_idx * cfg.n_sub:(n_idx + 1) * cfg.n_sub,
+                                  kb * cfg.tile_k // CHUNK:(kb + 1) * cfg.tile_k // CHUNK]
+                srow = _scale_block_index(kb, cfg.tile_k, w.group) * gps
+                s_blk = w.scales[srow:srow + gps, n_idx * rows:(n_idx + 1) * rows]
+                b_blk = None if w.nbias is None else w.nbias[srow:srow + gps, n_idx * rows:(n_idx + 1) * rows]
+                grp = (jnp.arange(cfg.tile_k) // CHUNK * CHUNK) // w.group if gps > 1 else \
                     jnp.zeros(cfg.tile_k, jnp.int32)
-                if w.nbias is not None:
-                    b_blk = w.nbias[srow:srow + cfg.groups_per_step(w), n_idx * CHUNK:(n_idx + 1) * CHUNK]
-                    nb = b_blk.astype(jnp.float32).T[:, grp]
-                else:
-                    nb = jnp.float32(sym_nbias)
-                a = ((codes + magic + nb) * s_blk.astype(jnp.float32).T[:, grp]).astype(w.dtype)
-                acc = acc + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
-            out = out.at[split, n_idx * CHUNK:(n_idx + 1) * CHUNK].set(acc)
+                for j in range(cfg.n_sub):
+                    cols = slice(j * CHUNK, (j + 1) * CHUNK)
+                    codes = _unpack_tiles(w_blk[j:j + 1], w.bits).astype(jnp.float32)  # [64, tile_k]
+                    nb = (jnp.float32(sym_nbias) if b_blk is None else b_blk[:, cols].astype(jnp.float32).T[:, grp])
+                    a = ((codes + magic + nb) * s_blk[:, cols].astype(jnp.float32).T[:, grp]).astype(w.dtype)
+                    accs[j] = accs[j] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+            out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(jnp.concatenate(accs, axis=0))
     return _finish(out, m, w.out_features, x2d.dtype)
 
 
@@ -361,21 +362,26 @@ def _scale_block_index(k_block, tile_k: int, group: int):
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Block sizes: tile_k input columns per pipeline step (64, 128 or 256), ``stages`` TMA buffers in flight,
-    ``k_splits`` CTAs sharing one output tile's K range (float32 partials summed afterwards). None = heuristic."""
+    """Block sizes: ``tile_k`` input columns per pipeline step (a multiple of 64), ``stages`` TMA buffers in flight,
+    ``k_splits`` CTAs sharing one output tile's K range (float32 partials summed afterwards), ``n_sub`` 64-row output
+    tiles per CTA (they share each activation tile: fewer activation bytes per weight byte). None = heuristic."""
 
     tile_k: Optional[int] = None
     stages: int = 4
     k_splits: Optional[int] = None
+    n_sub: Optional[int] = None
 
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
 
-    def resolved(self, w: GPTQKernelWeight, num_sms: int = 132) -> "KernelConfig":
-        """Fill in None fields: the (tile_k, k_splits) giving the most CTAs up to ~3.5 per SM (several small CTAs
-        per SM keep more TMA copies in flight and shorten the tail) with >= 4 pipeline steps per split, then the
-        largest tile_k, then the fewest splits. Measured on H100 (bench/NOTES_kernels.md)."""
+    def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
+        """Fill in None fields. n_sub: 1 for M <= 8, else 2 (activation tile bytes grow with M). Then the
+        (tile_k, k_splits) giving the most CTAs up to ~3.5 per SM (several small CTAs per SM keep more TMA copies
+        in flight and shorten the tail) with >= 4 pipeline steps per split, then the largest tile_k (<= 256), then
+        the fewest splits. Measured on H100 (bench/NOTES_kernels.md)."""
         n_tiles = w.n_pad // CHUNK
+        n_sub = self.n_sub or (1 if _m_pad(m) <= 8 or n_tiles % 2 else 2)
+        ctas_n = n_tiles // n_sub
         target = int(3.5 * num_sms)
         best = None
         for tile_k in ([self.tile_k] if self.tile_k else [256, 128, 64]):
@@ -385,13 +391,13 @@ class KernelConfig:
             splits = [self.k_splits] if self.k_splits else [
                 s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1)]
             for k_splits in splits:
-                score = (min(n_tiles * k_splits, target), tile_k, -k_splits)
+                score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
                 if best is None or score > best[0]:
                     best = (score, tile_k, k_splits)
         if best is None:
             raise ValueError(f"no valid tile_k for K_pad={w.k_pad}, group={w.group} (requested {self.tile_k})")
         _, tile_k, k_splits = best
-        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits)
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub)
         cfg.check(w)
         return cfg
 
@@ -403,6 +409,8 @@ class KernelConfig:
         steps = w.k_pad // self.tile_k
         if steps % self.k_splits:
             raise ValueError(f"k_splits={self.k_splits} must divide the {steps} pipeline steps (K_pad/tile_k)")
+        if (w.n_pad // CHUNK) % self.n_sub:
+            raise ValueError(f"n_sub={self.n_sub} must divide the {w.n_pad // CHUNK} 64-row output tiles")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
 
@@ -422,19 +430,27 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
         raise ValueError(f"the GPTQ kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
     if x2d.dtype != w.dtype:
         raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
-    cfg = (config or KernelConfig()).resolved(w)
-    m_pad = _m_pad(m)
-    xk = w.prepare_activations(x2d, m_pad)
+    cfg = (config or KernelConfig()).resolved(w, m)
+    xk = w.prepare_activations(x2d, _m_pad(m))
+    partials = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
+    return _finish(partials, m, w.out_features, x2d.dtype)
+
+
+def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
+                         out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+    """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order) -> float32 partials
+    [k_splits, N_pad, M_pad] (cfg must be resolved)."""
+    m_pad = xk.shape[0]
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
-                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, out_init is not None, _variant)
+                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
+                       _variant)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     if out_init is not None:
         if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
             raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
                              f"{out_init.dtype} {out_init.shape}")
         args.append(out_init)
-    partials = call(*args)
-    return _finish(partials, m, w.out_features, x2d.dtype)
+    return call(*args)
 
 
 def _i32(v: int) -> int:
@@ -448,19 +464,18 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, aliased,
-                variant="full"):
-    """variant (measurements only): "full"; "async" keeps one wgmma in flight across pipeline steps; "nodeq" skips
-    the dequantization arithmetic (wrong results; isolates memory + wgmma time)."""
+def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
+                aliased, variant="full"):
+    """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
+    memory + wgmma time)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dtype = jnp.dtype(dtype_name)
-    n_tiles = n_pad // CHUNK
+    rows = CHUNK * n_sub
     steps = k_pad // tile_k // k_splits
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq")
-    delay = 1 if variant == "async" and min(stages, steps) > 1 else 0
     swizzle = 128
     x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
@@ -472,39 +487,44 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
         split = jax.lax.axis_index("split")
         k0 = split * steps
 
-        in_specs = [
-            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms, delay_release=delay),
-            plgpu.BlockSpec((None, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
-            plgpu.BlockSpec((gps, CHUNK), lambda k: (_scale_block_index(k0 + k, tile_k, group), n_idx)),
-        ]
-        if has_bias:
-            in_specs.append(
-                plgpu.BlockSpec((gps, CHUNK), lambda k: (_scale_block_index(k0 + k, tile_k, group), n_idx)))
+        def scale_index(k):
+            return (_scale_block_index(k0 + k, tile_k, group), n_idx)
 
-        def acc_scope(acc_ref):
+        in_specs = [
+            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms),
+            plgpu.BlockSpec((n_sub, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
+            plgpu.BlockSpec((gps, rows), scale_index),
+        ] + ([plgpu.BlockSpec((gps, rows), scale_index)] if has_bias else [])
+
+        def acc_scope(*acc_refs):
             def step(_, x_smem, w_smem, s_smem, *b_smem):
-                a = dequant(w_smem, s_smem, *b_smem)
-                plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-                plgpu.wgmma_wait(delay)
+                # Dequantize every sub-tile first, then issue the wgmmas and wait once: the A registers of one step
+                # are never overwritten while a wgmma may still read them.
+                cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
+                a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
+                     for j in range(n_sub)]
+                for j in range(n_sub):
+                    plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(0)
 
             gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
             plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=min(stages, steps))(*gmem)
-            plgpu.wgmma_wait(0)
-            return acc_ref[...]
+            return [acc_ref[...] for acc_ref in acc_refs]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((CHUNK, m_pad), jnp.float32))
+        accs = pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
 
         def store(o_smem):
-            o_smem[...] = acc
+            for j in range(n_sub):
+                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = accs[j]
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * CHUNK, CHUNK), :])
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(store, plgpu.SMEM((CHUNK, m_pad), jnp.float32))
+        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
 
     out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
-    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}"
-    mesh = plgpu.Mesh(grid=(n_tiles, k_splits), grid_names=("n", "split"))
+    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}"
+    mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
     params = plgpu.CompilerParams()
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
