@@ -395,7 +395,8 @@ class KernelConfig:
                 if best is None or score > best[0]:
                     best = (score, tile_k, k_splits)
         if best is None:
-            raise ValueError(f"no valid tile_k for K_pad={w.k_pad}, group={w.group} (requested {self.tile_k})")
+            raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {CHUNK} dividing "
+                             f"K_pad={w.k_pad}, and it and the kernel group size {w.group} must divide one another")
         _, tile_k, k_splits = best
         cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub)
         cfg.check(w)

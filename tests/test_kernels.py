@@ -136,8 +136,13 @@ def test_tiled_reference_matches(rng, tile_k, stages, k_splits):
 def test_config_heuristic_and_errors(rng):
     codes, scales, zeros, g_idx = random_gptq(rng, 4096, 4096, 4, 128, False, False)
     w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
-    cfg = gm.KernelConfig().resolved(w)
-    assert cfg.tile_k == 256 and (4096 // 256) % cfg.k_splits == 0 and (4096 // 64) * cfg.k_splits >= 132
+    for m in (1, 16, 64):
+        cfg = gm.KernelConfig().resolved(w, m)
+        cfg.check(w)
+        assert (4096 // cfg.tile_k) // cfg.k_splits >= 4  # every split keeps a pipeline to run
+        assert (4096 // 64 // cfg.n_sub) * cfg.k_splits >= 3 * 132  # several CTAs per SM
+    with pytest.raises(ValueError, match="n_sub=3"):
+        gm.KernelConfig(n_sub=3).resolved(w)
     with pytest.raises(ValueError, match="tile_k=96"):
         gm.KernelConfig(tile_k=96).resolved(w)
     with pytest.raises(ValueError, match="k_splits=3"):
