@@ -8,8 +8,9 @@ fresh inputs for every repeat, generated on the device before the clock starts):
                included.
   squeezellm   (--full) ``jaxquant.squeezellm.squeezellm(W, F, cfg)`` end to end for one layer: sparse selection,
                k-means, float16 tables and codes, the CSR built on the host, packing, the Fisher-weighted error;
-               dense (sparsity 0) and at the paper's 0.45 % (0.05 % sensitive + 0.40 % outliers, per-matrix
-               magnitude threshold).
+               dense (sparsity 0) and at the paper's 0.45 % (0.05 % sensitive + 0.40 % outliers; here the
+               per-matrix magnitude threshold, outlier_scope="layer": the whole-model path computes one
+               model-wide threshold rule once instead, not timed here).
   model_total_7b   32 x (4 x [4096, 4096] (q, k, v, o) + 2 x [11008, 4096] (up, gate) + 1 x [4096, 11008] (down)),
                shapes [out, in]; the Fisher pass and the model-wide threshold search are not included.
 

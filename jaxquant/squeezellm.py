@@ -47,9 +47,10 @@ from typing import Dict, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .formats_lut import LUT_BITS, LUTQuantizedWeight
-from .kmeans import KMeansResult, kmeans
+from .kmeans import KMeansResult, _labels_1d, kmeans
 from .packing import check_packable
 from .sparse import csr_from_mask
 
@@ -124,14 +125,39 @@ def count_kept(numel: int, pct: float) -> int:
     return int(math.floor(numel * pct / 100.0 + 1e-9))
 
 
+def _kth_largest(values, count):
+    """The count-th largest of non-negative float32 ``values`` (count >= 1), exactly: a bisection on the bit
+    patterns (non-negative floats order as their int32 bits), 31 counting passes instead of a top-k / sort of the
+    whole matrix."""
+    bits = lax.bitcast_convert_type(values.reshape(-1), jnp.int32)
+
+    def body(_, state):
+        lo, hi = state  # count(bits >= lo) >= count > count(bits >= hi)
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid) >= count
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800001)))
+    return lax.bitcast_convert_type(lo, jnp.float32)
+
+
 @partial(jax.jit, static_argnames=("count",))
 def sensitive_mask(fisher: jax.Array, count: int) -> jax.Array:
-    """The ``count`` entries with the largest Fisher values (lower flat index first on ties)."""
-    mask = jnp.zeros(fisher.size, bool)
-    if count:
-        _, idx = jax.lax.top_k(fisher.reshape(-1), count)
-        mask = mask.at[idx].set(True)
-    return mask.reshape(fisher.shape)
+    """The ``count`` entries with the largest Fisher values; among equal values the lower flat indices (the choice
+    ``lax.top_k`` makes)."""
+    if count == 0:
+        return jnp.zeros(fisher.shape, bool)
+    flat = fisher.reshape(-1).astype(jnp.float32)
+    t = _kth_largest(flat, count)
+    above = flat > t
+    tie = flat == t
+    take = above | (tie & (jnp.cumsum(tie) <= count - jnp.sum(above)))
+    return take.reshape(fisher.shape)
+
+
+@partial(jax.jit, static_argnames=("count",))
+def _magnitude_threshold(W, count):
+    return _kth_largest(jnp.abs(W.astype(jnp.float32)), count)
 
 
 def magnitude_threshold(W, pct: float) -> float:
@@ -139,7 +165,7 @@ def magnitude_threshold(W, pct: float) -> float:
     count = count_kept(int(np.size(W)), pct)
     if count == 0:
         return math.inf
-    return float(jax.lax.top_k(jnp.abs(jnp.asarray(W, jnp.float32)).reshape(-1), count)[0][-1])
+    return float(_magnitude_threshold(jnp.asarray(W), count))
 
 
 def quartiles(W) -> tuple:
@@ -154,23 +180,27 @@ def range_threshold(q1: float, q3: float, r: float) -> float:
     return max(abs(q1 - r * iqr), abs(q3 + r * iqr))
 
 
+@jax.jit
+def _count_outliers(mats, thresholds):
+    """Total number of |w| >= threshold over all matrices (float32 comparisons, as the quantizer makes them)."""
+    return sum(jnp.sum(jnp.abs(m) >= t, dtype=jnp.int32) for m, t in zip(mats, thresholds))
+
+
 def model_outlier_thresholds(weights: Dict[str, jax.Array], pct: float, iters: int = 64):
     """The reference's outlier thresholds with one range factor r for all ``weights`` ({name: matrix}): the smallest
     r (bisection) whose outliers |w| >= T(r), over all matrices, are at most ``pct`` % of all their weights.
 
-    Host numpy (one sorted copy of |w| per matrix, then each count is a binary search); thresholds are compared in
-    float32, as the quantizer applies them. Returns ({name: threshold}, r, outlier fraction)."""
-    q, magnitudes = {}, {}
-    for name, w in weights.items():
-        w = np.asarray(w, np.float32)
-        q[name] = quartiles(w)
-        magnitudes[name] = np.sort(np.abs(w).reshape(-1))
-    total = sum(m.size for m in magnitudes.values())
+    Quartiles on the host (numpy, as the reference); each bisection step is one jitted count over all the matrices
+    (they are all on the device at once, as for the Fisher pass). Returns ({name: threshold}, r, outlier fraction)."""
+    names = list(weights)
+    q = {name: quartiles(weights[name]) for name in names}
+    mats = tuple(jnp.asarray(weights[name], jnp.float32) for name in names)
+    total = sum(int(m.size) for m in mats)
     target = count_kept(total, pct)
 
     def count(r):
-        return sum(int(m.size - np.searchsorted(m, np.float32(range_threshold(*q[name], r)), side="left"))
-                   for name, m in magnitudes.items())
+        t = tuple(jnp.float32(range_threshold(*q[name], r)) for name in names)
+        return int(_count_outliers(mats, t))
 
     lo, hi = -0.5, 1.0  # r = -0.5: T = |median|, about half of the weights
     while count(hi) > target:
@@ -217,9 +247,10 @@ def _cluster_weights(W, fisher, sensitive, threshold):
 
 @jax.jit
 def _table_and_codes(W, centroids):
+    """float16 tables (ascending) and every weight's nearest table value (the first of equal values, the lower one at
+    a midpoint: argmin's choice), by binary search of the midpoints."""
     lut = jnp.sort(centroids, axis=1).astype(jnp.float16)
-    d = jnp.square(W[:, :, None] - lut.astype(jnp.float32)[:, None, :])
-    return lut, jnp.argmin(d, axis=-1).astype(jnp.int32)
+    return lut, jax.vmap(_labels_1d)(W, lut.astype(jnp.float32)).astype(jnp.int32)
 
 
 def decompose(W, fisher, cfg: SqueezeLLMConfig, outlier_threshold: Optional[float] = None) -> SqueezeParts:

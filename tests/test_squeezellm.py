@@ -5,6 +5,7 @@ logits."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import jax
@@ -97,6 +98,21 @@ def test_decomposition_against_numpy(rng, bits):
     deq = np.take_along_axis(lut.astype(np.float32), codes, 1)
     dense = ~mask
     assert np.sum((F * (W - deq) ** 2)[dense]) < np.sum((F * (W - deq_plain) ** 2)[dense])
+
+
+def test_sensitive_selection_ties_and_magnitudes(rng):
+    """Exactly count entries, the largest first and the lower flat index among equal values (lax.top_k's order),
+    with many ties; the magnitude threshold is the count-th largest |w|."""
+    from jaxquant.squeezellm import magnitude_threshold, sensitive_mask
+
+    F = rng.integers(0, 4, (48, 64)).astype(np.float32) * np.float32(0.375)
+    count = count_kept(F.size, 1.0)
+    want = np.zeros(F.size, bool)
+    want[np.argsort(-F.reshape(-1), kind="stable")[:count]] = True
+    np.testing.assert_array_equal(np.asarray(sensitive_mask(jnp.asarray(F), count)), want.reshape(F.shape))
+    W, _ = _layer(rng)
+    assert magnitude_threshold(W, 2.0) == np.sort(np.abs(W).reshape(-1))[::-1][count_kept(W.size, 2.0) - 1]
+    assert magnitude_threshold(W, 0.0) == math.inf
 
 
 @pytest.mark.parametrize("bits", [3, 4])
