@@ -450,7 +450,7 @@ def write_outputs(rows, out_dir, bw, fresh=False):
 def parse_config(text):
     """tile_k,stages,k_splits[,n_sub] with "auto" for the heuristic."""
     tile_k, stages, k_splits, n_sub = ([None if v in ("", "auto") else int(v) for v in text.split(",")] + [None])[:4]
-    return gm.KernelConfig(tile_k=tile_k, stages=stages or 4, k_splits=k_splits, n_sub=n_sub)
+    return gm.KernelConfig(tile_k=tile_k, stages=stages, k_splits=k_splits, n_sub=n_sub)
 
 
 def main():
