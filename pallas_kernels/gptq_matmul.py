@@ -1,4 +1,4 @@
-"""GPTQ-format dequantize-and-matmul for decode-sized activations: a Mosaic GPU (Hopper) Pallas kernel + its jnp reference.
+"""GPTQ-format dequantize-and-matmul for decode-sized activations: Mosaic GPU (Hopper) Pallas kernel + jnp reference.
 
 Computation (y = x @ W, W[k, n] = scales[g, n] * (code[k, n] - zero[g, n]), g = group of row k):
 
