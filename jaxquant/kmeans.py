@@ -138,8 +138,8 @@ def _row_tolerance(x, tol):
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-@partial(jax.jit, static_argnames=("max_iter",))
-def _lloyd(x, w, init_c, tol, *, max_iter):
+@jax.jit
+def _lloyd(x, w, init_c, tol, max_iter):
     """x [rows, n, d], w [rows, n] (positive total in every row), init_c [rows, k, d]."""
     tol_abs = jax.vmap(_row_tolerance, in_axes=(0, None))(x, tol)
     rows, n = w.shape
@@ -240,8 +240,8 @@ def _sorted_rows(x, w):
     return xs, ws, ws * xs
 
 
-@partial(jax.jit, static_argnames=("max_iter",))
-def _lloyd_1d(x, w, xs, ws, wxs, init_c, tol, *, max_iter):
+@jax.jit
+def _lloyd_1d(x, w, xs, ws, wxs, init_c, tol, max_iter):
     """x [rows, n], w [rows, n] (positive total in every row), their sorted form (``_sorted_rows``), init_c
     [rows, k] -> the same as _lloyd, centroids sorted ascending."""
     rows, k = init_c.shape
@@ -370,8 +370,8 @@ def kmeans(points, weights=None, *, k: int, max_iter: int = 50, tol: float = 1e-
         x1 = x[..., 0]
         srt = _sorted_rows(x1, w)  # one sort per row, shared by the init and the iterations
         init_c = _init(x, w, k=k, init=init, sorted_rows=srt) if isinstance(init, str) else init
-        c, labels, iterations, inertia = _lloyd_1d(x1, w, *srt, init_c[..., 0], tol, max_iter=max_iter)
+        c, labels, iterations, inertia = _lloyd_1d(x1, w, *srt, init_c[..., 0], tol, jnp.int32(max_iter))
         return KMeansResult(c, labels, iterations, inertia)
     init_c = _init(x, w, k=k, init=init) if isinstance(init, str) else init
-    c, labels, iterations, inertia = _lloyd(x, w, init_c, tol, max_iter=max_iter)
+    c, labels, iterations, inertia = _lloyd(x, w, init_c, tol, jnp.int32(max_iter))
     return KMeansResult(c, labels, iterations, inertia)
