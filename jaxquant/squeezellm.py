@@ -302,15 +302,22 @@ def squeezellm(W, fisher, cfg: SqueezeLLMConfig, outlier_threshold: Optional[flo
 
 
 # -------------------------------------------------------------------------------------------- whole-model hooks
-def model_stats(lm, calibration, cfg: SqueezeLLMConfig, params=None, progress: bool = False) -> dict:
+def model_stats(lm, calibration, cfg: SqueezeLLMConfig, params=None, progress: bool = False,
+                fisher: Optional[dict] = None) -> dict:
     """Statistics for every decoder linear, computed once before quantizing: {"layers_i/<name>": {"fisher": F [in,
-    out] (host, kernel layout), "outlier_threshold": T or None}}. The Fisher comes from ``calibration``; with
-    ``outlier_scope == "model"`` the thresholds use one range factor for the whole model (module docstring)."""
+    out] (host, kernel layout), "outlier_threshold": T or None}}. The Fisher comes from ``calibration`` unless given
+    (``fisher``: the output of ``jaxquant.fisher.fisher_diagonal``, e.g. shared by several bit widths / sparsity
+    levels); with ``outlier_scope == "model"`` the thresholds use one range factor for the whole model (module
+    docstring)."""
     from .fisher import fisher_diagonal, linear_names
 
     params = lm.params if params is None else params
-    fisher = fisher_diagonal(lm, calibration, params=params, batch_size=cfg.fisher_batch_size, progress=progress)
-    fisher = jax.device_get(fisher)
+    if fisher is None:
+        fisher = fisher_diagonal(lm, calibration, params=params, batch_size=cfg.fisher_batch_size, progress=progress)
+    missing = sorted(set(linear_names(lm)) - set(fisher))
+    if missing:
+        raise ValueError(f"the given Fisher has no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    fisher = jax.device_get({name: fisher[name] for name in linear_names(lm)})
     thresholds = {name: None for name in fisher}
     if cfg.outlier_pct > 0 and cfg.outlier_scope == "model":
         kernels = {}

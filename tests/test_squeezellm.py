@@ -298,6 +298,17 @@ def test_dense_model_checkpoint_round_trip(tiny_hf, tmp_path, rng):
     calib = rng.integers(0, 128, (2, 12)).astype(np.int32)
     cfg = SqueezeLLMConfig(bits=4)
     params, report = quantize_model(lm, calib, cfg, method="squeezellm", progress=False)
+
+    from jaxquant.fisher import fisher_diagonal
+    from jaxquant.squeezellm import model_stats
+
+    given = fisher_diagonal(lm, calib)  # a Fisher computed once can be shared by several configurations
+    shared = model_stats(lm, None, SqueezeLLMConfig.from_sparsity(3, 0.45), fisher=given)
+    for name, f in given.items():
+        np.testing.assert_array_equal(shared[name]["fisher"], np.asarray(f))
+        assert 0 < shared[name]["outlier_threshold"] < math.inf
+    with pytest.raises(ValueError, match="the given Fisher has no entry for"):
+        model_stats(lm, None, cfg, fisher={k: v for k, v in given.items() if "down_proj" not in k})
     assert len(report.layers) == 7 * lm.config.num_layers and report.nsamples == 2 and report.seqlen == 12
     checkpoint.save(str(tmp_path / "q"), params, lm, "squeezellm", cfg, report)
     loaded = checkpoint.load(str(tmp_path / "q"))
