@@ -5,8 +5,10 @@ over calibration samples (SqueezeLLM's sensitivity).
 
 This is what the SqueezeLLM reference computes (kssteven418/SqueezeLLM-gradients: a hook squares each sample's weight
 gradient, ``.grad`` sums them over the calibration samples, one sample per backward pass, ``labels = input_ids``).
-Its data are C4 windows of 512 tokens (the README says 100 samples); its model runs in bfloat16, here in the model's
-own dtype (float32 by default), with the squares accumulated in float32.
+Its data are C4 windows of 512 tokens, one random window of a random document of at least 512 tokens per sample (its
+README says 100 samples; its run.py leaves ``get_loaders``' default of 128); here any [n, seqlen] token array, e.g.
+``jaxquant.data.calibration_windows`` (random offsets in the C4 file's first 900 documents). Its model runs in
+bfloat16; here the model's own dtype (float32 by default), with the squares accumulated in float32.
 
 Memory, and what bounds it (P = parameters of the model, L = parameters of the decoder layers, T = seqlen, b = the
 micro-batch of samples whose gradients are computed together with ``jax.vmap``, default 1):
