@@ -4,7 +4,8 @@
 
 ``points`` is either ``[rows, n]`` (each row a set of n scalars: SqueezeLLM clusters each output row of a weight
 matrix into k = 2**bits centroids, weighted by the Fisher information) or ``[rows, n, d]`` (each row a set of n
-points in d dimensions: RPTQ clusters the (max, min) points of the channels at a reorder point, ``[1, C, 2]``).
+points in d dimensions: RPTQ clusters the (max, min) points of the channels at a reorder point, ``[1, C, 2]``,
+or per head ``[heads, C / heads, 2]``).
 Every row is an independent problem; the per-row steps are written for one row and ``jax.vmap``-ed.
 
 The algorithm, exactly (the float64 numpy oracle in tests/kmeans_oracle.py implements the same rules):
@@ -38,8 +39,10 @@ The algorithm, exactly (the float64 numpy oracle in tests/kmeans_oracle.py imple
 Deviations from the SqueezeLLM reference (scikit-learn ``KMeans(n_clusters=2**bits, random_state=0, n_init="auto",
 max_iter=50)``, i.e. one weighted k-means++ run with tol 1e-4): the deterministic quantile init replaces
 k-means++ (a seeded random draw that cannot be vectorised as cheaply and that no oracle could replay); max_iter=50 and
-tol=1e-4 are kept with scikit-learn's meaning. For RPTQ the reference also uses scikit-learn's k-means++; the maximin
-init replaces it for the same reason.
+tol=1e-4 are kept with scikit-learn's meaning. The RPTQ reference (quantize/reorder_utils.py) runs scikit-learn's
+``KMeans(n_clusters, n_init=10, random_state=0)``, unweighted, once per head on that head's [C / heads, 2] (max, min)
+points: here ``points`` [heads, C / heads, 2] (one row per head, all heads at once); the maximin init replaces the
+best of 10 k-means++ runs, for the same reason.
 
 How it runs. 1-D rows (SqueezeLLM): each row is sorted once and its weights and weighted values are prefix-summed
 once (in double-float arithmetic, two float32 words per sum, so that a cluster's sum, a difference of two prefix
