@@ -12,6 +12,7 @@ stopped and resumed: a (config, dataset) pair already in the file is skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,7 +41,49 @@ CONFIGS = {
     "gptq-w4-pc": ("gptq", dict(bits=4, group_size=-1)),
     "rtn-w3-pc": ("rtn", dict(bits=3, group_size=-1)),
     "gptq-w3-pc": ("gptq", dict(bits=3, group_size=-1)),
+    # SpQR: the reference README recipe (groups of 16, 3-bit statistics in groups of 16, outlier threshold 0.2,
+    # act-order, percdamp 1.0) at 4 and 3 weight bits; average bits are measured from the stored arrays.
+    "spqr-w4-recipe": ("spqr", dict(bits=4)),
+    "spqr-w3-recipe": ("spqr", dict(bits=3)),
+    # SqueezeLLM: Fisher from 100 x 512 C4 tokens (the reference's sample count), one Fisher shared by all four.
+    "squeezellm-w4": ("squeezellm", dict(bits=4, sparsity_pct=0.0)),
+    "squeezellm-w4-s0.45": ("squeezellm", dict(bits=4, sparsity_pct=0.45)),
+    "squeezellm-w3": ("squeezellm", dict(bits=3, sparsity_pct=0.0)),
+    "squeezellm-w3-s0.45": ("squeezellm", dict(bits=3, sparsity_pct=0.45)),
 }
+FISHER_CALIB = dict(nsamples=100, seqlen=512, seed=0)
+
+
+def make_config(method, kwargs):
+    if method == "fp32":
+        return None
+    if method == "spqr":
+        from jaxquant.spqr import SpQRConfig
+
+        return SpQRConfig(**kwargs)
+    if method == "squeezellm":
+        from jaxquant.squeezellm import SqueezeLLMConfig
+
+        return SqueezeLLMConfig.from_sparsity(**kwargs)
+    return QuantConfig(**kwargs)
+
+
+def shared_fisher(base, path="runs/quality/_fisher_c4_100x512.npz"):
+    """The SqueezeLLM Fisher of ``base`` over FISHER_CALIB, computed once and kept on disk (about 20 min on 2 CPUs)."""
+    from jaxquant.fisher import fisher_diagonal
+
+    if os.path.exists(path):
+        with np.load(path) as f:
+            fisher = {k.replace("|", "/"): f[k] for k in f.files if k != "seconds"}
+            return fisher, float(f["seconds"])
+    calib = data.calibration_windows(base.tokenizer, n=FISHER_CALIB["nsamples"], seqlen=FISHER_CALIB["seqlen"],
+                                     seed=FISHER_CALIB["seed"])
+    t0 = time.perf_counter()
+    fisher = {k: np.asarray(v) for k, v in fisher_diagonal(base, calib, progress=True).items()}
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, seconds=seconds, **{k.replace("/", "|"): v for k, v in fisher.items()})
+    return fisher, seconds
 RESULTS = "bench/results/quality_smollm2-135m.json"
 
 
@@ -79,7 +122,7 @@ def main():
             if (name, dataset) in done(args.out):
                 continue
             method, kwargs = CONFIGS[name]
-            cfg = QuantConfig(**kwargs) if kwargs else None
+            cfg = make_config(method, kwargs)
             params, quant_s, bits = base.params, 0.0, {"avg_bits": 32.0}
             ckpt = os.path.join("runs", "quality", name)
             if method != "fp32":
@@ -87,32 +130,64 @@ def main():
                     lm = checkpoint.load(ckpt)
                     params, quant_s = lm.params, lm.quant_meta["quant_wall_s"]
                 else:
-                    if method == "gptq" and calib is None:
+                    if method in ("gptq", "spqr") and calib is None:
                         calib = data.calibration_windows(base.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=0)
                     t0 = time.perf_counter()
-                    params, report = quantize_model(base, calib if method == "gptq" else None, cfg, method=method,
-                                                    batch_size=args.batch_size)
+                    if method == "squeezellm":
+                        params, report = quantize_squeezellm(base, cfg)
+                        t0 -= _FISHER["F"][1]  # count the shared Fisher pass in every SqueezeLLM row
+                    else:
+                        params, report = quantize_model(base, calib if method in ("gptq", "spqr") else None, cfg,
+                                                        method=method, batch_size=args.batch_size)
                     quant_s = time.perf_counter() - t0
                     checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True,
                                     extra={"quant_wall_s": quant_s, "model": args.model,
-                                           "calib": calib_info(args) if method == "gptq" else None})
+                                           "calib": calib_info(args, method)})
                 bits = quantized_bits(params)
             out = perplexity(base.module, params, texts[dataset], seqlen=args.seqlen)
             row = results.row(
                 "quality", name=name, model=args.model, method=method,
-                wbits=cfg.bits if cfg else 32, abits=16, kv_bits=16, group_size=cfg.group_size if cfg else None,
-                act_order=cfg.act_order if cfg else False, sym=cfg.sym if cfg else None,
-                avg_bits=bits["avg_bits"], extra={}, dataset=dataset, seqlen=args.seqlen,
-                eval_tokens=out["eval_tokens"], calib=calib_info(args) if method == "gptq" else None,
+                wbits=cfg.bits if cfg else 32, abits=16, kv_bits=16,
+                group_size=getattr(cfg, "group_size", -1) if cfg else None,  # SqueezeLLM: one table per row
+                act_order=getattr(cfg, "act_order", False) if cfg else False, sym=getattr(cfg, "sym", None),
+                avg_bits=bits["avg_bits"],
+                extra=dataclasses.asdict(cfg) if method in ("spqr", "squeezellm") else {},
+                dataset=dataset, seqlen=args.seqlen,
+                eval_tokens=out["eval_tokens"], calib=calib_info(args, method),
                 ppl=out["ppl"], quant_wall_s=quant_s, eval_seconds=out["seconds"])
             print(json.dumps(row), flush=True)
             results.append_rows(args.out, [row], key=("name", "dataset", "model"))
             write_markdown(args.out)
 
 
-def calib_info(args):
-    return {"source": "c4 file, first 900 documents joined with \\n\\n", "nsamples": args.nsamples,
-            "seqlen": args.seqlen, "seed": 0}
+def calib_info(args, method):
+    source = "c4 file, first 900 documents joined with \\n\\n"
+    if method in ("gptq", "spqr"):
+        return {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
+    if method == "squeezellm":
+        return {"source": source, **FISHER_CALIB, "use": "Fisher"}
+    return None
+
+
+_FISHER = {}
+
+
+def quantize_squeezellm(base, cfg):
+    """SqueezeLLM with the shared Fisher (one Fisher pass for every bit width and sparsity level). The report's
+    ``fisher_seconds`` is the Fisher pass's time, which the quantization wall time of each row includes."""
+    from jaxquant import pipeline, squeezellm
+
+    if "F" not in _FISHER:
+        _FISHER["F"] = shared_fisher(base)
+    fisher, fisher_seconds = _FISHER["F"]
+    stats = lambda lm, calib, c, params: squeezellm.model_stats(lm, calib, c, params, fisher=fisher)  # noqa: E731
+    pipeline.register_method(pipeline.Method("squeezellm-shared-fisher", squeezellm.solve, needs_hessian=False,
+                                             stats=stats))
+    calib = data.calibration_windows(base.tokenizer, n=FISHER_CALIB["nsamples"], seqlen=FISHER_CALIB["seqlen"],
+                                     seed=FISHER_CALIB["seed"])  # what the Fisher was computed from
+    params, report = quantize_model(base, calib, cfg, method="squeezellm-shared-fisher")
+    report.seconds += fisher_seconds
+    return params, report
 
 
 def write_markdown(path):
@@ -134,8 +209,9 @@ def write_markdown(path):
     r = rows[-1]
     lines += ["", f"Device: {r['device']}; JAX {r['jax']}; seqlen {r['seqlen']}; WikiText-2: full test split; C4 "
                   "held-out: the C4 file's last 100 documents. '-' = not measured yet; configurations not listed are "
-                  "not measured yet (`python bench/quality.py` resumes). avg bits: stored bits of the quantized "
-                  "linears (codes, float32 scales, packed zeros, g_idx) per weight. Each row's exact command is in "
+                  "not measured yet (`python bench/quality.py` resumes). avg bits: all stored bits of the quantized "
+                  "linears (codes, scales, zeros, g_idx; SpQR's second-level statistics and outliers; SqueezeLLM's "
+                  "tables and sparse part) per weight. SqueezeLLM's wall time includes its shared Fisher pass. Each row's exact command is in "
                   "the JSON file."]
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
