@@ -32,8 +32,10 @@ def _grid(x, bits):
 
 
 class _Follower:
-    def __init__(self, tie_tol, decision_tol):
-        self.tie_tol, self.decision_tol, self.forced = tie_tol, decision_tol, 0
+    def __init__(self, tie_tol, decision_tol, f16_tol=2e-4):
+        # f16_tol: float32 noise in a value that went through many error updates, relative (a float16 half-ulp is
+        # ~2.4e-4 to 4.9e-4 relative, so this band is wide, but the oracle only follows where the roundings differ).
+        self.tie_tol, self.decision_tol, self.f16_tol, self.forced = tie_tol, decision_tol, f16_tol, 0
 
     def round(self, x, maxq, follow=None):
         """round(x) half to even, then clamp to [0, maxq]; near a .5 tie, follow's (already clamped) code."""
@@ -62,8 +64,8 @@ class _Follower:
             return h
         follow = np.asarray(follow, np.float64)
         half_ulp = 0.5 * np.spacing(np.abs(h).astype(np.float16)).astype(np.float64)
-        near = np.abs(np.abs(x - h) - half_ulp) < 1e-5 * np.abs(x)
-        take = near & (follow != h)
+        near = np.abs(np.abs(x - h) - half_ulp) < self.f16_tol * np.abs(x)
+        take = near & (follow != h) & ~np.isnan(follow)  # NaN: nothing to follow
         self.forced += int(take.sum())
         return np.where(take, follow, h)
 
@@ -96,7 +98,7 @@ def spqr(W, H, bits, group_size, qq_scale_bits, qq_zero_bits, qq_groupsize, outl
     """SpQR by explicit OBS updates.
 
     follow: optional dict of the implementation's decisions, consulted only near boundaries: ``codes``, ``outliers``,
-    ``loo`` [N, K] (original column order), ``scale_codes``, ``zero_codes`` [G, N], ``scale_qq``, ``zero_qq``
+    ``loo``, ``deq`` (its reconstruction, for the float16 values of outliers) [N, K] (original column order), ``scale_codes``, ``zero_codes`` [G, N], ``scale_qq``, ``zero_qq``
     [G, N/qq_groupsize, 2]. Returns codes, deq, outliers, loo (original order), scale_codes, zero_codes, scale_qq,
     zero_qq, scale, zero [G, N] (dequantized statistics), loss, threshold, forced.
     """
@@ -110,7 +112,7 @@ def spqr(W, H, bits, group_size, qq_scale_bits, qq_zero_bits, qq_groupsize, outl
     order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(K)
     W, H = W[:, order], H[np.ix_(order, order)]
     take = lambda name: None if name not in f else np.asarray(f[name])[:, order]  # noqa: E731
-    f_codes, f_out, f_loo = take("codes"), take("outliers"), take("loo")
+    f_codes, f_out, f_loo, f_deq = take("codes"), take("outliers"), take("loo"), take("deq")
     dead = np.diag(H) == 0
     H[np.diag_indices(K)] += percdamp * np.mean(np.abs(np.diag(H)))
     H[dead, dead] = 1.0
@@ -170,7 +172,7 @@ def spqr(W, H, bits, group_size, qq_scale_bits, qq_zero_bits, qq_groupsize, outl
             out = fol.greater(err ** 2, tau, tau, None if f_out is None else f_out[:, j])
             q0, _ = _quantize(np.zeros(N), scale, zero, bits, _Follower(0, 0))
             q = np.where(out, q0, q)
-            dq = np.where(out, w.astype(np.float16).astype(np.float64), dq)
+            dq = np.where(out, fol.to_f16(w, None if f_deq is None else np.where(out, f_deq[:, j], np.nan)), dq)
             outliers[:, j] = out
         codes[:, j], deq[:, j] = q, dq
         h = Hinv[j, j]
