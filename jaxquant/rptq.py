@@ -1,0 +1,350 @@
+"""RPTQ (reorder-based post-training quantization of activations): statistics, channel clusters, folded permutations
+and per-cluster activation quantizers. Pure functions over arrays; the model knowledge is one table per family.
+
+The five reorder points of the paper and of its reference (hahnyuan/RPTQ4LLM, quantize/opt_reorder_quantize.py):
+
+  R1  attention-norm output  -> q/k/v input      stats: the norm output (= q_proj input), 1 group
+  R2  q and k outputs         -> Q K^T            stats: q and k outputs together, per head: 4-D points
+                                                  (qmax, kmax, qmin, kmin) of each channel of a head
+  R3  v output                -> P V, o_proj      stats: the o_proj input (attention output), per head
+  R4  MLP-norm output         -> first MLP matrix stats: the norm output (= fc1 / up_proj input), 1 group
+  R5  first MLP output        -> second MLP matrix stats: the fc2 / down_proj input, 1 group
+
+Reference defaults (main.py): clusters R1..R5 = 32/4/4/32/32; statistics for the reorder are the running per-channel
+max / min over every calibration token (``layer_omax_hook`` / ``layer_i0max_hook``: ``torch.max(old, new)``); the
+activation quantizers calibrate with ``metric="ema_minmax"`` (old * 0.99 + new * 0.01 per batch, the first batch
+taken as is), both offered here by ``ema``. Clusters: k-means (scikit-learn in the reference, the shared
+``jaxquant.kmeans`` here) on each head's points; the permutation is ``argsort(labels)`` per head (stable here, so the
+channels of a cluster keep their order), offset by the head's first channel.
+
+Folding (no gather at run time except inside the norm):
+  norm (R1, R4)   the norm reads its input in the permuted order (``x[..., perm]``: mean and variance do not depend
+                  on the order, so this is the reference's ReorderLayerNorm, whose CUDA kernel writes its output at
+                  the permuted positions) and its scale / bias are permuted; the consuming linears' input rows
+                  (Flax kernel ``[in, out]`` axis 0) are permuted.
+  linear (R2, R3, R5)  the producing linears' output columns (kernel axis 1) and bias are permuted, the consuming
+                  linears' input rows too; per head for R2 / R3 (the same permutation for q and k within a head, so
+                  Q K^T is unchanged; for grouped-query attention one permutation per K/V head, used by every query
+                  head of its group, and by the o_proj rows of those query heads).
+RoPE (LLaMA, Falcon) rotates channel pairs (i, i + D/2) at frequencies fixed by i: a permutation of q/k channels does
+not commute with it, so R2 is never folded there; its clusters still define the per-cluster quantizers (which act on
+channels in any order: see ``cluster_fake_quant``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.kmeans import kmeans
+
+REORDER_POINTS = ("R1", "R2", "R3", "R4", "R5")
+DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
+REFERENCE_EMA = 0.99  # weight of the running value in the reference's "ema_minmax" activation calibration
+
+
+# ------------------------------------------------------------------------------------------- reorder-point tables
+@dataclasses.dataclass(frozen=True)
+class ReorderPoint:
+    """One reorder point of a decoder layer (paths relative to the layer).
+
+    taps: the tensors whose per-channel (max, min) are the clustering points, as ("in" | "out", linear path); several
+    taps are concatenated as point coordinates (R2: q and k). Channel layout of every tap and folded tensor:
+    ``[groups, repeat, channels]`` flattened, where ``groups`` (1, or the K/V heads for R2 / R3) are clustered
+    independently and ``repeat`` copies (query heads sharing a K/V head) share their group's permutation; a tap's
+    repeat is reduced (max of max, min of min) before clustering.
+    """
+
+    name: str
+    taps: Tuple[Tuple[str, str], ...]
+    groups: int
+    channels: int  # per group
+    norm: Optional[str] = None  # norm whose input is read permuted and whose scale/bias are permuted
+    producers: Tuple[str, ...] = ()  # linears whose output columns (+ bias) are permuted
+    consumers: Tuple[str, ...] = ()  # linears whose input rows are permuted
+    foldable: bool = True
+
+
+def reorder_points(config) -> Tuple[ReorderPoint, ...]:
+    """The five reorder points of a decoder layer of ``config``'s family (LLaMA, OPT with pre-LN)."""
+    family = getattr(config, "family", None)
+    if family == "llama":
+        kv, d = config.num_kv_heads, config.head_dim
+        return (
+            ReorderPoint("R1", (("in", "self_attn/q_proj"),), 1, config.hidden_size, norm="input_layernorm",
+                         consumers=("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj")),
+            ReorderPoint("R2", (("out", "self_attn/q_proj"), ("out", "self_attn/k_proj")), kv, d,
+                         producers=("self_attn/q_proj", "self_attn/k_proj"), foldable=False),  # RoPE
+            ReorderPoint("R3", (("in", "self_attn/o_proj"),), kv, d, producers=("self_attn/v_proj",),
+                         consumers=("self_attn/o_proj",)),
+            ReorderPoint("R4", (("in", "mlp/up_proj"),), 1, config.hidden_size, norm="post_attention_layernorm",
+                         consumers=("mlp/up_proj", "mlp/gate_proj")),
+            ReorderPoint("R5", (("in", "mlp/down_proj"),), 1, config.intermediate_size,
+                         producers=("mlp/up_proj", "mlp/gate_proj"), consumers=("mlp/down_proj",)),
+        )
+    if family == "opt":
+        if not config.do_layer_norm_before:
+            raise NotImplementedError("RPTQ for post-LN OPT (opt-350m): the norms follow the residual add, so their "
+                                      "outputs are not the linears' inputs; only pre-LN OPT is supported")
+        h, d = config.num_heads, config.head_dim
+        return (
+            ReorderPoint("R1", (("in", "self_attn/q_proj"),), 1, config.hidden_size, norm="self_attn_layer_norm",
+                         consumers=("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj")),
+            ReorderPoint("R2", (("out", "self_attn/q_proj"), ("out", "self_attn/k_proj")), h, d,
+                         producers=("self_attn/q_proj", "self_attn/k_proj")),
+            ReorderPoint("R3", (("in", "self_attn/out_proj"),), h, d, producers=("self_attn/v_proj",),
+                         consumers=("self_attn/out_proj",)),
+            ReorderPoint("R4", (("in", "fc1"),), 1, config.hidden_size, norm="final_layer_norm", consumers=("fc1",)),
+            ReorderPoint("R5", (("in", "fc2"),), 1, config.ffn_dim, producers=("fc1",), consumers=("fc2",)),
+        )
+    raise NotImplementedError(f"RPTQ reorder points are defined for the llama and opt families, not {family!r}")
+
+
+def all_taps(points: Sequence[ReorderPoint]) -> Tuple[Tuple[str, str], ...]:
+    seen = []
+    for p in points:
+        seen += [t for t in p.taps if t not in seen]
+    return tuple(seen)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def _path_get(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def make_stats_pass(layer: nn.Module, taps: Sequence[Tuple[str, str]]):
+    """Jitted ``(layer_params, h [B, T, hidden], positions [B, T]) -> {tap: (max [C], min [C])}``: one forward of
+    the decoder layer ``layer`` with the inputs ("in": sown by ``models.common.Linear``) and outputs ("out":
+    ``capture_intermediates``) of the tapped linears reduced over every token."""
+    taps = tuple(taps)
+    for kind, _ in taps:
+        if kind not in ("in", "out"):
+            raise ValueError(f"tap kind {kind!r}: use 'in' (a linear's input) or 'out' (its output)")
+    out_paths = {tuple(p.split("/")) for kind, p in taps if kind == "out"}
+
+    def capture(mdl, method_name):
+        return method_name == "__call__" and tuple(mdl.path) in out_paths
+
+    @jax.jit
+    def stats_pass(layer_params, h, positions):
+        _, variables = layer.apply({"params": layer_params}, h, positions, mutable=["intermediates"],
+                                   capture_intermediates=capture)
+        sown = variables["intermediates"]
+        result = {}
+        for kind, path in taps:
+            x = _path_get(sown, path)["inputs" if kind == "in" else "__call__"][0]
+            x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            result[(kind, path)] = (jnp.max(x, axis=0), jnp.min(x, axis=0))
+        return result
+
+    return stats_pass
+
+
+@partial(jax.jit, static_argnames=("ema",))
+def accumulate_stats(running, new, ema: Optional[float] = None):
+    """Fold one batch's per-channel (max, min) into the running ones: ``ema=None``: running max / min (the reference's
+    reorder statistics); ``ema=a``: ``a * running + (1 - a) * new`` (the reference's "ema_minmax", a = 0.99)."""
+    if ema is None:
+        return {k: (jnp.maximum(r[0], new[k][0]), jnp.minimum(r[1], new[k][1])) for k, r in running.items()}
+    return jax.tree.map(lambda r, n: ema * r + (1 - ema) * n, running, new)
+
+
+def layer_stats(layer: nn.Module, layer_params, inputs: Sequence[jax.Array], positions, taps,
+                ema: Optional[float] = None, stats_pass=None) -> Dict[Tuple[str, str], Tuple[jax.Array, jax.Array]]:
+    """Per-channel (max, min) of ``taps`` over the calibration batches ``inputs`` (hidden states entering the layer),
+    one jitted pass per batch (pass ``stats_pass`` from ``make_stats_pass`` to reuse a compiled one)."""
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"ema={ema} must be in [0, 1) (the weight of the running value), or None for max/min")
+    if not len(inputs):
+        raise ValueError("layer_stats needs at least one calibration batch")
+    stats_pass = stats_pass or make_stats_pass(layer, taps)
+    running = None
+    for h in inputs:
+        new = stats_pass(layer_params, h, positions)
+        running = new if running is None else accumulate_stats(running, new, ema=ema)
+    return running
+
+
+def model_stats(lm, calibration: np.ndarray, points=None, batch_size: int = 4, ema: Optional[float] = None,
+                params=None) -> list:
+    """Statistics at every reorder point of every decoder layer of ``lm`` (a ``models.LoadedModel``) over the
+    calibration windows ``[n, seqlen]``: a list (one per layer) of ``{tap: (max, min)}``. Layer by layer, as the
+    quantization pipeline runs: only one layer's activations are live; the next layer's inputs are the outputs of
+    this layer with ``params`` (the float weights unless given)."""
+    calibration = np.asarray(calibration)
+    if calibration.ndim != 2:
+        raise ValueError(f"calibration must be token ids of shape [n, seqlen], got {calibration.shape}")
+    n, seqlen = calibration.shape
+    batch_size = max(1, min(batch_size, n))
+    if n % batch_size:
+        raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
+    params = lm.params if params is None else params
+    points = reorder_points(lm.config) if points is None else points
+    taps = all_taps(points)
+    layer = lm.family.DecoderLayer(lm.config, lm.dtype)
+    positions = jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen))
+    top = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    embed = jax.jit(lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed))
+    inputs = [embed(top, jnp.asarray(calibration[i: i + batch_size])) for i in range(0, n, batch_size)]
+    stats_pass = make_stats_pass(layer, taps)
+    forward = jax.jit(lambda p, h: layer.apply({"params": p}, h, positions)[0])
+    result = []
+    for i in range(lm.config.num_layers):
+        lp = params[f"layers_{i}"]
+        result.append(layer_stats(layer, lp, inputs, positions, taps, ema=ema, stats_pass=stats_pass))
+        inputs = [forward(lp, h) for h in inputs]
+    return result
+
+
+def point_features(point: ReorderPoint, stats) -> jax.Array:
+    """Clustering points ``[groups, channels, 2 * taps]`` of a reorder point: per channel the max of every tap, then
+    the min of every tap (the reference's (qmax, kmax, qmin, kmin) for R2); a tap's repeated heads reduced."""
+    maxes, mins = [], []
+    for tap in point.taps:
+        if tap not in stats:
+            raise KeyError(f"no statistics for tap {tap} of {point.name}")
+        mx, mn = (jnp.asarray(a, jnp.float32) for a in stats[tap])
+        if mx.shape[-1] % (point.groups * point.channels):
+            raise ValueError(f"{point.name}: tap {tap} has {mx.shape[-1]} channels, not a multiple of "
+                             f"{point.groups} groups x {point.channels} channels")
+        maxes.append(jnp.max(mx.reshape(point.groups, -1, point.channels), axis=1))
+        mins.append(jnp.min(mn.reshape(point.groups, -1, point.channels), axis=1))
+    return jnp.stack(maxes + mins, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------- clustering
+@dataclasses.dataclass(frozen=True)
+class ChannelClusters:
+    """labels ``[groups, channels]`` (cluster of each channel, original order); perm ``[groups, channels]`` (position
+    j of group g holds original channel ``perm[g, j]`` of that group: channels grouped by cluster, ascending label,
+    original order inside a cluster); counts ``[groups, k]``."""
+
+    labels: np.ndarray
+    perm: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.counts.shape[1]
+
+    def cluster_ids(self, reordered: bool = False) -> np.ndarray:
+        """Global cluster id (group * k + label) of every channel, flattened ``[groups * channels]``, in the
+        original order or (``reordered``) in the permuted one (then non-decreasing: contiguous clusters)."""
+        labels = np.take_along_axis(self.labels, self.perm, 1) if reordered else self.labels
+        return (labels + self.k * np.arange(labels.shape[0])[:, None]).reshape(-1)
+
+
+def cluster_channels(points, k: int, max_iter: int = 50) -> ChannelClusters:
+    """k-means (the shared ``jaxquant.kmeans``, maximin init, unweighted as the reference) of each group's channel
+    points ``[groups, channels, d]`` into ``k`` clusters, and the permutation that groups each cluster's channels."""
+    points = jnp.asarray(points, jnp.float32)
+    if points.ndim != 3:
+        raise ValueError(f"points must be [groups, channels, d], got shape {points.shape}")
+    if not isinstance(k, int) or not 1 <= k <= points.shape[1]:
+        raise ValueError(f"k={k!r} clusters: must be an integer in [1, {points.shape[1]}] (the channels per group)")
+    labels = np.asarray(kmeans(points, k=k, max_iter=max_iter).labels)
+    perm = np.argsort(labels, axis=1, kind="stable").astype(np.int32)
+    counts = np.stack([np.bincount(row, minlength=k) for row in labels])
+    return ChannelClusters(labels.astype(np.int32), perm, counts)
+
+
+def plan_layer(points: Sequence[ReorderPoint], stats, clusters: Optional[Dict[str, int]] = None,
+               max_iter: int = 50) -> Dict[str, ChannelClusters]:
+    """Clusters of every reorder point of one layer (``clusters``: point name -> k, default the reference's)."""
+    clusters = {**DEFAULT_CLUSTERS, **(clusters or {})}
+    return {p.name: cluster_channels(point_features(p, stats), clusters[p.name], max_iter) for p in points}
+
+
+# ---------------------------------------------------------------------------------------------------- folding
+def expand_perm(perm: np.ndarray, width: int) -> np.ndarray:
+    """Index ``[width]`` permuting a tensor axis laid out ``[groups, repeat, channels]`` with each group's
+    permutation ``perm [groups, channels]`` (every repeat of a group shares it)."""
+    groups, channels = perm.shape
+    if width % (groups * channels):
+        raise ValueError(f"axis of {width} channels is not [groups={groups}, repeat, channels={channels}]")
+    repeat = width // (groups * channels)
+    base = (np.arange(groups * repeat) * channels).reshape(groups, repeat, 1)
+    return (base + perm[:, None, :]).reshape(-1)
+
+
+def _take(tree, path: str, fn):
+    key, _, rest = path.partition("/")
+    if key not in tree:
+        raise KeyError(f"no {key!r} in the parameter tree (path {path!r})")
+    new = dict(tree)
+    new[key] = fn(tree[key]) if not rest else _take(tree[key], rest, fn)
+    return new
+
+
+def _permute_leaf(array, index, axis: int, what: str):
+    if not isinstance(array, (jax.Array, np.ndarray)):
+        raise TypeError(f"{what} is a {type(array).__name__}, not a dense array: fold the permutations before "
+                        "quantizing the weights")
+    return jnp.take(jnp.asarray(array), jnp.asarray(index), axis=axis)
+
+
+def fold_layer(layer_params, points: Sequence[ReorderPoint], plan: Dict[str, ChannelClusters],
+               skip_unfoldable: bool = True):
+    """Fold the permutations of ``plan`` into a decoder layer's float parameters. Returns ``(params, norm_perms)``:
+    ``norm_perms`` maps each reordered norm's path to the permutation of its input (``reordered_norms``)."""
+    params, norm_perms = layer_params, {}
+    for p in points:
+        if p.name not in plan:
+            continue
+        if not p.foldable:
+            if skip_unfoldable:
+                continue
+            raise ValueError(f"{p.name} cannot be folded into the weights of this family (RoPE)")
+        perm = plan[p.name].perm
+        if perm.shape != (p.groups, p.channels):
+            raise ValueError(f"{p.name}: permutation of shape {perm.shape}, expected {(p.groups, p.channels)}")
+        for name in p.producers:
+            node = _path_get(params, name)
+            index = expand_perm(perm, node["kernel"].shape[1])
+            params = _take(params, f"{name}/kernel", lambda k: _permute_leaf(k, index, 1, f"{name}/kernel"))
+            if "bias" in node:
+                params = _take(params, f"{name}/bias", lambda b: _permute_leaf(b, index, 0, f"{name}/bias"))
+        for name in p.consumers:
+            index = expand_perm(perm, _path_get(params, name)["kernel"].shape[0])
+            params = _take(params, f"{name}/kernel", lambda k: _permute_leaf(k, index, 0, f"{name}/kernel"))
+        if p.norm is not None:
+            index = expand_perm(perm, p.groups * p.channels)
+            for leaf in ("scale", "bias"):
+                if leaf in params.get(p.norm, {}):
+                    params = _take(params, f"{p.norm}/{leaf}", lambda a: _permute_leaf(a, index, 0, leaf))
+            norm_perms[p.norm] = index
+    return params, norm_perms
+
+
+def reordered_norms(norm_perms: Dict[str, np.ndarray]):
+    """Interceptor context: the norm modules at the given paths ("input_layernorm" inside a layer applied alone,
+    "layers_0/input_layernorm" in the whole model) read their input in the permuted order."""
+    perms = {k: jnp.asarray(v) for k, v in norm_perms.items()}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            name = "/".join(context.module.path)
+            if name in perms:
+                return next_fun(jnp.take(args[0], perms[name], axis=-1), *args[1:], **kwargs)
+        return next_fun(*args, **kwargs)
+
+    return nn.intercept_methods(interceptor)
+
+
+def fold_model(params, config, plans: Sequence[Dict[str, ChannelClusters]]):
+    """``fold_layer`` on every decoder layer: ``(params, norm_perms)`` with model-level norm paths."""
+    points = reorder_points(config)
+    if len(plans) != config.num_layers:
+        raise ValueError(f"{len(plans)} layer plans for {config.num_layers} layers")
+    params, all_perms = dict(params), {}
+    for i, plan in enumerate(plans):
+        params[f"layers_{i}"], perms = fold_layer(params[f"layers_{i}"], points, plan)
+        all_perms.update({f"layers_{i}/{k}": v for k, v in perms.items()})
+    return params, all_perms

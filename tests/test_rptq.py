@@ -1,0 +1,169 @@
+"""RPTQ: reorder statistics against numpy, channel clusters, folded permutations (the reordered float model gives the
+original logits), per-cluster activation quantizers against a float64 numpy oracle."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant import rptq
+
+CLUSTERS = {"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 8}  # the tiny models have 64 channels / 16 per head
+
+
+def _logits(module, params, ids, norm_perms=None):
+    """A fresh jit per call: the interceptor is active while tracing, so it must not hit another call's cache."""
+    fn = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])
+    if norm_perms is None:
+        return np.asarray(fn(params, ids))
+    with rptq.reordered_norms(norm_perms):
+        return np.asarray(fn(params, ids))
+
+
+def _random_plan(points, rng):
+    """Uniformly random permutations (not sorted by anything) at every reorder point."""
+    plan = {}
+    for p in points:
+        perm = np.stack([rng.permutation(p.channels) for _ in range(p.groups)]).astype(np.int32)
+        labels = rng.integers(0, 2, (p.groups, p.channels)).astype(np.int32)
+        plan[p.name] = rptq.ChannelClusters(labels, perm, np.stack([np.bincount(r, minlength=2) for r in labels]))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _rms_norm(x, scale, eps):
+    return scale * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_layer_stats_match_numpy(tiny_hf, rng, ema):
+    lm = tiny_hf("llama").loaded
+    c = lm.config
+    ids = rng.integers(0, c.vocab_size, (3, 2, 12))  # 3 batches of 2 windows
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    inputs = [jnp.asarray(lm.params["embed_tokens"]["embedding"])[b] for b in ids]
+    taps = (("in", "self_attn/q_proj"), ("out", "self_attn/q_proj"), ("out", "self_attn/k_proj"))
+    layer = lm.family.DecoderLayer(c, lm.dtype)
+    got = rptq.layer_stats(layer, lm.params["layers_0"], inputs, positions, taps, ema=ema)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), lm.params)
+    lp = p["layers_0"]
+    want = None
+    for b in ids:
+        x = _rms_norm(p["embed_tokens"]["embedding"][b], lp["input_layernorm"]["scale"], c.rms_norm_eps)
+        acts = {taps[0]: x, taps[1]: x @ lp["self_attn"]["q_proj"]["kernel"],
+                taps[2]: x @ lp["self_attn"]["k_proj"]["kernel"]}
+        new = {t: (a.reshape(-1, a.shape[-1]).max(0), a.reshape(-1, a.shape[-1]).min(0)) for t, a in acts.items()}
+        if want is None:
+            want = new
+        elif ema is None:
+            want = {t: (np.maximum(want[t][0], new[t][0]), np.minimum(want[t][1], new[t][1])) for t in taps}
+        else:
+            want = {t: tuple(ema * w + (1 - ema) * n for w, n in zip(want[t], new[t])) for t in taps}
+    for t in taps:
+        for g, w in zip(got[t], want[t]):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=str(t))
+
+
+def test_point_features_reduce_query_heads_per_kv_head(rng):
+    # R2 of a GQA model: 4 query heads over 2 K/V heads of 3 channels; the points of K/V head g take the max (min)
+    # over its 2 query heads, then k's: (qmax, kmax, qmin, kmin).
+    point = rptq.ReorderPoint("R2", (("out", "q"), ("out", "k")), groups=2, channels=3)
+    qmax, qmin, kmax, kmin = (rng.normal(size=n) for n in (12, 12, 6, 6))
+    feats = np.asarray(rptq.point_features(point, {("out", "q"): (qmax, qmin), ("out", "k"): (kmax, kmin)}))
+    assert feats.shape == (2, 3, 4)
+    np.testing.assert_allclose(feats[..., 0], qmax.reshape(2, 2, 3).max(1), rtol=1e-6)
+    np.testing.assert_allclose(feats[..., 1], kmax.reshape(2, 3), rtol=1e-6)
+    np.testing.assert_allclose(feats[..., 2], qmin.reshape(2, 2, 3).min(1), rtol=1e-6)
+    np.testing.assert_allclose(feats[..., 3], kmin.reshape(2, 3), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- clustering
+def test_cluster_channels_recovers_separated_groups(rng):
+    groups, channels, k = 2, 30, 3
+    truth = np.stack([rng.permutation(np.arange(channels) % k) for _ in range(groups)])  # 10 channels per cluster
+    centres = rng.normal(size=(groups, k, 2)) * 10
+    points = np.take_along_axis(centres, truth[..., None], 1) + 0.01 * rng.normal(size=(groups, channels, 2))
+    cl = rptq.cluster_channels(points, k)
+    for g in range(groups):
+        # same partition as the truth (label names may differ)
+        pairs = set(zip(truth[g].tolist(), cl.labels[g].tolist()))
+        assert len(pairs) == k
+        np.testing.assert_array_equal(np.sort(cl.perm[g]), np.arange(channels))
+        sorted_labels = cl.labels[g][cl.perm[g]]
+        assert np.all(np.diff(sorted_labels) >= 0), "clusters are not contiguous after the permutation"
+        for lab in range(k):  # a cluster keeps its channels' original order
+            assert np.all(np.diff(cl.perm[g][sorted_labels == lab]) > 0)
+        np.testing.assert_array_equal(cl.counts[g], np.bincount(cl.labels[g], minlength=k))
+    ids = cl.cluster_ids(reordered=True)
+    assert np.all(np.diff(ids) >= 0) and ids.max() == groups * k - 1
+
+
+def test_cluster_channels_rejects_bad_k(rng):
+    with pytest.raises(ValueError, match="clusters"):
+        rptq.cluster_channels(rng.normal(size=(1, 4, 2)), 5)
+    with pytest.raises(ValueError, match="groups, channels, d"):
+        rptq.cluster_channels(rng.normal(size=(4, 2)), 2)
+
+
+def test_expand_perm_oracle(rng):
+    groups, repeat, channels = 2, 3, 5
+    perm = np.stack([rng.permutation(channels) for _ in range(groups)])
+    x = rng.normal(size=groups * repeat * channels)
+    want = x.reshape(groups, repeat, channels)
+    want = np.stack([want[g][:, perm[g]] for g in range(groups)]).reshape(-1)
+    np.testing.assert_array_equal(x[rptq.expand_perm(perm, x.size)], want)
+    with pytest.raises(ValueError, match="not"):
+        rptq.expand_perm(perm, 12)
+
+
+# ------------------------------------------------------------------------------------------------- folding
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_folded_random_permutations_keep_logits(tiny_hf, rng, rel_err, family):
+    lm = tiny_hf(family).loaded
+    points = rptq.reorder_points(lm.config)
+    plans = [_random_plan(points, rng) for _ in range(lm.config.num_layers)]
+    folded, norm_perms = rptq.fold_model(lm.params, lm.config, plans)
+    ids = jnp.asarray(rng.integers(0, lm.config.vocab_size, (2, 16)))
+    ref = _logits(lm.module, lm.params, ids)
+    assert rel_err(_logits(lm.module, folded, ids, norm_perms), ref) < 1e-5
+    # the folding did change the weights: without the norms' reordering the logits are wrong
+    assert rel_err(_logits(lm.module, folded, ids), ref) > 1e-2
+    if family == "opt":  # R2 folded into q/k (no RoPE): the q_proj columns moved
+        assert not np.allclose(folded["layers_0"]["self_attn"]["q_proj"]["kernel"],
+                               lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"])
+    else:  # RoPE: q/k untouched except their input rows (R1)
+        np.testing.assert_array_equal(
+            folded["layers_0"]["self_attn"]["q_proj"]["kernel"],
+            lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"][plans[0]["R1"].perm[0]])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_calibrated_reorder_keeps_logits(tiny_hf, rng, rel_err, family):
+    lm = tiny_hf(family).loaded
+    calib = rng.integers(0, lm.config.vocab_size, (4, 16)).astype(np.int32)
+    stats = rptq.model_stats(lm, calib, batch_size=2)
+    points = rptq.reorder_points(lm.config)
+    plans = [rptq.plan_layer(points, s, CLUSTERS) for s in stats]
+    for name, cl in plans[0].items():
+        assert cl.counts.sum(1).tolist() == [cl.labels.shape[1]] * cl.labels.shape[0], name
+        assert np.any(cl.perm != np.arange(cl.perm.shape[1])), f"{name}: identity permutation"
+    folded, norm_perms = rptq.fold_model(lm.params, lm.config, plans)
+    ids = jnp.asarray(calib)
+    assert rel_err(_logits(lm.module, folded, ids, norm_perms), _logits(lm.module, lm.params, ids)) < 1e-5
+
+
+def test_rope_q_k_fold_refused(tiny_hf, rng):
+    lm = tiny_hf("llama").loaded
+    points = rptq.reorder_points(lm.config)
+    with pytest.raises(ValueError, match="RoPE"):
+        rptq.fold_layer(lm.params["layers_0"], points, _random_plan(points, rng), skip_unfoldable=False)
+
+
+def test_unsupported_family_named():
+    class Cfg:
+        family = "falcon"
+
+    with pytest.raises(NotImplementedError, match="falcon"):
+        rptq.reorder_points(Cfg())
