@@ -28,13 +28,13 @@ Folding (no gather at run time except inside the norm):
                   head of its group, and by the o_proj rows of those query heads).
 RoPE (LLaMA, Falcon) rotates channel pairs (i, i + D/2) at frequencies fixed by i: a permutation of q/k channels does
 not commute with it, so R2 is never folded there; its clusters still define the per-cluster quantizers (which act on
-channels in any order: see ``cluster_fake_quant``).
+channels in any order: see ``fake_quant``).
 """
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -348,3 +348,84 @@ def fold_model(params, config, plans: Sequence[Dict[str, ChannelClusters]]):
         params[f"layers_{i}"], perms = fold_layer(params[f"layers_{i}"], points, plan)
         all_perms.update({f"layers_{i}/{k}": v for k, v in perms.items()})
     return params, all_perms
+
+
+# ------------------------------------------------------------------------------------ per-cluster activation quantizers
+CLIP_SCALE = (1e-4, 1e4)  # the reference's CLIPMIN and upper clamp of a scale
+CLIP_ZERO = 1e4
+
+
+class ActQuantizer(NamedTuple):
+    """Static per-cluster asymmetric quantizer of an activation's last axis (a pytree: jit / save it as is).
+
+    scale, zero: ``[clusters]`` (zero an integer-valued float); cluster_ids: ``[channels]`` int32, the cluster of
+    every channel in the layout the activation has (original order with the labels, or the folded order, where a
+    cluster is a contiguous run). The bit width is a static argument of ``fake_quant``.
+    """
+
+    scale: jax.Array
+    zero: jax.Array
+    cluster_ids: jax.Array
+
+
+def channel_cluster_ids(clusters: ChannelClusters, width: int, reordered: bool = False) -> np.ndarray:
+    """Cluster id of every channel of an axis of ``width`` laid out ``[groups, repeat, channels]``: each (group,
+    repeat) block has its own k clusters (the reference clusters every head of the o_proj input separately), ids
+    ``(group * repeat + r) * k + label``; in the folded order (``reordered``) or the original one."""
+    groups, channels = clusters.labels.shape
+    if width % (groups * channels):
+        raise ValueError(f"axis of {width} channels is not [groups={groups}, repeat, channels={channels}]")
+    repeat = width // (groups * channels)
+    labels = np.take_along_axis(clusters.labels, clusters.perm, 1) if reordered else clusters.labels
+    block = np.arange(groups * repeat).reshape(groups, repeat, 1)
+    return (block * clusters.k + labels[:, None, :]).reshape(-1).astype(np.int32)
+
+
+def _check_bits(bits):
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r}: activation quantizers take an integer bit width in [2, 16]")
+
+
+@partial(jax.jit, static_argnames=("bits", "num_clusters"))
+def cluster_quant_params(ch_max, ch_min, cluster_ids, *, bits: int, num_clusters: int):
+    """Per-cluster (scale, zero) from per-channel calibration (max, min), the reference's ``minmax_calibration``
+    (asymmetric): the cluster's range [min over its channels of min, max over them of max];
+    ``scale = clip((max - min) / 2**bits, 1e-4, 1e4)``, ``zero = round(clip(-(max + min) / (2 scale), +-1e4))``,
+    for the signed code range [-2**(bits-1), 2**(bits-1) - 1] (so, as in the reference, the grid's top code sits one
+    step below the calibrated max)."""
+    ch_max, ch_min = jnp.asarray(ch_max, jnp.float32), jnp.asarray(ch_min, jnp.float32)
+    cmax = jax.ops.segment_max(ch_max, cluster_ids, num_segments=num_clusters)
+    cmin = jax.ops.segment_min(ch_min, cluster_ids, num_segments=num_clusters)
+    scale = jnp.clip((cmax - cmin) * (2.0 ** -bits), *CLIP_SCALE)
+    zero = jnp.round(jnp.clip(-(cmax + cmin) / (2 * scale), -CLIP_ZERO, CLIP_ZERO))
+    return scale, zero
+
+
+def make_act_quantizer(ch_max, ch_min, cluster_ids, bits: int, num_clusters: Optional[int] = None) -> ActQuantizer:
+    """An ``ActQuantizer`` from per-channel statistics and cluster ids (one id for all channels: one scale per tensor,
+    the no-reorder ablation)."""
+    _check_bits(bits)
+    ids = np.asarray(cluster_ids)
+    if ids.ndim != 1 or ids.shape[0] != np.shape(ch_max)[-1] or np.shape(ch_max) != np.shape(ch_min):
+        raise ValueError(f"cluster_ids {ids.shape}, max {np.shape(ch_max)} and min {np.shape(ch_min)} must all be "
+                         "[channels]")
+    if ids.min() < 0:
+        raise ValueError("cluster ids must be >= 0")
+    num_clusters = int(ids.max()) + 1 if num_clusters is None else num_clusters
+    if np.bincount(ids, minlength=num_clusters).min() == 0:
+        raise ValueError(f"every one of the {num_clusters} clusters needs at least one channel")
+    ids = jnp.asarray(ids, jnp.int32)
+    scale, zero = cluster_quant_params(ch_max, ch_min, ids, bits=bits, num_clusters=num_clusters)
+    return ActQuantizer(scale, zero, ids)
+
+
+@partial(jax.jit, static_argnames=("bits",))
+def fake_quant(x, quantizer: ActQuantizer, *, bits: int):
+    """Quantize-dequantize ``x [..., channels]`` with its channels' cluster scale / zero (the reference's
+    ``fake_quant``: ``(clip(round(x / s) + z, -2**(b-1), 2**(b-1) - 1) - z) * s``); bits >= 16 is the identity."""
+    if bits >= 16:
+        return x
+    s = quantizer.scale[quantizer.cluster_ids]
+    z = quantizer.zero[quantizer.cluster_ids]
+    q = jnp.clip(jnp.round(x.astype(jnp.float32) / s) + z, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return ((q - z) * s).astype(x.dtype)

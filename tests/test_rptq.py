@@ -167,3 +167,82 @@ def test_unsupported_family_named():
 
     with pytest.raises(NotImplementedError, match="falcon"):
         rptq.reorder_points(Cfg())
+
+
+# ------------------------------------------------------------------------------------- activation quantizers
+def _oracle_quant(x, ch_max, ch_min, ids, bits):
+    """float64 numpy: the reference's per-cluster asymmetric min/max calibration and fake quantization; also returns
+    the float64 x / scale (to spot rounding ties)."""
+    x, ch_max, ch_min = (np.asarray(a, np.float64) for a in (x, ch_max, ch_min))
+    n = ids.max() + 1
+    cmax = np.array([ch_max[ids == c].max() for c in range(n)])
+    cmin = np.array([ch_min[ids == c].min() for c in range(n)])
+    scale = np.clip((cmax - cmin) / 2 ** bits, 1e-4, 1e4)
+    zero = np.round(np.clip(-(cmax + cmin) / (2 * scale), -1e4, 1e4))
+    s, z = scale[ids], zero[ids]
+    ratio = x / s
+    q = np.clip(np.round(ratio) + z, -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return (q - z) * s, scale, zero, ratio
+
+
+def _random_clusters(rng, groups, channels, k):
+    labels = np.stack([rng.permutation(np.arange(channels) % k) for _ in range(groups)]).astype(np.int32)
+    perm = np.argsort(labels, axis=1, kind="stable").astype(np.int32)
+    return rptq.ChannelClusters(labels, perm, np.stack([np.bincount(r, minlength=k) for r in labels]))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_fake_quant_matches_numpy_oracle(rng, bits):
+    groups, repeat, channels, k = 2, 2, 12, 3
+    width = groups * repeat * channels
+    x = rng.normal(size=(3, 5, width)).astype(np.float32) * rng.uniform(0.1, 5, width).astype(np.float32)
+    # calibration range from other tokens, so some of x falls outside it (clipped)
+    calib = rng.normal(size=(40, width)).astype(np.float32) * rng.uniform(0.1, 5, width).astype(np.float32)
+    ch_max, ch_min = calib.max(0), calib.min(0)
+    ids = rptq.channel_cluster_ids(_random_clusters(rng, groups, channels, k), width)
+    assert ids.max() == groups * repeat * k - 1
+    qz = rptq.make_act_quantizer(ch_max, ch_min, ids, bits)
+    got = np.asarray(rptq.fake_quant(jnp.asarray(x), qz, bits=bits))
+    want, scale, zero, ratio = _oracle_quant(x, ch_max, ch_min, ids, bits)
+    np.testing.assert_allclose(np.asarray(qz.scale), scale, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(qz.zero), zero)
+    away_from_ties = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-4
+    assert away_from_ties.mean() > 0.99
+    np.testing.assert_allclose(got[away_from_ties], want[away_from_ties], rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.abs(got - want).max() <= scale.max() * 1.0001  # at a tie: one step at most
+    assert len(np.unique(got[..., ids == 0])) <= 2 ** bits  # one cluster: at most 2**bits levels
+    clipped = (x > ch_max) | (x < ch_min)
+    assert clipped.any()
+
+
+def test_fake_quant_same_in_folded_order(rng):
+    # Per-cluster quantization does not depend on the channel layout: quantizing the folded (permuted) activation
+    # with the folded cluster ids gives the permuted result of quantizing the original one.
+    groups, channels, k, bits = 2, 16, 4, 4
+    cl = _random_clusters(rng, groups, channels, k)
+    width = groups * channels
+    x = rng.normal(size=(4, width)).astype(np.float32) * 3
+    ch_max, ch_min = x.max(0) * 0.8, x.min(0) * 0.8
+    perm = rptq.expand_perm(cl.perm, width)
+    plain = rptq.make_act_quantizer(ch_max, ch_min, rptq.channel_cluster_ids(cl, width), bits)
+    folded = rptq.make_act_quantizer(ch_max[perm], ch_min[perm], rptq.channel_cluster_ids(cl, width, True), bits)
+    assert np.all(np.diff(np.asarray(folded.cluster_ids)) >= 0)  # contiguous clusters after the fold
+    np.testing.assert_array_equal(np.asarray(rptq.fake_quant(jnp.asarray(x[:, perm]), folded, bits=bits)),
+                                  np.asarray(rptq.fake_quant(jnp.asarray(x), plain, bits=bits))[:, perm])
+
+
+def test_per_tensor_ablation_and_errors(rng):
+    width = 24
+    x = (rng.normal(size=(6, width)) * rng.uniform(0.1, 10, width)).astype(np.float32)
+    one = rptq.make_act_quantizer(x.max(0), x.min(0), np.zeros(width, np.int32), 4)
+    assert one.scale.shape == (1,)
+    want, *_ = _oracle_quant(x, x.max(0), x.min(0), np.zeros(width, np.int64), 4)
+    np.testing.assert_allclose(np.asarray(rptq.fake_quant(jnp.asarray(x), one, bits=4)), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    assert np.array_equal(np.asarray(rptq.fake_quant(jnp.asarray(x), one, bits=16)), x)
+    with pytest.raises(ValueError, match="bits"):
+        rptq.make_act_quantizer(x.max(0), x.min(0), np.zeros(width, np.int32), 1)
+    with pytest.raises(ValueError, match="at least one channel"):
+        rptq.make_act_quantizer(x.max(0), x.min(0), np.full(width, 2, np.int32), 4)
+    with pytest.raises(ValueError, match="channels"):
+        rptq.make_act_quantizer(x.max(0), x.min(0), np.zeros(width - 1, np.int32), 4)
