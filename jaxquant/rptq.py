@@ -68,10 +68,20 @@ class ReorderPoint:
     producers: Tuple[str, ...] = ()  # linears whose output columns (+ bias) are permuted
     consumers: Tuple[str, ...] = ()  # linears whose input rows are permuted
     foldable: bool = True
+    # For fused linears (Falcon's query_key_value): per tap / per producer, the positions of this point's channels in
+    # that tensor's last axis, in [groups, repeat, channels] order (None: the whole axis).
+    tap_channels: Tuple[Optional[Tuple[int, ...]], ...] = ()
+    producer_channels: Tuple[Optional[Tuple[int, ...]], ...] = ()
+
+    def tap_index(self, i: int):
+        return self.tap_channels[i] if i < len(self.tap_channels) else None
+
+    def producer_index(self, i: int):
+        return self.producer_channels[i] if i < len(self.producer_channels) else None
 
 
 def reorder_points(config) -> Tuple[ReorderPoint, ...]:
-    """The five reorder points of a decoder layer of ``config``'s family (LLaMA, OPT with pre-LN)."""
+    """The reorder points of a decoder layer of ``config``'s family (LLaMA, pre-LN OPT, Falcon)."""
     family = getattr(config, "family", None)
     if family == "llama":
         kv, d = config.num_kv_heads, config.head_dim
@@ -102,7 +112,47 @@ def reorder_points(config) -> Tuple[ReorderPoint, ...]:
             ReorderPoint("R4", (("in", "fc1"),), 1, config.hidden_size, norm="final_layer_norm", consumers=("fc1",)),
             ReorderPoint("R5", (("in", "fc2"),), 1, config.ffn_dim, producers=("fc1",), consumers=("fc2",)),
         )
-    raise NotImplementedError(f"RPTQ reorder points are defined for the llama and opt families, not {family!r}")
+    if family == "falcon":
+        return _falcon_points(config)
+    raise NotImplementedError(f"RPTQ reorder points are defined for the llama, opt and falcon families, "
+                              f"not {family!r}")
+
+
+def _falcon_points(c) -> Tuple[ReorderPoint, ...]:
+    """Falcon: the fused QKV output's q / k / v columns by layout (``models.falcon.split_qkv``); RoPE, so R2 is not
+    folded; with one norm feeding attention and MLP in parallel (7B style) R1 is that norm's output, read by both
+    query_key_value and dense_h_to_4h, and there is no separate R4."""
+    h, kv, d = c.num_heads, c.num_kv_heads, c.head_dim
+    g = h // kv
+    if c.new_decoder_architecture:
+        blk = np.arange(kv * (g + 2) * d).reshape(kv, g + 2, d)
+        q, k, v = blk[:, :g], blk[:, g], blk[:, g + 1]
+    elif c.multi_query:
+        blk = np.arange((h + 2) * d).reshape(h + 2, d)
+        q, k, v = blk[:h], blk[h], blk[h + 1]
+    else:
+        blk = np.arange(3 * h * d).reshape(h, 3, d)
+        q, k, v = blk[:, 0], blk[:, 1], blk[:, 2]
+    cols = lambda a: tuple(int(i) for i in a.reshape(-1))  # noqa: E731
+    qkv, dense = "self_attention/query_key_value", "self_attention/dense"
+    up, down = "mlp/dense_h_to_4h", "mlp/dense_4h_to_h"
+    if not c.parallel_attn:
+        norms = (("input_layernorm", (qkv,)), ("post_attention_layernorm", (up,)))
+    elif c.new_decoder_architecture and c.num_ln_in_parallel_attn == 2:
+        norms = (("ln_attn", (qkv,)), ("ln_mlp", (up,)))
+    else:
+        norms = (("input_layernorm", (qkv, up)), None)
+    points = [
+        ReorderPoint("R1", (("in", qkv),), 1, c.hidden_size, norm=norms[0][0], consumers=norms[0][1]),
+        ReorderPoint("R2", (("out", qkv), ("out", qkv)), kv, d, producers=(qkv, qkv), foldable=False,
+                     tap_channels=(cols(q), cols(k)), producer_channels=(cols(q), cols(k))),
+        ReorderPoint("R3", (("in", dense),), kv, d, producers=(qkv,), consumers=(dense,),
+                     producer_channels=(cols(v),)),
+    ]
+    if norms[1] is not None:
+        points.append(ReorderPoint("R4", (("in", up),), 1, c.hidden_size, norm=norms[1][0], consumers=norms[1][1]))
+    points.append(ReorderPoint("R5", (("in", down),), 1, c.ffn_hidden_size, producers=(up,), consumers=(down,)))
+    return tuple(points)
 
 
 def all_taps(points: Sequence[ReorderPoint]) -> Tuple[Tuple[str, str], ...]:
@@ -207,10 +257,12 @@ def point_features(point: ReorderPoint, stats) -> jax.Array:
     """Clustering points ``[groups, channels, 2 * taps]`` of a reorder point: per channel the max of every tap, then
     the min of every tap (the reference's (qmax, kmax, qmin, kmin) for R2); a tap's repeated heads reduced."""
     maxes, mins = [], []
-    for tap in point.taps:
+    for i, tap in enumerate(point.taps):
         if tap not in stats:
             raise KeyError(f"no statistics for tap {tap} of {point.name}")
         mx, mn = (jnp.asarray(a, jnp.float32) for a in stats[tap])
+        if point.tap_index(i) is not None:
+            mx, mn = mx[..., np.asarray(point.tap_index(i))], mn[..., np.asarray(point.tap_index(i))]
         if mx.shape[-1] % (point.groups * point.channels):
             raise ValueError(f"{point.name}: tap {tap} has {mx.shape[-1]} channels, not a multiple of "
                              f"{point.groups} groups x {point.channels} channels")
@@ -305,9 +357,14 @@ def fold_layer(layer_params, points: Sequence[ReorderPoint], plan: Dict[str, Cha
         perm = plan[p.name].perm
         if perm.shape != (p.groups, p.channels):
             raise ValueError(f"{p.name}: permutation of shape {perm.shape}, expected {(p.groups, p.channels)}")
-        for name in p.producers:
+        for i, name in enumerate(p.producers):
             node = _path_get(params, name)
-            index = expand_perm(perm, node["kernel"].shape[1])
+            if p.producer_index(i) is None:
+                index = expand_perm(perm, node["kernel"].shape[1])
+            else:  # only this point's columns of a fused output move, among themselves
+                cols = np.asarray(p.producer_index(i))
+                index = np.arange(node["kernel"].shape[1])
+                index[cols] = cols[expand_perm(perm, cols.size)]
             params = _take(params, f"{name}/kernel", lambda k: _permute_leaf(k, index, 1, f"{name}/kernel"))
             if "bias" in node:
                 params = _take(params, f"{name}/bias", lambda b: _permute_leaf(b, index, 0, f"{name}/bias"))

@@ -119,9 +119,19 @@ def test_expand_perm_oracle(rng):
 
 
 # ------------------------------------------------------------------------------------------------- folding
-@pytest.mark.parametrize("family", ["llama", "opt"])
+# Falcon's three layouts: 7B (multi-query, one norm for parallel attention + MLP), 40B (grouped KV, ln_attn/ln_mlp),
+# classic (per-head [q | k | v], sequential block).
+FALCON_LAYOUTS = {"falcon": {}, "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2),
+                  "falcon-classic": dict(multi_query=False, parallel_attn=False)}
+
+
+def _model(tiny_hf, family):
+    return tiny_hf("falcon", **FALCON_LAYOUTS[family]).loaded if family in FALCON_LAYOUTS else tiny_hf(family).loaded
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", *FALCON_LAYOUTS])
 def test_folded_random_permutations_keep_logits(tiny_hf, rng, rel_err, family):
-    lm = tiny_hf(family).loaded
+    lm = _model(tiny_hf, family)
     points = rptq.reorder_points(lm.config)
     plans = [_random_plan(points, rng) for _ in range(lm.config.num_layers)]
     folded, norm_perms = rptq.fold_model(lm.params, lm.config, plans)
@@ -133,15 +143,15 @@ def test_folded_random_permutations_keep_logits(tiny_hf, rng, rel_err, family):
     if family == "opt":  # R2 folded into q/k (no RoPE): the q_proj columns moved
         assert not np.allclose(folded["layers_0"]["self_attn"]["q_proj"]["kernel"],
                                lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"])
-    else:  # RoPE: q/k untouched except their input rows (R1)
+    elif family == "llama":  # RoPE: q/k untouched except their input rows (R1)
         np.testing.assert_array_equal(
             folded["layers_0"]["self_attn"]["q_proj"]["kernel"],
             lm.params["layers_0"]["self_attn"]["q_proj"]["kernel"][plans[0]["R1"].perm[0]])
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "falcon"])
 def test_calibrated_reorder_keeps_logits(tiny_hf, rng, rel_err, family):
-    lm = tiny_hf(family).loaded
+    lm = _model(tiny_hf, family)
     calib = rng.integers(0, lm.config.vocab_size, (4, 16)).astype(np.int32)
     stats = rptq.model_stats(lm, calib, batch_size=2)
     points = rptq.reorder_points(lm.config)
@@ -163,9 +173,9 @@ def test_rope_q_k_fold_refused(tiny_hf, rng):
 
 def test_unsupported_family_named():
     class Cfg:
-        family = "falcon"
+        family = "gpt2"
 
-    with pytest.raises(NotImplementedError, match="falcon"):
+    with pytest.raises(NotImplementedError, match="gpt2"):
         rptq.reorder_points(Cfg())
 
 
