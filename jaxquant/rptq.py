@@ -486,3 +486,37 @@ def fake_quant(x, quantizer: ActQuantizer, *, bits: int):
     z = quantizer.zero[quantizer.cluster_ids]
     q = jnp.clip(jnp.round(x.astype(jnp.float32) / s) + z, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return ((q - z) * s).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- configurations
+# The activations the reference quantizes (models/int_opt_layer.py, main.py), by the name used here:
+#   norm_out  the attention / MLP norm outputs (R1 / R4 clusters): the q/k/v and fc1 (up/gate) inputs
+#   q, k      the query (after OPT's 1/sqrt(d) scaling) and key entering Q K^T (R2 clusters, per head)
+#   v         the value entering P V (R3 clusters, per head)
+#   probs     the softmax probabilities entering P V: fixed grid round(p * 255) / 255 whenever enabled
+#   o_in      the attention output projection's input (R3 clusters, per head)
+#   fc2_in    the second MLP matrix's input (R5 clusters)
+# q/k/v/fc1 linears read the quantized norm output (their own input quantizer is disabled).
+ACTIVATIONS = ("norm_out", "q", "k", "v", "probs", "o_in", "fc2_in")
+CONFIGURATIONS = {  # name -> (weight bits, activation bits, only the K/V cache)
+    "W4A16": (4, 16, False), "W4A8": (4, 8, False), "W4A4": (4, 4, False),
+    "W4A4KV": (4, 4, True), "W4A3KV": (4, 3, True), "W3A3KV": (3, 3, True),
+}
+
+
+def activation_bits(abits: int, kv_only: bool = False) -> Dict[str, int]:
+    """Bits of every activation in ``ACTIVATIONS`` (16 = not quantized), as the reference's main.py sets them: the
+    norm outputs and the probabilities at max(8, abits); the rest at abits; ``kv_only`` (``--only_quant_kv``): only
+    k and v (the KV cache) at abits."""
+    _check_bits(abits)
+    if kv_only:
+        return {a: (abits if a in ("k", "v") else 16) for a in ACTIVATIONS}
+    wide = max(8, abits)
+    return {a: (wide if a in ("norm_out", "probs") else abits) for a in ACTIVATIONS}
+
+
+def fake_quant_probs(p, bits: int):
+    """The reference's "fix0to1" quantizer of the attention probabilities: ``round(p * 255) / 255`` (its grid is
+    fixed, whatever the bit width), or the identity for bits >= 16."""
+    _check_bits(bits)
+    return p if bits >= 16 else (jnp.round(p * 255) / 255).astype(p.dtype)

@@ -256,3 +256,22 @@ def test_per_tensor_ablation_and_errors(rng):
         rptq.make_act_quantizer(x.max(0), x.min(0), np.full(width, 2, np.int32), 4)
     with pytest.raises(ValueError, match="channels"):
         rptq.make_act_quantizer(x.max(0), x.min(0), np.zeros(width - 1, np.int32), 4)
+
+
+def test_configurations_quantize_what_the_reference_does():
+    a4 = rptq.activation_bits(4)
+    assert a4 == {"norm_out": 8, "q": 4, "k": 4, "v": 4, "probs": 8, "o_in": 4, "fc2_in": 4}
+    assert rptq.activation_bits(8) == dict.fromkeys(rptq.ACTIVATIONS, 8)
+    kv3 = rptq.activation_bits(3, kv_only=True)
+    assert {a for a, b in kv3.items() if b < 16} == {"k", "v"} and kv3["k"] == 3
+    assert set(rptq.activation_bits(16).values()) == {16}
+    for name, (wbits, abits, kv_only) in rptq.CONFIGURATIONS.items():
+        assert name == f"W{wbits}A{abits}" + ("KV" if kv_only else "")
+
+
+def test_fake_quant_probs(rng):
+    p = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 17)) * 3), axis=-1)
+    got = np.asarray(rptq.fake_quant_probs(p, 8))
+    np.testing.assert_allclose(got, np.round(np.asarray(p, np.float64) * 255) / 255, atol=1e-7)
+    assert not np.allclose(got, np.asarray(p))
+    assert rptq.fake_quant_probs(p, 16) is p
