@@ -520,3 +520,50 @@ def fake_quant_probs(p, bits: int):
     fixed, whatever the bit width), or the identity for bits >= 16."""
     _check_bits(bits)
     return p if bits >= 16 else (jnp.round(p * 255) / 255).astype(p.dtype)
+
+
+# ------------------------------------------------------------------------- linear inputs in the jitted forward
+_LINEAR_INPUT_ACTIVATION = {"R1": "norm_out", "R3": "o_in", "R4": "norm_out", "R5": "fc2_in"}
+
+
+def linear_input_quantizers(points: Sequence[ReorderPoint], stats, plan: Dict[str, ChannelClusters], abits: int,
+                            kv_only: bool = False, folded: bool = True) -> Dict[str, Tuple[ActQuantizer, int]]:
+    """Per-cluster quantizers of the linear inputs of one decoder layer: linear path -> (quantizer, bits), for the
+    norm outputs (R1 / R4: every consuming linear gets the one quantizer, as the reference quantizes the norm output
+    once), the o_proj input (R3) and the second MLP matrix's input (R5), at the bits of ``activation_bits``.
+    ``stats``: per-channel (max, min) at the points' taps in the original channel order (the reference calibrates
+    its activation quantizers with ``ema`` 0.99); ``folded``: the quantizers act on the folded layout (after
+    ``fold_layer``), else on the original one."""
+    bits = activation_bits(abits, kv_only)
+    out = {}
+    for p in points:
+        act = _LINEAR_INPUT_ACTIVATION.get(p.name)
+        if act is None or bits[act] >= 16 or p.name not in plan:
+            continue
+        if folded and not p.foldable:
+            raise ValueError(f"{p.name} is not folded in this family; use folded=False")
+        mx, mn = (np.asarray(a, np.float32) for a in stats[p.taps[0]])
+        width = mx.shape[-1]
+        if folded:
+            index = expand_perm(plan[p.name].perm, width)
+            mx, mn = mx[index], mn[index]
+        quantizer = make_act_quantizer(mx, mn, channel_cluster_ids(plan[p.name], width, reordered=folded), bits[act])
+        for name in p.consumers:
+            out[name] = (quantizer, bits[act])
+    return out
+
+
+def quantized_linear_inputs(quantizers: Dict[str, Tuple[ActQuantizer, int]]):
+    """Interceptor context: the linears at the given paths ("self_attn/o_proj" in a layer applied alone,
+    "layers_0/self_attn/o_proj" in the whole model) fake-quantize their input first (as ``models.common.Linear``
+    sows its input after the interceptor, the sown inputs are the quantized ones)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and hasattr(context.module, "features"):
+            name = "/".join(context.module.path)
+            if name in quantizers:
+                quantizer, bits = quantizers[name]
+                return next_fun(fake_quant(args[0], quantizer, bits=bits), *args[1:], **kwargs)
+        return next_fun(*args, **kwargs)
+
+    return nn.intercept_methods(interceptor)

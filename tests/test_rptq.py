@@ -2,6 +2,8 @@
 original logits), per-cluster activation quantizers against a float64 numpy oracle."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,3 +277,51 @@ def test_fake_quant_probs(rng):
     np.testing.assert_allclose(got, np.round(np.asarray(p, np.float64) * 255) / 255, atol=1e-7)
     assert not np.allclose(got, np.asarray(p))
     assert rptq.fake_quant_probs(p, 16) is p
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_linear_inputs_quantized_in_forward(tiny_hf, rng, folded):
+    lm = tiny_hf("llama").loaded
+    c = lm.config
+    layer = lm.family.DecoderLayer(c, lm.dtype)
+    points = rptq.reorder_points(c)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    inputs = [jnp.asarray(lm.params["embed_tokens"]["embedding"])[b] for b in rng.integers(0, 128, (2, 2, 12))]
+    lp = lm.params["layers_0"]
+    stats = rptq.layer_stats(layer, lp, inputs, positions, rptq.all_taps(points), ema=0.99)
+    plan = rptq.plan_layer(points, stats, CLUSTERS)
+    quantizers = rptq.linear_input_quantizers(points, stats, plan, abits=4, folded=folded)
+    assert set(quantizers) == {"self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+                               "mlp/up_proj", "mlp/gate_proj", "mlp/down_proj"}
+    assert quantizers["self_attn/q_proj"][1] == 8 and quantizers["self_attn/o_proj"][1] == 4  # norm out at 8 bits
+    norm_perms = {}
+    if folded:
+        lp, norm_perms = rptq.fold_layer(lp, points, plan)
+
+    def sown(with_quant):
+        def run(p, h):
+            return layer.apply({"params": p}, h, positions, mutable=["intermediates"])[1]["intermediates"]
+        with rptq.reordered_norms(norm_perms), (rptq.quantized_linear_inputs(quantizers) if with_quant
+                                                 else contextlib.nullcontext()):
+            return jax.jit(run)(lp, inputs[0])
+
+    plain, quant = sown(False), sown(True)
+    for name, (qz, bits) in quantizers.items():
+        node = quant
+        for key in name.split("/"):
+            node = node[key]
+        x = np.asarray(node["inputs"][0], np.float64)
+        s, z = np.asarray(qz.scale)[np.asarray(qz.cluster_ids)], np.asarray(qz.zero)[np.asarray(qz.cluster_ids)]
+        codes = x / s + z  # every quantized input lies on its cluster's grid
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3, err_msg=name)
+        assert codes.min() >= -2 ** (bits - 1) - 1e-3 and codes.max() <= 2 ** (bits - 1) - 1 + 1e-3
+    # q_proj's input is the first quantized activation: the oracle quantization of the float norm output
+    ids = np.asarray(quantizers["self_attn/q_proj"][0].cluster_ids)
+    mx, mn = (np.asarray(a) for a in stats[("in", "self_attn/q_proj")])
+    if folded:
+        perm = rptq.expand_perm(plan["R1"].perm, mx.size)
+        mx, mn = mx[perm], mn[perm]
+    want, _, _, ratio = _oracle_quant(plain["self_attn"]["q_proj"]["inputs"][0], mx, mn, ids, 8)
+    got = np.asarray(quant["self_attn"]["q_proj"]["inputs"][0])
+    away_from_ties = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-4
+    np.testing.assert_allclose(got[away_from_ties], want[away_from_ties], rtol=1e-5, atol=1e-6 * np.abs(want).max())
