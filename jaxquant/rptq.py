@@ -28,7 +28,15 @@ Folding (no gather at run time except inside the norm):
                   head of its group, and by the o_proj rows of those query heads).
 RoPE (LLaMA, Falcon) rotates channel pairs (i, i + D/2) at frequencies fixed by i: a permutation of q/k channels does
 not commute with it, so R2 is never folded there; its clusters still define the per-cluster quantizers (which act on
-channels in any order: see ``fake_quant``).
+channels in any order: see ``fake_quant``). With grouped-query attention the R2 / R3 points of a K/V head take the
+max (min) over the query heads of its group.
+
+Flow: ``model_stats`` (per layer: ``layer_stats`` over ``make_stats_pass``) -> ``plan_layer`` (``point_features``,
+``cluster_channels``) -> ``fold_model`` / ``fold_layer`` + the ``reordered_norms`` interceptor -> activation
+quantizers: ``make_act_quantizer`` / ``fake_quant`` (per cluster), ``fake_quant_probs``, ``activation_bits``
+(which activations each configuration quantizes), ``linear_input_quantizers`` + the ``quantized_linear_inputs``
+interceptor (the linear inputs in the jitted forward). Not here yet: q / k / v / probability quantizers inside the
+attention (KV cache), GPTQ on the folded weights inside the pipeline, CLI.
 """
 from __future__ import annotations
 
