@@ -575,3 +575,32 @@ def quantized_linear_inputs(quantizers: Dict[str, Tuple[ActQuantizer, int]]):
         return next_fun(*args, **kwargs)
 
     return nn.intercept_methods(interceptor)
+
+
+# ------------------------------------------------------------------- q / k / v / probabilities inside the attention
+def _quant_heads(x, quantizer: ActQuantizer, bits: int):
+    """``fake_quant`` of ``x [B, T, heads, D]`` over its flattened ``heads * D`` channels (the clusters' layout)."""
+    return fake_quant(x.reshape(*x.shape[:-2], -1), quantizer, bits=bits).reshape(x.shape)
+
+
+def quantized_attention(quantizers: Dict[str, Dict[str, Tuple[Optional[ActQuantizer], int]]]):
+    """Interceptor context: the attention modules at the given paths ("self_attn" in a layer applied alone,
+    "layers_0/self_attn" in the whole model) fake-quantize what passes their ``attention_activation`` seam
+    (``models.common``): ``{"q" | "k" | "v": (ActQuantizer over heads * D channels, bits), "probs": (None, bits)}``;
+    an activation not listed passes unchanged. k and v are quantized before they are written to the KV cache."""
+    for path, acts in quantizers.items():
+        unknown = set(acts) - {"q", "k", "v", "probs"}
+        if unknown:
+            raise ValueError(f"{path}: unknown attention activations {sorted(unknown)} (use q, k, v, probs)")
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "attention_activation":
+            acts = quantizers.get("/".join(context.module.path))
+            name, x = args[0], args[1]
+            if acts is not None and name in acts:
+                quantizer, bits = acts[name]
+                x = fake_quant_probs(x, bits) if name == "probs" else _quant_heads(x, quantizer, bits)
+                return next_fun(name, x, *args[2:], **kwargs)
+        return next_fun(*args, **kwargs)
+
+    return nn.intercept_methods(interceptor)

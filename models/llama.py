@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import (CausalLM, Embed, Linear, RMSNorm, apply_rope, attention_mask, dot_product_attention,
-                           rope_inverse_frequencies, rope_parameters, update_cache)
+from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, apply_rope, attention_mask,
+                           dot_product_attention, rope_inverse_frequencies, rope_parameters, update_cache)
 from models.weights import Rule
 
 
@@ -79,7 +79,7 @@ NAME_MAP = (
 )
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
     config: LlamaConfig
     dtype: Any = jnp.float32
 
@@ -98,9 +98,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
-        k, v, cache = update_cache(cache, k, v, cache_index)
+        k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
         mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, mask, act=self.attention_activation)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import CausalLM, Embed, LayerNorm, Linear, attention_mask, dot_product_attention, update_cache
+from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, attention_mask, dot_product_attention,
+                           update_cache)
 from models.weights import Rule
 
 # HF ACT2FN names -> JAX. "gelu" is the exact (erf) GELU, the tanh forms are the approximate one.
@@ -136,7 +137,7 @@ def layer_norm(c: OPTConfig, dtype):
     return LayerNorm(c.layer_norm_eps, dtype) if c.layer_norm_elementwise_affine else PlainLayerNorm(c.layer_norm_eps)
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
     config: OPTConfig
     dtype: Any = jnp.float32
 
@@ -154,9 +155,9 @@ class Attention(nn.Module):
         q = (self.q_proj(x) * (c.head_dim ** -0.5)).reshape(b, t, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(b, t, c.num_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k, v, cache = update_cache(cache, k, v, cache_index)
+        k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
         mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
-        out = dot_product_attention(q, k, v, mask, scale=1.0)
+        out = dot_product_attention(q, k, v, mask, scale=1.0, act=self.attention_activation)
         return self.out_proj(out.reshape(b, t, -1)), cache
 
 

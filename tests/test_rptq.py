@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxquant import rptq
+from models.common import init_cache
 
 CLUSTERS = {"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 8}  # the tiny models have 64 channels / 16 per head
 
@@ -325,3 +326,73 @@ def test_linear_inputs_quantized_in_forward(tiny_hf, rng, folded):
     got = np.asarray(quant["self_attn"]["q_proj"]["inputs"][0])
     away_from_ties = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-4
     np.testing.assert_allclose(got[away_from_ties], want[away_from_ties], rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+# --------------------------------------------------------------------------- q / k / v / probabilities (model hook)
+@contextlib.contextmanager
+def _recording(seen):
+    """Records (name, input, output) of every ``attention_activation`` call; entered before (outside) the quantizing
+    interceptor, so the output is what the attention goes on with."""
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "attention_activation":
+            seen.append(("/".join(context.module.path), args[0], np.asarray(args[1]), np.asarray(y)))
+        return y
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+@pytest.mark.parametrize("family,kv_only", [("llama", False), ("llama", True), ("opt", False), ("falcon", False)])
+def test_attention_activations_on_their_grids(tiny_hf, rng, family, kv_only):
+    lm = tiny_hf(family).loaded
+    c = lm.config
+    heads = {"q": c.num_heads, "k": c.num_kv_heads, "v": c.num_kv_heads} if family != "opt" else \
+        {"q": c.num_heads, "k": c.num_heads, "v": c.num_heads}
+    bits = 3
+    attn = {"llama": "self_attn", "opt": "self_attn", "falcon": "self_attention"}[family]
+    quantizers, oracle = {}, {}
+    for layer in range(c.num_layers):
+        acts = {}
+        for name, h in heads.items():
+            if kv_only and name == "q":
+                continue
+            width = h * c.head_dim
+            # random per-channel ranges around the activations' scale, random clusters of channels
+            ch_max = rng.uniform(0.2, 2.0, width)
+            ch_min = -rng.uniform(0.2, 2.0, width)
+            ids = rng.integers(0, 5, width)
+            ids[:5] = np.arange(5)
+            acts[name] = (rptq.make_act_quantizer(ch_max, ch_min, ids, bits), bits)
+            oracle[(f"layers_{layer}/{attn}", name)] = (ch_max, ch_min, ids)
+        if not kv_only:
+            acts["probs"] = (None, 8)
+        quantizers[f"layers_{layer}/{attn}"] = acts
+    ids = rng.integers(0, c.vocab_size, (2, 9))
+    kv_heads = heads["k"]
+    cache = init_cache(c.num_layers, 2, 12, kv_heads, c.head_dim, jnp.float32)
+    seen = []
+    # eagerly (the recorder keeps concrete values), through the KV cache: what is stored is the quantized k / v
+    fn = lambda p, x, cache: lm.module.apply({"params": p}, x, cache=cache, cache_index=0)  # noqa: E731
+    with _recording(seen), rptq.quantized_attention(quantizers):
+        _, new_cache = fn(lm.params, jnp.asarray(ids), cache)
+    assert len(seen) == 4 * c.num_layers
+    for path, name, x, y in seen:
+        if (path, name) in oracle:
+            ch_max, ch_min, cl = oracle[(path, name)]
+            flat = x.reshape(*x.shape[:-2], -1)
+            want, _, _, ratio = _oracle_quant(flat, ch_max, ch_min, cl, bits)
+            away_from_ties = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-4
+            np.testing.assert_allclose(y.reshape(flat.shape)[away_from_ties], want[away_from_ties], rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{path} {name}")
+            assert not np.array_equal(x, y), f"{path} {name} was not quantized"
+            if name in ("k", "v"):
+                layer = int(path.split("/")[0].split("_")[1])
+                np.testing.assert_array_equal(np.asarray(new_cache[layer][name][:, :9]), y)
+        elif name == "probs" and not kv_only:
+            np.testing.assert_allclose(y, np.round(x.astype(np.float64) * 255) / 255, atol=1e-7)
+            assert not np.array_equal(x, y)
+        else:  # KV-only: q and the probabilities pass exactly
+            np.testing.assert_array_equal(y, x, err_msg=f"{path} {name}")
