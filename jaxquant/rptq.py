@@ -35,11 +35,16 @@ Flow: ``model_stats`` (per layer: ``layer_stats`` over ``make_stats_pass``) -> `
 ``cluster_channels``) -> ``fold_model`` / ``fold_layer`` + the ``reordered_norms`` interceptor -> activation
 quantizers: ``make_act_quantizer`` / ``fake_quant`` (per cluster), ``fake_quant_probs``, ``activation_bits``
 (which activations each configuration quantizes), ``linear_input_quantizers`` + the ``quantized_linear_inputs``
-interceptor (the linear inputs in the jitted forward). Not here yet: q / k / v / probability quantizers inside the
-attention (KV cache), GPTQ on the folded weights inside the pipeline, CLI.
+interceptor (the linear inputs in the jitted forward), ``quantized_attention`` (q, post-RoPE k, v before the KV
+cache, probabilities, through the models' ``attention_activation`` seam). Whole model: ``quantize_model_rptq``
+(the reference's per-layer order: reorder stats -> clusters -> fold, permutations stored as the norms'
+``input_perm`` -> GPTQ on the folded weights -> activation quantizers calibrated on the weight-quantized layer ->
+next layer's inputs through the quantized layer) returning params + ``RPTQState``; ``act_quantized`` runs them
+(any jitted forward, ``jaxquant.eval.perplexity``). Not here yet: checkpoint of the state, CLI.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
@@ -183,22 +188,36 @@ def make_stats_pass(layer: nn.Module, taps: Sequence[Tuple[str, str]]):
     ``capture_intermediates``) of the tapped linears reduced over every token."""
     taps = tuple(taps)
     for kind, _ in taps:
-        if kind not in ("in", "out"):
-            raise ValueError(f"tap kind {kind!r}: use 'in' (a linear's input) or 'out' (its output)")
+        if kind not in ("in", "out", "act"):
+            raise ValueError(f"tap kind {kind!r}: use 'in' (a linear's input), 'out' (its output) or 'act' "
+                             "(an attention activation: 'self_attn/q', '.../k', '.../v')")
     out_paths = {tuple(p.split("/")) for kind, p in taps if kind == "out"}
+    act_taps = {tuple(p.rsplit("/", 1)) for kind, p in taps if kind == "act"}
 
     def capture(mdl, method_name):
         return method_name == "__call__" and tuple(mdl.path) in out_paths
 
+    def sow_attention(next_fun, args, kwargs, context):  # q / k / v as the attention sees them (k after RoPE)
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "attention_activation" and ("/".join(context.module.path), args[0]) in act_taps:
+            context.module.sow("intermediates", f"act_{args[0]}", y)
+        return y
+
     @jax.jit
     def stats_pass(layer_params, h, positions):
-        _, variables = layer.apply({"params": layer_params}, h, positions, mutable=["intermediates"],
-                                   capture_intermediates=capture)
+        with nn.intercept_methods(sow_attention):
+            _, variables = layer.apply({"params": layer_params}, h, positions, mutable=["intermediates"],
+                                       capture_intermediates=capture)
         sown = variables["intermediates"]
         result = {}
         for kind, path in taps:
-            x = _path_get(sown, path)["inputs" if kind == "in" else "__call__"][0]
-            x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            if kind == "act":
+                module, name = path.rsplit("/", 1)
+                x = _path_get(sown, module)[f"act_{name}"][0]
+                x = x.reshape(-1, x.shape[-2] * x.shape[-1]).astype(jnp.float32)  # channels: heads * D
+            else:
+                x = _path_get(sown, path)["inputs" if kind == "in" else "__call__"][0]
+                x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
             result[(kind, path)] = (jnp.max(x, axis=0), jnp.min(x, axis=0))
         return result
 
@@ -351,9 +370,12 @@ def _permute_leaf(array, index, axis: int, what: str):
 
 
 def fold_layer(layer_params, points: Sequence[ReorderPoint], plan: Dict[str, ChannelClusters],
-               skip_unfoldable: bool = True):
+               skip_unfoldable: bool = True, perm_in_params: bool = False):
     """Fold the permutations of ``plan`` into a decoder layer's float parameters. Returns ``(params, norm_perms)``:
-    ``norm_perms`` maps each reordered norm's path to the permutation of its input (``reordered_norms``)."""
+    ``norm_perms`` maps each reordered norm's path to the permutation of its input (``reordered_norms``).
+    ``perm_in_params``: also store each such permutation as the norm's ``input_perm`` parameter (int32), which the
+    models' norms read themselves (``models.common.permuted_input``): the folded tree then runs as it is (jit,
+    the quantization pipeline, checkpoints) with no interceptor."""
     params, norm_perms = layer_params, {}
     for p in points:
         if p.name not in plan:
@@ -385,6 +407,9 @@ def fold_layer(layer_params, points: Sequence[ReorderPoint], plan: Dict[str, Cha
                 if leaf in params.get(p.norm, {}):
                     params = _take(params, f"{p.norm}/{leaf}", lambda a: _permute_leaf(a, index, 0, leaf))
             norm_perms[p.norm] = index
+            if perm_in_params:
+                params = dict(params)
+                params[p.norm] = dict(params.get(p.norm, {}), input_perm=jnp.asarray(index, jnp.int32))
     return params, norm_perms
 
 
@@ -604,3 +629,236 @@ def quantized_attention(quantizers: Dict[str, Dict[str, Tuple[Optional[ActQuanti
         return next_fun(*args, **kwargs)
 
     return nn.intercept_methods(interceptor)
+
+
+# ------------------------------------------------------------------------------------------------ the whole model
+ATTENTION_MODULE = {"llama": "self_attn", "opt": "self_attn", "falcon": "self_attention"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RPTQConfig:
+    """weight: GPTQ settings of the weights (``QuantConfig``); abits / kv_only: which activations at which bits
+    (``activation_bits``); reorder=False: the ablation without reordering (no clusters, nothing folded, one scale
+    per activation tensor); clusters: k per reorder point over the reference's defaults; ema: calibration of the
+    activation quantizers (the reference's 0.99; None: running max / min); kmeans_iter: k-means iterations."""
+
+    weight: object
+    abits: int = 16
+    kv_only: bool = False
+    reorder: bool = True
+    clusters: Tuple[Tuple[str, int], ...] = ()
+    ema: Optional[float] = REFERENCE_EMA
+    kmeans_iter: int = 50
+
+    @classmethod
+    def named(cls, name: str, weight=None, **fields) -> "RPTQConfig":
+        """A configuration of ``CONFIGURATIONS`` ("W4A4KV", ...); ``weight`` defaults to asymmetric per-channel
+        GPTQ at the configuration's weight bits."""
+        if name not in CONFIGURATIONS:
+            raise ValueError(f"unknown RPTQ configuration {name!r}; choose one of {sorted(CONFIGURATIONS)}")
+        from jaxquant.config import QuantConfig
+
+        wbits, abits, kv_only = CONFIGURATIONS[name]
+        weight = QuantConfig(bits=wbits, group_size=-1) if weight is None else weight
+        if weight.bits != wbits:
+            raise ValueError(f"{name} quantizes weights to {wbits} bits, but the weight config has bits={weight.bits}")
+        return cls(weight=weight, abits=abits, kv_only=kv_only, **fields)
+
+
+@dataclasses.dataclass
+class RPTQState:
+    """Activation quantization of a model quantized by ``quantize_model_rptq`` (its permutations are in the parameter
+    tree: the norms' ``input_perm`` and the permuted kernels).
+
+    bits: ``activation_bits``; linear_bits: linear path in a layer -> bits of its input quantizer; attention: the
+    attention module's name in a layer; layers: per layer ``{"linear": {path: ActQuantizer}, "attention": {"q" | "k"
+    | "v": ActQuantizer}}`` (the arrays; bits are static); plans: per layer the channel clusters (empty without
+    reordering)."""
+
+    bits: Dict[str, int]
+    linear_bits: Dict[str, int]
+    attention: str
+    layers: list
+    plans: list
+
+    def attention_bits(self) -> Dict[str, int]:
+        return {a: b for a, b in self.bits.items() if a in ("q", "k", "v", "probs") and b < 16}
+
+
+def _runtime_taps(points, attention: str):
+    """Where the activation quantizers are calibrated: the first consumer's input of R1 / R3 / R4 / R5 (the layout
+    the quantizer sees: folded), and q / k / v as the attention sees them (k after RoPE)."""
+    taps = [("in", p.consumers[0]) for p in points if p.name in _LINEAR_INPUT_ACTIVATION]
+    return tuple(taps) + tuple(("act", f"{attention}/{a}") for a in ("q", "k", "v"))
+
+
+def _compact(ids: np.ndarray) -> np.ndarray:
+    return np.unique(ids, return_inverse=True)[1].reshape(-1).astype(np.int32)  # empty k-means clusters dropped
+
+
+def layer_act_quantizers(points, stats, plan: Dict[str, ChannelClusters], bits: Dict[str, int], attention: str,
+                         reorder: bool = True):
+    """One layer's activation quantizers from run-time statistics ``stats`` (at ``_runtime_taps``, taken on the
+    folded layer): ``({linear path: ActQuantizer}, {"q" | "k" | "v": ActQuantizer})``, per cluster (in the layout the
+    activation has at run time: folded points reordered, R2 under RoPE in the original order), or one scale per
+    tensor without ``reorder``."""
+    by_name = {p.name: p for p in points}
+
+    def ids(point: str, width: int):
+        if not reorder:
+            return np.zeros(width, np.int32)
+        return _compact(channel_cluster_ids(plan[point], width, reordered=by_name[point].foldable))
+
+    linear, attn = {}, {}
+    for p in points:
+        act = _LINEAR_INPUT_ACTIVATION.get(p.name)
+        if act is None or bits[act] >= 16:
+            continue
+        mx, mn = (np.asarray(a, np.float32) for a in stats[("in", p.consumers[0])])
+        quantizer = make_act_quantizer(mx, mn, ids(p.name, mx.shape[-1]), bits[act])
+        for name in p.consumers:
+            linear[name] = quantizer
+    for act, point in (("q", "R2"), ("k", "R2"), ("v", "R3")):
+        if bits[act] >= 16:
+            continue
+        mx, mn = (np.asarray(a, np.float32) for a in stats[("act", f"{attention}/{act}")])
+        attn[act] = make_act_quantizer(mx, mn, ids(point, mx.shape[-1]), bits[act])
+    return linear, attn
+
+
+def act_quant_context(layer_quantizers: dict, state: RPTQState, prefix: str = ""):
+    """The interceptors that apply one layer's quantizers (``state.layers[i]``, arrays possibly traced) to the
+    modules under ``prefix`` ("" for a layer applied alone, "layers_3/" in the model)."""
+    stack = contextlib.ExitStack()
+    linear = {prefix + path: (q, state.linear_bits[path]) for path, q in layer_quantizers["linear"].items()}
+    attn = {name: (layer_quantizers["attention"].get(name), b) for name, b in state.attention_bits().items()}
+    if linear:
+        stack.enter_context(quantized_linear_inputs(linear))
+    if attn:
+        stack.enter_context(quantized_attention({prefix + state.attention: attn}))
+    return stack
+
+
+class ActQuantizedLM(nn.Module):
+    """A causal LM (``model``) run with RPTQ's activation quantizers, read from the ``act_quant`` entry of its
+    parameters (one entry per layer: ``RPTQState.layers``), so that any jitted forward / ``jaxquant.eval`` sees
+    them as arrays. Parameters: ``{"model": model params, "act_quant": {"layers_i": ...}}`` (``act_quantized``)."""
+
+    model: nn.Module
+    linear_bits: Tuple[Tuple[str, int], ...]
+    bits: Tuple[Tuple[str, int], ...]
+    attention: str
+
+    def __call__(self, ids, positions=None, cache=None, cache_index=None, kv_mask=None):
+        layers = self.get_variable("params", "act_quant")
+        state = RPTQState(dict(self.bits), dict(self.linear_bits), self.attention, [], [])
+        with contextlib.ExitStack() as stack:
+            for name, lq in layers.items():
+                stack.enter_context(act_quant_context(lq, state, prefix=f"model/{name}/"))
+            return self.model(ids, positions, cache, cache_index, kv_mask)
+
+
+def act_quantized(module: nn.Module, params, state: RPTQState):
+    """``(module, params)`` to run ``module`` (e.g. ``lm.module``) with ``params`` and the activation quantizers of
+    ``state``: ``module.apply({"params": params}, ids)`` as usual, e.g. ``jaxquant.eval.perplexity(*act_quantized(
+    ...), ids)``."""
+    wrapped = ActQuantizedLM(module, tuple(sorted(state.linear_bits.items())), tuple(sorted(state.bits.items())),
+                             state.attention)
+    return wrapped, {"model": params, "act_quant": {f"layers_{i}": lq for i, lq in enumerate(state.layers)}}
+
+
+def quantize_model_rptq(lm, calibration: np.ndarray, config: RPTQConfig, batch_size: int = 4,
+                        progress: bool = False):
+    """RPTQ on ``lm`` (a ``models.LoadedModel``), layer by layer in the reference's order: reorder statistics on the
+    layer's inputs -> clusters (``plan_layer``) -> permutations folded into the float weights (norms' ``input_perm``)
+    -> GPTQ of the folded linears (true-sequential, as ``jaxquant.pipeline``) -> activation quantizers calibrated on
+    the weight-quantized layer -> the next layer's inputs through the weight- and activation-quantized layer.
+
+    Returns ``(params, state, report)``: the parameter tree (permuted, quantized kernels), the ``RPTQState`` and a
+    ``pipeline.QuantizeReport``; run them with ``act_quantized``."""
+    import time
+
+    from jaxquant import pipeline
+    from jaxquant.hessian import hessian_init
+
+    t_start = time.perf_counter()
+    calibration = np.asarray(calibration)
+    if calibration.ndim != 2:
+        raise ValueError(f"calibration must be token ids of shape [n, seqlen], got {calibration.shape}")
+    n, seqlen = calibration.shape
+    batch_size = max(1, min(batch_size, n))
+    if n % batch_size:
+        raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
+    family = lm.config.family
+    points = reorder_points(lm.config)
+    attention = ATTENTION_MODULE[family]
+    bits = activation_bits(config.abits, config.kv_only)
+    linear_bits = {name: bits[_LINEAR_INPUT_ACTIVATION[p.name]] for p in points
+                   if p.name in _LINEAR_INPUT_ACTIVATION for name in p.consumers}
+    state = RPTQState(bits, {k: b for k, b in linear_bits.items() if b < 16}, attention, [], [])
+    quantize_acts = any(b < 16 for b in bits.values())
+
+    layer = lm.family.DecoderLayer(lm.config, lm.dtype)
+    groups = lm.family.SEQUENTIAL_GROUPS if config.weight.true_sequential else (sum(lm.family.SEQUENTIAL_GROUPS, ()),)
+    host = jax.device_get(lm.params)
+    positions = jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen))
+    embed = jax.jit(lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed))
+    top = pipeline.non_layer_params(host)
+    inps = [embed(top, jnp.asarray(calibration[i: i + batch_size])) for i in range(0, n, batch_size)]
+    reorder_taps, runtime_taps = all_taps(points), _runtime_taps(points, attention)
+    reorder_pass = make_stats_pass(layer, reorder_taps) if config.reorder else None
+    runtime_pass = make_stats_pass(layer, runtime_taps) if quantize_acts else None
+    collectors = {g: pipeline._make_collector(layer, g) for g in groups}
+    plain_forward = pipeline._make_forward(layer)
+
+    @jax.jit
+    def quant_forward(layer_params, h, layer_quantizers):
+        with act_quant_context(layer_quantizers, state):
+            return layer.apply({"params": layer_params}, h, positions)[0]
+
+    solve = pipeline.METHODS["gptq"].solve
+    rows, layer_seconds = [], []
+    from tqdm.auto import tqdm
+
+    for lname in tqdm(pipeline.layer_names(lm), desc=f"rptq w{config.weight.bits}a{config.abits}",
+                      disable=not progress):
+        t_layer = time.perf_counter()
+        lp, plan = host[lname], {}
+        if config.reorder:
+            stats = layer_stats(layer, lp, inps, positions, reorder_taps, stats_pass=reorder_pass)
+            plan = plan_layer(points, stats, dict(config.clusters), config.kmeans_iter)
+            lp, _ = fold_layer(lp, points, plan, perm_in_params=True)
+        work = jax.device_put(lp)
+        stored = [{} for _ in inps]
+        quantized = {}
+        for group in groups:
+            states = {name: hessian_init(pipeline._get(work, name)["kernel"].shape[0]) for name in group}
+            for b, h in enumerate(inps):
+                states, inputs, aliases = collectors[group](work, h, positions, states, stored[b])
+                stored[b].update({name: inputs[aliases[name]] for name in group})
+            for name in group:
+                t0 = time.perf_counter()
+                kernel = pipeline._get(work, name)["kernel"]
+                qw, err = solve(jnp.asarray(kernel, jnp.float32).T, states[name].H, config.weight)
+                work = pipeline._with(work, f"{name}/kernel", qw.dequantize(kernel.dtype))
+                quantized[name] = qw
+                rows.append({"layer": lname, "name": name, "error": float(err), "seconds": time.perf_counter() - t0})
+        layer_q = {"linear": {}, "attention": {}}
+        if quantize_acts:
+            act_stats = layer_stats(layer, work, inps, positions, runtime_taps, ema=config.ema,
+                                    stats_pass=runtime_pass)
+            layer_q["linear"], layer_q["attention"] = layer_act_quantizers(points, act_stats, plan, bits, attention,
+                                                                           config.reorder)
+            inps = [quant_forward(work, h, layer_q) for h in inps]
+        else:
+            inps = [plain_forward(work, h, positions, stored[b]) for b, h in enumerate(inps)]
+        for name, qw in quantized.items():
+            lp = pipeline._with(lp, f"{name}/kernel", jax.device_get(qw))
+        host = dict(host, **{lname: jax.device_get(lp)})
+        state.layers.append(layer_q)
+        state.plans.append(plan)
+        layer_seconds.append(time.perf_counter() - t_layer)
+    report = pipeline.QuantizeReport(method="rptq", config=config.weight, layers=rows,
+                                     seconds=time.perf_counter() - t_start, nsamples=int(n), seqlen=int(seqlen),
+                                     layer_seconds=layer_seconds)
+    return host, state, report

@@ -61,12 +61,21 @@ class Linear(nn.Module):
         return y
 
 
+def permuted_input(norm: nn.Module, x: jax.Array) -> jax.Array:
+    """A norm with an ``input_perm`` parameter (int32 ``[C]``, written by RPTQ's folding) reads its input channels in
+    that order, so its output comes out permuted; without one (the default) nothing changes."""
+    if norm.has_variable("params", "input_perm"):
+        return jnp.take(x, norm.get_variable("params", "input_perm"), axis=-1)
+    return x
+
+
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = permuted_input(self, x)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -80,6 +89,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = permuted_input(self, x)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, attention_mask, dot_product_attention,
-                           update_cache)
+                           permuted_input, update_cache)
 from models.weights import Rule
 
 # HF ACT2FN names -> JAX. "gelu" is the exact (erf) GELU, the tanh forms are the approximate one.
@@ -127,7 +127,7 @@ class PlainLayerNorm(nn.Module):
     eps: float = 1e-5
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = permuted_input(self, x).astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)

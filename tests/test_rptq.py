@@ -396,3 +396,121 @@ def test_attention_activations_on_their_grids(tiny_hf, rng, family, kv_only):
             assert not np.array_equal(x, y)
         else:  # KV-only: q and the probabilities pass exactly
             np.testing.assert_array_equal(y, x, err_msg=f"{path} {name}")
+
+
+# ---------------------------------------------------------------------------------------- the whole model
+@pytest.fixture(scope="module")
+def rptq_run(tiny_hf):
+    """``rptq_run(name, reorder=True) -> (lm, calib, params, state, report)``: one ``quantize_model_rptq`` run of
+    the tiny LLaMA per configuration (per-channel GPTQ), on one set of random calibration windows for the module."""
+    from conftest import new_seed
+    from jaxquant.config import QuantConfig
+
+    calib = np.random.default_rng(new_seed()).integers(0, 128, (4, 16)).astype(np.int32)
+    cache = {}
+
+    def get(name, reorder=True):
+        if (name, reorder) not in cache:
+            lm = tiny_hf("llama").loaded
+            weight = QuantConfig(bits=rptq.CONFIGURATIONS[name][0], group_size=-1)
+            cfg = rptq.RPTQConfig.named(name, weight, clusters=tuple(CLUSTERS.items()), reorder=reorder)
+            cache[(name, reorder)] = (lm, calib, *rptq.quantize_model_rptq(lm, calib, cfg))
+        return cache[(name, reorder)]
+
+    return get
+
+
+def _dense(leaf):
+    return np.asarray(leaf.dequantize() if hasattr(leaf, "dequantize") else leaf)
+
+
+def _np_fake_quant(x, quantizer, bits):
+    """float32 numpy (as XLA rounds: x / s in float32, half to even) of the reference's fake quantization."""
+    s = np.asarray(quantizer.scale)[np.asarray(quantizer.cluster_ids)]
+    z = np.asarray(quantizer.zero)[np.asarray(quantizer.cluster_ids)]
+    q = np.clip(np.round(x.astype(np.float32) / s) + z, -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return ((q - z) * s).astype(np.float32)
+
+
+def test_rptq_w4a16_equals_gptq_on_folded_weights(rptq_run, rng):
+    from jaxquant import pipeline
+    from jaxquant.config import QuantConfig
+
+    lm, calib, params, state, _ = rptq_run("W4A16")
+    weight = QuantConfig(bits=4, group_size=-1)
+    assert all(lq == {"linear": {}, "attention": {}} for lq in state.layers)
+    points = rptq.reorder_points(lm.config)
+    folded = dict(lm.params)
+    for i, plan in enumerate(state.plans):
+        assert set(plan) == {"R1", "R2", "R3", "R4", "R5"}
+        folded[f"layers_{i}"], _ = rptq.fold_layer(lm.params[f"layers_{i}"], points, plan, perm_in_params=True)
+        perm = np.asarray(params[f"layers_{i}"]["input_layernorm"]["input_perm"])
+        assert not np.array_equal(perm, np.arange(perm.size)), "R1 was not reordered"
+    ref, _ = pipeline.quantize_model(lm, calib, weight, "gptq", params=folded, progress=False)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "dequantize"))[0]
+    flat_ref = jax.tree_util.tree_flatten_with_path(ref, is_leaf=lambda x: hasattr(x, "dequantize"))[0]
+    assert [p for p, _ in flat] == [p for p, _ in flat_ref]
+    assert sum(hasattr(leaf, "dequantize") for _, leaf in flat) == 7 * lm.config.num_layers
+    for (path, a), (_, b) in zip(flat, flat_ref):
+        np.testing.assert_array_equal(_dense(a), _dense(b), err_msg=jax.tree_util.keystr(path))
+    ids = jnp.asarray(rng.integers(0, 128, (2, 10)))
+    module, p = rptq.act_quantized(lm.module, params, state)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(p, ids)),
+                                  np.asarray(jax.jit(lambda p, x: lm.module.apply({"params": p}, x)[0])(ref, ids)))
+
+
+def test_rptq_kv_only_quantizes_only_k_and_v(rptq_run, rng):
+    import flax.linen as nn
+
+    params16 = rptq_run("W4A16")[2]
+    lm, _, params, state, _ = rptq_run("W4A4KV")
+    assert state.attention_bits() == {"k": 4, "v": 4} and state.linear_bits == {}
+    for lq in state.layers:
+        assert lq["linear"] == {} and set(lq["attention"]) == {"k", "v"}
+    # layer 0 sees the same inputs in both runs: same clusters, same weights; later layers see the quantized cache
+    for leaf_a, leaf_b in zip(jax.tree.leaves(params["layers_0"]), jax.tree.leaves(params16["layers_0"])):
+        np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
+
+    ids = jnp.asarray(rng.integers(0, 128, (2, 10)))
+    module, p = rptq.act_quantized(lm.module, params, state)
+    got = np.asarray(jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(p, ids))
+
+    def kv_oracle(next_fun, args, kwargs, context):  # numpy k / v quantization, everything else untouched
+        if context.method_name == "attention_activation" and args[0] in ("k", "v"):
+            layer = int(context.module.path[0].split("_")[1])
+            x = np.asarray(args[1])
+            flat = x.reshape(*x.shape[:2], -1)
+            y = _np_fake_quant(flat, state.layers[layer]["attention"][args[0]], 4).reshape(x.shape)
+            return next_fun(args[0], jnp.asarray(y))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(kv_oracle):
+        want = np.asarray(lm.module.apply({"params": params}, ids)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    plain = np.asarray(lm.module.apply({"params": params}, ids)[0])
+    assert np.abs(plain - got).max() > 1e-3 * np.abs(plain).max(), "k / v quantization changed nothing"
+
+
+@pytest.mark.parametrize("name,reorder", [("W4A4", True), ("W4A8", False), ("W4A4KV", True)])
+def test_rptq_configurations_end_to_end(rptq_run, rng, name, reorder):
+    from jaxquant.eval import perplexity
+
+    lm, _, params, state, report = rptq_run(name, reorder)
+    c = lm.config
+    assert len(report.layers) == 7 * c.num_layers
+    for i, lq in enumerate(state.layers):
+        if name.endswith("KV"):
+            assert lq["linear"] == {} and set(lq["attention"]) == {"k", "v"}
+        else:
+            assert set(lq["linear"]) == {"self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+                                         "mlp/up_proj", "mlp/gate_proj", "mlp/down_proj"}
+            assert set(lq["attention"]) == {"q", "k", "v"}
+        for quantizer in list(lq["linear"].values()) + list(lq["attention"].values()):
+            clusters = np.asarray(quantizer.scale).size
+            assert clusters > 1 if reorder else clusters == 1
+        assert ("input_perm" in params[f"layers_{i}"]["input_layernorm"]) == reorder
+    text = rng.integers(0, 128, 4 * 16)
+    quantized = perplexity(*rptq.act_quantized(lm.module, params, state), text, seqlen=16, batch_size=2,
+                           progress=False)["ppl"]
+    weights_only = perplexity(lm.module, params, text, seqlen=16, batch_size=2, progress=False)["ppl"]
+    assert np.isfinite(quantized) and quantized != weights_only
