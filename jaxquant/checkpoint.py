@@ -26,6 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from models.weights import CheckpointError
 
 METADATA_FILE = "jaxquant.json"
+ARRAYS_KEY = "_method_arrays"  # top-level key of the stored tree holding save(arrays=...)
 FORMAT_VERSION = 1
 
 
@@ -74,14 +75,18 @@ def _split(params: dict):
 
 
 def save(path: str, params: dict, lm, method: str, config: Any = None, report: Any = None,
-         extra: Optional[dict] = None, overwrite: bool = False) -> str:
-    """Save a (quantized) parameter tree of ``lm`` (a models.LoadedModel) with everything needed to load it."""
+         extra: Optional[dict] = None, overwrite: bool = False, arrays: Optional[dict] = None) -> str:
+    """Save a (quantized) parameter tree of ``lm`` (a models.LoadedModel) with everything needed to load it.
+    ``arrays``: a method's own nested dict of arrays outside the model's parameters (RPTQ: permutations and
+    activation quantizers), stored beside them and handed back by ``load`` as ``lm.quant_arrays``."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; choose another --out or pass overwrite=True")
     plain, quantized = _split(jax.device_get(params))
+    if arrays:
+        plain[ARRAYS_KEY] = jax.tree.map(np.asarray, jax.device_get(arrays))
     meta = {
         "format_version": FORMAT_VERSION,
         "jaxquant_version": _version(),
@@ -133,6 +138,7 @@ def load(path: str):
         plain = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")))
     except Exception as err:  # noqa: BLE001 - orbax raises many types for missing/corrupt files
         raise CheckpointError(f"{path}/params: cannot restore the parameter tree: {err}") from err
+    arrays = plain.pop(ARRAYS_KEY, None)
     params = _assemble(plain, meta["quantized"], models.abstract_params(module), path)
     tok_dir = os.path.join(path, "tokenizer")
     tokenizer = models.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
@@ -142,6 +148,11 @@ def load(path: str):
 
     lm.quant_meta = {"method": meta["method"], "quant_config": meta.get("quant_config"), "calib": meta.get("calib"),
                      "quant_wall_s": meta.get("quant_wall_s"), "avg_bits": quantized_bits(params)["avg_bits"]}
+    lm.quant_arrays = arrays
+    if meta["method"] == "rptq":  # permutations into the norms, the model wrapped with its activation quantizers
+        from jaxquant import rptq
+
+        lm = rptq.from_checkpoint(lm, meta)
     return lm
 
 

@@ -101,6 +101,7 @@ def _spqr_config(args):
 
 
 _SQUEEZELLM_ONLY = ("sparsity", "sensitive_pct", "fisher_batch_size")
+_RPTQ_ONLY = ("abits", "kv_only", "no_reorder")
 
 
 def _squeezellm_config(args):
@@ -135,9 +136,31 @@ def cmd_quantize(args):
         given = [k for k in _SQUEEZELLM_ONLY if getattr(args, k) is not None]
         if given:
             raise SystemExit(f"--{given[0].replace('_', '-')} applies to --method squeezellm only")
-    if args.method not in METHODS:
-        raise SystemExit(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
-    if args.method == "squeezellm":
+    if args.method != "rptq":
+        given = [k for k in _RPTQ_ONLY if getattr(args, k) is not None]
+        if given:
+            raise SystemExit(f"--{given[0].replace('_', '-')} applies to --method rptq only")
+    elif args.devices != "1" or args.export_gptq:
+        raise SystemExit("--method rptq runs on one device and has no GPTQ export (its weights are permuted)")
+    if args.method not in METHODS and args.method != "rptq":
+        raise SystemExit(f"unknown --method {args.method!r}; available: {', '.join(sorted([*METHODS, 'rptq']))}")
+    rptq_config = None
+    if args.method == "rptq":  # weights: per-channel asymmetric GPTQ unless --group-size says otherwise
+        from jaxquant.rptq import RPTQConfig
+
+        config = QuantConfig(
+            bits=args.bits, group_size=_default(args.group_size, -1), sym=args.sym,
+            act_order=_default(args.act_order, False), static_groups=args.static_groups, block_size=args.block_size,
+            percdamp=_default(args.percdamp, 0.01), true_sequential=args.true_sequential)
+        try:
+            rptq_config = RPTQConfig(config, abits=_default(args.abits, 16), kv_only=bool(args.kv_only),
+                                     reorder=not args.no_reorder)
+            from jaxquant.rptq import activation_bits
+
+            activation_bits(rptq_config.abits, rptq_config.kv_only)
+        except ValueError as err:
+            raise SystemExit(f"invalid RPTQ settings: {err}") from err
+    elif args.method == "squeezellm":
         config = _squeezellm_config(args)
     else:
         config = _spqr_config(args) if args.method == "spqr" else QuantConfig(
@@ -167,21 +190,33 @@ def cmd_quantize(args):
     # Weights stay in host memory; the pipeline moves one decoder layer at a time to the device(s).
     lm = models.from_pretrained(args.model, dtype=args.dtype, on_host=args.stream_layers)
     calib = None
-    if METHODS[args.method].needs_calibration:
+    if args.method == "rptq" or METHODS[args.method].needs_calibration:
         calib = data.calibration_windows(lm.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                          source=args.calib, directory=args.data_dir)
     t0 = time.perf_counter()
-    params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size,
-                                    reuse_inputs=args.reuse_inputs, mesh=mesh)
+    if rptq_config is not None:
+        from jaxquant import rptq
+
+        params, state, report = rptq.quantize_model_rptq(lm, calib, rptq_config, batch_size=args.batch_size,
+                                                         progress=True)
+    else:
+        params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size,
+                                        reuse_inputs=args.reuse_inputs, mesh=mesh)
     wall = time.perf_counter() - t0
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed} \
         if calib is not None else None
-    checkpoint.save(out, params, lm, args.method, config, report, overwrite=args.overwrite,
-                    extra={"calib": calib_info, "quant_wall_s": wall, "model": args.model})
+    extra = {"calib": calib_info, "quant_wall_s": wall, "model": args.model}
+    if rptq_config is not None:
+        rptq.save_rptq(out, params, state, lm, rptq_config, report, extra=extra, overwrite=args.overwrite)
+        config = {**dataclasses.asdict(config), "abits": rptq_config.abits, "kv_only": rptq_config.kv_only,
+                  "reorder": rptq_config.reorder}
+    else:
+        checkpoint.save(out, params, lm, args.method, config, report, overwrite=args.overwrite, extra=extra)
     print(json.dumps({"out": out, "method": args.method, "quant_wall_s": round(wall, 2),
                       "total_error": report.total_error(), "devices": report.devices,
                       "peak_device_gb": None if report.peak_device_bytes is None else
-                      round(report.peak_device_bytes / 2**30, 3), **dataclasses.asdict(config)}, indent=1))
+                      round(report.peak_device_bytes / 2**30, 3),
+                      **(config if isinstance(config, dict) else dataclasses.asdict(config))}, indent=1))
     if args.export_gptq:
         from jaxquant import gptq_export
 
@@ -221,8 +256,13 @@ def main(argv=None):
 
     p = sub.add_parser("quantize", help="quantize a model layer by layer and save an orbax checkpoint")
     model_args(p)
-    p.add_argument("--method", default="gptq", help="rtn | gptq | spqr | squeezellm")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--method", default="gptq", help="rtn | gptq | spqr | squeezellm | rptq")
+    p.add_argument("--bits", "--wbits", dest="bits", type=int, default=4, help="weight bits")
+    p.add_argument("--abits", type=int, default=None, help="rptq: activation bits (default 16: none quantized)")
+    p.add_argument("--kv-only", action="store_const", const=True, default=None,
+                   help="rptq: quantize only the key/value cache at --abits")
+    p.add_argument("--no-reorder", action="store_const", const=True, default=None,
+                   help="rptq: ablation without reordering (one scale per activation tensor)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per group; -1 = one scale per output channel (default 128; spqr: 16)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")

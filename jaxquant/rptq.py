@@ -862,3 +862,80 @@ def quantize_model_rptq(lm, calibration: np.ndarray, config: RPTQConfig, batch_s
                                      seconds=time.perf_counter() - t_start, nsamples=int(n), seqlen=int(seqlen),
                                      layer_seconds=layer_seconds)
     return host, state, report
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def _norm_perms(params) -> Dict[str, Dict[str, np.ndarray]]:
+    return {lname: {norm: np.asarray(leaves["input_perm"]) for norm, leaves in layer.items()
+                    if isinstance(leaves, dict) and "input_perm" in leaves}
+            for lname, layer in params.items() if lname.startswith("layers_")}
+
+
+def _without_perms(params):
+    out = dict(params)
+    for lname, norms in _norm_perms(params).items():
+        out[lname] = dict(out[lname])
+        for norm in norms:
+            out[lname][norm] = {k: v for k, v in out[lname][norm].items() if k != "input_perm"}
+    return out
+
+
+def _quantizer_arrays(q: ActQuantizer) -> dict:
+    return {"scale": np.asarray(q.scale), "zero": np.asarray(q.zero), "cluster_ids": np.asarray(q.cluster_ids)}
+
+
+def save_rptq(path: str, params, state: RPTQState, lm, config: RPTQConfig, report=None, extra: Optional[dict] = None,
+              overwrite: bool = False) -> str:
+    """An orbax checkpoint (``jaxquant.checkpoint``) of an RPTQ model: the model's parameters (quantized kernels,
+    permuted), and beside them the norms' permutations and the activation quantizers' arrays; the static part (bits,
+    attention module, configuration) in the metadata. ``checkpoint.load`` gives it back ready to run."""
+    from jaxquant import checkpoint
+
+    arrays = {"input_perm": {k: v for k, v in _norm_perms(params).items() if v},
+              "act_quant": {}}
+    for i, lq in enumerate(state.layers):
+        entry = {part: {name.replace("/", "."): _quantizer_arrays(q) for name, q in lq[part].items()}
+                 for part in ("linear", "attention") if lq[part]}
+        if entry:
+            arrays["act_quant"][f"layers_{i}"] = entry
+    arrays = {k: v for k, v in arrays.items() if v}
+    meta = {"abits": config.abits, "kv_only": config.kv_only, "reorder": config.reorder,
+            "clusters": {**DEFAULT_CLUSTERS, **dict(config.clusters)}, "ema": config.ema, "bits": state.bits,
+            "linear_bits": state.linear_bits, "attention": state.attention, "num_layers": len(state.layers)}
+    return checkpoint.save(path, _without_perms(params), lm, "rptq", config.weight, report, overwrite=overwrite,
+                           extra={"rptq": meta, **(extra or {})}, arrays=arrays or None)
+
+
+def from_checkpoint(lm, meta: dict):
+    """``checkpoint.load``'s second half for RPTQ: the permutations back into the norms, the ``RPTQState`` rebuilt
+    (``lm.rptq_state``), and, when activations are quantized, ``lm.module`` / ``lm.params`` replaced by the
+    ``act_quantized`` pair (the bare model stays at ``lm.rptq_model``)."""
+    from models.weights import CheckpointError
+
+    info = meta.get("rptq")
+    if not info:
+        raise CheckpointError(f"{lm.source}: an rptq checkpoint without its 'rptq' metadata")
+    arrays = lm.quant_arrays or {}
+    params = dict(lm.params)
+    for lname, norms in arrays.get("input_perm", {}).items():
+        params[lname] = dict(params[lname])
+        for norm, perm in norms.items():
+            params[lname][norm] = dict(params[lname].get(norm, {}), input_perm=jnp.asarray(perm, jnp.int32))
+    layers = []
+    for i in range(info["num_layers"]):
+        entry = arrays.get("act_quant", {}).get(f"layers_{i}", {})
+        layers.append({part: {name.replace(".", "/"): ActQuantizer(jnp.asarray(q["scale"]), jnp.asarray(q["zero"]),
+                                                                   jnp.asarray(q["cluster_ids"], jnp.int32))
+                              for name, q in entry.get(part, {}).items()} for part in ("linear", "attention")})
+    state = RPTQState({k: int(v) for k, v in info["bits"].items()},
+                      {k: int(v) for k, v in info["linear_bits"].items()}, info["attention"], layers, [])
+    for i, lq in enumerate(layers):
+        if set(lq["linear"]) != set(state.linear_bits) or set(lq["attention"]) != set(state.attention_bits()) - {
+                "probs"}:
+            raise CheckpointError(f"{lm.source}: layer {i}'s activation quantizers do not match the metadata's bits")
+    lm.rptq_state, lm.rptq_model = state, (lm.module, params)
+    if any(b < 16 for b in state.bits.values()):
+        lm.module, lm.params = act_quantized(lm.module, params, state)
+    else:
+        lm.params = params
+    return lm

@@ -514,3 +514,69 @@ def test_rptq_configurations_end_to_end(rptq_run, rng, name, reorder):
                            progress=False)["ppl"]
     weights_only = perplexity(lm.module, params, text, seqlen=16, batch_size=2, progress=False)["ppl"]
     assert np.isfinite(quantized) and quantized != weights_only
+
+
+@pytest.mark.parametrize("name,reorder", [("W4A4", True), ("W4A16", True), ("W4A8", False)])
+def test_rptq_checkpoint_round_trip(rptq_run, rng, tmp_path, name, reorder):
+    from jaxquant import checkpoint
+
+    lm, _, params, state, report = rptq_run(name, reorder)
+    cfg = rptq.RPTQConfig.named(name, clusters=tuple(CLUSTERS.items()), reorder=reorder)
+    rptq.save_rptq(str(tmp_path / "q"), params, state, lm, cfg, report)
+    loaded = checkpoint.load(str(tmp_path / "q"))
+    assert loaded.quant_meta["method"] == "rptq"
+    assert loaded.rptq_state.bits == state.bits and loaded.rptq_state.linear_bits == state.linear_bits
+    for got, want in zip(loaded.rptq_state.layers, state.layers):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = jnp.asarray(rng.integers(0, 128, (2, 10)))
+    module, p = rptq.act_quantized(lm.module, params, state)
+    want = np.asarray(jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(p, ids))
+    got = np.asarray(jax.jit(lambda p, x: loaded.module.apply({"params": p}, x)[0])(loaded.params, ids))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cli_quantize_rptq_and_eval(tiny_hf, smollm2_tokenizer, tmp_path, capsys, rng):
+    """``jaxquant quantize --method rptq --wbits 4 --abits 4 --kv-only`` writes a checkpoint that loads back as the
+    model ``quantize_model_rptq`` gives on the same calibration, and ``jaxquant eval`` runs it."""
+    import json
+    import shutil
+
+    from jaxquant import checkpoint, data
+    from jaxquant.cli import main
+    from jaxquant.config import QuantConfig
+
+    tok = smollm2_tokenizer
+    b = tiny_hf("llama", vocab_size=len(tok))
+    model_dir = tmp_path / "model"
+    shutil.copytree(b.dir, model_dir)
+    tok.save_pretrained(str(model_dir))
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "light"]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(rng.choice(words, 600)))
+    out = tmp_path / "q"
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(model_dir), "--method", "rptq", "--wbits", "4", "--abits", "4",
+                 "--kv-only", "--nsamples", "2", "--seqlen", "16", "--calib", str(text), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "rptq" and summary["bits"] == 4 and summary["abits"] == 4 and summary["kv_only"]
+    loaded = checkpoint.load(str(out))
+    assert loaded.rptq_state.attention_bits() == {"k": 4, "v": 4}
+
+    lm = b.loaded
+    calib = data.calibration_windows(tok, n=2, seqlen=16, seed=0, source=str(text))
+    params, state, _ = rptq.quantize_model_rptq(
+        lm, calib, rptq.RPTQConfig(QuantConfig(bits=4, group_size=-1), abits=4, kv_only=True), batch_size=2)
+    ids = jnp.asarray(rng.integers(0, len(tok), (1, 12)))
+    module, p = rptq.act_quantized(lm.module, params, state)
+    np.testing.assert_array_equal(np.asarray(loaded.module.apply({"params": loaded.params}, ids)[0]),
+                                  np.asarray(module.apply({"params": p}, ids)[0]))
+    with pytest.raises(SystemExit, match="rptq only"):
+        main(["quantize", "--model", str(model_dir), "--method", "gptq", "--abits", "4", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="RPTQ"):
+        main(["quantize", "--model", str(model_dir), "--method", "rptq", "--abits", "1", "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--dataset", str(text), "--seqlen", "16", "--max-windows", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["method"] == "rptq" and np.isfinite(row["ppl"])
