@@ -749,6 +749,14 @@ class ActQuantizedLM(nn.Module):
     bits: Tuple[Tuple[str, int], ...]
     attention: str
 
+    @property
+    def config(self):  # models.generate reads the KV cache shape and dtype from these
+        return self.model.config
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
     def __call__(self, ids, positions=None, cache=None, cache_index=None, kv_mask=None):
         layers = self.get_variable("params", "act_quant")
         state = RPTQState(dict(self.bits), dict(self.linear_bits), self.attention, [], [])
