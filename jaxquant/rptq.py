@@ -40,7 +40,9 @@ cache, probabilities, through the models' ``attention_activation`` seam). Whole 
 (the reference's per-layer order: reorder stats -> clusters -> fold, permutations stored as the norms'
 ``input_perm`` -> GPTQ on the folded weights -> activation quantizers calibrated on the weight-quantized layer ->
 next layer's inputs through the quantized layer) returning params + ``RPTQState``; ``act_quantized`` runs them
-(any jitted forward, ``jaxquant.eval.perplexity``). Not here yet: checkpoint of the state, CLI.
+(any jitted forward, ``jaxquant.eval.perplexity``, ``models.generate``); ``save_rptq`` / ``checkpoint.load``
+(orbax, via ``from_checkpoint``); CLI ``jaxquant quantize --method rptq --wbits 4 --abits 4 [--kv-only]
+[--no-reorder]``.
 """
 from __future__ import annotations
 
