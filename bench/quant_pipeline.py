@@ -112,7 +112,7 @@ def main():
                       "each multi-device figure is its own)")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    results.append_rows(out, rows)
+        results.append_rows(out, [row])  # each row as soon as it is measured: a run cut short keeps what it did
 
 
 if __name__ == "__main__":
