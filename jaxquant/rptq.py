@@ -251,12 +251,8 @@ def layer_stats(layer: nn.Module, layer_params, inputs: Sequence[jax.Array], pos
     return running
 
 
-def model_stats(lm, calibration: np.ndarray, points=None, batch_size: int = 4, ema: Optional[float] = None,
-                params=None) -> list:
-    """Statistics at every reorder point of every decoder layer of ``lm`` (a ``models.LoadedModel``) over the
-    calibration windows ``[n, seqlen]``: a list (one per layer) of ``{tap: (max, min)}``. Layer by layer, as the
-    quantization pipeline runs: only one layer's activations are live; the next layer's inputs are the outputs of
-    this layer with ``params`` (the float weights unless given)."""
+def _checked_calibration(calibration, batch_size: int):
+    """(calibration as an array, n, seqlen, batch size clipped to n); clear errors for a bad shape or batch."""
     calibration = np.asarray(calibration)
     if calibration.ndim != 2:
         raise ValueError(f"calibration must be token ids of shape [n, seqlen], got {calibration.shape}")
@@ -264,6 +260,16 @@ def model_stats(lm, calibration: np.ndarray, points=None, batch_size: int = 4, e
     batch_size = max(1, min(batch_size, n))
     if n % batch_size:
         raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
+    return calibration, n, seqlen, batch_size
+
+
+def model_stats(lm, calibration: np.ndarray, points=None, batch_size: int = 4, ema: Optional[float] = None,
+                params=None) -> list:
+    """Statistics at every reorder point of every decoder layer of ``lm`` (a ``models.LoadedModel``) over the
+    calibration windows ``[n, seqlen]``: a list (one per layer) of ``{tap: (max, min)}``. Layer by layer, as the
+    quantization pipeline runs: only one layer's activations are live; the next layer's inputs are the outputs of
+    this layer with ``params`` (the float weights unless given)."""
+    calibration, n, seqlen, batch_size = _checked_calibration(calibration, batch_size)
     params = lm.params if params is None else params
     points = reorder_points(lm.config) if points is None else points
     taps = all_taps(points)
@@ -792,13 +798,7 @@ def quantize_model_rptq(lm, calibration: np.ndarray, config: RPTQConfig, batch_s
     from jaxquant.hessian import hessian_init
 
     t_start = time.perf_counter()
-    calibration = np.asarray(calibration)
-    if calibration.ndim != 2:
-        raise ValueError(f"calibration must be token ids of shape [n, seqlen], got {calibration.shape}")
-    n, seqlen = calibration.shape
-    batch_size = max(1, min(batch_size, n))
-    if n % batch_size:
-        raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
+    calibration, n, seqlen, batch_size = _checked_calibration(calibration, batch_size)
     family = lm.config.family
     points = reorder_points(lm.config)
     attention = ATTENTION_MODULE[family]
