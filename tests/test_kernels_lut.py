@@ -1,0 +1,229 @@
+"""SqueezeLLM (LUT) kernel layout and tiling logic on the CPU (the Mosaic GPU kernel itself runs in bench/kernels.py
+on a GPU: its in-register lookup is an ``inline_mgpu`` block, which Pallas' GPU interpreter cannot run).
+
+Oracles are float64 numpy: W[k, n] = round_dtype(lut[n, code[k, n]]) (the table rounded to the kernel dtype), the
+kept sparse weights replacing the table value at their positions, and y = x @ W. The kernel's register arithmetic is
+emulated per thread with an independent numpy implementation of PTX ``prmt`` / ``lop3`` semantics.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import lut_matmul as lm
+
+NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def random_lut(rng, K, N, bits, nnz_frac=0.0):
+    """codes [K, N], ascending float16 tables [N, 2**bits] and an optional CSR (row_ptr, col_idx, values) over
+    W[out, in] of kept float16 weights."""
+    codes = rng.integers(0, 2**bits, (K, N))
+    lut = np.sort(rng.standard_normal((N, 2**bits)) * 0.02, axis=1).astype(np.float16)
+    sparse = None
+    if nnz_frac:
+        mask = rng.random((N, K)) < nnz_frac
+        r, c = np.nonzero(mask)
+        row_ptr = np.zeros(N + 1, np.int32)
+        np.cumsum(np.bincount(r, minlength=N), out=row_ptr[1:])
+        values = (rng.standard_normal(r.size) * 0.1).astype(np.float16)
+        sparse = (row_ptr, c.astype(np.int16), values)
+    return codes, lut, sparse
+
+
+def oracle_weight(codes, lut, sparse, dtype_name):
+    """W [K, N] float64: the table rounded to the kernel dtype, kept weights (float16 as stored) at their spots."""
+    table = lut.astype(np.float32).astype(NP_DTYPES[dtype_name]).astype(np.float64)
+    w = np.take_along_axis(table.T, codes, axis=0)
+    if sparse is not None:
+        row_ptr, col_idx, values = sparse
+        rows = np.repeat(np.arange(len(row_ptr) - 1), np.diff(row_ptr))
+        w[col_idx.astype(np.int64), rows] = values.astype(np.float64)
+    return w
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+CASES = [  # K, N, bits, dtype, sparse fraction
+    (256, 64, 4, "bfloat16", 0.0),
+    (200, 72, 4, "float16", 0.01),  # K and N not multiples of the block sizes
+    (384, 128, 3, "bfloat16", 0.005),
+    (96, 64, 3, "float16", 0.0),
+]
+
+
+@pytest.mark.parametrize("K,N,bits,dtype,frac", CASES)
+def test_pack_roundtrip_and_dequantize(rng, K, N, bits, dtype, frac):
+    codes, lut, sparse = random_lut(rng, K, N, bits, frac)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype=dtype)
+    assert w.qweight.shape == (w.n_pad // 64, w.k_pad // 64, bits, 128) and w.k_pad % 256 == 0
+    assert w.lutw.shape == (w.n_pad, 2**bits // 2) and w.nnz == (0 if sparse is None else len(sparse[2]))
+    kernel_codes = np.asarray(w.codes_kn())
+    np.testing.assert_array_equal(kernel_codes[:K, :N], codes)
+    assert not kernel_codes[K:].any() and not kernel_codes[:, N:].any()  # padding: code 0
+    table = np.asarray(w.table().astype(jnp.float32))
+    np.testing.assert_array_equal(table[:N], lut.astype(np.float32).astype(NP_DTYPES[dtype]).astype(np.float32))
+    assert not table[N:].any()  # padded rows: zero tables
+    np.testing.assert_array_equal(np.asarray(w.dequantize(jnp.float32)), oracle_weight(codes, lut, sparse, dtype))
+
+
+def _prmt(a, b, sel):
+    """PTX prmt.b32 (default mode), elementwise on uint32 arrays: byte i of the result is byte (s & 7) of {b, a}
+    (a = bytes 0-3), or its sign bit replicated when s & 8, with s = nibble i of sel's low 16 bits."""
+    src = (b.astype(np.uint64) << 32) | a.astype(np.uint64)
+    out = np.zeros(np.broadcast(a, b, sel).shape, np.uint64)
+    for i in range(4):
+        s = (np.asarray(sel, np.uint64) >> (4 * i)) & 0xF
+        byte = (src >> (8 * (s & 7))) & 0xFF
+        byte = np.where(s & 8, np.where(byte & 0x80, 0xFF, 0x00), byte)
+        out |= byte.astype(np.uint64) << (8 * i)
+    return out.astype(np.uint32)
+
+
+def _lop3(a, b, c, lut):
+    out = np.zeros_like(a)
+    for bit in range(8):  # bit index = 4*a + 2*b + c of the truth table
+        ta, tb, tc = (bit >> 2) & 1, (bit >> 1) & 1, bit & 1
+        if (lut >> bit) & 1:
+            term = (a if ta else ~a) & (b if tb else ~b) & (c if tc else ~c)
+            out |= term
+    return out
+
+
+def emulate_kernel_dequant(w: lm.LUTKernelWeight, n_tile: int, k_chunk: int) -> np.ndarray:
+    """The kernel's register arithmetic (``_make_dequant``) in numpy for one 64x64 tile, from the raw words: returns
+    the W^T tile [64 rows n, 64 cols k] as the bf16x2 / f16x2 registers would hold it."""
+    dt = NP_DTYPES[w.dtype_name]
+    words = np.asarray(w.qweight[n_tile, k_chunk]).view(np.uint32)  # [bits, 128]
+    t = np.arange(128)
+    row_r = 16 * (t // 32) + (t % 32) // 4
+    lutw = np.asarray(w.lutw[n_tile * 64:(n_tile + 1) * 64]).view(np.uint32)
+    tables = [lutw[row_r], lutw[row_r + 8]]  # [128, 2**bits / 2] per row half
+    m7 = np.uint32(0x77777777)
+    sels = [wd & m7 for wd in words[: min(w.bits, 4)]]
+    if w.bits == 3:
+        sels.append(((words[0] >> 3) & np.uint32(0x11111111)) | ((words[1] >> 2) & np.uint32(0x22222222))
+                    | ((words[2] >> 1) & np.uint32(0x44444444)))
+    row, col = lm._thread_coords()
+    tile = np.full((64, 64), np.nan)
+
+    def store(P, v):
+        halves = np.stack([v & 0xFFFF, v >> 16], axis=-1).astype(np.uint16).view(dt).astype(np.float64)
+        tile[row[:, P, :], col[:, P, :]] = halves
+
+    for j in range(4):
+        sel_h = [sels[j], sels[j] >> 16]
+        if w.bits == 4:
+            shifted = words[j] << np.uint32(4)
+            masks = [_prmt(shifted, words[j], np.uint32(ms)) for ms in lm._MASK_SEL]
+        for h in range(2):
+            tb = tables[h]
+            if w.bits == 4:
+                lo = _lop3(_prmt(tb[:, 0], tb[:, 1], sel_h[h]), _prmt(tb[:, 2], tb[:, 3], sel_h[h]), masks[h],
+                           lm._LOP3_SELECT)
+                hi = _lop3(_prmt(tb[:, 4], tb[:, 5], sel_h[h]), _prmt(tb[:, 6], tb[:, 7], sel_h[h]), masks[h],
+                           lm._LOP3_SELECT)
+            else:
+                lo, hi = _prmt(tb[:, 0], tb[:, 1], sel_h[h]), _prmt(tb[:, 2], tb[:, 3], sel_h[h])
+            store(4 * j + h, _prmt(lo, hi, np.uint32(lm._INTERLEAVE[0])))
+            store(4 * j + h + 2, _prmt(lo, hi, np.uint32(lm._INTERLEAVE[1])))
+    return tile
+
+
+@pytest.mark.parametrize("K,N,bits,dtype,frac", CASES)
+def test_register_lookup_emulation(rng, K, N, bits, dtype, frac):
+    """Bit-exact: the kernel's prmt / lop3 sequence on the packed words and table planes reproduces the table
+    values (the dense part; the sparse part is added outside the kernel) of every tile."""
+    codes, lut, _ = random_lut(rng, K, N, bits)
+    w = lm.pack(codes, lut, bits=bits, dtype=dtype)
+    dense = oracle_weight(np.pad(codes, ((0, w.k_pad - K), (0, w.n_pad - N))),
+                          np.pad(lut, ((0, w.n_pad - N), (0, 0))), None, dtype)
+    for n_tile in range(w.n_pad // 64):
+        for k_chunk in range(w.k_pad // 64):
+            tile = emulate_kernel_dequant(w, n_tile, k_chunk)
+            assert not np.isnan(tile).any()  # every element of the A fragment is produced by some thread
+            np.testing.assert_array_equal(tile, dense[k_chunk * 64:(k_chunk + 1) * 64, n_tile * 64:(n_tile + 1) * 64].T)
+
+
+def test_prmt_emulation_follows_ptx():
+    """The numpy prmt used as the oracle's instruction model, on hand-checked PTX examples."""
+    a, b = np.uint32(0x33221100), np.uint32(0x77665544)
+    assert _prmt(a, b, np.uint32(0x3210)) == a and _prmt(a, b, np.uint32(0x7654)) == b
+    assert _prmt(a, b, np.uint32(0x0415)) == np.uint32(0x00441155)
+    assert _prmt(np.uint32(0x0000807F), b, np.uint32(0x0898)) == np.uint32(0x7F00FF00)  # sign-replicate mode
+
+
+@pytest.mark.parametrize("K,N,bits,dtype,frac", CASES)
+def test_reference_matmul(rng, K, N, bits, dtype, frac):
+    codes, lut, sparse = random_lut(rng, K, N, bits, frac)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype=dtype)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    xq = jnp.asarray(x, dtype)
+    want = np.asarray(xq.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, dtype)
+    got = jax.jit(lambda x, w: w.matmul(x))(xq, w)  # CPU: the dispatch takes the reference path
+    assert got.shape == (2, 3, N) and got.dtype == xq.dtype
+    assert rel_err(got, want) < 8e-3
+
+
+@pytest.mark.parametrize("tile_k,stages,k_splits", [(64, 2, 1), (128, 4, 2), (256, 3, None)])
+def test_tiled_reference_matches(rng, tile_k, stages, k_splits):
+    """The kernel's block decomposition (qweight / table index maps, split-K partials, M and K padding, the sparse
+    product added by the wrapper) reproduces the float64 oracle."""
+    K, N, bits = 1000, 128, int(rng.choice([3, 4]))
+    codes, lut, sparse = random_lut(rng, K, N, bits, 0.003)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((int(rng.integers(1, 65)), K)), jnp.bfloat16)
+    cfg = lm.KernelConfig(tile_k=tile_k, stages=stages, k_splits=k_splits)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, "bfloat16")
+    got = lm.reference_matmul_tiled(x, w, cfg)
+    assert rel_err(got, want) < 8e-3
+    # Sparse deltas restore the kept float16 values: the bf16 rounding of the table does not reach them.
+    assert np.abs(np.asarray(w.dequantize()) - oracle_weight(codes, lut, sparse, "bfloat16")).max() == 0
+
+
+def test_errors(rng):
+    codes, lut, sparse = random_lut(rng, 256, 64, 4, 0.01)
+    with pytest.raises(ValueError, match="bits=2"):
+        lm.pack(codes % 4, lut[:, :4], bits=2)
+    with pytest.raises(ValueError, match="lut must have shape"):
+        lm.pack(codes, lut[:, :8], bits=4)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 8\)"):
+        lm.pack(codes, lut[:, :8], bits=3)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        lm.pack(codes, lut, bits=4, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="CSR over W"):
+        lm.pack(codes, lut, bits=4, sparse=(sparse[0][:-1], sparse[1], sparse[2]))
+    w = lm.pack(codes, lut, bits=4, sparse=sparse)
+    with pytest.raises(ValueError, match="1..64 activation rows"):
+        lm.lut_matmul(jnp.zeros((65, 256), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="input features"):
+        lm.lut_matmul(jnp.ones((1, 200), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="packed for bfloat16"):
+        lm.lut_matmul(jnp.ones((1, 256), jnp.float16), w)
+    with pytest.raises(ValueError, match="tile_k=96"):
+        lm.KernelConfig(tile_k=96).resolved(w)
+
+
+def test_prepare_for_kernels(rng):
+    from jaxquant.formats_lut import LUTQuantizedWeight
+    from jaxquant.kernel_layout import prepare_for_kernels
+    from jaxquant.sparse import csr_from_mask
+
+    N, K = 72, 192
+    codes, lut, _ = random_lut(rng, K, N, 3)
+    dense = rng.standard_normal((N, K)).astype(np.float32) * 0.1
+    csr = csr_from_mask(dense, rng.random((N, K)) < 0.01)
+    qw = LUTQuantizedWeight.from_codes(codes.T, lut, csr, bits=3)
+    out = prepare_for_kernels({"layer": {"kernel": qw}, "norm": {"scale": jnp.ones(4)}})
+    kw = out["layer"]["kernel"]
+    assert isinstance(kw, lm.LUTKernelWeight) and kw.bits == 3 and kw.nnz == csr.nnz
+    x = jnp.asarray(rng.standard_normal((5, K)), jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qw.dequantize(jnp.float32), np.float64)
+    assert rel_err(kw.matmul(x), want) < 1e-2
