@@ -13,10 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gptq_matmul, lut_matmul
+from pallas_kernels import gptq_matmul, lut_matmul, spqr_matmul
 
 from .formats import UniformQuantizedWeight
 from .formats_lut import LUTQuantizedWeight
+from .formats_spqr import SpQRWeight
 
 
 def to_kernel_weight(w: UniformQuantizedWeight, dtype=jnp.bfloat16) -> gptq_matmul.GPTQKernelWeight:
@@ -42,16 +43,34 @@ def lut_to_kernel_weight(w: LUTQuantizedWeight, dtype=jnp.bfloat16) -> lut_matmu
     return lut_matmul.pack(w.codes(), w.lut, bits=w.bits, sparse=sparse, dtype=dtype)
 
 
+def spqr_to_kernel_weight(w: SpQRWeight, dtype=jnp.bfloat16) -> spqr_matmul.SpQRKernelWeight:
+    """One SpQR weight -> the SpQR kernel layout (statistic codes kept 3-bit, outliers as row slices of deltas)."""
+    from .packing import unpack
+    w.check_shapes()
+    return spqr_matmul.pack(w.codes(), unpack(w.scale_codes, bits=w.qq_scale_bits, axis=1),
+                            unpack(w.zero_codes, bits=w.qq_zero_bits, axis=1), w.scale_qq, w.zero_qq, w.perm,
+                            w.row_ptr, w.col_idx, w.values, bits=w.bits, group_size=w.group_size,
+                            qq_groupsize=w.qq_groupsize, dtype=dtype)
+
+
+def spqr_kernel_supports(w: SpQRWeight) -> bool:
+    return (w.bits in spqr_matmul.KERNEL_BITS and max(w.qq_scale_bits, w.qq_zero_bits) <= spqr_matmul.STAT_BITS
+            and w.group_size % spqr_matmul.GROUP == 0 and w.qq_groupsize % spqr_matmul.ROW_BLOCK == 0)
+
+
 def prepare_for_kernels(params, dtype=jnp.bfloat16):
     """Every kernel-compatible ``UniformQuantizedWeight`` leaf of ``params`` -> ``GPTQKernelWeight``, every
-    ``LUTQuantizedWeight`` leaf -> ``LUTKernelWeight``."""
-    kinds = (UniformQuantizedWeight, LUTQuantizedWeight)
+    ``LUTQuantizedWeight`` leaf -> ``LUTKernelWeight``, every kernel-compatible ``SpQRWeight`` (2-4-bit codes,
+    statistics of <= 3 bits, groups of multiples of 16) -> ``SpQRKernelWeight``."""
+    kinds = (UniformQuantizedWeight, LUTQuantizedWeight, SpQRWeight)
 
     def convert(leaf):
         if isinstance(leaf, UniformQuantizedWeight) and kernel_supports(leaf):
             return to_kernel_weight(leaf, dtype)
         if isinstance(leaf, LUTQuantizedWeight) and leaf.bits in lut_matmul.LUT_KERNEL_BITS:
             return lut_to_kernel_weight(leaf, dtype)
+        if isinstance(leaf, SpQRWeight) and spqr_kernel_supports(leaf):
+            return spqr_to_kernel_weight(leaf, dtype)
         return leaf
 
     return jax.tree_util.tree_map(convert, params, is_leaf=lambda x: isinstance(x, kinds))

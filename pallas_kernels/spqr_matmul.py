@@ -1,0 +1,799 @@
+"""SpQR-format dequantize(+sparse)-and-matmul for decode-sized activations: Mosaic GPU (Hopper) Pallas kernel + jnp
+reference.
+
+Computation (y = x @ W; W[k, n] from SpQR's stored parts, see jaxquant/formats_spqr.py):
+
+    dense part   W_d[k, n] = scale[g, n] * code[k, n] + nb[g, n]       (g = the 16-column group of k)
+                 scale[g, n] = (cs[g, n] - z_s) * s_s,  zero[g, n] = (cz[g, n] - z_z) * s_z,  nb = -(scale * zero)
+                 with cs / cz the 3-bit first-level statistic codes and (s_s, z_s, s_z, z_z) the float16 second-level
+                 parameters of the 16-row block of n;
+    outliers     W[k, n] = value at the stored CSR positions (the value replaces the dense one): the sparse product
+                 adds (value - W_d[k, n]) * x[k] into the same output.
+
+    x [M, K] (bfloat16 or float16, M <= 64 on the kernel path) -> y [M, N] in x's dtype, accumulated in float32.
+
+Like gptq_matmul, the kernel computes y^T = W^T x^T with the weight as the 64-row register A operand of ``wgmma``
+and the activations as its N operand (8..64 wide) from shared memory, over an ``emit_pipeline`` of TMA copies.
+
+Why the statistics are decoded in the kernel (bench/NOTES_kernels.md, SpQR section): float16 scale + zero per group
+of 16 would add 2 bits per weight (5 bits in all, <= 3.2x less than bf16); the 3-bit codes + float16 second level
+add 0.375 + 0.25, so the dense part is 3.625 bits per weight. Decoding them is cheap only if each thread decodes
+few statistics: the kernel permutes K at load time so that in every 64-column chunk each thread's 16 columns of a
+row are exactly one group of 16 (thread t of a quad holds group 4 * chunk + t). One thread then decodes one
+(scale, nb) pair for each of its two rows per chunk (4 float32 statistics for 32 weights), and the activations are
+gathered into the same column order once per call (M x K; it also applies SpQR's act-order permutation).
+
+Kernel layout (built once at load time by :func:`pack`, a :class:`SpQRKernelWeight` pytree; K_pad = K rounded up to
+256, N_pad = N rounded up to 64):
+
+  qweight [N_pad/64, K_pad/64, bits, 128] int32: per 64x64 tile of W^T, ``bits`` words per thread holding the codes
+      of its wgmma A fragment (same thread/pair order as gptq_matmul). Each 16-bit half holds the codes of one
+      element of every pair: 3-bit codes at bits 0, 3, 6, 9, 12 of three halves (pairs 0-14), pair 15 in their
+      bit 15; 2/4-bit codes at bits * i. A code is read without a shift when it already sits inside the mantissa
+      (``v = magic | (word & mask)`` is the float ``magic + code * 2**k``), otherwise after one shift shared with
+      its neighbours; ``fma(v, 2**-k, -magic * 2**-k)`` then gives the exact code.
+  stats   [N_pad/64, K_pad/256, 3, 128] int16: per thread and 4 chunks, 16 fields of 3 bits (scale code, zero code
+      of row r, then of row r + 8, for each chunk) in the same 5-per-half + bit-15 layout.
+  qq      [N_pad/16, K_pad/8] int32: per 16-row block and 16-column group, (s_s | z_s << 16), (s_z | z_z << 16) as
+      float16 bit patterns.
+  kidx    [K_pad] int32: input column feeding each kernel column (K = a zero column for padding).
+  sp_rows [S] int32, sp_cols [S, 16] int16/int32, sp_vals [S, 16] float16: the outliers as slices of up to 16
+      entries of one output row (kernel column index, value - W_d), sorted by row; padding entries have value 0.
+
+Register arithmetic per thread and chunk: 4 statistics in float32 (``cvt`` of the float16 parameters, then the
+reference's ``(code - zero) * scale`` with round-to-nearest, no contraction), rounded to the activation dtype as
+splatted pairs; per bf16x2 pair of weights: mask (and at most one shared shift) into the magic float, one exact fma to
+the code, one fma ``code * scale + nb`` (one rounding). :func:`dequantize_padded` and :func:`reference_matmul` compute
+the same values in jnp (the last fma through a round-to-odd float32 sum, so it is exact), so the CPU tests can check
+the kernel's layout and register logic bit for bit. Against the float32 SpQR reconstruction the dense weights differ
+by ~1 unit of the activation dtype (nb carries the rounding of scale * zero); see the module's benchmark rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .gptq_matmul import CHUNK, MAX_KERNEL_M, _i32, _m_pad, _round_up, _thread_coords
+
+KERNEL_BITS = (2, 3, 4)
+GROUP = 16  # input columns per first-level group in the kernel layout (SpQR's beta1 must be a multiple)
+ROW_BLOCK = 16  # output rows per second-level block in the kernel layout (SpQR's beta2 must be a multiple)
+STAT_BITS = 3  # first-level statistic codes are stored in 3-bit fields (qq bits 1..3)
+STAT_CHUNKS = 4  # chunks of 64 columns whose statistics share one 3 x int16 block per thread
+K_ALIGN = CHUNK * STAT_CHUNKS  # 256
+SLICE = 16  # outlier entries per sparse slice
+_MANTISSA = {"bfloat16": 7, "float16": 10}
+_F32_MAGIC = 0x4B000000  # float32 2**23: (magic | c << s) - 2**23 = c * 2**s exactly for s + 3 <= 23
+
+
+# ------------------------------------------------------------------------------------------------- bit layouts
+def _half_fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
+    """For each of the 16 codes of one 16-bit half: [(word, src_bit, width, code_bit)] making up the code."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"the SpQR kernel supports {KERNEL_BITS}-bit weight codes, got bits={bits}")
+    if bits == 3:
+        return [[(P // 5, 3 * (P % 5), 3, 0)] for P in range(15)] + [[(i, 15, 1, i) for i in range(3)]]
+    per = 16 // bits
+    return [[(P // per, bits * (P % per), bits, 0)] for P in range(16)]
+
+
+def _extract_plan(fields, bits: int, mantissa: int):
+    """How to read one code (both halves at once) into the mantissa of a magic float: (k, [(word, shift, mask)]).
+
+    ``v = magic | OR((word >> shift) & mask)`` is the float magic + code * 2**k. A single field that already lies in
+    the mantissa (src + bits <= mantissa) needs no shift; otherwise the shift is a multiple of the window width
+    W = mantissa + 1 - bits, so neighbouring codes share one shifted word. Masks cover both 16-bit halves.
+    """
+    if len(fields) == 1:
+        (word, src, width, _), = fields
+        window = mantissa + 1 - bits
+        shift = window * (src // window)
+        k = src - shift
+        return k, [(word, shift, ((2**width - 1) << k) * 0x00010001)]
+    return 0, [(word, src - code_bit, ((2**width - 1) << code_bit) * 0x00010001)
+               for word, src, width, code_bit in fields]
+
+
+def _stat_plan(f: int):
+    """Statistic field f (0..15) of a 3 x 16-bit block, read into float32 magic 2**23: (k, [(word, shift, mask)]) with
+    (magic | OR((word >> shift) & mask)) - 2**23 = code * 2**k."""
+    fields = _half_fields(STAT_BITS)[f]
+    if len(fields) == 1:
+        (word, src, width, _), = fields
+        return src, [(word, 0, (2**width - 1) << src)]
+    return 0, [(word, src - cb, (2**width - 1) << cb) for word, src, width, cb in fields]
+
+
+def _pack_halves(vals: np.ndarray, bits: int) -> np.ndarray:
+    """vals [..., 16] codes of one half -> [..., bits] uint16 words (the _half_fields layout)."""
+    words = np.zeros(vals.shape[:-1] + (bits,), np.uint32)
+    for P, fields in enumerate(_half_fields(bits)):
+        for word, src, width, code_bit in fields:
+            part = (vals[..., P].astype(np.uint32) >> code_bit) & (2**width - 1)
+            words[..., word] |= part << src
+    return words.astype(np.uint16)
+
+
+def _read_halves(words: np.ndarray, bits: int, mantissa: int) -> np.ndarray:
+    """Inverse of _pack_halves through the kernel's extraction plans (numpy, on uint32 words holding two halves or
+    one): [..., bits] -> [..., 16] codes of each half as (code * 2**k) >> k."""
+    out = []
+    for fields in _half_fields(bits):
+        k, parts = _extract_plan(fields, bits, mantissa)
+        v = np.zeros(words.shape[:-1], np.uint32)
+        for word, shift, mask in parts:
+            w = words[..., word].astype(np.uint32)
+            v |= ((w >> shift) if shift >= 0 else (w << -shift)) & np.uint32(mask)
+        out.append(v)
+    return np.stack(out, axis=-1)
+
+
+def kernel_column_source(k_pad: int) -> np.ndarray:
+    """[k_pad] group-order column (position in SpQR's quantization order) of every kernel column.
+
+    Kernel column 16j + 8h + 2t + e of chunk c is held by lane t (of a quad) as element e of pair (j, h); it takes
+    group-order column 64c + 16t + 4j + 2h + e, so lane t's 16 columns of a row are group 4c + t.
+    """
+    p = np.arange(k_pad)
+    c, i = p // CHUNK, p % CHUNK
+    j, h, t, e = i // 16, (i % 16) // 8, (i % 8) // 2, i % 2
+    return CHUNK * c + 16 * t + 4 * j + 2 * h + e
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic (jnp)
+def _f16_bits(a) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.asarray(a, jnp.float16), jnp.uint16).astype(jnp.uint32)
+
+
+def _round_to_odd_sum(p: jax.Array, q: jax.Array) -> jax.Array:
+    """p + q in float32 rounded to odd (exact sums unchanged): rounding this to a 16-bit float is the correctly
+    rounded p + q (float32 keeps >= 2 more bits), i.e. what a fused multiply-add in the 16-bit dtype returns."""
+    s = p + q
+    bb = s - p
+    err = (p - (s - bb)) + (q - bb)  # TwoSum: s + err == p + q exactly
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+    fix = (err != 0) & ((bits & 1) == 0)
+    away = jnp.sign(err) == jnp.sign(s)  # the exact sum lies further from zero than s
+    bits = jnp.where(fix, bits + jnp.where(away, 1, -1), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def statistics_f32(cs, cz, s_s, z_s, s_z, z_z):
+    """The kernel's float32 (scale, nb = -(scale * zero)) from the statistic codes and float16 second level."""
+    f32 = jnp.float32
+    scale = (cs.astype(f32) - z_s.astype(f32)) * s_s.astype(f32)
+    zero = (cz.astype(f32) - z_z.astype(f32)) * s_z.astype(f32)
+    return scale, -(scale * zero)
+
+
+def dense_values(codes, scale_lp, nb_lp, dtype) -> jax.Array:
+    """round_dtype(code * scale + nb) with one rounding (scale / nb already in the 16-bit dtype)."""
+    p = codes.astype(jnp.float32) * scale_lp.astype(jnp.float32)  # exact: <= 4 + 11 significant bits
+    return _round_to_odd_sum(p, nb_lp.astype(jnp.float32)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernel-layout pytree
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["qweight", "stats", "qq", "kidx", "sp_rows", "sp_cols", "sp_vals"],
+    meta_fields=["bits", "in_features", "out_features", "dtype_name"],
+)
+@dataclasses.dataclass(frozen=True)
+class SpQRKernelWeight:
+    """A SpQR weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU."""
+
+    qweight: jax.Array
+    stats: jax.Array
+    qq: jax.Array
+    kidx: jax.Array
+    sp_rows: jax.Array
+    sp_cols: jax.Array
+    sp_vals: jax.Array
+    bits: int
+    in_features: int
+    out_features: int
+    dtype_name: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def k_pad(self) -> int:
+        return self.qweight.shape[1] * CHUNK
+
+    @property
+    def n_pad(self) -> int:
+        return self.qweight.shape[0] * CHUNK
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.sp_rows.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.qweight, self.stats, self.qq, self.kidx, self.sp_rows, self.sp_cols, self.sp_vals)
+        return sum(a.size * a.dtype.itemsize for a in arrays)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the kernel streams (codes, statistic codes, second level)."""
+        return sum(a.size * a.dtype.itemsize for a in (self.qweight, self.stats, self.qq))
+
+    def avg_bits(self) -> float:
+        """Bits per weight of everything the kernel path reads (layout padding included)."""
+        return 8 * self.nbytes / (self.in_features * self.out_features)
+
+    # -------------------------------------------------------------------------------------------- unpacking
+    def codes_kn(self) -> jax.Array:
+        """Weight codes [K_pad, N_pad] in kernel column order."""
+        words = np.asarray(jax.device_get(self.qweight)).view(np.uint32)  # [Nt, Kt, bits, 128]
+        mant = _MANTISSA[self.dtype_name]
+        vals = _read_halves(np.moveaxis(words, 2, -1), self.bits, mant)  # [Nt, Kt, 128, 16]
+        ks = np.array([_extract_plan(f, self.bits, mant)[0] for f in _half_fields(self.bits)], np.uint32)
+        lo, hi = (vals & 0xFFFF) >> ks, (vals >> 16) >> ks
+        nt, kt = words.shape[:2]
+        row, col = _thread_coords()
+        tiles = np.zeros((nt, kt, CHUNK, CHUNK), np.int32)
+        tiles[:, :, row[..., 0], col[..., 0]] = lo
+        tiles[:, :, row[..., 1], col[..., 1]] = hi
+        return jnp.asarray(tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK).T)
+
+    def statistics_codes(self) -> tuple[jax.Array, jax.Array]:
+        """(scale codes, zero codes) [K_pad/16, N_pad] per kernel group (group 4c + t of chunk c) and row."""
+        words = np.asarray(jax.device_get(self.stats)).view(np.uint16).astype(np.uint32)  # [Nt, Kb, 3, 128]
+        vals = _read_halves(np.moveaxis(words, 2, -1), STAT_BITS, 23)  # [Nt, Kb, 128, 16]; plan shifts are <= 20
+        ks = np.array([_stat_plan(f)[0] for f in range(16)], np.uint32)
+        vals = vals >> ks
+        nt, kb = words.shape[:2]
+        tid = np.arange(128)
+        r = 16 * (tid // 32) + (tid % 32) // 4
+        t = tid % 4
+        cs = np.zeros((kb * 4 * 4, nt * CHUNK), np.int32)
+        cz = np.zeros_like(cs)
+        for cc in range(STAT_CHUNKS):
+            g = (4 * np.arange(kb)[:, None] + cc) * 4 + t[None, :]  # [Kb, 128] kernel group
+            for half, rows in ((0, r), (1, r + 8)):
+                n = CHUNK * np.arange(nt)[:, None, None] + rows[None, None, :]  # [Nt, 1, 128]
+                gg = np.broadcast_to(g[None], (nt, kb, 128))
+                nn = np.broadcast_to(n, (nt, kb, 128))
+                cs[gg, nn] = vals[:, :, :, 4 * cc + 2 * half]
+                cz[gg, nn] = vals[:, :, :, 4 * cc + 2 * half + 1]
+        return jnp.asarray(cs), jnp.asarray(cz)
+
+    def second_level(self) -> tuple[jax.Array, ...]:
+        """(s_s, z_s, s_z, z_z) float16 [N_pad/16, K_pad/16] per row block and kernel group."""
+        w = jax.lax.bitcast_convert_type(self.qq, jnp.uint32).reshape(self.n_pad // ROW_BLOCK, -1, 2)
+        half = lambda a: jax.lax.bitcast_convert_type(a.astype(jnp.uint16), jnp.float16)
+        return half(w[..., 0] & 0xFFFF), half(w[..., 0] >> 16), half(w[..., 1] & 0xFFFF), half(w[..., 1] >> 16)
+
+    def dequantize_padded(self) -> jax.Array:
+        """Dense part W_d [K_pad, N_pad] in kernel column order, in the activation dtype, as the kernel computes it."""
+        cs, cz = self.statistics_codes()
+        s_s, z_s, s_z, z_z = (jnp.repeat(a.T, ROW_BLOCK, axis=1) for a in self.second_level())  # [G_k, N_pad]
+        scale, nb = statistics_f32(cs, cz, s_s, z_s, s_z, z_z)
+        g = kernel_column_source(self.k_pad) // GROUP  # the group of each kernel column (lane t of chunk c: 4c + t)
+        return dense_values(self.codes_kn(), scale.astype(self.dtype)[g], nb.astype(self.dtype)[g], self.dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """W [K, N] in the original input order, outliers included (for checks; the kernel never builds it)."""
+        w = self.dequantize_padded().astype(jnp.float32) + self.sparse_dense()
+        dense = jnp.zeros((self.in_features + 1, self.n_pad), jnp.float32).at[self.kidx].set(w)
+        return dense[: self.in_features, : self.out_features].astype(dtype)
+
+    def sparse_dense(self) -> jax.Array:
+        """The outlier corrections as a dense [K_pad, N_pad] float32 matrix (kernel column order)."""
+        rows = jnp.broadcast_to(self.sp_rows[:, None], self.sp_cols.shape)
+        return jnp.zeros((self.k_pad, self.n_pad), jnp.float32).at[self.sp_cols.astype(jnp.int32), rows].add(
+            self.sp_vals.astype(jnp.float32))
+
+    def prepare_activations(self, x2d: jax.Array, m_pad: int) -> jax.Array:
+        """x [M, K] -> [m_pad, K_pad] in kernel column order (one gather over M x K, zero padding)."""
+        m = x2d.shape[0]
+        x2d = jnp.concatenate([x2d.astype(self.dtype), jnp.zeros((m, 1), self.dtype)], axis=1)[:, self.kidx]
+        return jnp.pad(x2d, ((0, m_pad - m), (0, 0)))
+
+    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
+        """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
+
+        The Pallas kernel (+ the XLA sparse product) runs when ``use_kernel`` (default: the default backend is a GPU,
+        x's dtype is the packed dtype and M = prod(leading dims) <= 64); otherwise the XLA reference.
+        """
+        lead, k = x.shape[:-1], x.shape[-1]
+        if k != self.in_features:
+            raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
+        m = math.prod(lead)
+        if use_kernel is None:
+            use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype and 1 <= m <= MAX_KERNEL_M
+        y = spqr_matmul(x.reshape(m, k), self, config=config) if use_kernel else reference_matmul(x.reshape(m, k),
+                                                                                                 self)
+        return y.reshape(*lead, self.out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------- packing
+def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, col_idx, values, *, bits: int,
+         group_size: int, qq_groupsize: int, dtype=jnp.bfloat16) -> SpQRKernelWeight:
+    """Convert a SpQR weight (plain unpacked arrays) into the kernel layout; done once at load time.
+
+    codes_kn [K, N] weight codes (original column order); scale_codes / zero_codes [G, N] first-level statistic
+    codes (< 8); scale_qq / zero_qq [G, N/qq_groupsize, 2] float16 (scale, zero) of the second level; perm [K] the
+    act-order permutation (group g holds columns perm[g*group_size:(g+1)*group_size]) or None / empty; the outliers
+    as CSR over W[out = N, in = K] (row_ptr [N+1], col_idx [nnz], values [nnz], replacing the dense value).
+    group_size and qq_groupsize must be multiples of 16 (statistics are repeated to 16-column / 16-row blocks).
+    """
+    dtype_name = jnp.dtype(dtype).name
+    if dtype_name not in _MANTISSA:
+        raise ValueError(f"the SpQR kernel computes in bfloat16 or float16, got {dtype_name}")
+    _half_fields(bits)  # validates bits
+    codes_kn = np.asarray(jax.device_get(codes_kn))
+    if codes_kn.ndim != 2:
+        raise ValueError(f"codes must be [K, N], got shape {codes_kn.shape}")
+    K, N = codes_kn.shape
+    if group_size % GROUP or K % group_size:
+        raise ValueError(f"the SpQR kernel needs a group_size that is a multiple of {GROUP} and divides "
+                         f"in_features={K}; got group_size={group_size}")
+    if qq_groupsize % ROW_BLOCK or N % qq_groupsize:
+        raise ValueError(f"the SpQR kernel needs a qq_groupsize that is a multiple of {ROW_BLOCK} and divides "
+                         f"out_features={N}; got qq_groupsize={qq_groupsize}")
+    G = K // group_size
+    scale_codes, zero_codes = (np.asarray(jax.device_get(a)) for a in (scale_codes, zero_codes))
+    scale_qq, zero_qq = (np.asarray(jax.device_get(a)).astype(np.float16) for a in (scale_qq, zero_qq))
+    for name, a, shape in (("scale_codes", scale_codes, (G, N)), ("zero_codes", zero_codes, (G, N)),
+                           ("scale_qq", scale_qq, (G, N // qq_groupsize, 2)),
+                           ("zero_qq", zero_qq, (G, N // qq_groupsize, 2))):
+        if a.shape != shape:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    for name, a in (("scale_codes", scale_codes), ("zero_codes", zero_codes)):
+        if a.size and (a.min() < 0 or a.max() >= 2**STAT_BITS):
+            raise ValueError(f"{name} must be {STAT_BITS}-bit codes (second-level statistics of at most "
+                             f"{STAT_BITS} bits); got values in [{a.min()}, {a.max()}]")
+    if codes_kn.size and (codes_kn.min() < 0 or codes_kn.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    perm = None if perm is None else np.asarray(jax.device_get(perm)).astype(np.int64)
+    if perm is None or perm.size == 0:
+        perm = np.arange(K)
+    elif perm.shape != (K,) or not np.array_equal(np.sort(perm), np.arange(K)):
+        raise ValueError(f"perm must be a permutation of 0..{K - 1} (or empty for the identity order)")
+
+    k_pad, n_pad = _round_up(K, K_ALIGN), _round_up(N, CHUNK)
+    q_of_p = kernel_column_source(k_pad)  # group-order position of each kernel column
+    kidx = np.where(q_of_p < K, perm[np.minimum(q_of_p, K - 1)], K)  # input column of each kernel column
+
+    # Weight codes in kernel column order -> per-thread words.
+    codes_ext = np.concatenate([codes_kn, np.zeros((1, N), codes_kn.dtype)], axis=0)[kidx]  # [K_pad, N]
+    codes_nk = np.zeros((n_pad, k_pad), np.uint32)
+    codes_nk[:N] = codes_ext.T
+    nt, kt = n_pad // CHUNK, k_pad // CHUNK
+    row, col = _thread_coords()
+    tiles = codes_nk.reshape(nt, CHUNK, kt, CHUNK).transpose(0, 2, 1, 3)
+    lo = _pack_halves(tiles[:, :, row[..., 0], col[..., 0]], bits).astype(np.uint32)  # [Nt, Kt, 128, bits]
+    hi = _pack_halves(tiles[:, :, row[..., 1], col[..., 1]], bits).astype(np.uint32)
+    qweight = np.moveaxis(lo | (hi << 16), -1, 2).view(np.int32)  # [Nt, Kt, bits, 128]
+
+    # Statistics per 16-column kernel group (group-order block q // 16) and row, padded with code 0 / params 0.
+    n_groups = k_pad // GROUP
+    src_group = np.arange(n_groups) * GROUP // group_size  # SpQR group of each kernel group (>= G: padding)
+    real = src_group < G
+
+    def by_group(a, fill=0):
+        out = np.full((n_groups,) + a.shape[1:], fill, a.dtype)
+        out[real] = a[src_group[real]]
+        return out
+
+    cs = np.zeros((n_groups, n_pad), np.uint32)
+    cz = np.zeros_like(cs)
+    cs[:, :N], cz[:, :N] = by_group(scale_codes), by_group(zero_codes)
+    tid = np.arange(128)
+    r, t = 16 * (tid // 32) + (tid % 32) // 4, tid % 4
+    kb = k_pad // K_ALIGN
+    fields = np.zeros((nt, kb, 128, 16), np.uint32)
+    n_lo = CHUNK * np.arange(nt)[:, None, None] + r  # [Nt, 1, 128]
+    for cc in range(STAT_CHUNKS):
+        g = ((4 * np.arange(kb)[:, None] + cc) * 4 + t)[None]  # [1, Kb, 128] kernel group of (block, thread)
+        for half, rows in ((0, n_lo), (1, n_lo + 8)):
+            fields[..., 4 * cc + 2 * half] = cs[g, rows]
+            fields[..., 4 * cc + 2 * half + 1] = cz[g, rows]
+    stats = np.moveaxis(_pack_halves(fields, STAT_BITS), -1, 2).view(np.int16)  # [Nt, Kb, 3, 128]
+
+    # Second level per 16-row block and kernel group: (s_s | z_s << 16), (s_z | z_z << 16).
+    n_blocks = n_pad // ROW_BLOCK
+    blk_src = np.arange(N // ROW_BLOCK) * ROW_BLOCK // qq_groupsize
+    qq_bits = np.zeros((n_blocks, n_groups, 4), np.uint32)
+    for i, (a, j) in enumerate(((scale_qq, 0), (scale_qq, 1), (zero_qq, 0), (zero_qq, 1))):
+        qq_bits[: N // ROW_BLOCK, :, i] = by_group(a[..., j].view(np.uint16))[:, blk_src].T
+    qq = (qq_bits[..., 0::2] | (qq_bits[..., 1::2] << 16)).reshape(n_blocks, n_groups * 2).view(np.int32)
+
+    w = SpQRKernelWeight(qweight=jnp.asarray(qweight), stats=jnp.asarray(stats), qq=jnp.asarray(qq),
+                         kidx=jnp.asarray(kidx, jnp.int32), sp_rows=jnp.zeros((0,), jnp.int32),
+                         sp_cols=jnp.zeros((0, SLICE), jnp.int16), sp_vals=jnp.zeros((0, SLICE), jnp.float16),
+                         bits=bits, in_features=K, out_features=N, dtype_name=dtype_name)
+    return _with_outliers(w, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits)
+
+
+def _with_outliers(w: SpQRKernelWeight, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits) -> SpQRKernelWeight:
+    """Attach the outliers as slices of (kernel column, value - W_d) sorted by output row."""
+    K, N = w.in_features, w.out_features
+    row_ptr, col_idx = (np.asarray(jax.device_get(a)).astype(np.int64) for a in (row_ptr, col_idx))
+    values = np.asarray(jax.device_get(values)).astype(np.float32)
+    nnz = values.shape[0]
+    if row_ptr.shape != (N + 1,) or col_idx.shape != (nnz,) or row_ptr[0] != 0 or row_ptr[-1] != nnz \
+            or np.any(np.diff(row_ptr) < 0):
+        raise ValueError(f"outliers must be a CSR over W[out={N}, in={K}]: row_ptr [N+1] rising from 0 to nnz, "
+                         f"col_idx / values [nnz]; got row_ptr {row_ptr.shape}, col_idx {col_idx.shape}, "
+                         f"values {values.shape}")
+    if nnz == 0:
+        return w
+    if col_idx.min() < 0 or col_idx.max() >= K:
+        raise ValueError(f"outlier column index out of range [0, {K})")
+    rows = np.repeat(np.arange(N), np.diff(row_ptr))
+    inv = np.empty(K, np.int64)
+    kidx = np.asarray(w.kidx)
+    real = kidx < K
+    inv[kidx[real]] = np.nonzero(real)[0]
+    p = inv[col_idx]  # kernel column of each outlier
+    # The kernel's dense value at each outlier position (same arithmetic as dequantize_padded).
+    g = kernel_column_source(w.k_pad)[p] // GROUP
+    blk = rows // ROW_BLOCK
+    half = lambda b: jnp.asarray(b.astype(np.uint16).view(np.float16))
+    s_s, z_s, s_z, z_z = (half(qq_bits[blk, g, i]) for i in range(4))
+    scale, nb = statistics_f32(jnp.asarray(cs[g, rows]), jnp.asarray(cz[g, rows]), s_s, z_s, s_z, z_z)
+    dense = dense_values(jnp.asarray(codes_kn[col_idx, rows]), scale.astype(w.dtype), nb.astype(w.dtype), w.dtype)
+    delta = (values - np.asarray(dense.astype(jnp.float32))).astype(np.float16)
+    # Slices of up to SLICE entries of one row (CSR order is row-major, so slices come sorted by row).
+    counts = np.diff(row_ptr)
+    n_slices = -(-counts // SLICE)
+    slice_start = np.concatenate([[0], np.cumsum(n_slices)[:-1]])
+    within = np.arange(nnz) - row_ptr[rows]
+    slot = (slice_start[rows] + within // SLICE) * SLICE + within % SLICE
+    S = int(n_slices.sum())
+    sp_cols = np.zeros(S * SLICE, np.int16 if w.k_pad <= 2**15 else np.int32)
+    sp_vals = np.zeros(S * SLICE, np.float16)
+    sp_cols[slot], sp_vals[slot] = p, delta
+    sp_rows = np.repeat(np.arange(N), n_slices).astype(np.int32)
+    return dataclasses.replace(w, sp_rows=jnp.asarray(sp_rows), sp_cols=jnp.asarray(sp_cols.reshape(S, SLICE)),
+                               sp_vals=jnp.asarray(sp_vals.reshape(S, SLICE)))
+
+
+# ------------------------------------------------------------------------------------------------------ references
+def sparse_product(xk: jax.Array, w: SpQRKernelWeight) -> Optional[jax.Array]:
+    """Outlier corrections for prepared activations xk [M_pad, K_pad]: float32 [N_pad, M_pad] (None if no outliers).
+    One XLA gather-multiply-reduce over the slices, then a sorted segment sum into the output rows."""
+    if w.num_slices == 0:
+        return None
+    xt = xk.T.astype(jnp.float32)  # [K_pad, M_pad]
+    per_slice = jnp.sum(xt[w.sp_cols.astype(jnp.int32)] * w.sp_vals.astype(jnp.float32)[..., None], axis=1)
+    return jax.ops.segment_sum(per_slice, w.sp_rows, num_segments=w.n_pad, indices_are_sorted=True)
+
+
+def _finish(partials: jax.Array, sparse: Optional[jax.Array], m: int, n: int, dtype) -> jax.Array:
+    total = partials.sum(0)
+    if sparse is not None:
+        total = total + sparse
+    return total[:n, :m].T.astype(dtype)
+
+
+def reference_matmul(x2d: jax.Array, w: SpQRKernelWeight) -> jax.Array:
+    """Pure-jnp x [M, K] @ W -> [M, N] in x's dtype: the kernel's dense values in one XLA matmul plus the sparse
+    product (also the large-M path on GPU)."""
+    m = x2d.shape[0]
+    xk = w.prepare_activations(x2d, m)
+    dense = jnp.matmul(xk, w.dequantize_padded().astype(xk.dtype), preferred_element_type=jnp.float32)
+    return _finish(dense.T[None], sparse_product(xk, w), m, w.out_features, x2d.dtype)
+
+
+def reference_matmul_tiled(x2d: jax.Array, w: SpQRKernelWeight, config: "KernelConfig") -> jax.Array:
+    """The kernel's block decomposition in jnp: per (output tile, k split, pipeline step) the blocks of qweight /
+    stats / qq the kernel's index maps select, decoded from those blocks alone, float32 partials summed over splits.
+    For CPU tests of the tiling logic."""
+    m = x2d.shape[0]
+    m_pad = _m_pad(m)
+    cfg = config.resolved(w, m)
+    xk = w.prepare_activations(x2d, m_pad)
+    steps = w.k_pad // cfg.tile_k // cfg.k_splits
+    rows = CHUNK * cfg.n_sub
+    out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
+    for n_idx in range(w.n_pad // rows):
+        for split in range(cfg.k_splits):
+            acc = jnp.zeros((rows, m_pad), jnp.float32)
+            for step in range(steps):
+                kb = split * steps + step
+                k0, k1 = kb * cfg.tile_k, (kb + 1) * cfg.tile_k
+                blk = dataclasses.replace(
+                    w, qweight=w.qweight[n_idx * cfg.n_sub:(n_idx + 1) * cfg.n_sub, k0 // CHUNK:k1 // CHUNK],
+                    stats=w.stats[n_idx * cfg.n_sub:(n_idx + 1) * cfg.n_sub, k0 // K_ALIGN:k1 // K_ALIGN],
+                    qq=w.qq[n_idx * rows // ROW_BLOCK:(n_idx + 1) * rows // ROW_BLOCK, k0 // 8:k1 // 8],
+                    kidx=w.kidx[k0:k1])
+                a = blk.dequantize_padded()  # [tile_k, rows]
+                acc = acc + jnp.matmul(a.T, xk[:, k0:k1].T, preferred_element_type=jnp.float32)
+            out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(acc)
+    return _finish(out, sparse_product(xk, w), m, w.out_features, x2d.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes: ``tile_k`` input columns per pipeline step (a multiple of 256), ``stages`` TMA buffers in flight,
+    ``k_splits`` CTAs sharing one output tile's K range (float32 partials summed afterwards), ``n_sub`` 64-row
+    output tiles per CTA. None = heuristic."""
+
+    tile_k: Optional[int] = None
+    stages: Optional[int] = None
+    k_splits: Optional[int] = None
+    n_sub: Optional[int] = None
+
+    def resolved(self, w: SpQRKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
+        """Fill in None fields: as gptq_matmul (tile_k up to 512 and 3 stages at M_pad <= 16, up to 256 and 2
+        stages above; the most CTAs up to ~3.5 per SM with >= 4 steps per split, then the largest tile_k, then the
+        fewest splits)."""
+        small_m = _m_pad(m) <= 16
+        stages = self.stages or (3 if small_m else 2)
+        n_sub = self.n_sub or 1
+        ctas_n = w.n_pad // CHUNK // n_sub
+        target = int(3.5 * num_sms)
+        best = None
+        for tile_k in ([self.tile_k] if self.tile_k else ([512, 256] if small_m else [256])):
+            if tile_k % K_ALIGN or w.k_pad % tile_k:
+                continue
+            steps = w.k_pad // tile_k
+            splits = [self.k_splits] if self.k_splits else [
+                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1)]
+            for k_splits in splits:
+                score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
+                if best is None or score > best[0]:
+                    best = (score, tile_k, k_splits)
+        if best is None:
+            raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {K_ALIGN} dividing "
+                             f"K_pad={w.k_pad}")
+        _, tile_k, k_splits = best
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages)
+        cfg.check(w)
+        return cfg
+
+    def check(self, w: SpQRKernelWeight) -> None:
+        if self.tile_k % K_ALIGN or w.k_pad % self.tile_k:
+            raise ValueError(f"tile_k={self.tile_k} must be a multiple of {K_ALIGN} dividing K_pad={w.k_pad}")
+        steps = w.k_pad // self.tile_k
+        if steps % self.k_splits:
+            raise ValueError(f"k_splits={self.k_splits} must divide the {steps} pipeline steps (K_pad/tile_k)")
+        if (w.n_pad // CHUNK) % self.n_sub:
+            raise ValueError(f"n_sub={self.n_sub} must divide the {w.n_pad // CHUNK} 64-row output tiles")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+
+
+# ---------------------------------------------------------------------------------------------------------- kernel
+def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelConfig] = None,
+                out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+    """Pallas Mosaic GPU kernel (dense part) + XLA sparse product: x [M, K] (M <= 64, w's dtype) @ W -> [M, N].
+
+    ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place (pass it
+    NaN-filled to prove every output tile is written).
+    """
+    m, k = x2d.shape
+    if k != w.in_features:
+        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
+    if not 1 <= m <= MAX_KERNEL_M:
+        raise ValueError(f"the SpQR kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
+    if x2d.dtype != w.dtype:
+        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    cfg = (config or KernelConfig()).resolved(w, m)
+    xk = w.prepare_activations(x2d, _m_pad(m))
+    partials = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
+    sparse = sparse_product(xk, w) if _variant != "nosparse" else None
+    return _finish(partials, sparse, m, w.out_features, x2d.dtype)
+
+
+def spqr_matmul_partials(xk: jax.Array, w: SpQRKernelWeight, cfg: KernelConfig, *,
+                         out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+    """The bare dense kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad]."""
+    m_pad = xk.shape[0]
+    call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
+                       cfg.n_sub, out_init is not None, _variant)
+    args = [xk, w.qweight, w.stats, w.qq]
+    if out_init is not None:
+        if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
+            raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
+                             f"{out_init.dtype} {out_init.shape}")
+        args.append(out_init)
+    return call(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits, n_sub, aliased, variant="full"):
+    """variant (measurements only): "full" / "nosparse" (same kernel); "nostats" skips the statistics arithmetic
+    (wrong results; isolates its cost)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype_name)
+    rows = CHUNK * n_sub
+    steps = k_pad // tile_k // k_splits
+    dequant = _make_dequant(bits, tile_k, dtype_name, skip_stats=variant == "nostats")
+    swizzle = 128
+    x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    def body(x_gmem, w_gmem, st_gmem, qq_gmem, out_gmem):
+        n_idx = jax.lax.axis_index("n")
+        split = jax.lax.axis_index("split")
+        k0 = split * steps
+        in_specs = [
+            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms),
+            plgpu.BlockSpec((n_sub, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
+            plgpu.BlockSpec((n_sub, tile_k // K_ALIGN, 3, 128), lambda k: (n_idx, k0 + k, 0, 0)),
+            plgpu.BlockSpec((rows // ROW_BLOCK, tile_k // 8), lambda k: (n_idx, k0 + k)),
+        ]
+
+        def acc_scope(*acc_refs):
+            def step(_, x_smem, w_smem, st_smem, qq_smem):
+                blocks = CHUNK // ROW_BLOCK
+                a = [dequant(w_smem.at[j], st_smem.at[j], qq_smem.at[pl.ds(j * blocks, blocks), :])
+                     for j in range(n_sub)]
+                for j in range(n_sub):
+                    plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
+                                max_concurrent_steps=min(stages, steps))(x_gmem, w_gmem, st_gmem, qq_gmem)
+            return [acc_ref[...] for acc_ref in acc_refs]
+
+        accs = pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
+
+        def store(o_smem):
+            for j in range(n_sub):
+                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = accs[j]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
+
+    out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
+    name = f"spqr_w{bits}_m{m_pad}_k{tile_k}_n{rows}"
+    mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
+    params = plgpu.CompilerParams()
+    if not aliased:
+        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
+    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
+
+    def call(*args):
+        out_ref = jax.new_ref(args[-1])
+        in_place(*args[:-1], out_ref)
+        return jax.freeze(out_ref)
+
+    return call
+
+
+def _make_dequant(bits, tile_k, dtype_name, skip_stats=False):
+    """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, st_smem [tile_k/256, 3, 128] i16,
+    qq_smem [4, tile_k/8] i32) -> the dequantized A operand [64, tile_k] in the WGMMA register layout."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype_name)
+    ret = plgpu.ShapeDtypeStruct((CHUNK, tile_k), dtype, layout=plgpu.Layout.WGMMA)
+    mant = _MANTISSA[dtype_name]
+    magic = float(2**mant)
+    ptx_ty = "bf16x2" if dtype_name == "bfloat16" else "f16x2"
+
+    def half2(value: float) -> int:
+        return int(np.asarray(value, dtype=dtype).view(np.uint16)) * 0x00010001
+
+    base2 = half2(magic)
+    plans = [_extract_plan(f, bits, mant) for f in _half_fields(bits)]
+    stat_plans = [_stat_plan(f) for f in range(16)]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3, return_type=ret)
+    def dequant(ctx, w_ref, st_ref, qq_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+        import jax.experimental.mosaic.gpu as mgpu
+
+        i32 = ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        index = ir.IndexType.get()
+        vec_ty = ir.VectorType.get((2,), mgpu.utils.dtype_to_ir_type(dtype))
+
+        def ci(v):
+            return arith.constant(i32, _i32(v))
+
+        def cf(v):
+            return arith.constant(f32, float(v))
+
+        def cidx(v):
+            return arith.constant(index, v)
+
+        def asm(ret_ty, args, text, constraints):
+            return llvm.inline_asm(ret_ty, args, text, constraints)
+
+        def fma2(a, b, c):
+            return asm(i32, [a, b, c], f"fma.rn.{ptx_ty} $0, $1, $2, $3;", "=r,r,r,r")
+
+        def f32_op(op, *args):
+            cons = "=f," + ",".join("f" for _ in args)
+            operands = ", ".join(f"${i + 1}" for i in range(len(args)))
+            return asm(f32, list(args), f"{op}.rn.f32 $0, {operands};", cons)
+
+        def half_to_f32(word, hi):
+            part = "hi" if hi else "lo"
+            return asm(f32, [word], "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, " + part + "; }",
+                       "=f,r")
+
+        def splat(v):  # float32 -> both halves of a 16-bit pair, round to nearest even
+            return asm(i32, [v, v], f"cvt.rn.{ptx_ty}.f32 $0, $1, $2;", "=r,f,f")
+
+        tid = mgpu.utils.thread_idx()
+        lane = arith.remui(tid, ci(32))
+        warp_idx = arith.index_cast(index, arith.divui(tid, ci(32)))
+        quad_t = arith.remui(lane, ci(4))
+        tid_idx = arith.index_cast(index, tid)
+
+        def stat_value(words, f):
+            """Field f as float32 code * 2**k (exact) and k."""
+            k, parts = stat_plans[f]
+            v = ci(_F32_MAGIC)
+            for word, shift, mask in parts:
+                w = words[word]
+                if shift > 0:
+                    w = arith.shrui(w, ci(shift))
+                v = arith.ori(v, arith.andi(w, ci(mask)))
+            return f32_op("sub", arith.bitcast(f32, v), cf(2.0**23)), k
+
+        def statistic(words, f, z, s):
+            """(code - z) * s in float32 with the reference's two roundings."""
+            t, k = stat_value(words, f)
+            d = f32_op("fma", t, cf(2.0**-k), arith.negf(z))  # t * 2**-k is exact: one rounding of code - z
+            return f32_op("mul", d, s)
+
+        regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, tile_k)), dtype=object)
+        stat_words = None
+        for c in range(tile_k // CHUNK):
+            if c % STAT_CHUNKS == 0:
+                stat_words = [arith.extui(i32, memref.load(st_ref, [cidx(c // STAT_CHUNKS), cidx(p), tid_idx]))
+                              for p in range(3)]
+            cc = c % STAT_CHUNKS
+            qcol = arith.addi(ci(8 * c), arith.muli(quad_t, ci(2)))  # (group 4c + t) * 2
+            q0 = memref.load(qq_ref, [warp_idx, arith.index_cast(index, qcol)])
+            q1 = memref.load(qq_ref, [warp_idx, arith.index_cast(index, arith.addi(qcol, ci(1)))])
+            if skip_stats:
+                scale2 = [q0, q0]
+                nb2 = [q1, q1]
+            else:
+                s_s, z_s = half_to_f32(q0, False), half_to_f32(q0, True)
+                s_z, z_z = half_to_f32(q1, False), half_to_f32(q1, True)
+                scale2, nb2 = [], []
+                for h in range(2):  # row r, row r + 8
+                    scale = statistic(stat_words, 4 * cc + 2 * h, z_s, s_s)
+                    zero = statistic(stat_words, 4 * cc + 2 * h + 1, z_z, s_z)
+                    nb = arith.negf(f32_op("mul", scale, zero))
+                    scale2.append(splat(scale))
+                    nb2.append(splat(nb))
+            words = [memref.load(w_ref, [cidx(c), cidx(p), tid_idx]) for p in range(bits)]
+            shifted = {}
+            for P, (k, parts) in enumerate(plans):
+                j, p = divmod(P, 4)
+                kc, h = 2 * j + p // 2, p % 2
+                v = ci(base2)
+                for word, shift, mask in parts:
+                    if (word, shift) not in shifted:
+                        w = words[word]
+                        shifted[(word, shift)] = (arith.shrui(w, ci(shift)) if shift > 0 else
+                                                  arith.shli(w, ci(-shift)) if shift < 0 else w)
+                    v = arith.ori(v, arith.andi(shifted[(word, shift)], ci(mask)))
+                code = fma2(v, ci(half2(2.0**-k)), ci(half2(-magic * 2.0**-k)))  # exact
+                wv = fma2(code, scale2[h], nb2[h])
+                regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(
+                    vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), wv))
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return dequant
