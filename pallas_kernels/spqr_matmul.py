@@ -111,28 +111,29 @@ def _stat_plan(f: int):
     return 0, [(word, src - cb, (2**width - 1) << cb) for word, src, width, cb in fields]
 
 
-def _pack_halves(vals: np.ndarray, bits: int) -> np.ndarray:
-    """vals [..., 16] codes of one half -> [..., bits] uint16 words (the _half_fields layout)."""
-    words = np.zeros(vals.shape[:-1] + (bits,), np.uint32)
+def _pack_halves(vals, bits: int, xp=np):
+    """vals [..., 16] codes of one half -> [..., bits] uint32 words holding 16 bits each (the _half_fields layout);
+    xp = numpy or jax.numpy (large weights are packed on the device)."""
+    words = [xp.zeros(vals.shape[:-1], xp.uint32) for _ in range(bits)]
     for P, fields in enumerate(_half_fields(bits)):
         for word, src, width, code_bit in fields:
-            part = (vals[..., P].astype(np.uint32) >> code_bit) & (2**width - 1)
-            words[..., word] |= part << src
-    return words.astype(np.uint16)
+            part = (vals[..., P].astype(xp.uint32) >> code_bit) & (2**width - 1)
+            words[word] = words[word] | (part << src)
+    return xp.stack(words, axis=-1)
 
 
-def _read_halves(words: np.ndarray, bits: int, mantissa: int) -> np.ndarray:
-    """Inverse of _pack_halves through the kernel's extraction plans (numpy, on uint32 words holding two halves or
-    one): [..., bits] -> [..., 16] codes of each half as (code * 2**k) >> k."""
+def _read_halves(words, bits: int, mantissa: int, xp=np):
+    """Inverse of _pack_halves through the kernel's extraction plans, on uint32 words holding two halves (or one):
+    [..., bits] -> [..., 16] codes of each half as code << k (k from the plan, both halves)."""
     out = []
     for fields in _half_fields(bits):
         k, parts = _extract_plan(fields, bits, mantissa)
-        v = np.zeros(words.shape[:-1], np.uint32)
+        v = xp.zeros(words.shape[:-1], xp.uint32)
         for word, shift, mask in parts:
-            w = words[..., word].astype(np.uint32)
-            v |= ((w >> shift) if shift >= 0 else (w << -shift)) & np.uint32(mask)
+            w = words[..., word].astype(xp.uint32)
+            v = v | (((w >> shift) if shift >= 0 else (w << -shift)) & xp.uint32(mask))
         out.append(v)
-    return np.stack(out, axis=-1)
+    return xp.stack(out, axis=-1)
 
 
 def kernel_column_source(k_pad: int) -> np.ndarray:
@@ -237,40 +238,37 @@ class SpQRKernelWeight:
 
     # -------------------------------------------------------------------------------------------- unpacking
     def codes_kn(self) -> jax.Array:
-        """Weight codes [K_pad, N_pad] in kernel column order."""
-        words = np.asarray(jax.device_get(self.qweight)).view(np.uint32)  # [Nt, Kt, bits, 128]
+        """Weight codes [K_pad, N_pad] in kernel column order (jittable)."""
+        words = jax.lax.bitcast_convert_type(self.qweight, jnp.uint32)  # [Nt, Kt, bits, 128]
         mant = _MANTISSA[self.dtype_name]
-        vals = _read_halves(np.moveaxis(words, 2, -1), self.bits, mant)  # [Nt, Kt, 128, 16]
-        ks = np.array([_extract_plan(f, self.bits, mant)[0] for f in _half_fields(self.bits)], np.uint32)
+        vals = _read_halves(jnp.moveaxis(words, 2, -1), self.bits, mant, jnp)  # [Nt, Kt, 128, 16]
+        ks = jnp.asarray([_extract_plan(f, self.bits, mant)[0] for f in _half_fields(self.bits)], jnp.uint32)
         lo, hi = (vals & 0xFFFF) >> ks, (vals >> 16) >> ks
         nt, kt = words.shape[:2]
         row, col = _thread_coords()
-        tiles = np.zeros((nt, kt, CHUNK, CHUNK), np.int32)
-        tiles[:, :, row[..., 0], col[..., 0]] = lo
-        tiles[:, :, row[..., 1], col[..., 1]] = hi
-        return jnp.asarray(tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK).T)
+        tiles = jnp.zeros((nt, kt, CHUNK, CHUNK), jnp.int32)
+        tiles = tiles.at[:, :, row[..., 0], col[..., 0]].set(lo.astype(jnp.int32))
+        tiles = tiles.at[:, :, row[..., 1], col[..., 1]].set(hi.astype(jnp.int32))
+        return tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK).T
 
     def statistics_codes(self) -> tuple[jax.Array, jax.Array]:
-        """(scale codes, zero codes) [K_pad/16, N_pad] per kernel group (group 4c + t of chunk c) and row."""
-        words = np.asarray(jax.device_get(self.stats)).view(np.uint16).astype(np.uint32)  # [Nt, Kb, 3, 128]
-        vals = _read_halves(np.moveaxis(words, 2, -1), STAT_BITS, 23)  # [Nt, Kb, 128, 16]; plan shifts are <= 20
-        ks = np.array([_stat_plan(f)[0] for f in range(16)], np.uint32)
-        vals = vals >> ks
+        """(scale codes, zero codes) [K_pad/16, N_pad] per kernel group (group 4c + t of chunk c) and row (jittable)."""
+        words = jax.lax.bitcast_convert_type(self.stats, jnp.uint16).astype(jnp.uint32)  # [Nt, Kb, 3, 128]
+        vals = _read_halves(jnp.moveaxis(words, 2, -1), STAT_BITS, 23, jnp)  # [Nt, Kb, 128, 16]; shifts 0
+        vals = vals >> jnp.asarray([_stat_plan(f)[0] for f in range(16)], jnp.uint32)
         nt, kb = words.shape[:2]
         tid = np.arange(128)
-        r = 16 * (tid // 32) + (tid % 32) // 4
-        t = tid % 4
-        cs = np.zeros((kb * 4 * 4, nt * CHUNK), np.int32)
-        cz = np.zeros_like(cs)
+        r, t = 16 * (tid // 32) + (tid % 32) // 4, tid % 4
+        n_groups = kb * STAT_CHUNKS * 4
+        cs = jnp.zeros((n_groups, nt * CHUNK), jnp.int32)
+        cz = jnp.zeros_like(cs)
         for cc in range(STAT_CHUNKS):
-            g = (4 * np.arange(kb)[:, None] + cc) * 4 + t[None, :]  # [Kb, 128] kernel group
+            g = np.broadcast_to(((4 * np.arange(kb)[:, None] + cc) * 4 + t)[None], (nt, kb, 128))
             for half, rows in ((0, r), (1, r + 8)):
-                n = CHUNK * np.arange(nt)[:, None, None] + rows[None, None, :]  # [Nt, 1, 128]
-                gg = np.broadcast_to(g[None], (nt, kb, 128))
-                nn = np.broadcast_to(n, (nt, kb, 128))
-                cs[gg, nn] = vals[:, :, :, 4 * cc + 2 * half]
-                cz[gg, nn] = vals[:, :, :, 4 * cc + 2 * half + 1]
-        return jnp.asarray(cs), jnp.asarray(cz)
+                n = np.broadcast_to(CHUNK * np.arange(nt)[:, None, None] + rows, (nt, kb, 128))
+                cs = cs.at[g, n].set(vals[..., 4 * cc + 2 * half].astype(jnp.int32))
+                cz = cz.at[g, n].set(vals[..., 4 * cc + 2 * half + 1].astype(jnp.int32))
+        return cs, cz
 
     def second_level(self) -> tuple[jax.Array, ...]:
         """(s_s, z_s, s_z, z_z) float16 [N_pad/16, K_pad/16] per row block and kernel group."""
@@ -336,7 +334,7 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
     if dtype_name not in _MANTISSA:
         raise ValueError(f"the SpQR kernel computes in bfloat16 or float16, got {dtype_name}")
     _half_fields(bits)  # validates bits
-    codes_kn = np.asarray(jax.device_get(codes_kn))
+    codes_kn = jnp.asarray(codes_kn)
     if codes_kn.ndim != 2:
         raise ValueError(f"codes must be [K, N], got shape {codes_kn.shape}")
     K, N = codes_kn.shape
@@ -358,7 +356,7 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
         if a.size and (a.min() < 0 or a.max() >= 2**STAT_BITS):
             raise ValueError(f"{name} must be {STAT_BITS}-bit codes (second-level statistics of at most "
                              f"{STAT_BITS} bits); got values in [{a.min()}, {a.max()}]")
-    if codes_kn.size and (codes_kn.min() < 0 or codes_kn.max() >= 2**bits):
+    if codes_kn.size and (int(codes_kn.min()) < 0 or int(codes_kn.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
     perm = None if perm is None else np.asarray(jax.device_get(perm)).astype(np.int64)
     if perm is None or perm.size == 0:
@@ -370,16 +368,17 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
     q_of_p = kernel_column_source(k_pad)  # group-order position of each kernel column
     kidx = np.where(q_of_p < K, perm[np.minimum(q_of_p, K - 1)], K)  # input column of each kernel column
 
-    # Weight codes in kernel column order -> per-thread words.
-    codes_ext = np.concatenate([codes_kn, np.zeros((1, N), codes_kn.dtype)], axis=0)[kidx]  # [K_pad, N]
-    codes_nk = np.zeros((n_pad, k_pad), np.uint32)
-    codes_nk[:N] = codes_ext.T
+    # Weight codes in kernel column order -> per-thread words (jnp: on the device for large weights).
+    codes_u = codes_kn.astype(jnp.uint32)
+    codes_ext = jnp.concatenate([codes_u, jnp.zeros((1, N), jnp.uint32)], axis=0)[jnp.asarray(kidx)]  # [K_pad, N]
+    codes_nk = jnp.pad(codes_ext.T, ((0, n_pad - N), (0, 0)))
     nt, kt = n_pad // CHUNK, k_pad // CHUNK
     row, col = _thread_coords()
     tiles = codes_nk.reshape(nt, CHUNK, kt, CHUNK).transpose(0, 2, 1, 3)
-    lo = _pack_halves(tiles[:, :, row[..., 0], col[..., 0]], bits).astype(np.uint32)  # [Nt, Kt, 128, bits]
-    hi = _pack_halves(tiles[:, :, row[..., 1], col[..., 1]], bits).astype(np.uint32)
-    qweight = np.moveaxis(lo | (hi << 16), -1, 2).view(np.int32)  # [Nt, Kt, bits, 128]
+    lo = _pack_halves(tiles[:, :, row[..., 0], col[..., 0]], bits, jnp)  # [Nt, Kt, 128, bits]
+    hi = _pack_halves(tiles[:, :, row[..., 1], col[..., 1]], bits, jnp)
+    qweight = jax.lax.bitcast_convert_type(jnp.moveaxis(lo | (hi << 16), -1, 2), jnp.int32)  # [Nt, Kt, bits, 128]
+    del codes_u, codes_ext, codes_nk, tiles, lo, hi
 
     # Statistics per 16-column kernel group (group-order block q // 16) and row, padded with code 0 / params 0.
     n_groups = k_pad // GROUP
@@ -404,7 +403,7 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
         for half, rows in ((0, n_lo), (1, n_lo + 8)):
             fields[..., 4 * cc + 2 * half] = cs[g, rows]
             fields[..., 4 * cc + 2 * half + 1] = cz[g, rows]
-    stats = np.moveaxis(_pack_halves(fields, STAT_BITS), -1, 2).view(np.int16)  # [Nt, Kb, 3, 128]
+    stats = np.moveaxis(_pack_halves(fields, STAT_BITS).astype(np.uint16), -1, 2).view(np.int16)  # [Nt, Kb, 3, 128]
 
     # Second level per 16-row block and kernel group: (s_s | z_s << 16), (s_z | z_z << 16).
     n_blocks = n_pad // ROW_BLOCK
@@ -414,7 +413,7 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
         qq_bits[: N // ROW_BLOCK, :, i] = by_group(a[..., j].view(np.uint16))[:, blk_src].T
     qq = (qq_bits[..., 0::2] | (qq_bits[..., 1::2] << 16)).reshape(n_blocks, n_groups * 2).view(np.int32)
 
-    w = SpQRKernelWeight(qweight=jnp.asarray(qweight), stats=jnp.asarray(stats), qq=jnp.asarray(qq),
+    w = SpQRKernelWeight(qweight=qweight, stats=jnp.asarray(stats), qq=jnp.asarray(qq),
                          kidx=jnp.asarray(kidx, jnp.int32), sp_rows=jnp.zeros((0,), jnp.int32),
                          sp_cols=jnp.zeros((0, SLICE), jnp.int16), sp_vals=jnp.zeros((0, SLICE), jnp.float16),
                          bits=bits, in_features=K, out_features=N, dtype_name=dtype_name)
@@ -448,7 +447,7 @@ def _with_outliers(w: SpQRKernelWeight, row_ptr, col_idx, values, codes_kn, cs, 
     half = lambda b: jnp.asarray(b.astype(np.uint16).view(np.float16))
     s_s, z_s, s_z, z_z = (half(qq_bits[blk, g, i]) for i in range(4))
     scale, nb = statistics_f32(jnp.asarray(cs[g, rows]), jnp.asarray(cz[g, rows]), s_s, z_s, s_z, z_z)
-    dense = dense_values(jnp.asarray(codes_kn[col_idx, rows]), scale.astype(w.dtype), nb.astype(w.dtype), w.dtype)
+    dense = dense_values(codes_kn[jnp.asarray(col_idx), jnp.asarray(rows)], scale.astype(w.dtype), nb.astype(w.dtype), w.dtype)
     delta = (values - np.asarray(dense.astype(jnp.float32))).astype(np.float16)
     # Slices of up to SLICE entries of one row (CSR order is row-major, so slices come sorted by row).
     counts = np.diff(row_ptr)
@@ -488,7 +487,9 @@ def reference_matmul(x2d: jax.Array, w: SpQRKernelWeight) -> jax.Array:
     product (also the large-M path on GPU)."""
     m = x2d.shape[0]
     xk = w.prepare_activations(x2d, m)
-    dense = jnp.matmul(xk, w.dequantize_padded().astype(xk.dtype), preferred_element_type=jnp.float32)
+    # XLA:CPU has no bf16 x bf16 -> f32 dot thunk; float32 operands give the same products (exact in float32).
+    op_dtype = jnp.float32 if jax.default_backend() == "cpu" else xk.dtype
+    dense = jnp.matmul(xk.astype(op_dtype), w.dequantize_padded().astype(op_dtype), preferred_element_type=jnp.float32)
     return _finish(dense.T[None], sparse_product(xk, w), m, w.out_features, x2d.dtype)
 
 
@@ -515,7 +516,8 @@ def reference_matmul_tiled(x2d: jax.Array, w: SpQRKernelWeight, config: "KernelC
                     qq=w.qq[n_idx * rows // ROW_BLOCK:(n_idx + 1) * rows // ROW_BLOCK, k0 // 8:k1 // 8],
                     kidx=w.kidx[k0:k1])
                 a = blk.dequantize_padded()  # [tile_k, rows]
-                acc = acc + jnp.matmul(a.T, xk[:, k0:k1].T, preferred_element_type=jnp.float32)
+                acc = acc + jnp.matmul(a.T.astype(jnp.float32), xk[:, k0:k1].T.astype(jnp.float32),
+                                       preferred_element_type=jnp.float32)
             out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(acc)
     return _finish(out, sparse_product(xk, w), m, w.out_features, x2d.dtype)
 
