@@ -1,41 +1,50 @@
-"""Whole-pipeline GPTQ on a LLaMA-7B-shaped model with random weights: wall time per decoder layer and peak device
-memory, on 1 device and on a mesh of several (data-parallel calibration + row-parallel solves), in one run.
+"""Whole-pipeline GPTQ on a LLaMA-7B-shaped model with random weights, end to end on 1 device and on a mesh of several:
+total wall time, compilation, steady time per decoder layer (Hessian collection / solves), peak memory per device.
 
-Unlike bench/quant_speed.py (Hessian and solve kernels alone), this times ``jaxquant.quantize_model`` end to end:
-embedding of the calibration tokens, every jitted layer pass (Hessian collection with input reuse, the recomputed
-layer outputs), the solves, and moving each layer between host and device. The weights live in host memory (numpy,
-as ``from_pretrained(on_host=True)`` loads them) and only the layer in progress is on the device(s).
+This times ``jaxquant.quantize_model`` end to end: embedding of the calibration tokens, every jitted layer pass
+(Hessian collection with input reuse, the recomputed layer outputs), the solves, moving each layer between host and
+device, and all compilation. The weights live in host memory (numpy, as ``from_pretrained(on_host=True)`` loads them)
+and only the layer in progress is on the device(s).
 
-Only ``--layers`` decoder layers are built (default 2; the layers are identical in shape, so the per-layer time
-extrapolates to the model's 32); the first layer carries the compilation and is reported apart. Peak memory is the
-allocator's per-device peak (GPU); the runs go from most devices to one so that each multi-device peak is its own.
+Each device count runs in its own fresh process (``--devices 2 1``: 2 devices, then 1), so that each run compiles
+everything itself (no program or autotuning result carried over: a like-for-like cold start) and each peak memory is
+its own. The child writes its row to the results file as soon as the run ends and, after every decoder layer, a
+progress row to ``<out dir>/quant_pipeline_progress_<n>dev.json`` (a run cut short keeps what it measured).
 
-    python bench/quant_pipeline.py                          # 1 device, then all devices if there are several
-    python bench/quant_pipeline.py --devices 1 2 --layers 3
-    CPU smoke test: python bench/quant_pipeline.py --hidden 256 --intermediate 512 --heads 4 --vocab 512 \
-        --nsamples 8 --seqlen 64 --batch 4
+``--layers`` decoder layers are built (default 32, the whole 7B; fewer extrapolate: ``implied_model_seconds``). To
+keep host memory and set-up time small the layers take their random weights from ``--distinct-layers`` generated
+sets in turn (shapes, hence all timings, are those of the real model).
+
+Compilation: every trace, lowering and XLA compile is timed through ``jax.monitoring``; ``compile_seconds`` is their
+sum (compiles in the solve threads overlap, so it can exceed their share of the wall time), and
+``top_programs`` lists the slowest XLA compiles by program. ``--compilation-cache DIR`` turns on JAX's persistent
+compilation cache (a user option: a second run then loads the programs instead of compiling them); rows say
+whether it was on.
+
+    python bench/quant_pipeline.py                           # 7B shapes, 32 layers, all devices then 1
+    python bench/quant_pipeline.py --devices 2 1 --layers 8
+    CPU smoke test (2 host devices): XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/quant_pipeline.py \
+        --hidden 256 --intermediate 512 --heads 4 --vocab 512 --nsamples 8 --seqlen 64 --batch 4 --layers 3
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-import models  # noqa: E402
-from jaxquant import results  # noqa: E402
-from jaxquant.config import QuantConfig  # noqa: E402
-from jaxquant.distributed import make_mesh  # noqa: E402
-from jaxquant.pipeline import quantize_model  # noqa: E402
+def random_llama(args, seed: int = 0):
+    import jax
+    import numpy as np
 
+    import models
 
-def random_llama(args, seed: int = 0) -> models.LoadedModel:
     hf = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
               num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
               rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -48,14 +57,148 @@ def random_llama(args, seed: int = 0) -> models.LoadedModel:
             return (1.0 + 0.1 * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
         return (0.02 * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
 
-    params = jax.tree_util.tree_map(fill, abstract)
+    distinct = max(1, min(getattr(args, "distinct_layers", args.layers), args.layers))
+    pool = [jax.tree_util.tree_map(fill, abstract[f"layers_{i}"]) for i in range(distinct)]
+    params = {k: (pool[int(k.split("_")[1]) % distinct] if k.startswith("layers_") else jax.tree_util.tree_map(fill, v))
+              for k, v in abstract.items()}
     return models.LoadedModel(family=family, config=config, module=module, params=params, tokenizer=None,
                               hf_config=hf, source="random", dtype=np.float32)
 
 
+class CompileClock:
+    """Sums jax.monitoring's trace / lowering / XLA-compile durations, and XLA compile time per program."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        import collections
+        import logging
+        import re
+        import threading
+
+        import jax
+
+        self.total, self.count, self.by_program = 0.0, 0, collections.defaultdict(float)
+        self._lock = threading.Lock()
+
+        def on_event(event, duration, **_):
+            if event in self.EVENTS:
+                with self._lock:
+                    self.total += duration
+                    self.count += event == self.EVENTS[-1]
+
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+        pattern = re.compile(r"Finished XLA compilation of (.*) in ([0-9.eE+-]+) sec")
+        clock = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                m = pattern.match(record.getMessage())
+                if m:
+                    with clock._lock:
+                        clock.by_program[m.group(1)] += float(m.group(2))
+
+        jax.config.update("jax_log_compiles", True)  # only to name the programs: the messages go to the handler
+        log = logging.getLogger("jax")
+        log.addHandler(Handler())
+        log.propagate = False
+
+    def top(self, n=8):
+        return {k: round(v, 2) for k, v in sorted(self.by_program.items(), key=lambda kv: -kv[1])[:n]}
+
+
+def run_one(args, n_dev: int, out: str):
+    """One quantize_model run on ``n_dev`` devices in this process; writes progress rows and the final row."""
+    t_init = time.perf_counter()
+    import jax
+    import numpy as np
+
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from jaxquant import results
+    from jaxquant.config import QuantConfig
+    from jaxquant.distributed import make_mesh
+    from jaxquant.pipeline import quantize_model
+
+    if n_dev > jax.device_count():
+        raise SystemExit(f"--devices {n_dev}: only {jax.device_count()} devices here")
+    devices = jax.devices()[:n_dev]
+    init_seconds = time.perf_counter() - t_init
+    t_model = time.perf_counter()
+    lm = random_llama(args)
+    calib = np.random.default_rng(1).integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32)
+    model_seconds = time.perf_counter() - t_model
+    cfg = QuantConfig(bits=args.bits, group_size=args.group_size)
+    mesh = make_mesh(devices) if n_dev > 1 else None
+    clock = CompileClock()
+    progress_path = os.path.join(os.path.dirname(os.path.abspath(out)), f"quant_pipeline_progress_{n_dev}dev.json")
+    per_layer_compile, last = [], [0.0]
+    t0 = time.perf_counter()
+    state = {}
+
+    def peaks():
+        stats = [d.memory_stats() or {} for d in devices]
+        return [None if "peak_bytes_in_use" not in s else round(s["peak_bytes_in_use"] / 2**30, 3) for s in stats]
+
+    def make_row(layer_seconds, report=None, wall=None):
+        steady = layer_seconds[1:] or layer_seconds
+        per_layer = float(np.median(steady))
+        model_layers = args.model_layers or args.layers
+        row = dict(
+            what="gptq_quantize_model", devices=n_dev, mesh_solves=args.mesh_solves if n_dev > 1 else "-",
+            code_version=args.code_version,
+            model_shape=dict(hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=args.vocab,
+                             layers_built=args.layers, model_layers=model_layers,
+                             distinct_layer_weights=min(args.distinct_layers, args.layers)),
+            calib=dict(nsamples=args.nsamples, seqlen=args.seqlen, batch=args.batch),
+            config=dict(bits=args.bits, group_size=args.group_size),
+            compilation_cache="on" if args.compilation_cache else "off",
+            layers_done=len(layer_seconds), seconds=wall if wall is not None else time.perf_counter() - t0,
+            layer_seconds=[round(s, 4) for s in layer_seconds], seconds_per_layer=per_layer,
+            first_layer_extra_s=layer_seconds[0] - per_layer,
+            compile_seconds=round(clock.total, 3), compiled_programs=clock.count,
+            compile_seconds_per_layer=[round(c, 3) for c in per_layer_compile],
+            top_programs=clock.top(), peak_mem_gb=peaks(),
+            init_seconds=round(init_seconds, 2), model_build_seconds=round(model_seconds, 2))
+        if report is not None:
+            steady_rows = [r for r in report.layers if r["layer"] != "layers_0"]
+            n_steady = max(len(layer_seconds) - 1, 1)
+            row.update(
+                steady_collect_seconds_per_layer=sum(r["collect_seconds"] for r in steady_rows) / n_steady,
+                steady_solve_seconds_per_layer=sum(r["seconds"] for r in steady_rows) / n_steady,
+                setup_seconds=row["seconds"] - sum(layer_seconds))
+            row["compile_share"] = round(row["compile_seconds"] / row["seconds"], 3)
+            if args.layers < model_layers:
+                row["implied_model_seconds"] = (row["setup_seconds"] + layer_seconds[0]
+                                                + per_layer * (model_layers - 1))
+        return results.row("quant_pipeline", **row)
+
+    def on_layer(name, seconds):
+        per_layer_compile.append(clock.total - last[0])
+        last[0] = clock.total
+        state.setdefault("layer_seconds", []).append(seconds)
+        row = make_row(state["layer_seconds"])
+        row["command"] = os.environ.get("QUANT_PIPELINE_COMMAND", row["command"])
+        with open(progress_path + ".tmp", "w") as f:
+            json.dump(row, f, indent=1)
+        os.replace(progress_path + ".tmp", progress_path)
+        print(f"[{n_dev} dev] {name}: {seconds:.2f} s (compile {per_layer_compile[-1]:.1f} s)", flush=True)
+
+    _, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh, progress=False,
+                               mesh_solves=args.mesh_solves, layer_callback=on_layer)
+    wall = time.perf_counter() - t0
+    row = make_row(report.layer_seconds, report, wall)
+    row["command"] = os.environ.get("QUANT_PIPELINE_COMMAND", row["command"])
+    print(json.dumps(row), flush=True)
+    results.append_rows(out, [row])  # each row as soon as it is measured
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--distinct-layers", type=int, default=2, help="random weight sets the layers cycle through")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--heads", type=int, default=32)
@@ -66,54 +209,42 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--devices", type=int, nargs="*", default=None, help="device counts to run (default: 1 and all)")
-    ap.add_argument("--mesh-solves", nargs="*", default=["linears"], choices=["linears", "rows"],
-                    help="how multi-device runs spread the solves (several: one run each)")
+    ap.add_argument("--devices", type=int, nargs="*", default=None,
+                    help="device counts, one fresh process each, in this order (default: all, then 1)")
+    ap.add_argument("--mesh-solves", default="rows", choices=["linears", "rows"])
+    ap.add_argument("--compilation-cache", default=None, help="directory for JAX's persistent compilation cache")
+    ap.add_argument("--code-version", default=None, help="label stored in the rows")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
     out = args.out or (os.path.join(os.environ["OUT"], "quant_pipeline.json") if os.environ.get("OUT")
                        else "bench/results/quant_pipeline.json")
-    n_all = jax.device_count()
-    counts = sorted(args.devices or {1, n_all}, reverse=True)  # most devices first: see peak_note
-    lm = random_llama(args)
-    calib = np.random.default_rng(1).integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32)
-    cfg = QuantConfig(bits=args.bits, group_size=args.group_size)
-    rows = []
-    runs = [(n, mode) for n in counts for mode in (args.mesh_solves if n > 1 else ["-"])]
-    for n_dev, mode in runs:
-        if n_dev > n_all:
-            raise SystemExit(f"--devices {n_dev}: only {n_all} devices here")
-        mesh = make_mesh(jax.devices()[:n_dev]) if n_dev > 1 else None
-        t0 = time.perf_counter()
-        _, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh, progress=True,
-                                   mesh_solves=mode if n_dev > 1 else "linears")
-        wall = time.perf_counter() - t0
-        peaks = [d.memory_stats().get("peak_bytes_in_use") if d.memory_stats() else None
-                 for d in jax.devices()[:n_dev]]
-        steady = report.layer_seconds[1:] or report.layer_seconds
-        per_layer = float(np.median(steady))
-        setup = wall - sum(report.layer_seconds)  # embedding of the calibration set, host->device moves
-        row = results.row(
-            "quant_pipeline", what="gptq_quantize_model", devices=n_dev, mesh_solves=mode,
-            model_shape=dict(hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=args.vocab,
-                             layers_built=args.layers, model_layers=args.model_layers),
-            calib=dict(nsamples=args.nsamples, seqlen=args.seqlen, batch=args.batch),
-            config=dict(bits=args.bits, group_size=args.group_size), seconds=wall,
-            layer_seconds=report.layer_seconds, seconds_per_layer=per_layer,
-            first_layer_compile_s=report.layer_seconds[0] - per_layer, setup_seconds=setup,
-            implied_model_seconds=setup + report.layer_seconds[0] + per_layer * (args.model_layers - 1),
-            steady_collect_seconds_per_layer=sum(r["collect_seconds"] for r in report.layers
-                                                 if r["layer"] != "layers_0") / max(args.layers - 1, 1),
-            steady_solve_seconds_per_layer=sum(r["seconds"] for r in report.layers
-                                               if r["layer"] != "layers_0") / max(args.layers - 1, 1),
-            peak_mem_gb=[None if p is None else round(p / 2**30, 3) for p in peaks],
-            peak_note="allocator peak per device since the process started (runs go from most devices to one, so "
-                      "each multi-device figure is its own)")
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        results.append_rows(out, [row])  # each row as soon as it is measured: a run cut short keeps what it did
+    if args.child is not None:
+        return run_one(args, args.child, out)
+
+    from jaxquant.results import command_line
+
+    counts = args.devices
+    if counts is None:  # no JAX in this process (it would hold the GPUs): ask nvidia-smi, else one device
+        n_gpu = 0
+        if shutil.which("nvidia-smi"):
+            q = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+            n_gpu = sum(line.startswith("GPU ") for line in q.stdout.splitlines())
+        counts = [n_gpu, 1] if n_gpu > 1 else [1]
+    env = dict(os.environ, QUANT_PIPELINE_COMMAND=command_line(), PYTHONUNBUFFERED="1")
+    failed = 0
+    for n in counts:
+        child_env = dict(env)
+        if shutil.which("nvidia-smi") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))  # a 1-GPU run holds one GPU
+        argv = [a for a in sys.argv[1:]]
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", str(n), "--out", out],
+                              env=child_env)
+        print(f"--- {n} device(s): exit {proc.returncode}, process wall {time.perf_counter() - t:.1f} s", flush=True)
+        failed += proc.returncode != 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

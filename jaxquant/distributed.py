@@ -75,7 +75,8 @@ def partial_hessians(mesh: Mesh):
 
     def init(K: int) -> HessianState:
         H = jax.device_put(jnp.zeros((n_dev, K, K), jnp.float32), NamedSharding(mesh, P(ax)))
-        return HessianState(H=H, n=jnp.zeros((), jnp.int32))
+        # n placed as update() returns it: the first batch then hits the same compiled program as the others
+        return HessianState(H=H, n=jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)))
 
     def local(state, x):
         new = hessian_update(HessianState(H=state.H[0], n=state.n), x, shards=n_dev)

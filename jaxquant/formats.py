@@ -126,6 +126,52 @@ class UniformQuantizedWeight:
         """Stored bits per weight, including scales, zeros and g_idx."""
         return 8 * self.nbytes / (self.in_features * self.out_features)
 
+    @staticmethod
+    def output_unit(bits: int) -> int:
+        """Output features per run of whole qzeros words: slices along the outputs start at multiples of it."""
+        return 32 if bits == 3 else 32 // bits
+
+    def split_outputs(self, sizes) -> list:
+        """The weights of consecutive output slices of ``sizes`` (e.g. q/k/v solved as one stacked weight): plain
+        slicing of the stored arrays (numpy or jax), so the parts hold exactly the stacked weight's values."""
+        unit = self.output_unit(self.bits)
+        if sum(sizes) != self.out_features or any(n % unit for n in sizes):
+            raise ValueError(f"cannot split {self.out_features} outputs into {list(sizes)}: each part must be a "
+                             f"multiple of {unit} ({self.bits}-bit zeros are packed {unit} at a time)")
+        import numpy as np
+
+        def cols(a, lo, hi):  # numpy slices are copied: a strided view is not what savers and exporters expect
+            part = a[:, lo:hi]
+            return np.ascontiguousarray(part) if isinstance(a, np.ndarray) else part
+
+        parts, start = [], 0
+        for n in sizes:
+            w0, w1 = start * self.bits // 32, (start + n) * self.bits // 32
+            parts.append(dataclasses.replace(
+                self, qweight=cols(self.qweight, start, start + n), qzeros=cols(self.qzeros, w0, w1),
+                scales=cols(self.scales, start, start + n), out_features=n))
+            start += n
+        return parts
+
+    @classmethod
+    def concat_outputs(cls, parts) -> "UniformQuantizedWeight":
+        """Inverse of ``split_outputs`` for host (numpy) parts, e.g. the row blocks solved on different devices."""
+        import numpy as np
+
+        first = parts[0]
+        unit = cls.output_unit(first.bits)
+        for p in parts:
+            if (p.bits, p.group_size, p.sym, p.in_features) != (first.bits, first.group_size, first.sym,
+                                                               first.in_features) or p.out_features % unit:
+                raise ValueError("concat_outputs: parts differ in bits/group_size/sym/in_features or have outputs "
+                                 f"that are not a multiple of {unit}")
+            if not np.array_equal(np.asarray(p.g_idx), np.asarray(first.g_idx)):
+                raise ValueError("concat_outputs: parts have different g_idx (not solved with the same Hessian)")
+        cat = lambda f: np.concatenate([np.asarray(getattr(p, f)) for p in parts], axis=1)  # noqa: E731
+        return dataclasses.replace(first, qweight=cat("qweight"), qzeros=cat("qzeros"), scales=cat("scales"),
+                                   g_idx=np.asarray(first.g_idx),
+                                   out_features=sum(p.out_features for p in parts))
+
 
 # Quantized-weight pytrees that checkpoints can store, by class name. Each format lives in its own module (one per
 # method family) and registers itself with @register_format; FORMAT_MODULES lists those modules so that loading a

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -85,7 +86,7 @@ def factor_with_damping_retries(factor, percdamp: float, damp_retries: int, meth
     for retry in range(damp_retries + 1):
         p = percdamp * 10**retry
         U = factor(p)
-        if bool(jnp.isfinite(U).all()):
+        if bool(_all_finite(U)):
             return U
         if retry < damp_retries:
             warnings.warn(f"{method}: Cholesky failed with percdamp={p:g}, retrying with more damping")
@@ -96,12 +97,14 @@ def factor_with_damping_retries(factor, percdamp: float, damp_retries: int, meth
 _UNROLL = 8
 
 
-@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size"))
-def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_size):
+@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size", "row_loss"))
+def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_size, row_loss=False):
     """The GPTQ column loop on permuted W [N, K] with U = chol(H^-1, upper).
 
     tables=None means group parameters are recomputed at each group start (group_size must then
-    divide block_size or be a multiple of it). Returns codes, dequantized W, loss, tables.
+    divide block_size or be a multiple of it). Returns codes, dequantized W, loss, tables; the loss
+    is a scalar, or per output row [N] with row_loss=True (rows are independent: a solve over stacked
+    weights splits its loss by linear).
 
     Written for the GPU: no data-dependent branch inside the loops (an XLA conditional reads its
     predicate on the host, a device->host round trip per column) and no reduction per column.
@@ -177,7 +180,7 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
                           tables[1].at[t].set(jnp.where(new, zero, tables[1][t])))
             c = columns(i1, 0, U1, None, tables, c)
         _, Q1, D1, E1 = c
-        loss = loss + jnp.sum(E1 * E1) / 2
+        loss = loss + (jnp.sum(E1 * E1, axis=1) if row_loss else jnp.sum(E1 * E1)) / 2
         # Lazy update of all later columns (U rows are zero left of the block).
         W = W - jnp.matmul(E1, lax.dynamic_slice_in_dim(U, i1, bs, axis=0), precision=_HIGHEST)
         Q = lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
@@ -185,7 +188,7 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
         return W, Q, D, loss, tables
 
     init = (W, jnp.zeros((N, Kp), jnp.int32), jnp.zeros((N, Kp), jnp.float32),
-            jnp.zeros((), jnp.float32), tables)
+            jnp.zeros((N,) if row_loss else (), jnp.float32), tables)
     _, Q, D, loss, tables = lax.fori_loop(0, Kp // bs, block, init)
     return Q[:, :K], D[:, :K], loss, tables
 
@@ -201,13 +204,15 @@ def _row_parallel_blocks(mesh, dynamic: bool, **static):
     ax = axis_name(mesh)
     rows, cols = P(ax, None), P(None, ax)
 
+    row_loss = static.get("row_loss", False)
+
     def body(w, u, col_group, tables):
         q, d, loss, tables = _quantize_blocks(w, u, col_group, tables, **static)
-        return q, d, lax.psum(loss, ax), tables
+        return q, d, (loss if row_loss else lax.psum(loss, ax)), tables
 
     tables_spec = None if dynamic else (cols, cols)
     return jax.jit(shard_map(body, mesh, in_specs=(rows, P(), P(), tables_spec),
-                             out_specs=(rows, rows, P(), (cols, cols))))
+                             out_specs=(rows, rows, P(ax) if row_loss else P(), (cols, cols))))
 
 
 def _block_size(cfg: QuantConfig, K: int) -> int:
@@ -217,7 +222,33 @@ def _block_size(cfg: QuantConfig, K: int) -> int:
     return bs
 
 
-def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None):
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
+@partial(jax.jit, static_argnames=("bits", "group_size", "sym", "act_order", "static_groups", "return_dequantized"))
+def _finish(codes, deq, perm, scales, zeros, *, bits, group_size, sym, act_order, static_groups,
+            return_dequantized):
+    """Undo the act-order permutation and pack: one program instead of a dozen eager ops (each of which the GPU
+    compiles on first use, per shape and per device)."""
+    K = codes.shape[1]
+    invperm = jnp.argsort(perm)
+    G = 1 if group_size == -1 else -(-K // group_size)
+    if group_size == -1:
+        g_idx = jnp.zeros(K, jnp.int32)
+    elif act_order and not static_groups:
+        g_idx = (jnp.arange(K, dtype=jnp.int32) // group_size)[invperm]  # g_idx[perm[i]] = i // gs
+    else:
+        g_idx = jnp.arange(K, dtype=jnp.int32) // group_size
+    weight = UniformQuantizedWeight.from_codes(
+        codes[:, invperm], scales[:G], zeros[:G].astype(jnp.int32), g_idx,
+        bits=bits, group_size=group_size, sym=sym,
+    )
+    return weight, (deq[:, invperm] if return_dequantized else None)
+
+
+def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None, row_errors: bool = False):
     """Quantize W [out_features, in_features] (torch layout) with layer Hessian H [K, K].
 
     mesh: a one-axis ``jax.sharding.Mesh``; the column loop then runs row-parallel across its devices (when they
@@ -226,6 +257,8 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None)
     Returns (weight, error) where error = sum over columns of ||w - q||^2 / (2 [H^-1]_qq), the
     reference's `Losses` total; with return_dequantized=True also the quantized-dequantized
     W [N, K] float32 that the algorithm used (equal to weight.dequantize().T exactly).
+    row_errors=True: error is a numpy array [N], each output row's share (they sum to the total). Rows are
+    independent given H, so linears that share a Hessian (q/k/v) can be solved as one stacked W and split after.
     """
     W = jnp.asarray(W, jnp.float32)
     H = jnp.asarray(H, jnp.float32)
@@ -237,9 +270,10 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None)
         raise ValueError(f"H has shape {H.shape}, expected ({K}, {K}) for W of shape {W.shape}")
     check_packable(K, cfg.bits, "in_features")
     check_packable(N, cfg.bits, "out_features")
-    if not bool(jnp.isfinite(W).all()):
+    w_ok, h_ok = jax.device_get((_all_finite(W), _all_finite(H)))  # one wait for both checks
+    if not w_ok:
         raise ValueError("W contains NaN or Inf")
-    if not bool(jnp.isfinite(H).all()):
+    if not h_ok:
         raise ValueError("Hessian H contains NaN or Inf")
 
     gs = cfg.group_size
@@ -254,21 +288,13 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None)
         from .distributed import axis_name
 
         Wp = jax.device_put(Wp, NamedSharding(mesh, PartitionSpec(axis_name(mesh), None)))
-        solve = _row_parallel_blocks(mesh, tables is None, **static)
+        solve = _row_parallel_blocks(mesh, tables is None, row_loss=row_errors, **static)
         codes, deq, loss, (scales, zeros) = solve(Wp, U, col_group, tables)
     else:
-        codes, deq, loss, (scales, zeros) = _quantize_blocks(Wp, U, col_group, tables, **static)
-    invperm = jnp.argsort(perm)
-    codes, deq = codes[:, invperm], deq[:, invperm]
-    G = cfg.num_groups(K)
-    if gs == -1:
-        g_idx = jnp.zeros(K, jnp.int32)
-    elif cfg.act_order and not cfg.static_groups:
-        g_idx = (jnp.arange(K, dtype=jnp.int32) // gs)[invperm]  # g_idx[perm[i]] = i // gs
-    else:
-        g_idx = jnp.arange(K, dtype=jnp.int32) // gs
-    weight = UniformQuantizedWeight.from_codes(
-        codes, scales[:G], zeros[:G].astype(jnp.int32), g_idx,
-        bits=cfg.bits, group_size=gs, sym=cfg.sym,
-    )
-    return (weight, float(loss), deq) if return_dequantized else (weight, float(loss))
+        codes, deq, loss, (scales, zeros) = _quantize_blocks(Wp, U, col_group, tables, row_loss=row_errors,
+                                                             **static)
+    weight, deq = _finish(codes, deq, perm, scales, zeros, bits=cfg.bits, group_size=gs, sym=cfg.sym,
+                          act_order=cfg.act_order, static_groups=cfg.static_groups,
+                          return_dequantized=return_dequantized)
+    error = np.asarray(jax.device_get(loss), np.float64) if row_errors else float(loss)
+    return (weight, error, deq) if return_dequantized else (weight, error)

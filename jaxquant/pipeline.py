@@ -39,7 +39,11 @@ class Method:
     name: str
     solve: Callable  # (W [out, in] float32, H [in, in] or None, cfg) -> (quantized weight, error float)
     needs_hessian: bool = True
-    row_parallel: bool = False  # solve(..., mesh=) splits the output rows over the mesh's devices
+    # (W [N, in], H, cfg) -> (weight, errors per output row [N] numpy, dequantized W [N, in] float32 on W's device),
+    # for methods whose output rows are independent given H (GPTQ). The pipeline then solves the linears that share
+    # a Hessian (q/k/v, up/gate) as one stacked weight -- the same codes, fewer latency-bound column loops -- and on a
+    # mesh splits each such solve's rows across the devices.
+    solve_rows: Optional[Callable] = None
     # (lm, calibration, cfg, params) -> {"layers_{i}/<sub-layer>": statistics}, computed once before the layer loop;
     # solve gets the linear's entry in place of H (e.g. SqueezeLLM's Fisher). Needs calibration, not the Hessian.
     stats: Optional[Callable] = None
@@ -49,10 +53,16 @@ class Method:
         return self.needs_hessian or self.stats is not None
 
 
-def _gptq(W, H, cfg, mesh=None):
+def _gptq(W, H, cfg):
     from jaxquant.gptq import gptq
 
-    return gptq(W, H, cfg, mesh=mesh)
+    return gptq(W, H, cfg)
+
+
+def _gptq_rows(W, H, cfg):
+    from jaxquant.gptq import gptq
+
+    return gptq(W, H, cfg, return_dequantized=True, row_errors=True)
 
 
 def _rtn(W, H, cfg):
@@ -63,7 +73,7 @@ def _rtn(W, H, cfg):
 
 
 METHODS: Dict[str, Method] = {
-    "gptq": Method("gptq", _gptq, row_parallel=True),
+    "gptq": Method("gptq", _gptq, solve_rows=_gptq_rows),
     "rtn": Method("rtn", _rtn, needs_hessian=False),
 }
 
@@ -133,7 +143,9 @@ def _make_collector(layer, names: Tuple[str, ...], update=hessian_update):
         return out, inputs
 
     jitted = jax.jit(collect)
-    return lambda *args: (*jitted(*args), aliases)
+    call = lambda *args: (*jitted(*args), aliases)  # noqa: E731
+    call.jitted, call.aliases = jitted, aliases
+    return call
 
 
 def _make_forward(layer):
@@ -142,6 +154,57 @@ def _make_forward(layer):
             return layer.apply({"params": layer_params}, h, positions)[0]
 
     return jax.jit(forward)
+
+
+# Rows per device of a split solve: a multiple of every packing run along the outputs (32 codes at 3 bits).
+_ROW_UNIT = 32
+
+
+@partial(jax.jit, static_argnames=("lo", "hi"))
+def _stacked_rows(kernels, lo, hi):
+    """Rows lo:hi of the linears' weights stacked along their outputs, torch layout [hi - lo, in] float32."""
+    return jnp.concatenate(kernels, axis=1)[:, lo:hi].T.astype(jnp.float32)
+
+
+def _unstack_kernels(deq, sizes, dtype):
+    """Dequantized stacked rows [N, in] -> one kernel [in, n] per linear."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(deq[start:start + n].T.astype(dtype))
+        start += n
+    return tuple(out)
+
+
+_unstack_jit = jax.jit(_unstack_kernels, static_argnames=("sizes", "dtype"))
+_unstack_on_mesh = {}
+
+
+def _local(x, device):
+    """The copy of a replicated (mesh) array that lives on ``device``: no transfer."""
+    if device is None:
+        return x
+    for shard in x.addressable_shards:
+        if shard.device == device:
+            return shard.data
+    return jax.device_put(x, device)
+
+
+def _joint_sets(group, aliases):
+    """The names of ``group`` partitioned by shared input (same Hessian), in group order."""
+    sets = {}
+    for name in group:
+        sets.setdefault(aliases.get(name, name), []).append(name)
+    return [tuple(v) for v in sets.values()]
+
+
+def _run_concurrently(fns):
+    if len(fns) == 1:
+        return [fns[0]()]
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Threads: JAX releases the GIL while a device computes (and while XLA compiles).
+    with ThreadPoolExecutor(len(fns)) as pool:
+        return [f.result() for f in [pool.submit(fn) for fn in fns]]
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline
@@ -163,7 +226,8 @@ class QuantizeReport:
 
 def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, method: str = "gptq",
                    batch_size: int = 4, progress: bool = True, params: Optional[dict] = None,
-                   reuse_inputs: bool = True, mesh=None, mesh_solves: str = "linears"):
+                   reuse_inputs: bool = True, mesh=None, mesh_solves: str = "rows",
+                   layer_callback: Optional[Callable[[str, float], None]] = None, precompile: bool = True):
     """Quantize every linear layer inside the decoder layers of ``lm`` (a ``models.LoadedModel``).
 
     calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). ``params`` replaces
@@ -172,10 +236,20 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
     mesh: a one-axis ``jax.sharding.Mesh`` (``jaxquant.distributed.make_mesh()``): every calibration batch is split
     across its devices (``batch_size`` must be a multiple of the device count) and the Hessians are all-reduced;
-    the solves are spread too: ``mesh_solves="linears"`` (default) solves the independent linears of a group
-    (q/k/v, up/gate) at the same time on different devices; ``"rows"`` splits every solve's output rows across the
-    devices (row-parallel methods: GPTQ). The decoder layers' weights stay in host memory; only the layer being
-    processed is put on the devices.
+    the solves are spread too: ``mesh_solves="rows"`` (default) splits the output rows of each solve across the
+    devices, each device running the single-device solve on its block of rows in its own thread (methods with
+    ``solve_rows``: GPTQ; others fall back to "linears"); ``"linears"`` solves the independent solves of a group
+    at the same time, each whole on one device. The decoder layers' weights stay in host memory; only the layer
+    being processed (and the next one, loading in the background) is put on the devices.
+
+    Methods with ``solve_rows`` (GPTQ) solve the linears that share one Hessian (q/k/v, up/gate) as one stacked
+    weight: the same codes as separate solves (rows are independent given H) with a third of the column loops.
+    layer_callback(layer name, seconds) is called after each decoder layer (progress reporting).
+
+    precompile: while the first layer starts, compile its later programs in background threads (the Hessian
+    collection of each group and the layer's forward ahead of time, and for joint-solve methods every solve shape on
+    every device by a throw-away solve with an identity Hessian). The programs are the same for every layer, so
+    this overlaps most of the run's compilation instead of paying it one program after another; results unchanged.
     """
     if mesh_solves not in ("linears", "rows"):
         raise ValueError(f"mesh_solves={mesh_solves!r}: use 'linears' or 'rows'")
@@ -195,11 +269,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         split_batch = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
     else:
         on_devices, split_batch = jax.device_put, lambda x: x
-    by_rows = mesh is not None and n_dev > 1 and mesh_solves == "rows" and m.row_parallel
-    solve = partial(m.solve, mesh=mesh) if by_rows else m.solve
-    # Linears of one group share nothing once their inputs are collected: with several devices, solve them at the
-    # same time, one per device (threads: JAX releases the GIL while a device computes).
-    spread = [] if (mesh is None or n_dev == 1 or by_rows) else list(mesh.devices.flat)
+    devices = [None] if mesh is None else list(mesh.devices.flat)
+    joint = m.solve_rows is not None and m.stats is None and m.needs_hessian
     rows: List[dict] = []
     t_start = time.perf_counter()
 
@@ -235,13 +306,139 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             raise ValueError(f"method {method!r} needs calibration token ids of shape [n, seqlen]")
         model_stats = m.stats(lm, np.asarray(calibration), config, host)
 
+    def solve_separately(work, hessians, group):
+        """One solve per linear; with several devices the linears of a group run at the same time, one per device."""
+
+        def one(name, device):
+            t0 = time.perf_counter()
+            W = jnp.asarray(_local(_get(work, name)["kernel"], device), jnp.float32).T
+            H = hessians[name]
+            if device is not None and H is not None:
+                H = _local(H, device) if isinstance(H, jax.Array) else jax.device_put(H, device)
+            qw, err = m.solve(W, H, config)
+            kernel = on_devices(qw.dequantize(_get(work, name)["kernel"].dtype))
+            return (name,), [qw], [float(err)], time.perf_counter() - t0, [kernel]
+
+        if len(devices) == 1:
+            return [one(name, None) for name in group]
+        return _run_concurrently([partial(one, name, devices[i % len(devices)]) for i, name in enumerate(group)])
+
+    def solve_joint(work, hessians, sets):
+        """One solve per set of linears sharing a Hessian, over their stacked rows; on a mesh either each solve's
+        rows split into equal blocks across the devices ("rows") or whole solves side by side ("linears")."""
+        shapes = {names: [_get(work, nm)["kernel"].shape for nm in names] for names in sets}
+
+        def block(names, device, lo, hi):
+            t0 = time.perf_counter()
+            W = _stacked_rows(tuple(_local(_get(work, nm)["kernel"], device) for nm in names), lo=lo, hi=hi)
+            qw, row_err, deq = m.solve_rows(W, _local(hessians[names[0]], device), config)
+            return jax.device_get(qw), row_err, deq, time.perf_counter() - t0
+
+        def assemble(names, blocks):
+            sizes = tuple(int(shape[1]) for shape in shapes[names])
+            qw = blocks[0][0] if len(blocks) == 1 else type(blocks[0][0]).concat_outputs([b[0] for b in blocks])
+            qws = qw.split_outputs(sizes) if len(names) > 1 else [qw]
+            row_err = np.concatenate([b[1] for b in blocks])
+            errs = [float(e.sum()) for e in np.split(row_err, np.cumsum(sizes)[:-1])]
+            dtype = _get(work, names[0])["kernel"].dtype
+            if mesh is None:
+                kernels = _unstack_jit(blocks[0][2], sizes=sizes, dtype=dtype)
+            else:
+                from jax.sharding import NamedSharding, PartitionSpec as P
+
+                from jaxquant.distributed import axis_name, replicated
+
+                N, K = sum(sizes), shapes[names][0][0]
+                if len(blocks) == n_dev:  # row blocks in mesh order: one row-sharded array, no copy
+                    deq = jax.make_array_from_single_device_arrays(
+                        (N, K), NamedSharding(mesh, P(axis_name(mesh), None)), [b[2] for b in blocks])
+                else:
+                    deq = jax.device_put(blocks[0][2], replicated(mesh))
+                if mesh not in _unstack_on_mesh:  # the gather to every device is the all-gather of this program
+                    _unstack_on_mesh[mesh] = jax.jit(_unstack_kernels, static_argnames=("sizes", "dtype"),
+                                                     out_shardings=replicated(mesh))
+                kernels = _unstack_on_mesh[mesh](deq, sizes=sizes, dtype=dtype)
+            return names, qws, errs, max(b[3] for b in blocks), kernels
+
+        if len(devices) == 1 or mesh_solves == "linears":
+            results = _run_concurrently([partial(block, names, devices[i % len(devices)], 0,
+                                                 sum(sh[1] for sh in shapes[names]))
+                                         for i, names in enumerate(sets)])
+            return [assemble(names, [r]) for names, r in zip(sets, results)]
+        out = []
+        for names in sets:
+            N = sum(sh[1] for sh in shapes[names])
+            if N % (n_dev * _ROW_UNIT) == 0:
+                per = N // n_dev
+                blocks = _run_concurrently([partial(block, names, d, i * per, (i + 1) * per)
+                                            for i, d in enumerate(devices)])
+            else:  # rows not divisible into whole packing runs per device: one device
+                blocks = [block(names, devices[0], 0, N)]
+            out.append(assemble(names, blocks))
+        return out
+
+    def start_precompile(work0):
+        """Background compilation of the first layer's programs (see ``precompile``); returns the pool to join."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(8)
+        h0 = inps[0]
+
+        def spec(shape):  # a collected input as the collection returns it: batch-split on a mesh
+            return jax.ShapeDtypeStruct(shape, h0.dtype, sharding=None if mesh is None else h0.sharding)
+
+        def quiet(fn):
+            def run():
+                try:
+                    fn()
+                except Exception as e:  # only an optimisation: the real call compiles whatever this missed
+                    import warnings
+
+                    warnings.warn(f"precompile: {type(e).__name__}: {e}")
+            return run
+
+        def lower_all():
+            stored, states = {}, {}
+            for group in groups:
+                sts = {name: states.setdefault(_get(work0, name)["kernel"].shape[0],
+                                               h_init(_get(work0, name)["kernel"].shape[0])) for name in group}
+                lowered = collectors[group].jitted.lower(work0, h0, positions, sts, dict(stored))
+                pool.submit(quiet(lowered.compile))
+                stored.update({name: spec(h0.shape[:-1] + (_get(work0, name)["kernel"].shape[0],))
+                               for name in group})
+            pool.submit(quiet(forward.lower(work0, h0, positions, dict(stored)).compile))
+            if joint:  # tracing the collectors filled their aliases: the joint sets are known
+                for group in groups:
+                    sets = _joint_sets(group, collectors[group].aliases)
+                    eye = {}
+                    for name in group:
+                        K = _get(work0, name)["kernel"].shape[0]
+                        eye.setdefault(K, on_devices(jnp.eye(K, dtype=jnp.float32)))
+                    hess = {name: eye[_get(work0, name)["kernel"].shape[0]] for name in group}
+                    for names in sets:
+                        pool.submit(quiet(partial(solve_joint, work0, hess, [names])))
+
+        if reuse_inputs:
+            pool.submit(quiet(lower_all))
+        return pool
+
     from tqdm.auto import tqdm
 
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
     layer_seconds = []
-    for lname in bar:
+    warmup = None
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The next layer's weights go host -> device(s) in a background thread while this layer computes.
+    loader, names_all = ThreadPoolExecutor(1), layer_names(lm)
+    upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
+    for index, lname in enumerate(bar):
         t_layer = time.perf_counter()
-        work = on_devices(host[lname])  # only this layer's weights on the device(s)
+        work = upcoming.result()  # only this layer's weights (and the next one's, arriving) on the device(s)
+        if index + 1 < len(names_all):
+            upcoming = loader.submit(on_devices, host[names_all[index + 1]])
+        if precompile and m.needs_hessian and lname == "layers_0":
+            warmup = start_precompile(work)
         quantized = {}
         layer_err = 0.0
         stored = [{} for _ in inps or ()]  # per batch: final inputs of the groups quantized so far
@@ -260,31 +457,17 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     hessians[name] = finished[id(state)]
                 jax.block_until_ready(hessians)
             collect_seconds = time.perf_counter() - t_group
-            def solve_one(name, device=None):
-                t0 = time.perf_counter()
-                W, H = jnp.asarray(_get(work, name)["kernel"], jnp.float32).T, hessians[name]
-                if device is not None:
-                    W, H = jax.device_put((W, H), device)
-                qw, err = solve(W, H, config)
-                return qw, float(err), time.perf_counter() - t0
-
-            if len(spread) > 1 and len(group) > 1:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(len(spread)) as pool:
-                    futures = [pool.submit(solve_one, name, spread[i % len(spread)]) for i, name in enumerate(group)]
-                    solved = [f.result() for f in futures]
-            else:
-                solved = [solve_one(name) for name in group]
-            for name, (qw, err, seconds) in zip(group, solved):
-                kernel = _get(work, name)["kernel"]
-                # Later groups and the next layer see the quantized weight (dense copy: one compiled program).
-                work = _with(work, f"{name}/kernel", on_devices(qw.dequantize(kernel.dtype)))
-                quantized[name] = qw
-                layer_err += err
-                rows.append({"layer": lname, "name": name, "error": err, "seconds": seconds,
-                             "collect_seconds": collect_seconds})
-                collect_seconds = 0.0  # a group's inputs are collected once, reported with its first linear
+            sets = _joint_sets(group, aliases) if joint else [(name,) for name in group]
+            solved = solve_joint(work, hessians, sets) if joint else solve_separately(work, hessians, group)
+            for names, qws, errs, seconds, kernels in solved:
+                for i, (name, qw, err, kernel) in enumerate(zip(names, qws, errs, kernels)):
+                    # Later groups and the next layer see the quantized weight (dense copy: one compiled program).
+                    work = _with(work, f"{name}/kernel", kernel)
+                    quantized[name] = qw
+                    layer_err += err
+                    rows.append({"layer": lname, "name": name, "error": err, "collect_seconds": collect_seconds,
+                                 "seconds": seconds if i == 0 else 0.0, "solved_with": list(names)})
+                    collect_seconds = 0.0  # a group's inputs are collected once, reported with its first linear
         if m.needs_hessian:
             inps = [forward(work, h, positions, stored[b]) for b, h in enumerate(inps)]
             del stored
@@ -293,8 +476,13 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             stored = _with(stored, f"{name}/kernel", jax.device_get(qw))
         host = dict(host, **{lname: stored})
         layer_seconds.append(time.perf_counter() - t_layer)
+        if layer_callback is not None:
+            layer_callback(lname, layer_seconds[-1])
         bar.set_postfix(err=f"{layer_err:.4g}")
     bar.close()
+    loader.shutdown(wait=True)
+    if warmup is not None:
+        warmup.shutdown(wait=True)
     from jaxquant.distributed import peak_device_bytes
 
     report = QuantizeReport(method=method, config=config, layers=rows, seconds=time.perf_counter() - t_start,
