@@ -115,7 +115,8 @@ def run_one(args, n_dev: int, out: str):
     import numpy as np
 
     if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        # one cache per device count: a 1-device run must not load programs a 2-device run left there
+        jax.config.update("jax_compilation_cache_dir", os.path.join(args.compilation_cache, f"{n_dev}dev"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from jaxquant import results
     from jaxquant.config import QuantConfig
@@ -132,11 +133,12 @@ def run_one(args, n_dev: int, out: str):
     model_seconds = time.perf_counter() - t_model
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size)
     mesh = make_mesh(devices) if n_dev > 1 else None
+    cache_dir = args.compilation_cache and os.path.join(args.compilation_cache, f"{n_dev}dev")
+    state = {"cache_warm": bool(cache_dir and os.path.isdir(cache_dir) and os.listdir(cache_dir))}
     clock = CompileClock()
     progress_path = os.path.join(os.path.dirname(os.path.abspath(out)), f"quant_pipeline_progress_{n_dev}dev.json")
     per_layer_compile, last = [], [0.0]
     t0 = time.perf_counter()
-    state = {}
 
     def peaks():
         stats = [d.memory_stats() or {} for d in devices]
@@ -154,7 +156,8 @@ def run_one(args, n_dev: int, out: str):
                              distinct_layer_weights=min(args.distinct_layers, args.layers)),
             calib=dict(nsamples=args.nsamples, seqlen=args.seqlen, batch=args.batch),
             config=dict(bits=args.bits, group_size=args.group_size),
-            compilation_cache="on" if args.compilation_cache else "off",
+            compilation_cache=(("warm" if state["cache_warm"] else "on, empty at start") if args.compilation_cache
+                               else "off"),
             layers_done=len(layer_seconds), seconds=wall if wall is not None else time.perf_counter() - t0,
             layer_seconds=[round(s, 4) for s in layer_seconds], seconds_per_layer=per_layer,
             first_layer_extra_s=layer_seconds[0] - per_layer,
