@@ -365,6 +365,145 @@ def prefill_rows(key, reps, calls, ms=(128, 512)):
     return rows
 
 
+def cupti_per_call(fn, arg_sets, rounds=3):
+    """Median GPU time (us) of one call of jitted fn over rotating inputs, and the kernel names of one call.
+
+    Every call is its own dispatch of a single-call program on the next argument set (its own weight copy and
+    activation: the sets together exceed the L2 cache); CUPTI records the duration of every GPU kernel, and a call's
+    time is the sum over its kernels (host dispatch and launch gaps excluded). One compile per (op, shape, M)."""
+    total, _, names = _kernel_share(fn, arg_sets, rounds, "")
+    return total, names
+
+
+def _kernel_share(fn, arg_sets, rounds, match):
+    """(us of the whole call, us of the kernels whose name contains ``match``, names)."""
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+
+    f = jax.jit(fn)
+    for args in arg_sets:
+        jax.block_until_ready(f(*args))
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+    try:
+        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
+        jax.block_until_ready(outs)
+    finally:
+        timings = ext._cupti_get_timings(True)
+    calls = rounds * len(arg_sets)
+    if not timings or len(timings) % calls:
+        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
+    per = len(timings) // calls
+    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
+    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
+    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3
+    return total, (part or float("nan")), [n[:48] for n, _ in chunks[0]]
+
+
+def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
+    """Device-time rows (CUPTI, rotating inputs): for each shape, M and format the kernel path (activation pad +
+    Pallas kernel + partial-sum reduction, as dispatched), the Pallas kernel alone, the bf16 XLA matmul and the XLA
+    dequantize-then-matmul of the stored AutoGPTQ arrays, all in the same run; each kernel configuration checked
+    against x @ W_float with a NaN-poisoned output first."""
+    rows = []
+    for (K, N) in shapes:
+        key, kb = jax.random.split(key)
+        w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        n = chain_length(w_bf16.nbytes, calls)
+        bf_ws = copies(w_bf16, n)
+        bf16_us = {}
+        for M in ms:
+            key, kx = jax.random.split(key)
+            xs = activations(kx, M, K, n)
+            bf16_us[M], names = cupti_per_call(bf16_matmul, list(zip(xs, bf_ws)), rounds)
+            log(f"cupti {K}x{N} bf16 XLA M={M}: {bf16_us[M]:.1f} us {names}")
+        del bf_ws, w_bf16
+        for fmt in formats:
+            bits, group, sym, act = FORMATS[fmt]
+            key, kw_key = jax.random.split(key)
+            uqw, kw, w_float = make_weight(kw_key, K, N, bits, group, sym, act)
+            n = chain_length(max(kw.nbytes, uqw.nbytes if uqw is not None else 0), calls)
+            ws = copies(kw, n)
+            uqws = copies(uqw, n) if uqw is not None else None
+            for M in ms:
+                key, kx, kc = jax.random.split(key, 3)
+                xs = activations(kx, M, K, n)
+                try:
+                    cfg = gm.KernelConfig()
+                    rc = cfg.resolved(kw, M)
+                    fro, mx, nan, same = check_kernel(kw, w_float, M, cfg, kc)
+                    us, kern_us, names = _kernel_share(lambda x, w: gm.gptq_matmul(x, w), list(zip(xs, ws)), rounds,
+                                                       "gptq")
+                    deq_us = (cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
+                              if uqws is not None else float("nan"))
+                except Exception as e:
+                    log(f"cupti {K}x{N} {fmt} M={M} FAILED: {traceback.format_exc()[-1500:]}")
+                    continue
+                moved = kw.nbytes + M * K * 2 + M * N * 2
+                row = dict(format=f"gptq-{fmt}", bits=bits, group_size=group, sym=sym, act_order=act, M=M, K=K,
+                           N=N, us=round(us, 2), kernel_only_us=round(kern_us, 2),
+                           bf16_xla_us=round(bf16_us[M], 2), xla_dequant_us=round(deq_us, 2),
+                           speedup_vs_bf16=round(bf16_us[M] / us, 3),
+                           kernel_only_speedup_vs_bf16=round(bf16_us[M] / kern_us, 3),
+                           speedup_vs_xla_dequant=round(deq_us / us, 3), gbps=round(moved / us / 1e3, 1),
+                           kernel_only_gbps=round(moved / kern_us / 1e3, 1), bytes_moved=moved,
+                           max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"),
+                           correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu",
+                           timing="cupti-rotating", gpu_kernels=names,
+                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                log(f"cupti {K}x{N} {fmt} M={M}: path {us:.1f} us (kernel {kern_us:.1f}), bf16 {bf16_us[M]:.1f}, "
+                    f"xla-dequant {deq_us:.1f}: x{row['speedup_vs_bf16']} vs bf16 (kernel alone "
+                    f"x{row['kernel_only_speedup_vs_bf16']}), {row['gbps']} GB/s, err {fro:.1e} "
+                    f"{'OK' if row['correct'] else 'FAIL'} {rc}")
+            del ws, uqws, kw, uqw, w_float
+    return rows
+
+
+def cupti_prefill_rows(key, shapes, ms, rounds, on_row=None):
+    """Large M (prefill), int4 g128, device time (CUPTI, 4 rotating weight copies): bf16 XLA matmul vs the dispatched
+    path of the kernel layout (GPTQKernelWeight.matmul: XLA dequantize + matmul, since the Pallas kernel takes only
+    M <= MAX_KERNEL_M) vs XLA dequantize + matmul of the AutoGPTQ arrays."""
+    rows = []
+    for (K, N) in shapes:
+        key, kb, kw_key = jax.random.split(key, 3)
+        w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        uqw, kw, w_float = make_weight(kw_key, K, N, 4, 128, False, False)
+        n = 4
+        bf_ws, kws = copies(w_bf16, n), copies(kw, n)
+        uqws = copies(uqw, n) if uqw is not None else None
+        for M in ms:
+            key, kx = jax.random.split(key)
+            xs = activations(kx, M, K, n)
+            try:
+                bf, _ = cupti_per_call(bf16_matmul, list(zip(xs, bf_ws)), rounds)
+                deq, names = cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, kws)), rounds)
+                deq_uqw = (cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
+                           if uqws is not None else float("nan"))
+                y = jax.jit(lambda x, w: w.matmul(x))(xs[0], kw).astype(jnp.float32)
+                ref = jnp.matmul(xs[0].astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
+                fro = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+            except Exception:
+                log(f"cupti prefill {K}x{N} M={M} FAILED: {traceback.format_exc()[-1500:]}")
+                continue
+            flops = 2 * M * K * N
+            row = dict(format="gptq-w4g128", bits=4, group_size=128, sym=False, act_order=False, M=M, K=K, N=N,
+                       us=round(deq, 2), bf16_xla_us=round(bf, 2), xla_dequant_us=round(deq_uqw, 2),
+                       speedup_vs_bf16=round(bf / deq, 3), bf16_tflops=round(flops / bf / 1e6, 1),
+                       fro_rel_err=float(f"{fro:.3g}"), correct=bool(fro < TOL),
+                       kernel="xla-dequant-matmul (kernel layout; Pallas kernel takes M <= "
+                              f"{gm.MAX_KERNEL_M})", timing="cupti-rotating", gpu_kernels=names)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            log(f"cupti prefill {K}x{N} M={M}: bf16 {bf:.1f} us ({row['bf16_tflops']} TFLOP/s), kernel-layout XLA "
+                f"dequant+matmul {deq:.1f} us, AutoGPTQ-layout {deq_uqw:.1f} us, x{row['speedup_vs_bf16']}, "
+                f"err {fro:.1e} {names}")
+        del bf_ws, kws, uqws, kw, uqw, w_float, w_bf16
+    return rows
+
+
 def smoke_model(key, hidden=4096, inter=11008, heads=32, vocab=32000):
     """A LLaMA-7B-layer-shaped model (2 layers, bf16, RTN w4 g128) jitted with the kernel layout: decode logits vs
     the XLA reference path, and the generation loop running with the kernels inside."""
@@ -445,6 +584,65 @@ def write_outputs(rows, out_dir, bw, fresh=False):
         f.write("\n".join(lines) + "\n")
 
 
+CUPTI_MD_BEGIN, CUPTI_MD_END = "<!-- gptq cupti rows begin -->", "<!-- gptq cupti rows end -->"
+
+
+def merge_cupti(jsonl, out_dir, note=""):
+    """Rows of a --cupti run (JSON lines) -> kernels.json (appended; key format, M, K, N, kernel, timing, so the
+    chain rows and other formats' rows stay) and the GPTQ device-time section of kernels.md (replaced between its
+    markers; the rest of the file is left as it is)."""
+    import json
+    results = _results_module()
+    with open(jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    results.append_rows(os.path.join(out_dir, "kernels.json"), rows,
+                        key=("format", "M", "K", "N", "kernel", "timing"))
+    dec = [r for r in rows if r["M"] <= gm.MAX_KERNEL_M]
+    pre = [r for r in rows if r["M"] > gm.MAX_KERNEL_M]
+    env = rows[0]
+    lines = [CUPTI_MD_BEGIN, "", "## GPTQ int4 / int3 g128: device time (CUPTI, rotating inputs), all shapes", "",
+             f"{env['device']}, jax {env['jax']}, {env['date']}; command: `{env['command']}` (device tool; "
+             "`--out-dir` was its $OUT). " + note, "",
+             "Each op is one jitted single-call program dispatched on a rotating set of weight copies and activations "
+             "(together > 2x the 50 MB L2); CUPTI records every GPU kernel and a call's time is the sum over its "
+             "kernels (host dispatch and launch gaps excluded), median over 3 passes. `path` = what "
+             "`GPTQKernelWeight.matmul` runs (activation pad + Pallas kernel + float32 partial-sum reduction); "
+             "`kernel` = the Pallas kernel alone. bf16 XLA and XLA dequant (AutoGPTQ arrays -> float32 dequantize -> "
+             "matmul under jit) in the same run. Block sizes: the heuristic (`KernelConfig()`). Every row checked "
+             "against x @ W_float with a NaN-poisoned output buffer (rel err = Frobenius). GB/s = (compressed weight + "
+             "activation + output bytes) / path time.", "",
+             "| format | K x N | M | path us | kernel us | bf16 XLA us | XLA dequant us | x bf16 (path) | "
+             "x bf16 (kernel alone) | GB/s (path) | rel err | tile_k/stages/k_splits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in dec:
+        c = r.get("config") or {}
+        lines.append(f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | {r['kernel_only_us']} | "
+                     f"{r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
+                     f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
+                     f"{c.get('tile_k')}/{c.get('stages')}/{c.get('k_splits')} |")
+    if pre:
+        lines += ["", "### Prefill-sized M (int4 g128, device time, 4 rotating weight copies)", "",
+                  f"The Pallas kernel takes M <= {gm.MAX_KERNEL_M} only, so at these M `GPTQKernelWeight.matmul` "
+                  "runs its XLA dequantize + matmul from the kernel layout (first column); the AutoGPTQ-layout XLA "
+                  "path and the bf16 matmul are measured in the same run. Not measured: the kernel applied to "
+                  "64-row chunks (it rejects M > 64).", "",
+                  "| K x N | M | bf16 XLA us (TFLOP/s) | kernel-layout XLA dequant+matmul us | AutoGPTQ-layout XLA "
+                  "dequant+matmul us | x bf16 (kernel layout) | rel err |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in pre:
+            lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['bf16_xla_us']} ({r['bf16_tflops']}) | {r['us']} | "
+                         f"{r['xla_dequant_us']} | {r['speedup_vs_bf16']} | {r['fro_rel_err']} |")
+    lines += ["", CUPTI_MD_END]
+    md_path = os.path.join(out_dir, "kernels.md")
+    text = open(md_path).read() if os.path.exists(md_path) else ""
+    if CUPTI_MD_BEGIN in text and CUPTI_MD_END in text:
+        head, rest = text.split(CUPTI_MD_BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(CUPTI_MD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+
+
 def parse_config(text):
     """tile_k,stages,k_splits[,n_sub] with "auto" for the heuristic."""
     tile_k, stages, k_splits, n_sub = ([None if v in ("", "auto") else int(v) for v in text.split(",")] + [None])[:4]
@@ -470,10 +668,24 @@ def main():
     ap.add_argument("--diag-configs", default="full:auto,4,auto,auto;nodeq:auto,4,auto,auto",
                     help="variant:tile_k,stages,k_splits,n_sub;...")
     ap.add_argument("--no-check-matrix", action="store_true")
+    ap.add_argument("--cupti", action="store_true",
+                    help="device-time rows (CUPTI, rotating inputs) for --cupti-formats x --shapes x --ms, written "
+                         "as JSON lines to --out-dir/kernels_cupti.jsonl; no chain table")
+    ap.add_argument("--cupti-formats", default="w4g128,w3g128")
+    ap.add_argument("--cupti-prefill-ms", default="128,512,2048")
+    ap.add_argument("--cupti-prefill-shapes", default="8192x28672,4096x4096,4096x11008,11008x4096")
+    ap.add_argument("--rounds", type=int, default=3, help="CUPTI: passes over the rotating inputs")
+    ap.add_argument("--merge-cupti", metavar="JSONL",
+                    help="no GPU work: merge the rows of a --cupti run into --out-dir/kernels.json and the GPTQ "
+                         "device-time section of kernels.md")
+    ap.add_argument("--merge-note", default="")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    if args.merge_cupti:
+        merge_cupti(args.merge_cupti, args.out_dir, args.merge_note)
+        return
 
     log(f"jax {jax.__version__}, devices {jax.devices()}")
     key = jax.random.PRNGKey(int.from_bytes(os.urandom(4), "little"))
@@ -499,6 +711,23 @@ def main():
         sweep(k, shapes(args.sweep_shapes), ints(args.sweep_ms), ints(args.sweep_bits),
               [parse_config(c) for c in args.sweep_configs.split(";")], args.reps, args.calls)
     rows = []
+    if args.cupti:
+        import json
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, "kernels_cupti.jsonl")
+        results = _results_module()
+
+        def on_row(r):
+            with open(path, "a") as f:
+                f.write(json.dumps(results.row("kernels", **r)) + "\n")
+
+        key, k1, k2 = jax.random.split(key, 3)
+        cupti_table(k1, shapes(args.shapes), ints(args.ms), args.cupti_formats.split(","), args.rounds, args.calls,
+                    on_row)
+        if args.cupti_prefill_ms:
+            cupti_prefill_rows(k2, shapes(args.cupti_prefill_shapes), ints(args.cupti_prefill_ms), args.rounds,
+                               on_row)
+        sys.exit(0 if ok else 1)
     if not args.quick:
         key, k = jax.random.split(key)
         partial_dir = os.environ.get("OUT")  # on the device machine: keep what finished if the call is cut short

@@ -1,0 +1,146 @@
+"""bench/decode.py on the CPU: the random-weight model builder, the generation timing protocol and the guard.
+
+The builder must produce each format in its stored layout and hand it to the project's dispatch
+(``prepare_for_kernels``); the timing protocol relies on ``eos_id = first token`` stopping the jitted loop after the
+prefill; the guard must pass on the dispatched path and fail when a layer's product is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "decode.py")
+_spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
+decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(decode)
+
+# Small enough for the CPU; K = 128 / 256 are multiples of the packings (32), GPTQ groups (128), SpQR groups (16).
+DIMS = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=2,
+            head_dim=64)
+
+
+def _key(rng):
+    return jax.random.PRNGKey(int(rng.integers(0, 2**31)))
+
+
+def _linear_leaves(params):
+    return [leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=decode._is_weight) if decode._is_weight(leaf)]
+
+
+@pytest.mark.parametrize("fmt", list(decode.FORMATS))
+def test_builder_layouts_scales_and_dispatch(rng, fmt):
+    module, params = decode.build_model(fmt, _key(rng), DIMS)
+    layers = [params[f"layers_{i}"] for i in range(DIMS["num_layers"])]
+    classes = decode.weight_classes(params)
+    if fmt == "bf16":
+        assert classes == [] and decode.path_label(classes) == "bf16 XLA matmul"
+        dense = [np.asarray(leaf, np.float64) for layer in layers for leaf in jax.tree_util.tree_leaves(layer)
+                 if leaf.ndim == 2]
+    else:
+        # Every decoder linear is quantized and went through prepare_for_kernels into a kernel layout.
+        leaves = [leaf for layer in layers for leaf in _linear_leaves(layer)]
+        assert len(leaves) == 7 * DIMS["num_layers"]
+        assert all("Kernel" in type(leaf).__name__ for leaf in leaves), classes
+        assert decode.path_label(classes).startswith("pallas kernel")
+        dense = [np.asarray(leaf.dequantize(jnp.float32), np.float64) for leaf in leaves]
+        assert all(d.shape == (leaf.in_features, leaf.out_features) for d, leaf in zip(dense, leaves))
+    # Embedding / lm_head stay bf16 arrays; norms are ones.
+    assert params["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert np.all(np.asarray(params["norm"]["scale"], np.float64) == 1.0)
+    for d in dense:  # the random weights have the intended scale (std ~ WEIGHT_STD), not zeros, no NaN
+        assert np.isfinite(d).all()
+        assert 0.4 * decode.WEIGHT_STD < d.std() < 2.5 * decode.WEIGHT_STD, d.std()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_random_packed_words_are_valid_uniform_codes(rng, bits):
+    """Random words in the AutoGPTQ packing decode to every code 0..2**bits-1 about equally often (3-bit packing
+    uses all 96 bits of 3 words, so any word is valid)."""
+    w = decode.random_gptq(_key(rng), 256, 512, bits, 128)
+    w.check_shapes()
+    for codes in (np.asarray(w.codes()), np.asarray(w.zeros())):
+        assert codes.min() == 0 and codes.max() == 2**bits - 1
+        counts = np.bincount(codes.ravel(), minlength=2**bits)
+        expected = codes.size / 2**bits
+        assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected)), counts
+    assert np.array_equal(np.asarray(w.g_idx), np.arange(256) // 128)
+
+
+def test_spqr_outliers_are_sorted_unique_and_counted(rng):
+    K, N = 256, 64
+    w = decode.random_spqr(_key(rng), K, N, bits=3, group=16, qq_bits=3, qq_group=16, outliers=0.0086)
+    w.check_shapes()  # the format's own validation (CSR, permutation, array shapes)
+    cols = np.asarray(w.col_idx, np.int64).reshape(N, -1)
+    assert cols.shape[1] == round(0.0086 * K)
+    assert np.all(np.diff(cols, axis=1) > 0) and cols.min() >= 0 and cols.max() < K
+    dense = np.asarray(w.dequantize(jnp.float32), np.float64)  # [K, N]
+    np.testing.assert_array_equal(dense[cols, np.arange(N)[:, None]],
+                                  np.asarray(w.values, np.float32).reshape(N, -1))
+
+
+def test_generate_protocol_eos_stops_after_prefill(rng):
+    module, params = decode.build_model("gptq-w4g128", _key(rng), DIMS)
+    prompt = rng.integers(0, DIMS["vocab_size"], 16)
+    new = 5
+    compiled = decode.compile_generate(module, params, 3, len(prompt), new)
+    total, prefill, first, steps = decode.time_generate(compiled, params, prompt, 3, new, reps=1)
+    assert steps == new and total > 0 and prefill > 0
+    # Oracle for the first token: argmax of a cache-free forward of the same prompt (when not a near tie).
+    logits = np.asarray(module.apply({"params": params}, jnp.asarray(prompt, jnp.int32)[None])[0][0, -1], np.float64)
+    top2 = np.sort(logits)[-2:]
+    if top2[1] - top2[0] > 1e-2 * np.abs(logits).max():
+        assert first == int(logits.argmax())
+    assert decode.program_peak_bytes(compiled) >= decode.params_bytes(params)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["inner"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _WrongProduct:
+    """A weight whose dequantize is right but whose matmul leaves the first 64 outputs at zero (a kernel that skips
+    an output tile)."""
+
+    inner: object
+
+    in_features = property(lambda self: self.inner.in_features)
+    out_features = property(lambda self: self.inner.out_features)
+    nbytes = property(lambda self: self.inner.nbytes)
+
+    def dequantize(self, dtype=jnp.float32):
+        return self.inner.dequantize(dtype)
+
+    def matmul(self, x):
+        y = self.inner.matmul(x)
+        return y.at[..., :64].set(0)
+
+
+def test_guard_passes_on_dispatched_path_and_catches_a_wrong_product(rng):
+    module, params = decode.build_model("gptq-w4g128", _key(rng), DIMS)
+    prompt = rng.integers(0, DIMS["vocab_size"], 16)
+    good = decode.check_against_reference(module, params, prompt, _key(rng), tol=3e-2)
+    assert good["guard_ok"], good
+    broken = dict(params)
+    layer = jax.tree_util.tree_map(lambda x: x, params["layers_0"], is_leaf=decode._is_weight)
+    layer["self_attn"] = dict(layer["self_attn"], o_proj={"kernel": _WrongProduct(layer["self_attn"]["o_proj"]["kernel"])})
+    broken["layers_0"] = layer
+    bad = decode.check_against_reference(module, broken, prompt, _key(rng), tol=3e-2)
+    assert not bad["guard_ok"] and bad["prefill_rel_err"] > 3e-2, bad
+
+
+def test_summary_ratios_are_same_run_or_flagged():
+    base = dict(what="generate", path="p", avg_bits=None, ms_per_step=1.0, prefill_s=0.01, peak_mem_gb=1.0,
+                process_peak_gb=1.0, params_gb=1.0)
+    rows = [dict(base, format="bf16", batch=1, tokens_per_s=100.0, run_id="a"),
+            dict(base, format="gptq-w4g128", batch=1, tokens_per_s=250.0, run_id="a", avg_bits=4.25),
+            dict(base, format="gptq-w3g128", batch=1, tokens_per_s=300.0, run_id="b", avg_bits=3.25)]
+    lines = decode.summarize(rows)
+    assert rows[1]["speedup_vs_bf16"] == 2.5
+    assert rows[2]["speedup_vs_bf16"] is None  # another run's bf16: not written to the row
+    assert any("3.00 (other run)" in line for line in lines)
