@@ -124,7 +124,10 @@ def check(kw, w_float, M, cfg, key, variant="full"):
     y = y.astype(jnp.float32)
     fro = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
     mx = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
-    return fro, mx, bool(jnp.any(jnp.isnan(y))), bool(jnp.array_equal(y, y2.astype(jnp.float32)))
+    # The sparse part's segment sum adds in a nondeterministic order: runs agree to rounding, not bit for bit.
+    same = (float(jnp.max(jnp.abs(y - y2.astype(jnp.float32)))) <= 1e-5 * float(jnp.max(jnp.abs(ref))) if kw.nnz
+            else bool(jnp.array_equal(y, y2.astype(jnp.float32))))
+    return fro, mx, bool(jnp.any(jnp.isnan(y))), same
 
 
 def correctness_matrix(seed):
@@ -203,6 +206,45 @@ def sweep(seed, rounds, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
                     log(f"sweep lut{bits} M={M} {variant} {cfg}: FAILED {traceback.format_exc()[-1500:]}")
         del ws, kw, w_float
     return {k: v[1] for k, v in best.items()}
+
+
+def dump_sass(out_dir, K=8192, N=28672, configs=((4, 512, 3), (4, 256, 2), (3, 256, 2), (3, 512, 3))):
+    """Compile the M = 1 kernels with Mosaic GPU's dump switched on; write ptxas' resource report and the opcode
+    counts of the SASS (the instruction mix) to out_dir/sass_summary.txt."""
+    import collections
+    import glob
+    import re
+    import tempfile
+    dump = tempfile.mkdtemp(prefix="lut_dump_")
+    os.environ["MOSAIC_GPU_DUMP_TO"] = dump
+    try:
+        for bits, tile_k, stages in configs:
+            for variant in ("full", "nolookup"):
+                _, kw, _ = make_weight(bits, K, N, bits, 0.0)
+                cfg = lm.KernelConfig(tile_k=tile_k, stages=stages)
+                x = jnp.ones((1, K), jnp.bfloat16)
+                jax.block_until_ready(jax.jit(lambda x, w: lm.lut_matmul(x, w, config=cfg, _variant=variant))(x, kw))
+                del kw
+    finally:
+        del os.environ["MOSAIC_GPU_DUMP_TO"]
+    lines = []
+    for path in sorted(glob.glob(os.path.join(dump, "*"))):
+        name = os.path.basename(path)
+        if name.endswith(".ptxas"):
+            text = open(path).read()
+            lines.append(f"== {name}: " + " | ".join(l.strip() for l in text.splitlines() if "Used" in l or "spill" in l))
+        elif name.endswith(".sass"):
+            ops = collections.Counter()
+            for l in open(path):
+                m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", l)
+                if m:
+                    ops[m.group(1).split(".")[0]] += 1
+            lines.append(f"== {name}: {sum(ops.values())} instructions: " +
+                         ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))
+    with open(os.path.join(out_dir, "sass_summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    for l in lines:
+        log(l[:700])
 
 
 def pick_config(tuned, bits, M, kw):
@@ -297,6 +339,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="check matrix + sweep only")
     ap.add_argument("--no-check-matrix", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--dump-sass", action="store_true", help="ptxas report + SASS opcode counts of the M=1 kernels")
     ap.add_argument("--sweep-ms", default="1,16,64")
     ap.add_argument("--sweep-configs", default="full:auto,auto,auto;full:512,3,auto;full:256,4,auto;"
                                                "full:256,2,auto;full:128,4,auto;nolookup:auto,auto,auto")
@@ -326,6 +369,11 @@ def main():
             f.write(json.dumps(results.row("kernels", **r)) + "\n")
 
     ok = True
+    if args.dump_sass:
+        try:
+            dump_sass(args.out_dir)
+        except Exception:
+            log(f"dump_sass failed: {traceback.format_exc()[-1500:]}")
     if not args.no_check_matrix:
         ok = correctness_matrix(seed)
         log(f"correctness matrix: {'all OK' if ok else 'FAILURES'}")

@@ -205,11 +205,11 @@ class LUTKernelWeight:
 
     def sparse_product(self, x2d: jax.Array) -> Optional[jax.Array]:
         """x @ (sparse deltas) as float32 [N, M] (None without a sparse part): a gather of x's columns and a
-        segment sum over output rows, in XLA."""
+        segment sum over output rows (entries are sorted by row), in XLA."""
         if not self.nnz:
             return None
-        contrib = x2d[:, self.sp_cols].astype(jnp.float32) * self.sp_delta  # [M, nnz]
-        return jax.ops.segment_sum(contrib.T, self.sp_rows, num_segments=self.out_features)
+        contrib = x2d.T.astype(jnp.float32)[self.sp_cols] * self.sp_delta[:, None]  # [nnz, M]
+        return jax.ops.segment_sum(contrib, self.sp_rows, num_segments=self.out_features, indices_are_sorted=True)
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
