@@ -329,8 +329,9 @@ def run_format(fmt, batches, prompt_len, new_tokens, reps, tol, dims, seed, rows
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
     classes = weight_classes(params)
-    info = dict(format=fmt, weight_classes=classes, path=path_label(classes), params_gb=params_bytes(params) / 1e9,
-                avg_bits=quantized_avg_bits(params), build_s=round(build_s, 1), load_peak_gb=None)
+    info = dict(format=fmt, model_shape="llama-7b" if dims == LLAMA_7B else json.dumps(dims), weight_classes=classes,
+                path=path_label(classes), params_gb=params_bytes(params) / 1e9, avg_bits=quantized_avg_bits(params),
+                build_s=round(build_s, 1), load_peak_gb=None)
     peak = peak_device_bytes()
     info["load_peak_gb"] = None if peak is None else round(peak / 1e9, 3)
     log(f"[{fmt}] built in {build_s:.1f} s: {classes}, {info['params_gb']:.2f} GB params, "
@@ -346,7 +347,7 @@ def run_format(fmt, batches, prompt_len, new_tokens, reps, tol, dims, seed, rows
             decode_s = total - prefill
             peak = peak_device_bytes()
             prog = program_peak_bytes(compiled)
-            r = dict(info, what="generate", model_shape="llama-7b" if dims == LLAMA_7B else json.dumps(dims),
+            r = dict(info, what="generate",
                      batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, reps=reps,
                      total_s=round(total, 5), prefill_s=round(prefill, 5), decode_s=round(decode_s, 5),
                      tokens_per_s=round(batch * (new_tokens - 1) / decode_s, 2),
@@ -387,28 +388,32 @@ def read_rows(path):
 def summarize(rows):
     """Markdown table; ratios to the bf16 row of the same batch in the same run."""
     gen = [r for r in rows if r.get("what") == "generate"]
-    guards = {r["format"]: r for r in rows if r.get("what") == "guard"}
-    bf16 = {(r.get("run_id"), r["batch"]): r["tokens_per_s"] for r in gen if r["format"] == "bf16" and "tokens_per_s" in r}
+    guards = {(r["format"], r.get("model_shape"), r.get("device")): r for r in rows if r.get("what") == "guard"}
+    bf16 = {(r.get("run_id"), r["batch"], r.get("model_shape"), r.get("device")): r["tokens_per_s"]
+            for r in gen if r["format"] == "bf16" and "tokens_per_s" in r}
     lines = ["| format | path | avg bits | batch | decode tok/s | ms/step | x bf16 | prefill ms | peak GB | "
              "process peak GB | params GB | guard (prefill / step rel err) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in gen:
-        g = guards.get(r["format"])
+        g = guards.get((r["format"], r.get("model_shape"), r.get("device")))
         gtxt = "-" if g is None else (
             f"{'ok' if g.get('guard_ok') else 'FAIL'} ({g.get('prefill_rel_err')} / {g.get('decode_step_rel_err')})")
         if "tokens_per_s" not in r:
             lines.append(f"| {r['format']} | {r['path']} | | {r['batch']} | failed: {r.get('error', '')[:80]} "
                          f"| | | | | | | {gtxt} |")
             continue
-        base = bf16.get((r.get("run_id"), r["batch"]))
-        cross = base is None and any(b == r["batch"] for _, b in bf16)
-        if cross:  # no bf16 row from the same run: ratio to another run's (flagged, not written to the row)
-            base = next(v for (_, b), v in bf16.items() if b == r["batch"])
+        same = (r["batch"], r.get("model_shape"), r.get("device"))
+        base = bf16.get((r.get("run_id"),) + same)
+        others = [v for k, v in bf16.items() if k[1:] == same]
+        cross = base is None and bool(others)
+        if cross:  # no bf16 row from the same run: ratio to another run's on the same device and model (flagged)
+            base = others[0]
         ratio = r["tokens_per_s"] / base if base else None
         r["speedup_vs_bf16"] = None if (ratio is None or cross) else round(ratio, 3)
         bits = "16" if r["avg_bits"] is None else f"{r['avg_bits']:.2f}"
+        ratio_text = ("" if ratio is None else f"{ratio:.2f}") + (" (other run)" if cross else "")
         lines.append(f"| {r['format']} | {r['path']} | {bits} | {r['batch']} | {r['tokens_per_s']} | "
-                     f"{r['ms_per_step']} | {'' if ratio is None else f'{ratio:.2f}' + (' (other run)' if cross else '')} | "
+                     f"{r['ms_per_step']} | {ratio_text} | "
                      f"{r['prefill_s'] * 1e3:.1f} | "
                      f"{r['peak_mem_gb']} | {r['process_peak_gb']} | {r['params_gb']:.2f} | {gtxt} |")
     return lines
@@ -432,6 +437,9 @@ def main():
     ap.add_argument("--worker-timeout", type=int, default=400)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out-dir/decode.json (a row with the same format, batch, kind, "
+                         "model shape and device is replaced)")
     args = ap.parse_args()
     dims = TINY if args.tiny else LLAMA_7B
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -452,31 +460,56 @@ def main():
     if os.path.exists(rows_path):
         os.remove(rows_path)
     command = command_line()
+    kept = []
+    if args.append and os.path.exists(os.path.join(args.out_dir, "decode.json")):
+        with open(os.path.join(args.out_dir, "decode.json")) as f:
+            kept = json.load(f)
+
+    def all_rows():
+        new = read_rows(rows_path)
+        ident = lambda r: (r["format"], r["batch"], r["what"], r.get("model_shape"), r.get("device"))
+        keys = {ident(r) for r in new}
+        return [r for r in kept if ident(r) not in keys] + new
+
     for group in [g for g in args.formats.split(";") if g]:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", group, "--rows", rows_path, "--batches",
                args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps",
-               str(args.reps), "--tol", str(args.tol), "--seed", str(seed), "--command", command, "--run-id", run_id] + \
+               str(args.reps), "--tol", str(args.tol), "--seed", str(seed), "--command", command,
+               "--run-id", run_id] + \
               (["--tiny"] if args.tiny else []) + (["--no-guard"] if args.no_guard else [])
         log(f"--- {group}")
         try:
             subprocess.run(cmd, timeout=args.worker_timeout, check=False)
         except subprocess.TimeoutExpired:
             log(f"[{group}] worker timed out after {args.worker_timeout} s")
-        write_outputs(read_rows(rows_path), args.out_dir)
-    for line in summarize(read_rows(rows_path)):
+        write_outputs(all_rows(), args.out_dir)
+    for line in summarize(all_rows()):
         log(line)
 
 
+NOTES_MARK = "<!-- notes (kept when the table is rewritten) -->"
+
+
 def write_outputs(rows, out_dir):
+    """decode.json (all rows) and decode.md (one line per run, the table; text after NOTES_MARK is kept)."""
     lines = summarize(rows)  # also fills speedup_vs_bf16
     with open(os.path.join(out_dir, "decode.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    env = rows[0] if rows else {}
-    head = [f"# Decode: LLaMA-7B-shaped model, random weights, jitted generation with a KV cache", "",
-            f"{env.get('device', '?')}, jax {env.get('jax', '?')}, {env.get('date', '?')}; command: "
-            f"`{env.get('command', '?')}`. Method: `bench/decode.py` docstring.", ""]
-    with open(os.path.join(out_dir, "decode.md"), "w") as f:
-        f.write("\n".join(head + lines) + "\n")
+    runs = {}
+    for r in rows:
+        runs.setdefault(r.get("run_id"), r)
+    head = ["# Decode: LLaMA-7B-shaped model, random weights, jitted generation with a KV cache", "",
+            "Method: `bench/decode.py` docstring. Runs (each row's `run_id`):", ""]
+    head += [f"- {rid}: {r.get('device', '?')}, jax {r.get('jax', '?')}, {r.get('date', '?')}; command: "
+             f"`{r.get('command', '?')}`" for rid, r in runs.items()] + [""]
+    md = os.path.join(out_dir, "decode.md")
+    notes = ""
+    if os.path.exists(md):
+        text = open(md).read()
+        if NOTES_MARK in text:
+            notes = text[text.index(NOTES_MARK):]
+    with open(md, "w") as f:
+        f.write("\n".join(head + lines) + "\n" + ("\n" + notes if notes else ""))
 
 
 if __name__ == "__main__":

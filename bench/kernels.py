@@ -611,6 +611,9 @@ def merge_cupti(jsonl, out_dir, note=""):
              "matmul under jit) in the same run. Block sizes: the heuristic (`KernelConfig()`). Every row checked "
              "against x @ W_float with a NaN-poisoned output buffer (rel err = Frobenius). GB/s = (compressed weight + "
              "activation + output bytes) / path time.", "",
+             "Plot: `kernels.png` (`python bench/plot_kernels.py`): speedup over bf16 by format and M on 8192x28672 "
+             "from kernels.json (device-time rows preferred; wall-clock chain rows hatched). Notes on what limits "
+             "each target: `bench/NOTES_kernels.md`.", "",
              "| format | K x N | M | path us | kernel us | bf16 XLA us | XLA dequant us | x bf16 (path) | "
              "x bf16 (kernel alone) | GB/s (path) | rel err | tile_k/stages/k_splits |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -627,7 +630,8 @@ def merge_cupti(jsonl, out_dir, note=""):
                   "path and the bf16 matmul are measured in the same run. Not measured: the kernel applied to "
                   "64-row chunks (it rejects M > 64).", "",
                   "| K x N | M | bf16 XLA us (TFLOP/s) | kernel-layout XLA dequant+matmul us | AutoGPTQ-layout XLA "
-                  "dequant+matmul us | x bf16 (kernel layout) | rel err |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "dequant+matmul us | x bf16 (kernel layout) | rel err |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in pre:
             lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['bf16_xla_us']} ({r['bf16_tflops']}) | {r['us']} | "
                          f"{r['xla_dequant_us']} | {r['speedup_vs_bf16']} | {r['fro_rel_err']} |")

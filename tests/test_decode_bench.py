@@ -128,7 +128,8 @@ def test_guard_passes_on_dispatched_path_and_catches_a_wrong_product(rng):
     assert good["guard_ok"], good
     broken = dict(params)
     layer = jax.tree_util.tree_map(lambda x: x, params["layers_0"], is_leaf=decode._is_weight)
-    layer["self_attn"] = dict(layer["self_attn"], o_proj={"kernel": _WrongProduct(layer["self_attn"]["o_proj"]["kernel"])})
+    wrong = _WrongProduct(layer["self_attn"]["o_proj"]["kernel"])
+    layer["self_attn"] = dict(layer["self_attn"], o_proj={"kernel": wrong})
     broken["layers_0"] = layer
     bad = decode.check_against_reference(module, broken, prompt, _key(rng), tol=3e-2)
     assert not bad["guard_ok"] and bad["prefill_rel_err"] > 3e-2, bad
