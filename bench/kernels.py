@@ -3,8 +3,11 @@
     python bench/kernels.py                       # full table -> bench/results/kernels.{json,md}
     python bench/kernels.py --quick --sweep       # exploration: correctness matrix + block-size sweep, no files
     python bench/kernels.py --smoke               # also a jitted LLaMA-shaped forward / generate with the kernels
+    python bench/kernels.py --cupti --out-dir DIR # device-time rows (CUPTI, rotating inputs; see cupti_per_call)
+                                                  # for int4/int3 x shapes x M plus prefill M -> DIR/kernels_cupti.jsonl
+    python bench/kernels.py --merge-cupti DIR/kernels_cupti.jsonl   # -> bench/results/kernels.json + kernels.md
 
-Timing: every measured op is jitted as a chain of ``--calls`` back-to-back calls on distinct activations and
+Timing (the default table): every measured op is jitted as a chain of ``--calls`` back-to-back calls on distinct activations and
 rotating weight copies (together >= 2x the 50 MB L2, so the cache does not flatter), warmed up, then timed by
 block_until_ready over ``--reps`` chains; the median chain time / calls is reported (includes the small XLA ops
 around the kernel: activation pad / permutation and the float32 partial reduction). Correctness: every kernel
