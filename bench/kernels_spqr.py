@@ -179,7 +179,7 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=())
         w_float = w.dequantize(jnp.float32)
         log(f"{K}x{N} spqr3: made + packed in {time.perf_counter() - t0:.1f} s; stored {w.avg_bits():.3f} bits/weight "
             f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
-            f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), slices {kw.num_slices}")
+            f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots {kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
         n = n_copies(kw.nbytes, max_copies)
         kws = copies(kw, n)
         ws = copies(w, n)
