@@ -5,8 +5,10 @@ One mesh axis is enough for every use here:
 * calibration (``pipeline.quantize_model(..., mesh=)``): each batch of calibration sequences is split across the
   devices along the batch axis; every jitted layer pass runs data-parallel and the Hessian ``X^T X`` of a sharded
   batch is reduced by the all-reduce that XLA inserts for the replicated result;
-* solves (``gptq(..., mesh=)``): GPTQ treats the output rows of W independently once ``H^-1`` is known, so the column
-  loop runs under ``shard_map`` on a slice of rows per device (``H``'s factor is replicated);
+* solves: GPTQ treats the output rows of W independently once ``H^-1`` is known. The pipeline splits each solve's
+  rows into one block per device and runs the single-device solve on each block from its own thread (every device
+  already holds the replicated H and weights, so nothing moves in); ``gptq(..., mesh=)`` is the same split as one
+  ``shard_map`` program;
 * inference (``shard_params``): dense kernels and quantized weights (codes, scales, zeros) are split along their
   output dimension (tensor parallel); the jitted forward and generation loop run unchanged and XLA adds the gathers.
 
