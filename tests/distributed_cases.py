@@ -61,8 +61,9 @@ def test_data_parallel_pipeline_same_codes_ppl_and_tokens(rng, mesh, tiny_hf, fa
     calib = rng.integers(0, 128, (8, 32)).astype(np.int32)
     cfg = QuantConfig(bits=4, group_size=32, act_order=True)
     p1, r1 = quantize_model(lm, calib, cfg, batch_size=4, progress=False)
-    p4, r4 = quantize_model(lm_host, calib, cfg, batch_size=4, progress=False, mesh=mesh)  # linears spread
-    p4r, _ = quantize_model(lm_host, calib, cfg, batch_size=4, progress=False, mesh=mesh, mesh_solves="rows")
+    # default: each joint solve's rows split over the devices (q/k/v: 128 rows = 4 x 32; o_proj's 64 stay whole)
+    p4, r4 = quantize_model(lm_host, calib, cfg, batch_size=4, progress=False, mesh=mesh)
+    p4r, _ = quantize_model(lm_host, calib, cfg, batch_size=4, progress=False, mesh=mesh, mesh_solves="linears")
     assert r4.devices == N_DEV and r1.devices == 1
     q1 = _quantized(p1)
     for q4 in (_quantized(p4), _quantized(p4r)):

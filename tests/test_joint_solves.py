@@ -27,11 +27,10 @@ def _problem(rng, sizes, K):
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=4, group_size=32), dict(bits=3, group_size=-1, act_order=True),
-                                 dict(bits=4, group_size=32, act_order=True, static_groups=True),
-                                 dict(bits=2, group_size=64, sym=True)])
+                                 dict(bits=2, group_size=32, act_order=True, static_groups=True, sym=True)])
 def test_stacked_solve_same_codes_as_separate(rng, cfg):
     cfg = QuantConfig(**cfg)
-    sizes, K = (64, 32, 96), 128  # q, k, v of a GQA layer: different output widths
+    sizes, K = (64, 32, 32), 128  # q, k, v of a GQA layer: different output widths
     Ws, H = _problem(rng, sizes, K)
     stacked, row_err, deq = gptq(np.concatenate(Ws), H, cfg, return_dequantized=True, row_errors=True)
     assert row_err.shape == (sum(sizes),) and np.all(row_err >= 0) and row_err.sum() > 0
