@@ -248,18 +248,22 @@ def dump_sass(out_dir, K=8192, N=28672, configs=((4, 512, 3), (4, 256, 2), (3, 2
 
 
 def pick_config(tuned, bits, M, kw):
-    """The sweep's best config for the nearest swept M <= M (k_splits back to the heuristic for other shapes)."""
+    """The sweep's best config for the nearest swept M <= M (k_splits, then tile_k back to the heuristic where they do
+    not fit this shape)."""
     if not tuned:
         return lm.KernelConfig()
     swept = sorted(m for (b, m) in tuned if b == bits and m <= M)
     if not swept:
         return lm.KernelConfig()
-    cfg = dataclasses.replace(tuned[(bits, swept[-1])], k_splits=None)
-    try:
-        cfg.resolved(kw, M)
-    except ValueError:
-        cfg = dataclasses.replace(cfg, tile_k=None)
-    return cfg
+    cfg = tuned[(bits, swept[-1])]
+    for fallback in (cfg, dataclasses.replace(cfg, k_splits=None), dataclasses.replace(cfg, k_splits=None,
+                                                                                       tile_k=None)):
+        try:
+            fallback.resolved(kw, M)
+            return fallback
+        except ValueError:
+            continue
+    return lm.KernelConfig()
 
 
 def full_table(seed, shapes, ms, formats, rounds, calls, tuned, on_row):
@@ -344,7 +348,8 @@ def main():
     ap.add_argument("--sweep-configs", default="full:auto,auto,auto;full:512,3,auto;full:256,4,auto;"
                                                "full:256,2,auto;full:128,4,auto;nolookup:auto,auto,auto")
     ap.add_argument("--tuned", default="",
-                    help="bits:M:tile_k,stages;... block sizes to use instead of a sweep (k_splits: heuristic)")
+                    help="bits:M:tile_k,stages;... block sizes for (bits, M >= that M) where the sweep does not cover them "
+                         "(k_splits: heuristic)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--formats", default="lut4,lut3")
@@ -377,16 +382,14 @@ def main():
     if not args.no_check_matrix:
         ok = correctness_matrix(seed)
         log(f"correctness matrix: {'all OK' if ok else 'FAILURES'}")
-    tuned = None
-    if args.tuned:
-        tuned = {}
-        for item in args.tuned.split(";"):
-            bits, M, spec = item.split(":")
-            tile_k, stages = (int(v) for v in spec.split(","))
-            tuned[(int(bits), int(M))] = lm.KernelConfig(tile_k=tile_k, stages=stages)
-    elif not args.no_sweep:
-        tuned = sweep(seed, args.rounds, args.calls, parse_configs(args.sweep_configs), ms=ints(args.sweep_ms))
-        log(f"best configs on 8192x28672: {tuned}")
+    tuned = {}
+    for item in filter(None, args.tuned.split(";")):
+        bits, M, spec = item.split(":")
+        tile_k, stages = (int(v) for v in spec.split(","))
+        tuned[(int(bits), int(M))] = lm.KernelConfig(tile_k=tile_k, stages=stages)
+    if not args.no_sweep:  # swept (bits, M) override --tuned
+        tuned.update(sweep(seed, args.rounds, args.calls, parse_configs(args.sweep_configs), ms=ints(args.sweep_ms)))
+    log(f"block sizes used (bits, M) -> config: {tuned}")
     rows = []
     if not args.quick:
         rows = full_table(seed, shapes(args.shapes), ints(args.ms), args.formats.split(","), args.rounds,
