@@ -43,14 +43,16 @@ def lut_to_kernel_weight(w: LUTQuantizedWeight, dtype=jnp.bfloat16) -> lut_matmu
     return lut_matmul.pack(w.codes(), w.lut, bits=w.bits, sparse=sparse, dtype=dtype)
 
 
-def spqr_to_kernel_weight(w: SpQRWeight, dtype=jnp.bfloat16) -> spqr_matmul.SpQRKernelWeight:
-    """One SpQR weight -> the SpQR kernel layout (statistic codes kept 3-bit, outliers as row slices of deltas)."""
+def spqr_to_kernel_weight(w: SpQRWeight, dtype=jnp.bfloat16,
+                          sparse_format: str = "ell") -> spqr_matmul.SpQRKernelWeight:
+    """One SpQR weight -> the SpQR kernel layout (statistic codes kept 3-bit, outliers as deltas against the
+    kernel's dense values; ``sparse_format`` see spqr_matmul.pack)."""
     from .packing import unpack
     w.check_shapes()
     return spqr_matmul.pack(w.codes(), unpack(w.scale_codes, bits=w.qq_scale_bits, axis=1),
                             unpack(w.zero_codes, bits=w.qq_zero_bits, axis=1), w.scale_qq, w.zero_qq, w.perm,
                             w.row_ptr, w.col_idx, w.values, bits=w.bits, group_size=w.group_size,
-                            qq_groupsize=w.qq_groupsize, dtype=dtype)
+                            qq_groupsize=w.qq_groupsize, dtype=dtype, sparse_format=sparse_format)
 
 
 def spqr_kernel_supports(w: SpQRWeight) -> bool:
