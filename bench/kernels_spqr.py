@@ -159,7 +159,7 @@ def correctness_matrix(seed):
     return ok
 
 
-def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=()):
+def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=(), sparse_formats=("ell",)):
     """For each shape: bf16 XLA, then spqr3 kernel path (+ variants / configs on request) and XLA dequant+matmul."""
     from jaxquant.kernel_layout import spqr_to_kernel_weight
     for si, (K, N) in enumerate(shapes):
@@ -175,21 +175,37 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=())
         del bf_ws, w_bf16
         t0 = time.perf_counter()
         w = make_spqr(seed + 1000 + si, K, N)
-        kw = spqr_to_kernel_weight(w)
         w_float = w.dequantize(jnp.float32)
+        ws = copies(w, n_copies(w.nbytes, max_copies))
+        deq = {}
+        for M in ms:
+            xs = activations(jax.random.fold_in(kx, 1000 + M), M, K, len(ws))
+            try:
+                deq[M] = cupti(lambda x, w: w.matmul(x), list(zip(xs, ws)), rounds)
+            except Exception:
+                log(f"{K}x{N} M={M} xla dequant FAILED: {traceback.format_exc()[-1500:]}")
+                deq[M] = (float("nan"), float("nan"), [])
+        del ws
+        for sparse_format in sparse_formats:
+            kw = spqr_to_kernel_weight(w, sparse_format=sparse_format)
+            _table_weight(seed + si, K, N, ms, rounds, max_copies, emit, configs, variants, sparse_format, w, kw,
+                          w_float, kx, bf16_us, bf16_names, deq, t0)
+        del w, w_float
+
+
+def _table_weight(seed, K, N, ms, rounds, max_copies, emit, configs, variants, sparse_format, w, kw, w_float, kx,
+                  bf16_us, bf16_names, deq, t0):
+    si = 0
+    if True:
         log(f"{K}x{N} spqr3: made + packed in {time.perf_counter() - t0:.1f} s; stored {w.avg_bits():.3f} bits/weight "
             f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
             f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots {kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
         n = n_copies(kw.nbytes, max_copies)
         kws = copies(kw, n)
-        ws = copies(w, n)
+        suffix = "" if sparse_format == "ell" else "-csr"
         for M in ms:
-            xs = activations(jax.random.fold_in(kx, 1000 + M), M, K, n)
-            try:
-                deq_us, _, deq_names = cupti(lambda x, w: w.matmul(x), list(zip(xs, ws)), rounds)
-            except Exception:
-                log(f"{K}x{N} M={M} xla dequant FAILED: {traceback.format_exc()[-1500:]}")
-                deq_us, deq_names = float("nan"), []
+            xs = activations(jax.random.fold_in(kx, 2000 + M), M, K, n)
+            deq_us, _, deq_names = deq[M]
             for variant, cfg in [("full", None)] + [(v, None) for v in variants] + [("full", c) for c in
                                                                                       (configs or [])]:
                 cfg = cfg or sm.KernelConfig()
@@ -205,7 +221,8 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=())
                 dense_moved = kw.dense_nbytes + M * K * 2 + M * N * 2
                 moved = kw.nbytes + M * K * 2 + M * N * 2
                 correct = bool(fro < TOL and not nan and same)
-                row = dict(format="spqr3" if variant == "full" else f"spqr3-{variant}", bits=3, group_size=16,
+                row = dict(format=("spqr3" if variant == "full" else f"spqr3-{variant}") + suffix, bits=3,
+                           group_size=16, sparse_format=sparse_format,
                            qq_groupsize=16, stat_bits=3, act_order=True, outlier_fraction=round(w.nnz / (K * N), 5),
                            avg_bits_stored=round(w.avg_bits(), 3), avg_bits_paper=round(w.paper_avg_bits(), 3),
                            avg_bits_kernel_layout=round(kw.avg_bits(), 3), M=M, K=K, N=N, us=round(us, 2),
@@ -215,7 +232,9 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=())
                            speedup_vs_xla_dequant=round(deq_us / us, 3), gbps=round(moved / us / 1e3, 1),
                            kernel_only_gbps=round(dense_moved / kern_us / 1e3, 1), bytes_moved=moved,
                            max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"), correct=correct,
-                           kernel="pallas-mosaic-gpu + xla-sparse", timing="cupti-rotating", gpu_kernels=names,
+                           kernel="pallas-mosaic-gpu + " + ("xla-sparse (ELL)" if sparse_format == "ell" else
+                                                             "cusparse (CSR f32)"),
+                           timing="cupti-rotating", gpu_kernels=names,
                            bf16_gpu_kernels=bf16_names[M], xla_dequant_gpu_kernels=deq_names[:8],
                            config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
                 emit(row)
@@ -223,7 +242,7 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=())
                     f"xla-dequant {deq_us:.1f}: x{row['speedup_vs_bf16']} vs bf16 (kernel alone "
                     f"x{row['kernel_only_speedup_vs_bf16']}), {row['gbps']} GB/s (kernel {row['kernel_only_gbps']}), "
                     f"err {fro:.1e} {'OK' if correct else 'FAIL'} {rc} {names}")
-        del kws, ws, kw, w, w_float
+        del kws, kw
 
 
 # -------------------------------------------------------------------------------------------------------- output
@@ -286,6 +305,7 @@ def main():
     ap.add_argument("--diag-configs", default="256,2,auto;256,4,auto;512,2,auto;512,4,auto")
     ap.add_argument("--diag-variants", default="nostats,nosparse")
     ap.add_argument("--no-check-matrix", action="store_true")
+    ap.add_argument("--sparse-formats", default="ell", help="ell,csr: outlier product per format")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--copies", type=int, default=8)
@@ -322,7 +342,8 @@ def main():
               emitter(diag_path), configs=[parse_config(c) for c in args.diag_configs.split(";") if c],
               variants=[v for v in args.diag_variants.split(",") if v])
     if not args.no_table:
-        table(seed + 23, shapes, ms, args.rounds, args.copies, emitter(rows_path))
+        table(seed + 23, shapes, ms, args.rounds, args.copies, emitter(rows_path),
+              sparse_formats=args.sparse_formats.split(","))
     sys.exit(0 if ok else 1)
 
 

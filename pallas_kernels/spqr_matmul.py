@@ -42,6 +42,8 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`SpQRKernelWeig
       (ELL, padding value 0); sp_rows [T] the output row of each bucket row (buckets in order), sp_inv [N_pad]
       each output row's position among them (T = none). The XLA sparse product is then gathers and row
       reductions only (no scatter: deterministic, and ~10x faster than a segment sum measured on the H100).
+  sp_csr  (sparse_format="csr" instead of the buckets): (values float32 [nnz], kernel columns int32 [nnz],
+      row_ptr int32 [N_pad+1]) for cuSPARSE through jax.experimental.sparse (which takes float32 only).
 
 Register arithmetic per thread and chunk: 4 statistics in float32 (``cvt`` of the float16 parameters, then the
 reference's ``(code - zero) * scale`` with round-to-nearest, no contraction), rounded to the activation dtype as
@@ -200,7 +202,7 @@ def dense_values(codes, scale_lp, nb_lp, dtype) -> jax.Array:
 # ------------------------------------------------------------------------------------------------ kernel-layout pytree
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["qweight", "stats", "qq", "kidx", "sp_buckets", "sp_rows", "sp_inv"],
+    data_fields=["qweight", "stats", "qq", "kidx", "sp_buckets", "sp_rows", "sp_inv", "sp_csr"],
     meta_fields=["bits", "in_features", "out_features", "dtype_name"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,7 @@ class SpQRKernelWeight:
     sp_buckets: tuple  # ((cols [n_b, L_b], vals [n_b, L_b]), ...)
     sp_rows: jax.Array
     sp_inv: jax.Array
+    sp_csr: tuple  # () or (values f32 [nnz], cols i32 [nnz], row_ptr i32 [N_pad+1])
     bits: int
     in_features: int
     out_features: int
@@ -243,7 +246,7 @@ class SpQRKernelWeight:
     @property
     def nbytes(self) -> int:
         arrays = (self.qweight, self.stats, self.qq, self.kidx, self.sp_rows, self.sp_inv) + tuple(
-            a for bucket in self.sp_buckets for a in bucket)
+            a for bucket in self.sp_buckets for a in bucket) + tuple(self.sp_csr)
         return sum(a.size * a.dtype.itemsize for a in arrays)
 
     @property
@@ -320,6 +323,10 @@ class SpQRKernelWeight:
             rows = jnp.broadcast_to(self.sp_rows[start:start + cols.shape[0], None], cols.shape)
             out = out.at[cols.astype(jnp.int32), rows].add(vals.astype(jnp.float32))
             start += cols.shape[0]
+        if self.sp_csr:
+            data, cols, row_ptr = self.sp_csr
+            rows = jnp.repeat(jnp.arange(self.n_pad), jnp.diff(row_ptr), total_repeat_length=data.shape[0])
+            out = out.at[cols, rows].add(data)
         return out
 
     def prepare_activations(self, x2d: jax.Array, m_pad: int) -> jax.Array:
@@ -376,7 +383,7 @@ def _outlier_dense_values(codes, cs, cz, s_s, z_s, s_z, z_z, *, dtype_name: str)
 
 
 def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, col_idx, values, *, bits: int,
-         group_size: int, qq_groupsize: int, dtype=jnp.bfloat16) -> SpQRKernelWeight:
+         group_size: int, qq_groupsize: int, dtype=jnp.bfloat16, sparse_format: str = "ell") -> SpQRKernelWeight:
     """Convert a SpQR weight (plain unpacked arrays) into the kernel layout; done once at load time.
 
     codes_kn [K, N] weight codes (original column order); scale_codes / zero_codes [G, N] first-level statistic
@@ -384,7 +391,11 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
     act-order permutation (group g holds columns perm[g*group_size:(g+1)*group_size]) or None / empty; the outliers
     as CSR over W[out = N, in = K] (row_ptr [N+1], col_idx [nnz], values [nnz], replacing the dense value).
     group_size and qq_groupsize must be multiples of 16 (statistics are repeated to 16-column / 16-row blocks).
+    sparse_format: "ell" (row-length buckets, XLA gathers; float16 values, int16 columns) or "csr" (float32 /
+    int32 CSR for cuSPARSE).
     """
+    if sparse_format not in ("ell", "csr"):
+        raise ValueError(f"sparse_format must be 'ell' or 'csr', got {sparse_format!r}")
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in _MANTISSA:
         raise ValueError(f"the SpQR kernel computes in bfloat16 or float16, got {dtype_name}")
@@ -462,12 +473,13 @@ def pack(codes_kn, scale_codes, zero_codes, scale_qq, zero_qq, perm, row_ptr, co
 
     w = SpQRKernelWeight(qweight=qweight, stats=jnp.asarray(stats), qq=jnp.asarray(qq),
                          kidx=jnp.asarray(kidx, jnp.int32), sp_buckets=(), sp_rows=jnp.zeros((0,), jnp.int32),
-                         sp_inv=jnp.zeros((n_pad,), jnp.int32),
+                         sp_inv=jnp.zeros((n_pad,), jnp.int32), sp_csr=(),
                          bits=bits, in_features=K, out_features=N, dtype_name=dtype_name)
-    return _with_outliers(w, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits)
+    return _with_outliers(w, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits, sparse_format)
 
 
-def _with_outliers(w: SpQRKernelWeight, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits) -> SpQRKernelWeight:
+def _with_outliers(w: SpQRKernelWeight, row_ptr, col_idx, values, codes_kn, cs, cz, qq_bits,
+                   sparse_format="ell") -> SpQRKernelWeight:
     """Attach the outliers as slices of (kernel column, value - W_d) sorted by output row."""
     K, N = w.in_features, w.out_features
     row_ptr, col_idx = (np.asarray(jax.device_get(a)).astype(np.int64) for a in (row_ptr, col_idx))
@@ -496,6 +508,13 @@ def _with_outliers(w: SpQRKernelWeight, row_ptr, col_idx, values, codes_kn, cs, 
                                   jnp.asarray(cz[g, rows]), *(half(qq_bits[blk, g, i]) for i in range(4)),
                                   dtype_name=w.dtype_name)
     delta = (values - np.asarray(dense)).astype(np.float16)
+    if sparse_format == "csr":
+        order = np.lexsort((p, rows))  # columns sorted within rows (kernel order)
+        ptr = np.zeros(w.n_pad + 1, np.int32)
+        ptr[1:N + 1] = row_ptr[1:]
+        ptr[N + 1:] = nnz
+        return dataclasses.replace(w, sp_csr=(jnp.asarray(delta[order].astype(np.float32)),
+                                              jnp.asarray(p[order].astype(np.int32)), jnp.asarray(ptr)))
     # Row-length buckets (ELL per bucket): boundaries at quantiles of the row lengths, at most MAX_BUCKETS.
     counts = np.diff(row_ptr)
     within = np.arange(nnz) - row_ptr[rows]
@@ -533,6 +552,12 @@ def _round_up_array(a: np.ndarray, b: int) -> np.ndarray:
 def sparse_product(xk: jax.Array, w: SpQRKernelWeight) -> Optional[jax.Array]:
     """Outlier corrections for prepared activations xk [M, K_pad]: float32 [M, N_pad] (None if no outliers).
     Per bucket one XLA gather-multiply-row-reduction, then one gather back to output rows (no scatter)."""
+    if w.sp_csr:
+        from jax.experimental import sparse as jsparse
+        mat = jsparse.CSR(w.sp_csr, shape=(w.n_pad, w.k_pad))
+        if xk.shape[0] == 1:
+            return (mat @ xk[0].astype(jnp.float32))[None]
+        return (mat @ xk.T.astype(jnp.float32)).T
     if not w.sp_buckets:
         return None
     parts = [jnp.sum(xk[:, cols.astype(jnp.int32)].astype(jnp.float32) * vals.astype(jnp.float32), axis=-1)

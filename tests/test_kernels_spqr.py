@@ -297,3 +297,19 @@ def test_prepare_for_kernels(rng):
     want = np.asarray(good.matmul(x.astype(jnp.float32)), np.float64)
     got = np.asarray(out["a"]["kernel"].matmul(x), np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 7])
+def test_csr_sparse_format_matches_ell(rng, m):
+    w = random_spqr(rng, 256, 64, 3, 16, 16, True)
+    args = (w.codes(), unpack(w.scale_codes, bits=3, axis=1), unpack(w.zero_codes, bits=3, axis=1), w.scale_qq,
+            w.zero_qq, w.perm, w.row_ptr, w.col_idx, w.values)
+    kw = {fmt: sm.pack(*args, bits=3, group_size=16, qq_groupsize=16, sparse_format=fmt) for fmt in ("ell", "csr")}
+    assert kw["csr"].sp_csr and not kw["csr"].sp_buckets
+    np.testing.assert_array_equal(np.asarray(kw["csr"].sparse_dense()), np.asarray(kw["ell"].sparse_dense()))
+    x = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
+    xk = kw["ell"].prepare_activations(x, m)
+    np.testing.assert_allclose(np.asarray(sm.sparse_product(xk, kw["csr"])),
+                               np.asarray(sm.sparse_product(xk, kw["ell"])), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sparse_format"):
+        sm.pack(*args, bits=3, group_size=16, qq_groupsize=16, sparse_format="coo")
