@@ -232,6 +232,11 @@ def test_config_and_call_errors(rng):
         cfg = sm.KernelConfig().resolved(kw, m)
         cfg.check(kw)
         assert cfg.tile_k % 256 == 0 and (4096 // cfg.tile_k) % cfg.k_splits == 0
+    # K = 43 * 256 (LLaMA's 11008) is padded to a multiple of 4 blocks so that it can be split (N/64 CTAs are few).
+    import types
+    assert sm._padded_k(11008) == 11264 and sm._padded_k(4096) == 4096 and sm._padded_k(300) == 512
+    tall = types.SimpleNamespace(k_pad=sm._padded_k(11008), n_pad=4096)
+    assert sm.KernelConfig().resolved(tall, 1).k_splits >= 2
     with pytest.raises(ValueError, match="tile_k=128"):
         sm.KernelConfig(tile_k=128).resolved(kw)
     with pytest.raises(ValueError, match="k_splits=3"):
