@@ -29,9 +29,12 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`LUTKernelWeigh
       spread over the nibbles' bit 3 (bit b of the code in word b), which keeps 3 bits per weight.
   lutw    [N_pad, 2**bits / 2] int32: each row's table in the kernel dtype as byte planes (low bytes of entries
       0..2**bits-1 little-endian in the first 2**bits/4 words, then the high bytes).
-  sparse part (optional) as COO: sp_rows / sp_cols [nnz] int32 and sp_delta [nnz] float32 =
-      kept value - table value (in the kernel dtype) at that position; added by an XLA gather + segment sum into the
-      float32 result before the final cast (the reference's additive form), so the kept weights come back exactly.
+  sparse part (optional): the deltas kept value - table value (in the kernel dtype) at each kept position, added
+      to the float32 result before the final cast (the reference's additive form), so the kept weights come back
+      exactly. Stored per output row padded to R entries (ELL: ell_cols [N, R] int32, ell_delta [N, R] float32,
+      padding = column 0 with delta 0; R = the 99.5th percentile of the row counts), which XLA computes as one
+      gather-multiply-reduce fusion without a scatter; entries beyond R in the fullest rows as COO (sp_rows /
+      sp_cols int32, sp_delta float32), added by a segment sum.
 """
 
 from __future__ import annotations
@@ -125,20 +128,23 @@ def _table_values(lutw: jax.Array, dtype_name: str) -> jax.Array:
 # ------------------------------------------------------------------------------------------------ kernel-layout pytree
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["qweight", "lutw", "sp_rows", "sp_cols", "sp_delta"],
-    meta_fields=["bits", "in_features", "out_features", "dtype_name"],
+    data_fields=["qweight", "lutw", "ell_cols", "ell_delta", "sp_rows", "sp_cols", "sp_delta"],
+    meta_fields=["bits", "in_features", "out_features", "dtype_name", "nnz"],
 )
 @dataclasses.dataclass(frozen=True)
 class LUTKernelWeight:
     """A SqueezeLLM weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU.
 
-    Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, lutw [N_pad, 2**bits/2] int32, sp_rows / sp_cols [nnz]
-    int32 and sp_delta [nnz] float32 (nnz may be 0); K = in_features, N = out_features, K_pad a multiple of 256,
+    Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, lutw [N_pad, 2**bits/2] int32, ell_cols / ell_delta
+    [N, R] (R may be 0), sp_rows / sp_cols / sp_delta [overflow] (may be empty); nnz = the kept weights in all;
+    K = in_features, N = out_features, K_pad a multiple of 256,
     N_pad a multiple of 64.
     """
 
     qweight: jax.Array
     lutw: jax.Array
+    ell_cols: jax.Array
+    ell_delta: jax.Array
     sp_rows: jax.Array
     sp_cols: jax.Array
     sp_delta: jax.Array
@@ -146,6 +152,7 @@ class LUTKernelWeight:
     in_features: int
     out_features: int
     dtype_name: str
+    nnz: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -170,13 +177,9 @@ class LUTKernelWeight:
         return self.k_pad
 
     @property
-    def nnz(self) -> int:
-        return int(self.sp_delta.shape[0])
-
-    @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.qweight, self.lutw, self.sp_rows, self.sp_cols,
-                                                        self.sp_delta))
+        return sum(a.size * a.dtype.itemsize for a in (self.qweight, self.lutw, self.ell_cols, self.ell_delta,
+                                                        self.sp_rows, self.sp_cols, self.sp_delta))
 
     def codes_kn(self) -> jax.Array:
         """Codes [K_pad, N_pad]."""
@@ -191,7 +194,10 @@ class LUTKernelWeight:
         kernel dtype)."""
         table = self.table().astype(jnp.float32)
         w = jnp.take_along_axis(table.T, self.codes_kn(), axis=0)  # [K_pad, N_pad]
-        if self.nnz:
+        if self.ell_cols.shape[1]:  # padding adds 0.0 at column 0
+            rows = jnp.broadcast_to(jnp.arange(self.out_features)[:, None], self.ell_cols.shape)
+            w = w.at[self.ell_cols, rows].add(self.ell_delta)
+        if self.sp_delta.shape[0]:
             w = w.at[self.sp_cols, self.sp_rows].add(self.sp_delta)
         return w.astype(dtype or self.dtype)
 
@@ -204,12 +210,19 @@ class LUTKernelWeight:
         return jnp.pad(x2d.astype(self.dtype), ((0, m_pad - m), (0, self.k_pad - k)))
 
     def sparse_product(self, x2d: jax.Array) -> Optional[jax.Array]:
-        """x @ (sparse deltas) as float32 [N, M] (None without a sparse part): a gather of x's columns and a
-        segment sum over output rows (entries are sorted by row), in XLA."""
+        """x @ (sparse deltas) as float32 [M, N] (None without a sparse part), in XLA: the ELL part as a gather of x's
+        columns, a multiply and a row sum (one fusion), the overflow by a segment sum over output rows."""
         if not self.nnz:
             return None
-        contrib = x2d.T.astype(jnp.float32)[self.sp_cols] * self.sp_delta[:, None]  # [nnz, M]
-        return jax.ops.segment_sum(contrib, self.sp_rows, num_segments=self.out_features, indices_are_sorted=True)
+        xf = x2d.astype(jnp.float32)
+        y = None
+        if self.ell_cols.shape[1]:
+            y = (xf[:, self.ell_cols] * self.ell_delta).sum(-1)  # [M, N, R] -> [M, N]
+        if self.sp_delta.shape[0]:
+            contrib = xf[:, self.sp_cols] * self.sp_delta  # [M, overflow]
+            extra = jax.ops.segment_sum(contrib.T, self.sp_rows, num_segments=self.out_features).T
+            y = extra if y is None else y + extra
+        return y
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
@@ -266,9 +279,11 @@ def pack(codes_kn, lut, *, bits: int, sparse=None, dtype=jnp.bfloat16) -> LUTKer
     lutw = _table_words(jnp.pad(lut.astype(jnp.float32), ((0, n_pad - N), (0, 0))), dtype_name)
     rows = cols = jnp.zeros(0, jnp.int32)
     delta = jnp.zeros(0, jnp.float32)
+    ell_cols, ell_delta, nnz = jnp.zeros((N, 0), jnp.int32), jnp.zeros((N, 0), jnp.float32), 0
     if sparse is not None:
         row_ptr, col_idx, values = (np.asarray(a) for a in sparse)
         nnz = values.shape[0]
+        row_ptr = row_ptr.astype(np.int64)
         if row_ptr.shape != (N + 1,) or col_idx.shape != (nnz,) or row_ptr[0] != 0 or row_ptr[-1] != nnz \
                 or np.any(np.diff(row_ptr) < 0) or (nnz and (col_idx.min() < 0 or col_idx.max() >= K)):
             raise ValueError(f"sparse must be a CSR over W[out, in] of shape {(N, K)}: row_ptr [{N + 1}] rising from "
@@ -277,9 +292,27 @@ def pack(codes_kn, lut, *, bits: int, sparse=None, dtype=jnp.bfloat16) -> LUTKer
         rows = jnp.asarray(np.repeat(np.arange(N, dtype=np.int32), np.diff(row_ptr)))
         cols = jnp.asarray(col_idx.astype(np.int32))
         table = _table_values(lutw, dtype_name).astype(jnp.float32)
-        delta = jnp.asarray(values, jnp.float32) - table[rows, codes_pad[cols, rows]]
-    return LUTKernelWeight(qweight=qweight, lutw=lutw, sp_rows=rows, sp_cols=cols, sp_delta=delta, bits=bits,
-                           in_features=K, out_features=N, dtype_name=dtype_name)
+        delta = np.asarray(jnp.asarray(values, jnp.float32) - table[rows, codes_pad[cols, rows]])
+        ell_cols, ell_delta, rows, cols, delta = _split_ell(row_ptr, np.asarray(rows), np.asarray(cols), delta, N)
+    return LUTKernelWeight(qweight=qweight, lutw=lutw, ell_cols=ell_cols, ell_delta=ell_delta, sp_rows=rows,
+                           sp_cols=cols, sp_delta=delta, bits=bits, in_features=K, out_features=N,
+                           dtype_name=dtype_name, nnz=int(nnz))
+
+
+def _split_ell(row_ptr, rows, cols, delta, N, quantile=99.5):
+    """CSR-ordered entries -> (ell_cols [N, R], ell_delta [N, R], overflow rows, cols, deltas): the first R entries of
+    every row padded to R (column 0, delta 0), the rest of the fullest rows as COO."""
+    counts = np.diff(row_ptr)
+    R = int(np.ceil(np.percentile(counts, quantile))) if counts.size else 0
+    slot = np.arange(rows.size) - row_ptr[rows]  # position of each entry within its row
+    in_ell = slot < R
+    ell_cols = np.zeros((N, R), np.int32)
+    ell_delta = np.zeros((N, R), np.float32)
+    ell_cols[rows[in_ell], slot[in_ell]] = cols[in_ell]
+    ell_delta[rows[in_ell], slot[in_ell]] = delta[in_ell]
+    over = ~in_ell
+    return (jnp.asarray(ell_cols), jnp.asarray(ell_delta), jnp.asarray(rows[over], jnp.int32),
+            jnp.asarray(cols[over], jnp.int32), jnp.asarray(delta[over], jnp.float32))
 
 
 # ------------------------------------------------------------------------------------------------------ references
@@ -321,11 +354,11 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
 
 def _finish(partials: jax.Array, m: int, w: LUTKernelWeight, x2d: jax.Array) -> jax.Array:
     """float32 partials [k_splits, N_pad, M_pad] (+ the sparse product) -> y [M, N] in x's dtype."""
-    y = partials.sum(0)[: w.out_features, :m]
+    y = partials.sum(0)[: w.out_features, :m].T
     sparse = w.sparse_product(x2d)
     if sparse is not None:
         y = y + sparse
-    return y.T.astype(x2d.dtype)
+    return y.astype(x2d.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------- kernel

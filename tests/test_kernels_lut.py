@@ -188,6 +188,32 @@ def test_tiled_reference_matches(rng, tile_k, stages, k_splits):
     assert np.abs(np.asarray(w.dequantize()) - oracle_weight(codes, lut, sparse, "bfloat16")).max() == 0
 
 
+def test_sparse_ell_and_overflow(rng):
+    """Kept weights in padded rows (ELL) plus the overflow of the fullest rows (COO): both reach the product, the
+    padding adds nothing, every kept value comes back exactly."""
+    K, N, bits = 320, 96, 4
+    codes, lut, _ = random_lut(rng, K, N, bits)
+    mask = rng.random((N, K)) < 0.02
+    mask[int(rng.integers(N))] = rng.random(K) < 0.5  # one crowded row: most of it overflows the ELL width
+    r, c = np.nonzero(mask)
+    row_ptr = np.zeros(N + 1, np.int32)
+    np.cumsum(np.bincount(r, minlength=N), out=row_ptr[1:])
+    sparse = (row_ptr, c.astype(np.int32), (rng.standard_normal(r.size) * 0.1).astype(np.float16))
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse)
+    R = w.ell_cols.shape[1]
+    assert w.nnz == r.size and 0 < w.sp_delta.shape[0] and R * N + w.sp_delta.shape[0] >= r.size
+    assert R < np.diff(row_ptr).max()
+    want_w = oracle_weight(codes, lut, sparse, "bfloat16")
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), want_w)
+    x = jnp.asarray(rng.standard_normal((3, K)), jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ want_w
+    got = lm.reference_matmul_tiled(x, w, lm.KernelConfig(tile_k=64, stages=2, k_splits=1))
+    assert rel_err(got, want) < 8e-3
+    dense_only = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, None, "bfloat16")
+    sparse_part = np.asarray(w.sparse_product(x), np.float64)
+    np.testing.assert_allclose(sparse_part, want - dense_only, atol=1e-4 * np.abs(want).max())
+
+
 def test_errors(rng):
     codes, lut, sparse = random_lut(rng, 256, 64, 4, 0.01)
     with pytest.raises(ValueError, match="bits=2"):
