@@ -53,6 +53,16 @@ CONFIGS = {
     "squeezellm-w4-s0.45": ("squeezellm", dict(bits=4, sparsity_pct=0.45)),
     "squeezellm-w3": ("squeezellm", dict(bits=3, sparsity_pct=0.0)),
     "squeezellm-w3-s0.45": ("squeezellm", dict(bits=3, sparsity_pct=0.45)),
+    # RPTQ: GPTQ weights (asymmetric, per channel, as the reference) on the reordered model + activation quantizers
+    # (README: which activations each configuration quantizes); "-noreorder": one scale per tensor, nothing reordered.
+    "rptq-W4A16": ("rptq", dict(name="W4A16")),
+    "rptq-W4A8": ("rptq", dict(name="W4A8")),
+    "rptq-W4A4": ("rptq", dict(name="W4A4")),
+    "rptq-W4A4KV": ("rptq", dict(name="W4A4KV")),
+    "rptq-W4A3KV": ("rptq", dict(name="W4A3KV")),
+    "rptq-W3A3KV": ("rptq", dict(name="W3A3KV")),
+    "rptq-W4A8-noreorder": ("rptq", dict(name="W4A8", reorder=False)),
+    "rptq-W4A4KV-noreorder": ("rptq", dict(name="W4A4KV", reorder=False)),
 }
 FISHER_CALIB = dict(nsamples=100, seqlen=512, seed=0)
 
@@ -68,6 +78,10 @@ def make_config(method, kwargs):
         from jaxquant.squeezellm import SqueezeLLMConfig
 
         return SqueezeLLMConfig.from_sparsity(**kwargs)
+    if method == "rptq":
+        from jaxquant.rptq import RPTQConfig
+
+        return RPTQConfig.named(**kwargs)
     return QuantConfig(**kwargs)
 
 
@@ -107,6 +121,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--max-windows", type=int, default=None, help="smoke runs only: evaluate the first windows")
     args = ap.parse_args()
     names = args.only or list(CONFIGS)
     if args.list:
@@ -126,35 +141,46 @@ def main():
                 continue
             method, kwargs = CONFIGS[name]
             cfg = make_config(method, kwargs)
-            params, quant_s, bits = base.params, 0.0, {"avg_bits": 32.0}
+            module, params, quant_s, bits = base.module, base.params, 0.0, {"avg_bits": 32.0}
             ckpt = os.path.join("runs", "quality", name)
             if method != "fp32":
                 if checkpoint.is_checkpoint(ckpt):
                     lm = checkpoint.load(ckpt)
-                    params, quant_s = lm.params, lm.quant_meta["quant_wall_s"]
+                    module, params, quant_s = lm.module, lm.params, lm.quant_meta["quant_wall_s"]
+                    weights = lm.rptq_model[1] if method == "rptq" else params
                 else:
-                    if method in ("gptq", "spqr") and calib is None:
+                    if method in ("gptq", "spqr", "rptq") and calib is None:
                         calib = data.calibration_windows(base.tokenizer, n=args.nsamples, seqlen=args.seqlen, seed=0)
                     t0 = time.perf_counter()
                     if method == "squeezellm":
                         params, report = quantize_squeezellm(base, cfg)
                         t0 -= _FISHER["F"][1]  # count the shared Fisher pass in every SqueezeLLM row
+                    elif method == "rptq":
+                        from jaxquant import rptq
+
+                        params, state, report = rptq.quantize_model_rptq(base, calib, cfg, batch_size=args.batch_size)
                     else:
                         params, report = quantize_model(base, calib if method in ("gptq", "spqr") else None, cfg,
                                                         method=method, batch_size=args.batch_size)
                     quant_s = time.perf_counter() - t0
-                    checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True,
-                                    extra={"quant_wall_s": quant_s, "model": args.model,
-                                           "calib": calib_info(args, method)})
-                bits = quantized_bits(params)
-            out = perplexity(base.module, params, texts[dataset], seqlen=args.seqlen)
+                    extra = {"quant_wall_s": quant_s, "model": args.model, "calib": calib_info(args, method)}
+                    weights = params
+                    if method == "rptq":
+                        rptq.save_rptq(ckpt, params, state, base, cfg, report, extra=extra, overwrite=True)
+                        module, params = rptq.act_quantized(base.module, params, state) if any(
+                            b < 16 for b in state.bits.values()) else (base.module, params)
+                    else:
+                        checkpoint.save(ckpt, params, base, method, cfg, report, overwrite=True, extra=extra)
+                bits = quantized_bits(weights)
+            out = perplexity(module, params, texts[dataset], seqlen=args.seqlen, max_windows=args.max_windows)
+            wcfg = cfg.weight if method == "rptq" else cfg
             row = results.row(
                 "quality", name=name, model=args.model, method=method,
-                wbits=cfg.bits if cfg else 32, abits=16, kv_bits=16,
-                group_size=getattr(cfg, "group_size", -1) if cfg else None,  # SqueezeLLM: one table per row
-                act_order=getattr(cfg, "act_order", False) if cfg else False, sym=getattr(cfg, "sym", None),
+                **bit_widths(method, cfg),
+                group_size=getattr(wcfg, "group_size", -1) if cfg else None,  # SqueezeLLM: one table per row
+                act_order=getattr(wcfg, "act_order", False) if cfg else False, sym=getattr(wcfg, "sym", None),
                 avg_bits=bits["avg_bits"],
-                extra=dataclasses.asdict(cfg) if method in ("spqr", "squeezellm") else {},
+                extra=dataclasses.asdict(cfg) if method in ("spqr", "squeezellm", "rptq") else {},
                 dataset=dataset, seqlen=args.seqlen,
                 eval_tokens=out["eval_tokens"], calib=calib_info(args, method),
                 ppl=out["ppl"], quant_wall_s=quant_s, eval_seconds=out["seconds"])
@@ -163,9 +189,22 @@ def main():
             write_markdown(args.out)
 
 
+def bit_widths(method, cfg) -> dict:
+    """wbits / abits / kv_bits of a row (16 = not quantized)."""
+    if cfg is None:
+        return {"wbits": 32, "abits": 16, "kv_bits": 16}
+    if method == "rptq":
+        from jaxquant.rptq import activation_bits
+
+        acts = activation_bits(cfg.abits, cfg.kv_only)
+        return {"wbits": cfg.weight.bits, "abits": min(b for a, b in acts.items() if a not in ("k", "v")),
+                "kv_bits": max(acts["k"], acts["v"]), "reorder": cfg.reorder}
+    return {"wbits": cfg.bits, "abits": 16, "kv_bits": 16}
+
+
 def calib_info(args, method):
     source = "c4 file, first 900 documents joined with \\n\\n"
-    if method in ("gptq", "spqr"):
+    if method in ("gptq", "spqr", "rptq"):
         return {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
     if method == "squeezellm":
         return {"source": source, **FISHER_CALIB, "use": "Fisher"}
@@ -199,8 +238,8 @@ def write_markdown(path):
     by_name = {}
     for r in rows:
         by_name.setdefault(r["name"], {})[r["dataset"]] = r
-    lines = ["| config | method | wbits | group | act-order | avg bits | WikiText-2 ppl | C4 held-out ppl | "
-             "quant wall s (CPU) |", "|" + "---|" * 9]
+    lines = ["| config | method | wbits | group | act-order | A / KV bits | avg bits | WikiText-2 ppl | C4 held-out ppl | "
+             "quant wall s (CPU) |", "|" + "---|" * 10]
     for name in CONFIGS:
         if name not in by_name:
             continue
@@ -208,7 +247,7 @@ def write_markdown(path):
         r = next(iter(rs.values()))
         cell = lambda d: f"{rs[d]['ppl']:.3f}" if d in rs else "-"  # noqa: E731
         lines.append(f"| {name} | {r['method']} | {r['wbits']} | {r['group_size']} | {r['act_order']} | "
-                     f"{r['avg_bits']:.3f} | {cell('wikitext2')} | {cell('c4-heldout')} | {r['quant_wall_s']:.0f} |")
+                     f"{r.get('abits', 16)} / {r.get('kv_bits', 16)} | {r['avg_bits']:.3f} | {cell('wikitext2')} | {cell('c4-heldout')} | {r['quant_wall_s']:.0f} |")
     r = rows[-1]
     lines += ["", f"Device: {r['device']}; JAX {r['jax']}; seqlen {r['seqlen']}; WikiText-2: full test split; C4 "
                   "held-out: the C4 file's last 100 documents. '-' = not measured yet; configurations not listed are "
