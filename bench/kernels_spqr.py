@@ -271,12 +271,13 @@ def merge(jsonl, out_dir, note=""):
              "gather + Pallas dense kernel + XLA sparse product + partial-sum reduction; kernel = the Pallas kernel "
              "alone. GB/s = bytes the path reads (kernel layout incl. outlier slices, activations, output) / time. "
              "Every row checked against x @ SpQRWeight.dequantize() with a NaN-poisoned output buffer.", "",
-             "| format | K x N | M | bits (stored) | path us | kernel us | bf16 XLA us | XLA dequant us | x bf16 | "
-             "x bf16 (kernel) | GB/s | rel err | ok | tile_k/stages/splits |",
+             "| format | K x N | M | bits stored / kernel layout | path us | kernel us | bf16 XLA us | XLA dequant us | "
+             "x bf16 | x bf16 (kernel) | GB/s | rel err | ok | tile_k/stages/splits |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r.get("config", {})
-        lines.append(f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['avg_bits_stored']} | {r['us']} | "
+        lines.append(f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['avg_bits_stored']} / "
+                     f"{r['avg_bits_kernel_layout']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
                      f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
                      f"{'yes' if r['correct'] else 'NO'} | {c.get('tile_k')}/{c.get('stages')}/{c.get('k_splits')} |")
