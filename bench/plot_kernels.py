@@ -5,7 +5,7 @@
 
 Per (format, M) it takes the device-time row (``timing`` containing "cupti") when there is one, else the wall-clock
 chain row (hatched bars: they include ~20-30 us of host dispatch per call and understate the speedup), the last such
-row in the file. Needs matplotlib (not a project dependency).
+row in the file; rows marked ``correct: false`` are left out. Needs matplotlib (not a project dependency).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def plot(rows, K, N, out):
     best = pick_rows(rows, K, N)
     formats = sorted(best)
     ms = sorted({m for per in best.values() for m in per})
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(ms) * len(formats) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14, max(7, 0.35 * len(ms) * len(formats) + 2)), 5))
     width = 0.8 / max(1, len(formats))
     for i, fmt in enumerate(formats):
         for j, m in enumerate(ms):
@@ -62,7 +62,7 @@ def plot(rows, K, N, out):
     devices = sorted({r.get("device", "?") for per in best.values() for r in per.values()})
     ax.set_title(f"{K}x{N} dequant-matmul kernels, {', '.join(devices)}\n"
                  "solid: GPU device time (CUPTI); hatched: wall-clock chain", fontsize=9)
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.legend(fontsize=7, ncol=min(5, len(formats)), loc="upper center")
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     return best
