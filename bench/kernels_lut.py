@@ -330,6 +330,57 @@ def _results_module():
     return module
 
 
+MD_BEGIN, MD_END = "<!-- lut rows begin -->", "<!-- lut rows end -->"
+MD_INTRO = """## SqueezeLLM (LUT, lut4 / lut3) dequant-matmul: device time (CUPTI, rotating inputs)
+
+NVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-22, via the device tool (`$OUT` = its output folder). Dense rows:
+`python bench/kernels_lut.py --sweep-ms 1,64 --sweep-configs 'full:auto,auto,auto;full:512,3,auto;full:256,4,auto;full:256,2,auto;nolookup:auto,auto,auto' --out-dir $OUT`
+(one run: NaN-poisoned check matrix, block-size sweep on 8192x28672, then the table with the swept block sizes).
+Sparse rows (`-sp0.45`: 0.45% kept float16 weights, as SqueezeLLM's dense-and-sparse 0.45% setting) from a later run
+of the same code (`--no-check-matrix --no-sweep --tuned '4:1:512,3;3:1:256,2' --formats lut3-sp0.45,lut4-sp0.45`).
+`path` = what `LUTKernelWeight.matmul` runs (activation pad + Pallas kernel + partial-sum reduction (+ the XLA sparse
+product)); `kernel` = the Pallas kernel alone. bf16 XLA and XLA dequant (`LUTQuantizedWeight.matmul`: unpack +
+table gather under jit, then matmul) in the same run. Every row checked against x @ W_float (stored float16 values,
+float32 HIGHEST) with a NaN-poisoned output buffer (rel err = Frobenius). GB/s = (kernel-layout weight incl. the
+sparse part + activation + output bytes) / path time. Targets on 8192x28672, M = 1: lut4 >= 3x, lut3 >= 3.8x.
+Notes: bench/NOTES_kernels.md (SqueezeLLM section).
+
+| format | K x N | M | path us | kernel us | bf16 XLA us | XLA dequant us | x bf16 (path) | x bf16 (kernel) | GB/s (path) | rel err | tile_k/stages/k_splits |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+"""
+
+
+def write_markdown(results_dir):
+    """Regenerate the LUT section of results_dir/kernels.md (between its markers; appended if absent) from the LUT
+    rows of results_dir/kernels.json; other sections are left as they are."""
+    rows = [r for r in json.load(open(os.path.join(results_dir, "kernels.json")))
+            if r.get("kernel") == "pallas-mosaic-gpu-lut"]
+    order = {fmt: i for i, fmt in enumerate(FORMATS)}
+    rows.sort(key=lambda r: (r["K"] * r["N"], r["K"], order.get(r["format"], 99), r["M"]))
+    lines = [f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | {r['kernel_only_us']} | "
+             f"{r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
+             f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
+             f"{r['config']['tile_k']}/{r['config']['stages']}/{r['config']['k_splits']} |" for r in rows]
+    section = MD_BEGIN + "\n\n" + MD_INTRO + "\n".join(lines) + "\n\n" + MD_END
+    path = os.path.join(results_dir, "kernels.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    if MD_BEGIN in text and MD_END in text:
+        text = text[:text.index(MD_BEGIN)] + section + text[text.index(MD_END) + len(MD_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def merge(jsonl_paths, results_dir):
+    """Append the rows of bench runs (JSON lines) to results_dir/kernels.json (same format / M / K / N / kernel
+    replaced) and regenerate the LUT section of kernels.md."""
+    results = _results_module()
+    rows = [json.loads(line) for p in jsonl_paths for line in open(p) if line.strip()]
+    results.append_rows(os.path.join(results_dir, "kernels.json"), rows, key=("format", "M", "K", "N", "kernel"))
+    write_markdown(results_dir)
+
+
 def parse_configs(text):
     out = []
     for item in text.split(";"):
@@ -359,7 +410,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/w/kernels_lut"))
+    ap.add_argument("--merge", nargs="*", help="JSON-lines files of earlier runs: append to RESULTS/kernels.json, "
+                                                "rewrite the LUT section of kernels.md, and exit (no GPU needed)")
+    ap.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    if args.merge is not None:
+        merge(args.merge, args.results_dir)
+        return
 
     log(f"jax {jax.__version__}, devices {jax.devices()}")
     seed = int.from_bytes(os.urandom(4), "little") % 2**30
