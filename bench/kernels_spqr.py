@@ -199,7 +199,8 @@ def _table_weight(seed, K, N, ms, rounds, max_copies, emit, configs, variants, s
     if True:
         log(f"{K}x{N} spqr3: made + packed in {time.perf_counter() - t0:.1f} s; stored {w.avg_bits():.3f} bits/weight "
             f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
-            f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots {kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
+            f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots "
+            f"{kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
         n = n_copies(kw.nbytes, max_copies)
         kws = copies(kw, n)
         suffix = "" if sparse_format == "ell" else "-csr"
@@ -271,8 +272,8 @@ def merge(jsonl, out_dir, note=""):
              "gather + Pallas dense kernel + XLA sparse product + partial-sum reduction; kernel = the Pallas kernel "
              "alone. GB/s = bytes the path reads (kernel layout incl. outlier slices, activations, output) / time. "
              "Every row checked against x @ SpQRWeight.dequantize() with a NaN-poisoned output buffer.", "",
-             "| format | K x N | M | bits stored / kernel layout | path us | kernel us | bf16 XLA us | XLA dequant us | "
-             "x bf16 | x bf16 (kernel) | GB/s | rel err | ok | tile_k/stages/splits |",
+             "| format | K x N | M | bits stored / kernel layout | path us | kernel us | bf16 XLA us | "
+             "XLA dequant us | x bf16 | x bf16 (kernel) | GB/s | rel err | ok | tile_k/stages/splits |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r.get("config", {})

@@ -6,8 +6,8 @@ activations in the packed dtype) and the XLA dequantize-then-matmul reference ot
 generation loop run with either. ``LUTQuantizedWeight`` (SqueezeLLM) leaves become ``pallas_kernels.lut_matmul.
 LUTKernelWeight`` the same way (the sparse part rides along as additive deltas), and ``SpQRWeight`` leaves
 ``pallas_kernels.spqr_matmul.SpQRKernelWeight`` (3-bit statistics decoded in the kernel, outliers as deltas). Run
-it once after loading, outside jit (act-order row sorting needs concrete g_idx). Weights the kernels cannot take (8-bit codes, groups that are not
-multiples of 64) stay as they are.
+it once after loading, outside jit (act-order row sorting needs concrete g_idx). Weights the kernels cannot take
+(8-bit codes, groups that are not multiples of 64) stay as they are.
 """
 from __future__ import annotations
 
