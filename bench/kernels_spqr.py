@@ -194,56 +194,54 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=(),
 
 
 def _table_weight(seed, K, N, ms, rounds, max_copies, emit, configs, variants, sparse_format, w, kw, w_float, kx,
-                  bf16_us, bf16_names, deq, t0):
-    si = 0
-    if True:
-        log(f"{K}x{N} spqr3: made + packed in {time.perf_counter() - t0:.1f} s; stored {w.avg_bits():.3f} bits/weight "
-            f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
-            f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots "
-            f"{kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
-        n = n_copies(kw.nbytes, max_copies)
-        kws = copies(kw, n)
-        suffix = "" if sparse_format == "ell" else "-csr"
-        for M in ms:
-            xs = activations(jax.random.fold_in(kx, 2000 + M), M, K, n)
-            deq_us, _, deq_names = deq[M]
-            for variant, cfg in [("full", None)] + [(v, None) for v in variants] + [("full", c) for c in
-                                                                                      (configs or [])]:
-                cfg = cfg or sm.KernelConfig()
-                try:
-                    rc = cfg.resolved(kw, M)
-                    fro, mx, nan, same = check(kw, w_float, M, cfg, seed + 7 * M + si, variant)
-                    us, kern_us, names = cupti(
-                        lambda x, w, cfg=cfg, variant=variant: sm.spqr_matmul(x, w, config=cfg, _variant=variant),
-                        list(zip(xs, kws)), rounds, match="spqr")
-                except Exception:
-                    log(f"{K}x{N} M={M} {variant} {cfg} FAILED: {traceback.format_exc()[-2000:]}")
-                    continue
-                dense_moved = kw.dense_nbytes + M * K * 2 + M * N * 2
-                moved = kw.nbytes + M * K * 2 + M * N * 2
-                correct = bool(fro < TOL and not nan and same)
-                row = dict(format=("spqr3" if variant == "full" else f"spqr3-{variant}") + suffix, bits=3,
-                           group_size=16, sparse_format=sparse_format,
-                           qq_groupsize=16, stat_bits=3, act_order=True, outlier_fraction=round(w.nnz / (K * N), 5),
-                           avg_bits_stored=round(w.avg_bits(), 3), avg_bits_paper=round(w.paper_avg_bits(), 3),
-                           avg_bits_kernel_layout=round(kw.avg_bits(), 3), M=M, K=K, N=N, us=round(us, 2),
-                           kernel_only_us=round(kern_us, 2), bf16_xla_us=round(bf16_us[M], 2),
-                           xla_dequant_us=round(deq_us, 2), speedup_vs_bf16=round(bf16_us[M] / us, 3),
-                           kernel_only_speedup_vs_bf16=round(bf16_us[M] / kern_us, 3),
-                           speedup_vs_xla_dequant=round(deq_us / us, 3), gbps=round(moved / us / 1e3, 1),
-                           kernel_only_gbps=round(dense_moved / kern_us / 1e3, 1), bytes_moved=moved,
-                           max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"), correct=correct,
-                           kernel="pallas-mosaic-gpu + " + ("xla-sparse (ELL)" if sparse_format == "ell" else
-                                                             "cusparse (CSR f32)"),
-                           timing="cupti-rotating", gpu_kernels=names,
-                           bf16_gpu_kernels=bf16_names[M], xla_dequant_gpu_kernels=deq_names[:8],
-                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
-                emit(row)
-                log(f"{K}x{N} {row['format']} M={M}: path {us:.1f} us (kernel {kern_us:.1f}), bf16 {bf16_us[M]:.1f}, "
-                    f"xla-dequant {deq_us:.1f}: x{row['speedup_vs_bf16']} vs bf16 (kernel alone "
-                    f"x{row['kernel_only_speedup_vs_bf16']}), {row['gbps']} GB/s (kernel {row['kernel_only_gbps']}), "
-                    f"err {fro:.1e} {'OK' if correct else 'FAIL'} {rc} {names}")
-        del kws, kw
+              bf16_us, bf16_names, deq, t0):
+    log(f"{K}x{N} spqr3: made + packed in {time.perf_counter() - t0:.1f} s; stored {w.avg_bits():.3f} bits/weight "
+        f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
+        f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots "
+        f"{kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
+    n = n_copies(kw.nbytes, max_copies)
+    kws = copies(kw, n)
+    suffix = "" if sparse_format == "ell" else "-csr"
+    for M in ms:
+        xs = activations(jax.random.fold_in(kx, 2000 + M), M, K, n)
+        deq_us, _, deq_names = deq[M]
+        for variant, cfg in [("full", None)] + [(v, None) for v in variants] + [("full", c) for c in
+                                                                                  (configs or [])]:
+            cfg = cfg or sm.KernelConfig()
+            try:
+                rc = cfg.resolved(kw, M)
+                fro, mx, nan, same = check(kw, w_float, M, cfg, seed + 7 * M, variant)
+                us, kern_us, names = cupti(
+                    lambda x, w, cfg=cfg, variant=variant: sm.spqr_matmul(x, w, config=cfg, _variant=variant),
+                    list(zip(xs, kws)), rounds, match="spqr")
+            except Exception:
+                log(f"{K}x{N} M={M} {variant} {cfg} FAILED: {traceback.format_exc()[-2000:]}")
+                continue
+            dense_moved = kw.dense_nbytes + M * K * 2 + M * N * 2
+            moved = kw.nbytes + M * K * 2 + M * N * 2
+            correct = bool(fro < TOL and not nan and same)
+            row = dict(format=("spqr3" if variant == "full" else f"spqr3-{variant}") + suffix, bits=3,
+                       group_size=16, sparse_format=sparse_format,
+                       qq_groupsize=16, stat_bits=3, act_order=True, outlier_fraction=round(w.nnz / (K * N), 5),
+                       avg_bits_stored=round(w.avg_bits(), 3), avg_bits_paper=round(w.paper_avg_bits(), 3),
+                       avg_bits_kernel_layout=round(kw.avg_bits(), 3), M=M, K=K, N=N, us=round(us, 2),
+                       kernel_only_us=round(kern_us, 2), bf16_xla_us=round(bf16_us[M], 2),
+                       xla_dequant_us=round(deq_us, 2), speedup_vs_bf16=round(bf16_us[M] / us, 3),
+                       kernel_only_speedup_vs_bf16=round(bf16_us[M] / kern_us, 3),
+                       speedup_vs_xla_dequant=round(deq_us / us, 3), gbps=round(moved / us / 1e3, 1),
+                       kernel_only_gbps=round(dense_moved / kern_us / 1e3, 1), bytes_moved=moved,
+                       max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"), correct=correct,
+                       kernel="pallas-mosaic-gpu + " + ("xla-sparse (ELL)" if sparse_format == "ell" else
+                                                         "cusparse (CSR f32)"),
+                       timing="cupti-rotating", gpu_kernels=names,
+                       bf16_gpu_kernels=bf16_names[M], xla_dequant_gpu_kernels=deq_names[:8],
+                       config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
+            emit(row)
+            log(f"{K}x{N} {row['format']} M={M}: path {us:.1f} us (kernel {kern_us:.1f}), bf16 {bf16_us[M]:.1f}, "
+                f"xla-dequant {deq_us:.1f}: x{row['speedup_vs_bf16']} vs bf16 (kernel alone "
+                f"x{row['kernel_only_speedup_vs_bf16']}), {row['gbps']} GB/s (kernel {row['kernel_only_gbps']}), "
+                f"err {fro:.1e} {'OK' if correct else 'FAIL'} {rc} {names}")
+    del kws, kw
 
 
 # -------------------------------------------------------------------------------------------------------- output
