@@ -93,18 +93,28 @@ def _pack_tiles(codes_nk: jax.Array, bits: int) -> jax.Array:
 
 
 def _unpack_tiles(qweight: jax.Array, bits: int) -> jax.Array:
-    """Exact inverse of _pack_tiles: qweight -> codes [N_pad, K_pad] int32."""
+    """Exact inverse of _pack_tiles: qweight -> codes [N_pad, K_pad] int32 (bit fields, then one static gather from
+    the per-thread order back to the tile's rows and columns: no scatter, so the XLA path of large M stays cheap)."""
     nt, kt = qweight.shape[:2]
     words = jax.lax.bitcast_convert_type(qweight, jnp.uint32)  # [Nt, Kt, bits, 128]
-    vals = jnp.zeros((nt, kt, 128, 16, 2), jnp.uint32)
+    vals = {}
     for j, h, i, P, e in _groups():
         v = jnp.zeros((nt, kt, 128), jnp.uint32)
         for word, bit, width, code_shift in _fields(bits, j, h, i):
             v = v | (((words[:, :, word] >> bit) & (2**width - 1)) << code_shift)
-        vals = vals.at[:, :, :, P, e].set(v)
-    row, col = _thread_coords()
-    tiles = jnp.zeros((nt, kt, CHUNK, CHUNK), jnp.int32).at[:, :, row, col].set(vals.astype(jnp.int32))
+        vals[(P, e)] = v
+    flat = jnp.stack([vals[(P, e)] for P in range(16) for e in range(2)], axis=-1).reshape(nt, kt, 128 * 32)
+    tiles = flat[:, :, _tile_source_index()].reshape(nt, kt, CHUNK, CHUNK).astype(jnp.int32)
     return tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_source_index() -> np.ndarray:
+    """For every position r * 64 + c of a 64x64 tile, its index t * 32 + 2 * P + e in the per-thread order."""
+    row, col = _thread_coords()
+    inv = np.empty(CHUNK * CHUNK, np.int32)
+    inv[(row * CHUNK + col).ravel()] = np.arange(128 * 32)
+    return inv
 
 
 def _table_words(lut: jax.Array, dtype_name: str) -> jax.Array:
