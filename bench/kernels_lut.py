@@ -232,7 +232,8 @@ def dump_sass(out_dir, K=8192, N=28672, configs=((4, 512, 3), (4, 256, 2), (3, 2
         name = os.path.basename(path)
         if name.endswith(".ptxas"):
             text = open(path).read()
-            lines.append(f"== {name}: " + " | ".join(l.strip() for l in text.splitlines() if "Used" in l or "spill" in l))
+            report = [line.strip() for line in text.splitlines() if "Used" in line or "spill" in line]
+            lines.append(f"== {name}: " + " | ".join(report))
         elif name.endswith(".sass"):
             ops = collections.Counter()
             for l in open(path):
@@ -400,8 +401,8 @@ def main():
     ap.add_argument("--sweep-configs", default="full:auto,auto,auto;full:512,3,auto;full:256,4,auto;"
                                                "full:256,2,auto;full:128,4,auto;nolookup:auto,auto,auto")
     ap.add_argument("--tuned", default="",
-                    help="bits:M:tile_k,stages;... block sizes for (bits, M >= that M) where the sweep does not cover them "
-                         "(k_splits: heuristic)")
+                    help="bits:M:tile_k,stages;... block sizes for (bits, M >= that M) where the sweep does not "
+                         "cover them (k_splits: heuristic)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--formats", default="lut4,lut3")
