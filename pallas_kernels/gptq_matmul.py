@@ -47,8 +47,11 @@ import numpy as np
 KERNEL_BITS = (2, 3, 4)
 CHUNK = 64  # K and N granularity of the layout (one wgmma A tile is 64 x 64 at 128-byte swizzle)
 K_ALIGN = 256  # K_pad is a multiple of this, so every tile_k in (64, 128, 256) divides it
-MAX_KERNEL_M = 64  # larger activations (prefill) take the XLA dequantize + matmul path (not yet measured against the
-# kernel at M > 64; bench/NOTES_kernels.md)
+MAX_KERNEL_M = 64  # activation rows one kernel call takes (the wgmma N operand); larger M: see below
+# Prefill (M > MAX_KERNEL_M) on GPU, picked by measured device time (bench/kernels.py --cupti prefill rows,
+# bench/NOTES_kernels.md): up to PREFILL_CHUNKED_MAX_M rows the kernel runs over 64-row chunks (the weight is re-read
+# per chunk), above it the weight is dequantized once (gather-free decode of the kernel layout) for one XLA matmul.
+PREFILL_CHUNKED_MAX_M = 256
 _MAGIC = {"bfloat16": 128.0, "float16": 1024.0}
 
 
@@ -116,10 +119,18 @@ def _unpack_tiles(qweight: jax.Array, bits: int) -> jax.Array:
             mask = (2**width - 1) * 0x00010001
             v = v | (((words[:, :, plane] >> word_shift) & mask) << code_shift)
         pairs.append(jnp.stack([v & 0xFFFF, v >> 16], axis=-1))
-    vals = jnp.stack(pairs, axis=3)  # [Nt, Kt, 128, 16, 2]
-    row, col = _thread_coords()
-    tiles = jnp.zeros((nt, kt, CHUNK, CHUNK), jnp.int32).at[:, :, row, col].set(vals.astype(jnp.int32))
-    return tiles.transpose(0, 2, 1, 3).reshape(nt * CHUNK, kt * CHUNK)
+    return _fragments_to_nk(jnp.stack(pairs, axis=3).astype(jnp.int32))
+
+
+def _fragments_to_nk(vals: jax.Array) -> jax.Array:
+    """[Nt, Kt, 128 threads, 16 pairs, 2] in the wgmma A-fragment order of _thread_coords -> [Nt*64, Kt*64] (W^T).
+
+    A pure reshape + transpose (no scatter: XLA's scatter made the prefill path 68x slower than bf16 on the H100):
+    thread t = 32*warp + 4*lq + lr and pair P = 4*j + 2*ph + pr sit at row 16*warp + 8*pr + lq and column
+    16*j + 8*ph + 2*lr + e of the 64x64 tile."""
+    nt, kt = vals.shape[:2]
+    v = vals.reshape(nt, kt, 4, 8, 4, 4, 2, 2, 2)  # (Nt, Kt, warp, lq, lr, j, ph, pr, e)
+    return v.transpose(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nt * CHUNK, kt * CHUNK)
 
 
 # ------------------------------------------------------------------------------------------------ kernel-layout pytree
@@ -171,15 +182,20 @@ class GPTQKernelWeight:
         """Codes [K_pad, N_pad] in kernel row order (rows sorted by group for act-order weights)."""
         return _unpack_tiles(self.qweight, self.bits).T
 
+    def dequantize_nk_padded(self) -> jax.Array:
+        """W^T [N_pad, K_pad] (kernel row order along K) in the activation dtype: round(scale * (code - zero)),
+        elementwise over the decoded codes (no gather, no scatter): the dequantize-once prefill path."""
+        magic = _MAGIC[self.dtype_name]
+        codes = _unpack_tiles(self.qweight, self.bits).astype(jnp.float32)  # [N_pad, K_pad]
+        codes = codes.reshape(self.n_pad, self.k_pad // self.group, self.group)
+        nbias = (self.nbias.astype(jnp.float32).T[:, :, None] if self.nbias is not None
+                 else jnp.float32(-(magic + 2 ** (self.bits - 1))))
+        w = (codes + magic + nbias) * self.scales.astype(jnp.float32).T[:, :, None]  # exact code - zero, one rounding
+        return w.astype(self.dtype).reshape(self.n_pad, self.k_pad)
+
     def dequantize_padded(self) -> jax.Array:
         """W [K_pad, N_pad] in kernel row order, in the activation dtype: round(scale * (code - zero))."""
-        magic = _MAGIC[self.dtype_name]
-        zero_plus_magic = (-self.nbias.astype(jnp.float32) if self.nbias is not None
-                           else jnp.float32(magic + 2 ** (self.bits - 1)))
-        rows = jnp.arange(self.k_pad) // self.group
-        code_minus_zero = self.codes_kn().astype(jnp.float32) + magic - (
-            zero_plus_magic[rows] if self.nbias is not None else zero_plus_magic)
-        return (code_minus_zero * self.scales.astype(jnp.float32)[rows]).astype(self.dtype)
+        return self.dequantize_nk_padded().T
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """Dense W [K, N] in the original input order (for checks; the kernel never builds it)."""
@@ -201,19 +217,26 @@ class GPTQKernelWeight:
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
-        The Pallas kernel runs when ``use_kernel`` (default: the default backend is a GPU, x's dtype is the packed
-        dtype and M = prod(leading dims) <= 64); otherwise the XLA dequantize-then-matmul reference.
+        With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
+        prod(leading dims) rows go to: M <= MAX_KERNEL_M: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M: the kernel
+        over 64-row chunks; larger M: dequantize once + one XLA matmul (``dequant_matmul``). Without: the XLA
+        reference (the same dequantize-once computation).
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
             raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
         m = math.prod(lead)
         if use_kernel is None:
-            use_kernel = (jax.default_backend() == "gpu" and x.dtype == self.dtype and 1 <= m <= MAX_KERNEL_M)
-        if use_kernel:
-            y = gptq_matmul(x.reshape(m, k), self, config=config)
+            use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype
+        x2d = x.reshape(m, k)
+        if not use_kernel or m == 0:
+            y = reference_matmul(x2d, self)
+        elif m <= MAX_KERNEL_M:
+            y = _jit_gptq_matmul(x2d, self, config)
+        elif m <= PREFILL_CHUNKED_MAX_M:
+            y = chunked_matmul(x2d, self, functools.partial(_jit_gptq_matmul, config=config))
         else:
-            y = reference_matmul(x.reshape(m, k), self)
+            y = _jit_dequant_matmul(x2d, self)
         return y.reshape(*lead, self.out_features)
 
 
@@ -303,12 +326,29 @@ def _round_up(a: int, b: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ references
-def reference_matmul(x2d: jax.Array, w: GPTQKernelWeight) -> jax.Array:
-    """Pure-jnp x [M, K] @ W -> [M, N] in x's dtype: dequantize the kernel layout, one XLA matmul (also the
-    large-M path on GPU)."""
+def dequant_matmul(x2d: jax.Array, w: GPTQKernelWeight) -> jax.Array:
+    """Pure-jnp x [M, K] @ W -> [M, N] in x's dtype: dequantize the kernel layout once into W^T [N_pad, K_pad]
+    (elementwise decode + transpose, no scatter), one XLA matmul contracting K (the reference, and the large-M path
+    on GPU)."""
     xk = w.prepare_activations(x2d, x2d.shape[0]).astype(x2d.dtype)
-    y = jnp.matmul(xk, w.dequantize_padded().astype(x2d.dtype), preferred_element_type=jnp.float32)
+    # matmul with a transposed operand (XLA folds it into the GEMM); a plain dot_general contracting W^T's minor
+    # dim has no bf16 x bf16 -> f32 CPU thunk in jax 0.10
+    y = jnp.matmul(xk, w.dequantize_nk_padded().astype(x2d.dtype).T, preferred_element_type=jnp.float32)
     return y[:, : w.out_features].astype(x2d.dtype)
+
+
+reference_matmul = dequant_matmul
+
+
+def chunked_matmul(x2d: jax.Array, w, chunk_fn, chunk: int = MAX_KERNEL_M) -> jax.Array:
+    """x [M, K] (any M >= 1) -> [M, N]: ``chunk_fn(x_rows, w)`` over consecutive ``chunk``-row slices (the last one
+    shorter), concatenated. On GPU chunk_fn is the jitted kernel (one lowering shared by every chunk); tests pass
+    a reference. Shared by the GPTQ / LUT / SpQR weights."""
+    m = x2d.shape[0]
+    if m < 1:
+        raise ValueError(f"chunked_matmul needs at least one activation row, got {m}")
+    ys = [chunk_fn(x2d[i:i + chunk], w) for i in range(0, m, chunk)]
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=0)
 
 
 def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelConfig") -> jax.Array:
@@ -441,6 +481,15 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     xk = w.prepare_activations(x2d, _m_pad(m))
     partials = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
     return _finish(partials, m, w.out_features, x2d.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig] = None) -> jax.Array:
+    """gptq_matmul under jit: the layer's call sites (and the prefill chunks) share one lowering of the kernel."""
+    return gptq_matmul(x2d, w, config=config)
+
+
+_jit_dequant_matmul = jax.jit(dequant_matmul)
 
 
 def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
