@@ -53,6 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
+from .gptq_matmul import chunked_matmul
+
+# Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
+# 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Sparse weights always take the latter
+# at M > 64 (the XLA ELL product grows with M: ~95 us at M = 16 on 8192x28672, bench/NOTES_kernels.md).
+PREFILL_CHUNKED_MAX_M = 256
 
 LUT_KERNEL_BITS = (3, 4)
 _DTYPES = ("bfloat16", "float16")
@@ -241,19 +247,25 @@ class LUTKernelWeight:
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
-        The Pallas kernel runs when ``use_kernel`` (default: the default backend is a GPU, x's dtype is the packed
-        dtype and M = prod(leading dims) <= 64); otherwise the XLA dequantize-then-matmul reference.
+        With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
+        prod(leading dims) rows go to: M <= 64: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M and no sparse part: the
+        kernel over 64-row chunks; otherwise the XLA dequantize-then-matmul reference (jitted).
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
             raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
         m = math.prod(lead)
         if use_kernel is None:
-            use_kernel = (jax.default_backend() == "gpu" and x.dtype == self.dtype and 1 <= m <= MAX_KERNEL_M)
-        if use_kernel:
-            y = lut_matmul(x.reshape(m, k), self, config=config)
+            use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype
+        x2d = x.reshape(m, k)
+        if not use_kernel or m == 0:
+            y = reference_matmul(x2d, self)
+        elif m <= MAX_KERNEL_M:
+            y = _jit_lut_matmul(x2d, self, config)
+        elif m <= PREFILL_CHUNKED_MAX_M and not self.nnz:
+            y = chunked_matmul(x2d, self, functools.partial(_jit_lut_matmul, config=config))
         else:
-            y = reference_matmul(x.reshape(m, k), self)
+            y = _jit_reference_matmul(x2d, self)
         return y.reshape(*lead, self.out_features)
 
 
@@ -394,6 +406,15 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     xk = w.prepare_activations(x2d, _m_pad(m))
     partials = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
     return _finish(partials, m, w, x2d)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_lut_matmul(x2d: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig] = None) -> jax.Array:
+    """lut_matmul under jit: call sites (and prefill chunks) share one lowering of the kernel."""
+    return lut_matmul(x2d, w, config=config)
+
+
+_jit_reference_matmul = jax.jit(reference_matmul)
 
 
 def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,

@@ -253,3 +253,27 @@ def test_prepare_for_kernels(rng):
     x = jnp.asarray(rng.standard_normal((5, K)), jnp.bfloat16)
     want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qw.dequantize(jnp.float32), np.float64)
     assert rel_err(kw.matmul(x), want) < 1e-2
+
+
+@pytest.mark.parametrize("M,frac", [(65, 0.0), (130, 0.0), (300, 0.0), (130, 0.004)])
+def test_prefill_dispatch(rng, monkeypatch, M, frac):
+    """GPU dispatch by M (kernel stubbed by its tiled reference: the CPU cannot run it): dense weights take 64-row
+    kernel chunks up to PREFILL_CHUNKED_MAX_M, sparse weights and larger M the dequantize-once reference; all equal
+    the float64 oracle."""
+    K, N, bits = 320, 72, int(rng.choice([3, 4]))
+    codes, lut, sparse = random_lut(rng, K, N, bits, frac)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
+    calls = []
+
+    def fake_kernel(x2d, w, config=None):
+        assert x2d.shape[0] <= lm.MAX_KERNEL_M
+        calls.append(x2d.shape[0])
+        return lm.reference_matmul_tiled(x2d, w, config or lm.KernelConfig())
+
+    monkeypatch.setattr(lm, "_jit_lut_matmul", fake_kernel)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    got = w.matmul(x, use_kernel=True)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, "bfloat16")
+    chunked = M <= lm.PREFILL_CHUNKED_MAX_M and not w.nnz
+    assert calls == ([64] * (M // 64) + ([M % 64] if M % 64 else []) if chunked else [])
+    assert got.shape == (M, N) and rel_err(got, want) < 8e-3
