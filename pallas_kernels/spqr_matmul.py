@@ -351,8 +351,8 @@ class SpQRKernelWeight:
         m = math.prod(lead)
         if use_kernel is None:
             use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype and 1 <= m <= MAX_KERNEL_M
-        y = spqr_matmul(x.reshape(m, k), self, config=config) if use_kernel else reference_matmul(x.reshape(m, k),
-                                                                                                 self)
+        y = _jit_spqr_matmul(x.reshape(m, k), self, config) if use_kernel else reference_matmul(x.reshape(m, k),
+                                                                                               self)
         return y.reshape(*lead, self.out_features)
 
 
@@ -697,6 +697,12 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
     partials = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
     sparse = sparse_product(xk[:m], w) if _variant != "nosparse" else None
     return _finish(partials, sparse, m, w.out_features, x2d.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, config: Optional[KernelConfig] = None) -> jax.Array:
+    """spqr_matmul under jit: a model's call sites share one lowering of the kernel."""
+    return spqr_matmul(x2d, w, config=config)
 
 
 def spqr_matmul_partials(xk: jax.Array, w: SpQRKernelWeight, cfg: KernelConfig, *,
