@@ -507,6 +507,187 @@ def cupti_prefill_rows(key, shapes, ms, rounds, on_row=None):
     return rows
 
 
+def legacy_scatter_matmul(x2d, w):
+    """The large-M path before the prefill change (kept here for same-run comparison): codes rebuilt from the kernel
+    layout with a scatter (``.at[row, col].set``), float32 dequantization in [K, N], one XLA matmul."""
+    nt, kt = w.qweight.shape[:2]
+    words = jax.lax.bitcast_convert_type(w.qweight, jnp.uint32)
+    pairs = []
+    for fields in gm._fields(w.bits):
+        v = jnp.zeros((nt, kt, 128), jnp.uint32)
+        for plane, word_shift, width, code_shift in fields:
+            v = v | (((words[:, :, plane] >> word_shift) & ((2**width - 1) * 0x00010001)) << code_shift)
+        pairs.append(jnp.stack([v & 0xFFFF, v >> 16], axis=-1))
+    vals = jnp.stack(pairs, axis=3)
+    row, col = gm._thread_coords()
+    tiles = jnp.zeros((nt, kt, gm.CHUNK, gm.CHUNK), jnp.int32).at[:, :, row, col].set(vals.astype(jnp.int32))
+    codes_kn = tiles.transpose(0, 2, 1, 3).reshape(nt * gm.CHUNK, kt * gm.CHUNK).T
+    magic = gm._MAGIC[w.dtype_name]
+    zpm = -w.nbias.astype(jnp.float32) if w.nbias is not None else jnp.float32(magic + 2 ** (w.bits - 1))
+    rows = jnp.arange(w.k_pad) // w.group
+    cmz = codes_kn.astype(jnp.float32) + magic - (zpm[rows] if w.nbias is not None else zpm)
+    wd = (cmz * w.scales.astype(jnp.float32)[rows]).astype(w.dtype)
+    xk = w.prepare_activations(x2d, x2d.shape[0]).astype(x2d.dtype)
+    y = jnp.matmul(xk, wd.astype(x2d.dtype), preferred_element_type=jnp.float32)
+    return y[:, : w.out_features].astype(x2d.dtype)
+
+
+def chunked_kernel(x, w):
+    return gm.chunked_matmul(x, w, gm._jit_gptq_matmul)
+
+
+def poisoned_chunked_kernel(x, w):
+    """The chunked path with every chunk's kernel output buffer NaN-filled (unwritten tiles show as NaN)."""
+    def chunk_fn(xc, w):
+        rc = gm.KernelConfig().resolved(w, xc.shape[0])
+        poison = jnp.full((rc.k_splits, w.n_pad, gm._m_pad(xc.shape[0])), jnp.nan, jnp.float32)
+        return gm.gptq_matmul(xc, w, out_init=poison)
+    return gm.chunked_matmul(x, w, chunk_fn)
+
+
+def prefill_format(fmt, key, K, N):
+    """(baseline weight or None, kernel weight, W_float, {path: fn}, {path: fn checked with poisoned outputs},
+    chunked-max-M of the dispatch) for 'gptq-w4g128' or 'lut4' (dense SqueezeLLM 4-bit)."""
+    if fmt == "gptq-w4g128":
+        uqw, kw, w_float = make_weight(key, K, N, 4, 128, False, False)
+        paths = {"chunked": chunked_kernel, "dequant_once": gm.dequant_matmul, "old_scatter": legacy_scatter_matmul}
+        checks = {"chunked": poisoned_chunked_kernel, "dequant_once": gm.dequant_matmul}
+        return uqw, kw, w_float, paths, checks, gm.PREFILL_CHUNKED_MAX_M
+    if fmt == "lut4":
+        import kernels_lut as kl
+        from pallas_kernels import lut_matmul as lm
+        qw, kw, w_float = kl.make_weight(int(jax.random.randint(key, (), 0, 2**30)), K, N, 4, 0.0)
+
+        def poisoned(x, w):
+            def chunk_fn(xc, w):
+                rc = lm.KernelConfig().resolved(w, xc.shape[0])
+                poison = jnp.full((rc.k_splits, w.n_pad, gm._m_pad(xc.shape[0])), jnp.nan, jnp.float32)
+                return lm.lut_matmul(xc, w, out_init=poison)
+            return gm.chunked_matmul(x, w, chunk_fn)
+
+        paths = {"chunked": lambda x, w: gm.chunked_matmul(x, w, lm._jit_lut_matmul),
+                 "dequant_once": lm.reference_matmul}
+        return qw, kw, w_float, paths, {"chunked": poisoned, "dequant_once": lm.reference_matmul}, \
+            lm.PREFILL_CHUNKED_MAX_M
+    raise ValueError(f"unknown prefill format {fmt}")
+
+
+def cupti_prefill_paths(key, shapes, ms, rounds, on_row=None, fmt="gptq-w4g128"):
+    """Large M (prefill), device time (CUPTI, 4 rotating weight copies), all in one run: bf16 XLA matmul; the
+    Pallas kernel over 64-row chunks; dequantize-once (gather-free / scatter-free decode of the kernel layout) + one
+    XLA matmul; for GPTQ the old kernel-layout path (scatter); the XLA dequantize + matmul of the stored arrays
+    (AutoGPTQ / SqueezeLLM layout). The two new paths are checked against x @ W_float (chunked: NaN-poisoned kernel
+    outputs); the dispatched ``w.matmul`` too."""
+    rows = []
+    for (K, N) in shapes:
+        key, kb, kw_key = jax.random.split(key, 3)
+        w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        uqw, kw, w_float, paths, checks, chunked_max_m = prefill_format(fmt, kw_key, K, N)
+        n = 4
+        bf_ws, kws = copies(w_bf16, n), copies(kw, n)
+        uqws = copies(uqw, n) if uqw is not None else None
+        for M in ms:
+            key, kx, kc = jax.random.split(key, 3)
+            xs = activations(kx, M, K, n)
+            t = {}
+            timed = [("bf16", bf16_matmul, bf_ws)] + [(p, f, kws) for p, f in paths.items()] + [
+                ("autogptq", lambda x, w: w.matmul(x), uqws)]
+            for name, fn, ws in timed:
+                if ws is None:
+                    t[name] = float("nan")
+                    continue
+                try:
+                    t[name], names = cupti_per_call(fn, list(zip(xs, ws)), rounds)
+                    log(f"prefill-paths {fmt} {K}x{N} M={M} {name}: {t[name]:.1f} us {names[:6]}")
+                except Exception:
+                    t[name] = float("nan")
+                    log(f"prefill-paths {K}x{N} M={M} {name} FAILED: {traceback.format_exc()[-1500:]}")
+            t.setdefault("old_scatter", float("nan"))
+            errs = {}
+            x = jax.random.normal(kc, (M, K), jnp.float32).astype(jnp.bfloat16)
+            ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
+            for name, fn in list(checks.items()) + [("dispatched", lambda x, w: w.matmul(x))]:
+                try:
+                    y = jax.jit(fn)(x, kw).astype(jnp.float32)
+                    errs[name] = (float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)), bool(jnp.any(jnp.isnan(y))))
+                except Exception:
+                    errs[name] = (float("nan"), True)
+                    log(f"prefill-paths check {name} FAILED: {traceback.format_exc()[-1500:]}")
+            best = min(("chunked", "dequant_once"), key=lambda p: t[p] if t[p] == t[p] else float("inf"))
+            dispatched = "chunked" if M <= chunked_max_m else "dequant_once"
+            meta = (dict(bits=4, group_size=128, sym=False, act_order=False) if fmt.startswith("gptq")
+                    else dict(bits=4, sparse_frac=0.0))
+            row = dict(format=fmt, **meta, M=M, K=K, N=N,
+                       us=round(t[best], 2), bf16_xla_us=round(t["bf16"], 2), chunked_kernel_us=round(t["chunked"], 2),
+                       dequant_once_us=round(t["dequant_once"], 2), old_scatter_path_us=round(t["old_scatter"], 2),
+                       xla_dequant_us=round(t["autogptq"], 2), speedup_vs_bf16=round(t["bf16"] / t[best], 3),
+                       speedup_vs_old_path=round(t["old_scatter"] / t[best], 2), fastest_path=best,
+                       dispatched_path=dispatched, prefill_chunked_max_m=chunked_max_m,
+                       bf16_tflops=round(2 * M * K * N / t["bf16"] / 1e6, 1),
+                       fro_rel_err={k: float(f"{e:.3g}") for k, (e, _) in errs.items()},
+                       nan={k: nan for k, (_, nan) in errs.items()},
+                       correct=all(e < TOL and not nan for e, nan in errs.values()),
+                       kernel="prefill paths (chunked kernel / dequantize-once)", timing="cupti-rotating")
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            log(f"prefill-paths {fmt} {K}x{N} M={M}: bf16 {t['bf16']:.1f}, chunked {t['chunked']:.1f}, dequant-once "
+                f"{t['dequant_once']:.1f}, old {t['old_scatter']:.1f}, autogptq {t['autogptq']:.1f} us; fastest {best} "
+                f"(x{row['speedup_vs_bf16']} bf16); dispatch {dispatched}; errs {row['fro_rel_err']} nan {row['nan']}")
+        del bf_ws, kws, uqws, kw, uqw, w_float, w_bf16
+    return rows
+
+
+PREFILL_MD_BEGIN, PREFILL_MD_END = "<!-- gptq prefill paths begin -->", "<!-- gptq prefill paths end -->"
+
+
+def merge_prefill(jsonl, out_dir, note=""):
+    """Rows of a --prefill-paths run -> kernels.json (appended by format, M, K, N, kernel, timing: other rows stay)
+    and their own section of kernels.md (replaced between its markers; the rest of the file is left as it is)."""
+    import json
+    results = _results_module()
+    with open(jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    results.append_rows(os.path.join(out_dir, "kernels.json"), rows,
+                        key=("format", "M", "K", "N", "kernel", "timing"))
+    env = rows[0]
+    lines = [PREFILL_MD_BEGIN, "", "## Prefill (M > 64), GPTQ int4 g128 and dense SqueezeLLM 4-bit: path per M, "
+             "device time", "",
+             f"{env['device']}, jax {env['jax']}, {env['date']}; command: `{env['command']}` (device tool; "
+             "`--out-dir` was its $OUT). " + note, "",
+             "CUPTI device time per call (4 rotating weight copies + activations, median of 3 passes), all columns "
+             "from the same run. chunked = the Pallas kernel over 64-row chunks of x (weight re-read per chunk); "
+             "dequant-once = scatter-free decode of the kernel layout to bf16 W^T + one XLA matmul; old = the "
+             "previous dispatched path (codes rebuilt by a scatter); AutoGPTQ = XLA dequantize + matmul of the "
+             "stored AutoGPTQ arrays (lut4: of the stored SqueezeLLM arrays; no old column: its reference path "
+             "was already made scatter-free by the LUT helper). `dispatch` = what `GPTQKernelWeight.matmul` runs at this M "
+             f"(PREFILL_CHUNKED_MAX_M = {env['prefill_chunked_max_m']} when measured). rel err (Frobenius vs x @ "
+             "W_float): chunked with NaN-poisoned kernel outputs / dequant-once / dispatched.", "",
+             "| format | K x N | M | bf16 XLA us | chunked us | dequant-once us | old us | AutoGPTQ us | fastest | "
+             "x bf16 (fastest) | x old | dispatch | rel err c / d / disp | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        e = r["fro_rel_err"]
+        lines.append(f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['bf16_xla_us']} | "
+                     f"{r['chunked_kernel_us']} | {r['dequant_once_us']} | {r['old_scatter_path_us']} | {r['xla_dequant_us']} | "
+                     f"{r['fastest_path']} | {r['speedup_vs_bf16']} | {r['speedup_vs_old_path']} | "
+                     f"{r['dispatched_path']} | {e.get('chunked')} / {e.get('dequant_once')} / {e.get('dispatched')} "
+                     f"| {'yes' if r['correct'] else 'NO'} |")
+    lines += ["", PREFILL_MD_END]
+    md_path = os.path.join(out_dir, "kernels.md")
+    text = open(md_path).read() if os.path.exists(md_path) else ""
+    if PREFILL_MD_BEGIN in text and PREFILL_MD_END in text:
+        head, rest = text.split(PREFILL_MD_BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(PREFILL_MD_END, 1)[1]
+    elif CUPTI_MD_END in text:  # right after the GPTQ device-time section
+        head, rest = text.split(CUPTI_MD_END, 1)
+        text = head + CUPTI_MD_END + "\n\n" + "\n".join(lines) + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+
+
 def smoke_model(key, hidden=4096, inter=11008, heads=32, vocab=32000):
     """A LLaMA-7B-layer-shaped model (2 layers, bf16, RTN w4 g128) jitted with the kernel layout: decode logits vs
     the XLA reference path, and the generation loop running with the kernels inside."""
@@ -686,12 +867,22 @@ def main():
                     help="no GPU work: merge the rows of a --cupti run into --out-dir/kernels.json and the GPTQ "
                          "device-time section of kernels.md")
     ap.add_argument("--merge-note", default="")
+    ap.add_argument("--prefill-paths", action="store_true",
+                    help="only the prefill path comparison (cupti_prefill_paths) on --cupti-prefill-shapes x "
+                         "--cupti-prefill-ms -> --out-dir/kernels_prefill.jsonl")
+    ap.add_argument("--prefill-lut-shapes", default="", help="--prefill-paths: also dense lut4 on these shapes")
+    ap.add_argument("--prefill-lut-ms", default="128,256,512")
+    ap.add_argument("--merge-prefill", metavar="JSONL",
+                    help="no GPU work: merge a --prefill-paths run into --out-dir/kernels.json + kernels.md")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if args.merge_cupti:
         merge_cupti(args.merge_cupti, args.out_dir, args.merge_note)
+        return
+    if args.merge_prefill:
+        merge_prefill(args.merge_prefill, args.out_dir, args.merge_note)
         return
 
     log(f"jax {jax.__version__}, devices {jax.devices()}")
@@ -718,6 +909,29 @@ def main():
         sweep(k, shapes(args.sweep_shapes), ints(args.sweep_ms), ints(args.sweep_bits),
               [parse_config(c) for c in args.sweep_configs.split(";")], args.reps, args.calls)
     rows = []
+    if args.prefill_paths:
+        import json
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, "kernels_prefill.jsonl")
+        results = _results_module()
+
+        def on_prefill_row(r):
+            with open(path, "a") as f:
+                f.write(json.dumps(results.row("kernels", **r)) + "\n")
+
+        key, k = jax.random.split(key)
+        pre = cupti_prefill_paths(k, shapes(args.cupti_prefill_shapes), ints(args.cupti_prefill_ms), args.rounds,
+                                  on_prefill_row)
+        if args.prefill_lut_shapes:
+            key, k = jax.random.split(key)
+            pre += cupti_prefill_paths(k, shapes(args.prefill_lut_shapes), ints(args.prefill_lut_ms), args.rounds,
+                                       on_prefill_row, fmt="lut4")
+        log("\nK x N        M     bf16  chunked  deq-once      old  autogptq  fastest       x_bf16  ok")
+        for r in pre:
+            log(f"{r['K']}x{r['N']:<6} {r['M']:>5} {r['bf16_xla_us']:>8} {r['chunked_kernel_us']:>8} "
+                f"{r['dequant_once_us']:>9} {r['old_scatter_path_us']:>8} {r['xla_dequant_us']:>9} "
+                f"{r['fastest_path']:<13} {r['speedup_vs_bf16']:>6} {r['correct']}")
+        sys.exit(0 if ok and all(r["correct"] for r in pre) else 1)
     if args.cupti:
         import json
         os.makedirs(args.out_dir, exist_ok=True)
