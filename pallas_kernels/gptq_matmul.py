@@ -48,10 +48,14 @@ KERNEL_BITS = (2, 3, 4)
 CHUNK = 64  # K and N granularity of the layout (one wgmma A tile is 64 x 64 at 128-byte swizzle)
 K_ALIGN = 256  # K_pad is a multiple of this, so every tile_k in (64, 128, 256) divides it
 MAX_KERNEL_M = 64  # activation rows one kernel call takes (the wgmma N operand); larger M: see below
-# Prefill (M > MAX_KERNEL_M) on GPU, picked by measured device time (bench/kernels.py --cupti prefill rows,
-# bench/NOTES_kernels.md): up to PREFILL_CHUNKED_MAX_M rows the kernel runs over 64-row chunks (the weight is re-read
-# per chunk), above it the weight is dequantized once (gather-free decode of the kernel layout) for one XLA matmul.
-PREFILL_CHUNKED_MAX_M = 256
+# Prefill (M > MAX_KERNEL_M) on GPU: up to PREFILL_CHUNKED_MAX_M rows the kernel runs over 64-row chunks (the weight
+# is re-read per chunk), above it the weight is dequantized once (scatter-free decode of the kernel layout) for one
+# XLA matmul. Measured (H100, CUPTI device time, int4 g128, `bench/kernels.py --prefill-paths`, 2026-11-22): the
+# chunks win at every M measured, 128..2048 on 8192x28672 (M = 128: 175 us vs 9058 us dequantize-once; M = 2048:
+# 3005 vs 10203) and on 4096x11008 (49 vs 1746; 833 vs 1997). Beyond 2048 not measured: the two measured lines
+# (chunks ~1.47 / 0.41 us per row, dequantize-once ~8.9 / 1.7 ms + 0.6 / 0.13 us per row) cross near M = 10000 and
+# M = 6200, so the chunks are kept up to 4096.
+PREFILL_CHUNKED_MAX_M = 4096
 _MAGIC = {"bfloat16": 128.0, "float16": 1024.0}
 
 

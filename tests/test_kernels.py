@@ -210,10 +210,11 @@ def test_prefill_chunked_matches_oracle(rng, M):
     assert rel_err(got, want) < 8e-3
 
 
-@pytest.mark.parametrize("M", [1, 65, 130, 300])
+@pytest.mark.parametrize("M", [1, 65, 128, 130, 300])
 def test_prefill_dispatch(rng, monkeypatch, M):
     """GPU dispatch by M (kernel stubbed by its tiled reference, as the CPU cannot run it): M <= 64 one kernel call,
-    up to PREFILL_CHUNKED_MAX_M 64-row chunks, above that the dequantize-once path; all equal the oracle."""
+    up to PREFILL_CHUNKED_MAX_M (set to 128 here) 64-row chunks, above that the dequantize-once path; all
+    equal the oracle."""
     K, N = 384, 72
     codes, scales, zeros, g_idx = random_gptq(rng, K, N, 4, 128, bool(rng.integers(2)), False)
     w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False, dtype="bfloat16")
@@ -225,6 +226,7 @@ def test_prefill_dispatch(rng, monkeypatch, M):
         return gm.reference_matmul_tiled(x2d, w, config or gm.KernelConfig())
 
     monkeypatch.setattr(gm, "_jit_gptq_matmul", fake_kernel)
+    monkeypatch.setattr(gm, "PREFILL_CHUNKED_MAX_M", 128)  # both prefill branches at small M
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
     got = w.matmul(x, use_kernel=True)
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")

@@ -271,6 +271,7 @@ def test_prefill_dispatch(rng, monkeypatch, M, frac):
         return lm.reference_matmul_tiled(x2d, w, config or lm.KernelConfig())
 
     monkeypatch.setattr(lm, "_jit_lut_matmul", fake_kernel)
+    monkeypatch.setattr(lm, "PREFILL_CHUNKED_MAX_M", 128)  # both prefill branches at small M
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
     got = w.matmul(x, use_kernel=True)
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, "bfloat16")
