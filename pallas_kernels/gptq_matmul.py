@@ -54,8 +54,8 @@ MAX_KERNEL_M = 64  # activation rows one kernel call takes (the wgmma N operand)
 # chunks win at every M measured, 128..2048 on 8192x28672 (M = 128: 175 us vs 9058 us dequantize-once; M = 2048:
 # 3005 vs 10203) and on 4096x11008 (49 vs 1746; 833 vs 1997). Beyond 2048 not measured: the two measured lines
 # (chunks ~1.47 / 0.41 us per row, dequantize-once ~8.9 / 1.7 ms + 0.6 / 0.13 us per row) cross near M = 10000 and
-# M = 6200, so the chunks are kept up to 4096. This decode is slow in XLA (9 ms for 8192x28672, ~20x a copy of its
-# bytes): the XLA dequantize + matmul of the AutoGPTQ arrays, not available from this layout, beat the chunks at
+# M = 6200, so the chunks are kept up to 4096. This decode is slow in XLA (9 ms for 8192x28672, ~35x a copy of its
+# 0.6 GB): the XLA dequantize + matmul of the AutoGPTQ arrays, not available from this layout, beat the chunks at
 # 4096x11008 M = 2048 (612 vs 833 us); a faster one-pass decode (e.g. a Pallas kernel) would move the threshold down.
 PREFILL_CHUNKED_MAX_M = 4096
 _MAGIC = {"bfloat16": 128.0, "float16": 1024.0}

@@ -58,7 +58,7 @@ from .gptq_matmul import chunked_matmul
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
 # 8192x28672, `bench/kernels.py --prefill-paths`, 2026-11-22): chunks 182 / 363 / 726 us at M = 128 / 256 / 512 vs
-# 5114 / 5153 / 5283 us dequantize-once; beyond 512 not measured (linear extrapolation: crossing near M = 5500).
+# 5114 / 5153 / 5283 us dequantize-once; beyond 512 not measured (linear extrapolation: crossing near M = 5200).
 # Sparse weights take the dequantize-once path at M > 64 (the XLA ELL product per chunk grows with M: ~95 us at
 # M = 16 on 8192x28672, bench/NOTES_kernels.md); not measured at prefill sizes.
 PREFILL_CHUNKED_MAX_M = 2048
