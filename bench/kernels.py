@@ -717,7 +717,7 @@ def smoke_model(key, hidden=4096, inter=11008, heads=32, vocab=32000):
     n_uqw = sum(isinstance(l, UniformQuantizedWeight) for l in jax.tree_util.tree_leaves(
         qparams, is_leaf=lambda x: isinstance(x, UniformQuantizedWeight)))
     fwd = jax.jit(lambda p, ids: module.apply({"params": p}, ids)[0])
-    for T in (1, 80):  # decode-sized (kernel) and prefill-sized (XLA path)
+    for T in (1, 80):  # decode-sized (one kernel call) and prefill-sized (kernel over 64-row chunks)
         ids = jax.random.randint(jax.random.fold_in(key, T), (1, T), 0, cfg.vocab_size)
         ref = fwd(qparams, ids)
         got = fwd(kparams, ids)
