@@ -221,6 +221,9 @@ def export(out_dir: str, params: dict, lm, config=None, checkpoint_format: str =
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    # safetensors.numpy writes a strided (non-contiguous) array's buffer as if it were contiguous: wrong values,
+    # no error. Every tensor is made C-contiguous first (e.g. the output slices of a jointly solved q/k/v weight).
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

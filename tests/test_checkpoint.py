@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -470,3 +471,33 @@ def test_export_refuses_non_empty_directory_and_dense_params(tiny_quantized, tmp
         gptq_export.export(str(tmp_path / "dense"), q.lm.params, q.lm, q.config)
     with pytest.raises(ValueError, match="checkpoint_format"):
         gptq_export.export(str(tmp_path / "v3"), q.params, q.lm, q.config, checkpoint_format="gptq_v3")
+
+
+def _strided(a: np.ndarray, rng) -> np.ndarray:
+    """The same values as ``a`` in a non-contiguous view (every other column of a larger random array)."""
+    big = rng.integers(-2**30, 2**30, size=(a.shape[0], 2 * a.shape[1])).astype(a.dtype)
+    big[:, ::2] = a
+    view = big[:, ::2]
+    assert not view.flags.c_contiguous and np.array_equal(view, a)
+    return view
+
+
+def test_gptq_export_writes_strided_arrays_correctly(tiny_quantized, tmp_path, rng):
+    """Quantized arrays that are numpy views (e.g. output slices of a jointly solved q/k/v weight) must be written
+    with their values: safetensors.numpy would write a strided view's raw buffer."""
+    q = tiny_quantized("rtn", **RUNS["rtn"])
+    host = jax.tree_util.tree_map(np.asarray, q.params)
+
+    def strided(leaf):
+        if not isinstance(leaf, UniformQuantizedWeight):
+            return leaf
+        arrays = {f: _strided(np.asarray(getattr(leaf, f)), rng) for f in ("qweight", "qzeros", "scales")}
+        return dataclasses.replace(leaf, **arrays)
+
+    views = jax.tree_util.tree_map(strided, host, is_leaf=lambda x: isinstance(x, UniformQuantizedWeight))
+    for fmt in gptq_export.CHECKPOINT_FORMATS:
+        plain = gptq_export.load(gptq_export.export(str(tmp_path / f"plain_{fmt}"), host, q.lm, q.config,
+                                                    checkpoint_format=fmt), tokenizer=False)
+        strided_load = gptq_export.load(gptq_export.export(str(tmp_path / f"views_{fmt}"), views, q.lm, q.config,
+                                                           checkpoint_format=fmt), tokenizer=False)
+        _assert_trees_identical(plain.params, strided_load.params)
