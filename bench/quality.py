@@ -254,7 +254,8 @@ def write_markdown(path):
                   "not measured yet (`python bench/quality.py` resumes). avg bits: all stored bits of the quantized "
                   "linears (codes, scales, zeros, g_idx; SpQR's second-level statistics and outliers; SqueezeLLM's "
                   "tables and sparse part) per weight. SqueezeLLM's wall time includes its shared Fisher pass. Each row's exact command is in "
-                  "the JSON file."]
+                  "the JSON file.", "", "Why GPTQ loses to RTN at 4 bits on this model (v_proj and the attention sink, measured): "
+                  "`bench/NOTES_gptq_vs_rtn.md`."]
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
