@@ -584,13 +584,22 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
         pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
 
+    return launch_partials(body, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
+                           rows=rows, k_splits=k_splits, aliased=aliased)
+
+
+def launch_partials(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_splits: int, aliased: bool):
+    """The kernels' shared launch: grid (n_pad/rows output tiles, k_splits), float32 partials [k_splits, n_pad,
+    m_pad]. ``aliased``: the poisoned-output variant (tests / benchmark) that writes into a Ref made from the caller's
+    last argument."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
-    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}"
     mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
     params = plgpu.CompilerParams()
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
-    # Poisoned-output variant (tests / benchmark): the kernel writes into a Ref made from the caller's buffer.
     in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
 
     def call(*args):

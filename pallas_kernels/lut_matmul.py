@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .gptq_matmul import launch_partials
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import chunked_matmul
 
@@ -491,20 +492,8 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
 
         pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
 
-    out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
-    name = f"lut_w{bits}_m{m_pad}_k{tile_k}_n{rows}"
-    mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
-    params = plgpu.CompilerParams()
-    if not aliased:
-        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
-    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
-
-    def call(*args):
-        out_ref = jax.new_ref(args[-1])
-        in_place(*args[:-1], out_ref)
-        return jax.freeze(out_ref)
-
-    return call
+    return launch_partials(body, name=f"lut_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
+                           rows=rows, k_splits=k_splits, aliased=aliased)
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False):
