@@ -179,7 +179,8 @@ class AttentionModule(nn.Module):
     def attention_activation(self, name: str, x: jax.Array) -> jax.Array:
         """Identity (no parameters, no ops). ``name`` is one of ``ATTENTION_ACTIVATIONS``: "q" [B, T, H, D] as it
         enters Q K^T (after RoPE / scaling), "k" and "v" [B, T, KV, D] before they are written to the cache,
-        "probs" [B, KV, G, T, S] float32 softmax output before P V."""
+        "probs" [B, KV, G, T, S] float32 softmax output before P V; in the block-causal path (no cache) it is called
+        once per block of query rows, [B, KV, G, rows, keys so far], so a "probs" hook must be elementwise."""
         return x
 
 
@@ -197,8 +198,13 @@ def update_cache(cache: Optional[dict], k: jax.Array, v: jax.Array, cache_index,
     return ck, cv, {"k": ck, "v": cv}
 
 
-def attention_mask(q_len: int, kv_len: int, cache_index=None, kv_mask=None) -> jax.Array:
-    """Boolean [B or 1, 1, T, S] mask: causal (offset by cache_index) and, if given, the key padding mask."""
+def attention_mask(q_len: int, kv_len: int, cache_index=None, kv_mask=None) -> Optional[jax.Array]:
+    """Boolean [B or 1, 1, T, S] mask: causal (offset by cache_index) and, if given, the key padding mask.
+
+    ``None`` for plain causal self-attention (no cache, no padding, ``T == S``): ``dot_product_attention`` then skips
+    the masked upper triangle block by block instead of computing and discarding it."""
+    if cache_index is None and kv_mask is None and q_len == kv_len:
+        return None
     offset = 0 if cache_index is None else jnp.asarray(cache_index, jnp.int32)
     q_pos = offset + jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(kv_len)[None, :]
@@ -208,18 +214,42 @@ def attention_mask(q_len: int, kv_len: int, cache_index=None, kv_mask=None) -> j
     return mask
 
 
+CAUSAL_BLOCK = 128  # query rows per block of the causal path (measured on 2 CPU cores: 128 and 256 fastest)
+
+
 def dot_product_attention(q, k, v, mask, scale: Optional[float] = None, act=None) -> jax.Array:
-    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; mask: [B|1, 1, T, S].
+    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; mask: [B|1, 1, T, S], or
+    ``None`` for plain causal self-attention (``T == S``).
     ``act(name, x)``: applied to q and to the probabilities (k and v go through it in ``update_cache``).
 
     Scores and softmax in float32 (as HF does for fp16/bf16 models); output in q's dtype, shape [B, T, H, D].
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    g = h // kv
     scale = (1.0 / math.sqrt(d)) if scale is None else scale
     if act is not None:
         q = act("q", q)
+    if mask is None:
+        if t > CAUSAL_BLOCK:
+            # Query block i only needs keys [0, end_i): the skipped keys are masked anyway (their softmax weight is
+            # exactly 0), so this is the same result at ~half the work (2.5x faster on a 2048-token window on CPU).
+            outs = []
+            for start in range(0, t, CAUSAL_BLOCK):
+                end = min(start + CAUSAL_BLOCK, t)
+                outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], _causal(end - start, end, start), scale,
+                                    act))
+            return jnp.concatenate(outs, axis=1)
+        mask = _causal(t, t, 0)
+    return _attend(q, k, v, mask, scale, act)
+
+
+def _causal(q_len: int, kv_len: int, q_offset: int) -> jax.Array:
+    return (jnp.arange(kv_len)[None, :] <= q_offset + jnp.arange(q_len)[:, None])[None, None]
+
+
+def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
     # [B, KV, G*T, D] @ [B, KV, D, S]: two plain batched matmuls (measured ~2x faster on CPU than 5-D einsums).
     qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
     scores = jnp.matmul(qg, k.astype(q.dtype).transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)

@@ -16,7 +16,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
 
 import models  # noqa: E402
-from models.common import init_cache, rope_inverse_frequencies  # noqa: E402
+from models.common import (CAUSAL_BLOCK, attention_mask, dot_product_attention, init_cache,  # noqa: E402
+                           rope_inverse_frequencies)
 
 BATCH, SEQ = 2, 13
 ORIGINAL_MAX = 64  # llama3 rope: with head_dim 16 and theta 1e4 the wavelengths straddle 64/4 .. 64/1 (all 3 branches)
@@ -68,6 +69,54 @@ def test_logits_match_transformers(tiny_llama, rel_err, rng, name):
     assert err < 1e-4, f"{name}: max|diff|/max|ref| = {err:.2e} (weight seed {b.seed})"
     if name.startswith("rope"):
         assert dict(b.loaded.config.rope)["rope_type"] == CASES[name]["rope_parameters"]["rope_type"]
+
+
+def test_long_sequence_block_causal_path_matches_transformers(tiny_llama, rel_err, rng):
+    """Past CAUSAL_BLOCK tokens the attention runs block by block over the causal prefix only (not a multiple of
+    the block here, so the last block is short)."""
+    seq = 2 * CAUSAL_BLOCK + 37
+    b = tiny_llama(**CASES["gqa-tied"])
+    ids = rng.integers(0, 128, size=(1, seq)).astype(np.int32)
+    ref = b.hf_logits(ids, None)
+    logits, _ = b.loaded(jnp.asarray(ids))
+    err = rel_err(logits, ref)
+    assert err < 1e-4, f"max|diff|/max|ref| = {err:.2e} (weight seed {b.seed})"
+
+
+def _attention_oracle(q, k, v, probs_fn):
+    """float64 numpy causal GQA attention: q [B,T,H,D], k/v [B,T,KV,D]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    t, h, kv = q.shape[1], q.shape[2], k.shape[2]
+    k, v = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p = probs_fn(p / p.sum(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("quantize_probs", [False, True])
+def test_block_causal_attention_matches_oracle(rng, quantize_probs):
+    """mask=None (block-causal) and an explicit causal mask both match a float64 oracle, with an elementwise
+    "probs" hook applied (RPTQ's fixed 1/255 grid) or not."""
+    t = CAUSAL_BLOCK + 61
+    q = rng.standard_normal((2, t, 6, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, t, 2, 16)).astype(np.float32) for _ in range(2))
+
+    def act(name, x):
+        return jnp.round(x * 255) / 255 if (quantize_probs and name == "probs") else x
+
+    probs_fn = (lambda p: np.round(p * 255) / 255) if quantize_probs else (lambda p: p)
+    want = _attention_oracle(q, k, v, probs_fn)
+    blocked = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), attention_mask(t, t), act=act)
+    dense = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                  jnp.tril(jnp.ones((t, t), bool))[None, None], act=act)
+    assert attention_mask(t, t) is None
+    # rounding to the 1/255 grid can flip one step where float32 and float64 probabilities straddle a midpoint
+    tol = 5e-3 if quantize_probs else 1e-5
+    for got in (blocked, dense):
+        np.testing.assert_allclose(np.asarray(got), want, atol=tol, rtol=0)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=1e-5 if not quantize_probs else tol)
 
 
 def test_rope_scaling_changes_logits_in_both_implementations(tiny_llama, rel_err, rng):
