@@ -85,18 +85,31 @@ class Attention(AttentionModule):
 
     def setup(self):
         c = self.config
-        self.q_proj = Linear(c.num_heads * c.head_dim, c.attention_bias, self.dtype)
-        self.k_proj = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype)
-        self.v_proj = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype)
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        # Params with a "qkv_proj" (jaxquant.fusion.fuse_projections, at load time) run q/k/v as one matmul whose
+        # outputs are [q | k | v]; per layer, so a layer that could not be fused keeps its three linears.
+        self.fused_qkv = self.has_variable("params", "qkv_proj")
+        if self.fused_qkv:
+            self.qkv_proj = Linear(q + 2 * kv, c.attention_bias, self.dtype)
+        else:
+            self.q_proj = Linear(q, c.attention_bias, self.dtype)
+            self.k_proj = Linear(kv, c.attention_bias, self.dtype)
+            self.v_proj = Linear(kv, c.attention_bias, self.dtype)
         self.o_proj = Linear(c.hidden_size, c.attention_bias, self.dtype)
         self.inv_freq = rope_inverse_frequencies(c.head_dim, dict(c.rope))
 
     def __call__(self, x, positions, cache=None, cache_index=None, kv_mask=None):
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.fused_qkv:
+            q_n, kv_n = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., :q_n], qkv[..., q_n:q_n + kv_n], qkv[..., q_n + kv_n:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
         k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
         mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
@@ -110,12 +123,22 @@ class MLP(nn.Module):
 
     def setup(self):
         c = self.config
-        self.gate_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
-        self.up_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
+        # "gate_up_proj" (fused at load time, outputs [gate | up]): one matmul instead of two.
+        self.fused_gate_up = self.has_variable("params", "gate_up_proj")
+        if self.fused_gate_up:
+            self.gate_up_proj = Linear(2 * c.intermediate_size, c.mlp_bias, self.dtype)
+        else:
+            self.gate_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
+            self.up_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
         self.down_proj = Linear(c.hidden_size, c.mlp_bias, self.dtype)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up:
+            gate_up = self.gate_up_proj(x)
+            gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
