@@ -248,6 +248,45 @@ def _finish(codes, deq, perm, scales, zeros, *, bits, group_size, sym, act_order
     return weight, (deq[:, invperm] if return_dequantized else None)
 
 
+@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "act_order", "static_groups", "block_size",
+                                   "row_loss", "return_dequantized"))
+def _solve(W, H, percdamp, *, bits, sym, group_size, act_order, static_groups, block_size, row_loss,
+           return_dequantized):
+    """A whole single-device solve as ONE program: input checks, dead columns / act-order, the damped inverse Cholesky
+    factor, the column loop and the packing. One compile per shape instead of a chain of seven programs, and one
+    host sync per solve (``gptq`` reads the finiteness flags and the loss together at the end; a failed
+    factorisation is seen there and the solve rerun with more damping). The same operations as the separate
+    programs, in the same order."""
+    finite_inputs = jnp.stack([jnp.isfinite(W).all(), jnp.isfinite(H).all()])
+    Wp, Hp, perm, col_group, tables = _prepare(W, H, bits=bits, sym=sym, group_size=group_size, act_order=act_order,
+                                               static_groups=static_groups)
+    U = _inverse_cholesky_upper(Hp, percdamp)
+    codes, deq, loss, (scales, zeros) = _quantize_blocks(Wp, U, col_group, tables, bits=bits, sym=sym,
+                                                         group_size=group_size, block_size=block_size,
+                                                         row_loss=row_loss)
+    weight, deq = _finish(codes, deq, perm, scales, zeros, bits=bits, group_size=group_size, sym=sym,
+                          act_order=act_order, static_groups=static_groups, return_dequantized=return_dequantized)
+    return weight, deq, loss, jnp.concatenate([finite_inputs, jnp.isfinite(U).all()[None]])
+
+
+def _solve_static(cfg: QuantConfig, K: int, row_errors: bool, return_dequantized: bool) -> dict:
+    return dict(bits=cfg.bits, sym=cfg.sym, group_size=cfg.group_size, act_order=cfg.act_order,
+                static_groups=cfg.static_groups, block_size=_block_size(cfg, K), row_loss=row_errors,
+                return_dequantized=return_dequantized)
+
+
+def precompile(N: int, K: int, cfg: QuantConfig, device=None, *, return_dequantized: bool = False,
+               row_errors: bool = False):
+    """Compile ahead of time the program that ``gptq`` runs for W [N, K] (same flags) with W and H on ``device``
+    (committed there, as arrays taken from a mesh array's shards are), or None for uncommitted arrays on the default
+    device. A later ``gptq`` call with such arrays reuses it (JAX's lowering and compilation caches), so a caller can
+    compile its solve shapes in background threads while other work runs. Only an optimisation."""
+    sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+    W = jax.ShapeDtypeStruct((N, K), jnp.float32, sharding=sharding)
+    H = jax.ShapeDtypeStruct((K, K), jnp.float32, sharding=sharding)
+    return _solve.lower(W, H, float(cfg.percdamp), **_solve_static(cfg, K, row_errors, return_dequantized)).compile()
+
+
 def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None, row_errors: bool = False):
     """Quantize W [out_features, in_features] (torch layout) with layer Hessian H [K, K].
 
@@ -270,6 +309,27 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None,
         raise ValueError(f"H has shape {H.shape}, expected ({K}, {K}) for W of shape {W.shape}")
     check_packable(K, cfg.bits, "in_features")
     check_packable(N, cfg.bits, "out_features")
+    if mesh is None or mesh.devices.size == 1 or N % mesh.devices.size:
+        static = _solve_static(cfg, K, row_errors, return_dequantized)
+        for retry in range(cfg.damp_retries + 1):
+            p = cfg.percdamp * 10**retry
+            weight, deq, loss, finite = _solve(W, H, p, **static)
+            (w_ok, h_ok, u_ok), loss = jax.device_get((finite, loss))  # the solve's one wait
+            if not w_ok:
+                raise ValueError("W contains NaN or Inf")
+            if not h_ok:
+                raise ValueError("Hessian H contains NaN or Inf")
+            if u_ok:
+                break
+            if retry < cfg.damp_retries:
+                warnings.warn(f"GPTQ: Cholesky failed with percdamp={p:g}, retrying with more damping")
+        else:
+            raise ValueError(f"Hessian not positive definite after {cfg.damp_retries} damping retries "
+                             f"(percdamp up to {p:g})")
+        error = np.asarray(loss, np.float64) if row_errors else float(loss)
+        return (weight, error, deq) if return_dequantized else (weight, error)
+
+    # Row-parallel over the mesh: the same steps as separate programs, the column loop under shard_map.
     w_ok, h_ok = jax.device_get((_all_finite(W), _all_finite(H)))  # one wait for both checks
     if not w_ok:
         raise ValueError("W contains NaN or Inf")
@@ -283,16 +343,12 @@ def gptq(W, H, cfg: QuantConfig, *, return_dequantized: bool = False, mesh=None,
     )
     U = factor_with_damping_retries(lambda p: _inverse_cholesky_upper(Hp, p), cfg.percdamp, cfg.damp_retries)
 
-    static = dict(bits=cfg.bits, sym=cfg.sym, group_size=gs, block_size=_block_size(cfg, K))
-    if mesh is not None and mesh.devices.size > 1 and N % mesh.devices.size == 0:
-        from .distributed import axis_name
+    from .distributed import axis_name
 
-        Wp = jax.device_put(Wp, NamedSharding(mesh, PartitionSpec(axis_name(mesh), None)))
-        solve = _row_parallel_blocks(mesh, tables is None, row_loss=row_errors, **static)
-        codes, deq, loss, (scales, zeros) = solve(Wp, U, col_group, tables)
-    else:
-        codes, deq, loss, (scales, zeros) = _quantize_blocks(Wp, U, col_group, tables, row_loss=row_errors,
-                                                             **static)
+    static = dict(bits=cfg.bits, sym=cfg.sym, group_size=gs, block_size=_block_size(cfg, K))
+    Wp = jax.device_put(Wp, NamedSharding(mesh, PartitionSpec(axis_name(mesh), None)))
+    solve = _row_parallel_blocks(mesh, tables is None, row_loss=row_errors, **static)
+    codes, deq, loss, (scales, zeros) = solve(Wp, U, col_group, tables)
     weight, deq = _finish(codes, deq, perm, scales, zeros, bits=cfg.bits, group_size=gs, sym=cfg.sym,
                           act_order=cfg.act_order, static_groups=cfg.static_groups,
                           return_dequantized=return_dequantized)

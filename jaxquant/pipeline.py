@@ -44,6 +44,9 @@ class Method:
     # a Hessian (q/k/v, up/gate) as one stacked weight -- the same codes, fewer latency-bound column loops -- and on a
     # mesh splits each such solve's rows across the devices.
     solve_rows: Optional[Callable] = None
+    # (N, K, cfg, device or None) -> None: compiles ahead of time what solve_rows runs for W [N, K] with W and H on
+    # device (None: uncommitted, default device); the pipeline calls it from background threads (precompile=True).
+    precompile_rows: Optional[Callable] = None
     # (lm, calibration, cfg, params) -> {"layers_{i}/<sub-layer>": statistics}, computed once before the layer loop;
     # solve gets the linear's entry in place of H (e.g. SqueezeLLM's Fisher). Needs calibration, not the Hessian.
     stats: Optional[Callable] = None
@@ -65,6 +68,12 @@ def _gptq_rows(W, H, cfg):
     return gptq(W, H, cfg, return_dequantized=True, row_errors=True)
 
 
+def _gptq_precompile_rows(N, K, cfg, device):
+    from jaxquant.gptq import precompile
+
+    precompile(N, K, cfg, device, return_dequantized=True, row_errors=True)
+
+
 def _rtn(W, H, cfg):
     from jaxquant.rtn import rtn
 
@@ -73,7 +82,7 @@ def _rtn(W, H, cfg):
 
 
 METHODS: Dict[str, Method] = {
-    "gptq": Method("gptq", _gptq, solve_rows=_gptq_rows),
+    "gptq": Method("gptq", _gptq, solve_rows=_gptq_rows, precompile_rows=_gptq_precompile_rows),
     "rtn": Method("rtn", _rtn, needs_hessian=False),
 }
 
@@ -197,6 +206,21 @@ def _joint_sets(group, aliases):
     return [tuple(v) for v in sets.values()]
 
 
+def _used_entries(fn, tree: dict, *args) -> dict:
+    """The top-level entries of ``tree`` that ``fn(tree, *args)`` reads (one abstract trace); all of them if the trace
+    fails. The embedding needs the token table, not the LM head: only that goes to the device(s)."""
+    try:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x))  # noqa: E731
+        closed = jax.make_jaxpr(fn)(jax.tree_util.tree_map(spec, tree), *args)
+        jaxpr = closed.jaxpr
+        used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+        keep = {str(path[0].key) for (path, _), var in zip(flat, jaxpr.invars) if id(var) in used}
+        return {k: v for k, v in tree.items() if k in keep}
+    except Exception:  # only a saving: fall back to every entry
+        return tree
+
+
 def _run_concurrently(fns):
     if len(fns) == 1:
         return [fns[0]()]
@@ -274,7 +298,11 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     rows: List[dict] = []
     t_start = time.perf_counter()
 
-    inps = positions = None
+    inps = positions = upcoming = None
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Decoder layers go host -> device(s) in a background thread, the next one while this one computes.
+    loader, names_all = ThreadPoolExecutor(1), layer_names(lm)
     if m.needs_hessian:
         if calibration is None or np.ndim(calibration) != 2:
             raise ValueError(f"method {method!r} needs calibration token ids of shape [n, seqlen]")
@@ -286,7 +314,10 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's {n_dev} devices")
         positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen)))
         embed = jax.jit(lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed))
-        top = on_devices(non_layer_params(host))
+        if m.stats is None:  # the first layer's weights travel while the calibration set is embedded
+            upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
+        ids0 = jax.ShapeDtypeStruct((batch_size, seqlen), np.int32)
+        top = on_devices(_used_entries(embed, non_layer_params(host), ids0))
         inps = [embed(top, split_batch(jnp.asarray(calibration[i: i + batch_size])))
                 for i in range(0, n, batch_size)]
         del top
@@ -322,6 +353,20 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         if len(devices) == 1:
             return [one(name, None) for name in group]
         return _run_concurrently([partial(one, name, devices[i % len(devices)]) for i, name in enumerate(group)])
+
+    def solve_plan(work, sets):
+        """[(names, [(device, lo, hi), ...])]: the row blocks of each joint solve and the device of each block."""
+        planned = []
+        for i, names in enumerate(sets):
+            N = sum(int(_get(work, nm)["kernel"].shape[1]) for nm in names)
+            if len(devices) == 1 or mesh_solves == "linears":
+                planned.append((names, [(devices[i % len(devices)], 0, N)]))
+            elif N % (n_dev * _ROW_UNIT) == 0:
+                per = N // n_dev
+                planned.append((names, [(d, j * per, (j + 1) * per) for j, d in enumerate(devices)]))
+            else:  # rows not divisible into whole packing runs per device: one device
+                planned.append((names, [(devices[0], 0, N)]))
+        return planned
 
     def solve_joint(work, hessians, sets):
         """One solve per set of linears sharing a Hessian, over their stacked rows; on a mesh either each solve's
@@ -360,28 +405,19 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                 kernels = _unstack_on_mesh[mesh](deq, sizes=sizes, dtype=dtype)
             return names, qws, errs, max(b[3] for b in blocks), kernels
 
-        if len(devices) == 1 or mesh_solves == "linears":
-            results = _run_concurrently([partial(block, names, devices[i % len(devices)], 0,
-                                                 sum(sh[1] for sh in shapes[names]))
-                                         for i, names in enumerate(sets)])
-            return [assemble(names, [r]) for names, r in zip(sets, results)]
-        out = []
-        for names in sets:
-            N = sum(sh[1] for sh in shapes[names])
-            if N % (n_dev * _ROW_UNIT) == 0:
-                per = N // n_dev
-                blocks = _run_concurrently([partial(block, names, d, i * per, (i + 1) * per)
-                                            for i, d in enumerate(devices)])
-            else:  # rows not divisible into whole packing runs per device: one device
-                blocks = [block(names, devices[0], 0, N)]
-            out.append(assemble(names, blocks))
-        return out
+        planned = solve_plan(work, sets)
+        if len(devices) == 1 or mesh_solves == "linears":  # whole solves, side by side on the devices
+            results = _run_concurrently([partial(block, names, *blocks[0]) for names, blocks in planned])
+            return [assemble(names, [r]) for (names, _), r in zip(planned, results)]
+        # one solve after the other, each one's row blocks at the same time on their devices
+        return [assemble(names, _run_concurrently([partial(block, names, *b) for b in blocks]))
+                for names, blocks in planned]
 
     def start_precompile(work0):
         """Background compilation of the first layer's programs (see ``precompile``); returns the pool to join."""
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(8)
+        pool = ThreadPoolExecutor(12)
         h0 = inps[0]
 
         def spec(shape):  # a collected input as the collection returns it: batch-split on a mesh
@@ -397,6 +433,24 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     warnings.warn(f"precompile: {type(e).__name__}: {e}")
             return run
 
+        # With JAX's persistent compilation cache on, a single-device program compiled for one device is loaded from
+        # the cache for the others (GPU cache keys leave the device out): compile each solve for the devices in turn.
+        chain_devices = bool(jax.config.jax_compilation_cache_dir) and n_dev > 1
+
+        def precompile_solves(group):
+            """The group's solve programs (every row block, every device), compiled ahead of time; needs the
+            collector traced (its aliases give the joint sets)."""
+            if not (joint and m.precompile_rows is not None):
+                return
+            for names, blocks in solve_plan(work0, _joint_sets(group, collectors[group].aliases)):
+                K = int(_get(work0, names[0])["kernel"].shape[0])
+                jobs = [partial(m.precompile_rows, hi - lo, K, config, device) for device, lo, hi in blocks]
+                if chain_devices:
+                    pool.submit(quiet(lambda jobs=jobs: [job() for job in jobs]))
+                else:
+                    for job in jobs:
+                        pool.submit(quiet(job))
+
         def lower_all():
             stored, states = {}, {}
             for group in groups:
@@ -404,6 +458,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                                                h_init(_get(work0, name)["kernel"].shape[0])) for name in group}
                 lowered = collectors[group].jitted.lower(work0, h0, positions, sts, dict(stored))
                 pool.submit(quiet(lowered.compile))
+                precompile_solves(group)
                 stored.update({name: spec(h0.shape[:-1] + (_get(work0, name)["kernel"].shape[0],))
                                for name in group})
             pool.submit(quiet(forward.lower(work0, h0, positions, dict(stored)).compile))
@@ -427,11 +482,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
     layer_seconds = []
     warmup = None
-    from concurrent.futures import ThreadPoolExecutor
-
-    # The next layer's weights go host -> device(s) in a background thread while this layer computes.
-    loader, names_all = ThreadPoolExecutor(1), layer_names(lm)
-    upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
+    if upcoming is None and names_all:
+        upcoming = loader.submit(on_devices, host[names_all[0]])
     for index, lname in enumerate(bar):
         t_layer = time.perf_counter()
         work = upcoming.result()  # only this layer's weights (and the next one's, arriving) on the device(s)
