@@ -27,17 +27,34 @@ weights, + outputs + temporaries incl. the KV cache - aliased): what the program
 ``process_peak_gb`` = the worker process's peak device allocation (``memory_stats``) after that batch's runs; it only
 rises within a process (formats in one worker run one after another; the load-time layout conversion counts too).
 
-Correctness guard (batch 1): the prefill's last-position logits (the ones that pick the first token; M = prompt
-length) and one decode step's logits (M = 1) of the quantized model on its dispatched path, against the same model
-with every quantized weight replaced by its dense bf16 dequantization (plain XLA matmuls): relative Frobenius error
-below ``--tol`` and the same argmax. It catches gross errors (an unwritten output tile, NaN); it is not a precise
-kernel check: 32 layers of bf16 rounding amplify per-call differences to a few percent of the logits (measured on the
-CPU, bench/results/decode.md), so the per-call checks of bench/kernels.py (rel err < 1e-2 at every shape) are the
-precise ones.
+Formats: ``--formats`` names from ``FORMATS``, each optionally with ``+fused``: q/k/v and gate/up fused into one
+linear each at build time (``jaxquant.fusion.fuse_projections`` on the stored weights, before the kernel conversion),
+so a layer makes 4 linear calls instead of 7. Ratios ("x bf16") are to the faster of bf16 and bf16+fused of the same
+run and batch. ``--profile``: CUPTI device time of the batch-1 decode step by kernel (the whole generation's kernels
+minus the prefill-only run's, per step) and the gap to the wall-clock step time (launches, the loop's host sync).
+
+Correctness guard (batch 1; ``accuracy_guard``). Oracle: the *stored* quantized weights (before fusion and kernel
+conversion) dequantized in float32, float32 activations, full-precision float32 matmuls. Two checks:
+- per linear (``--linear-tol``, 1e-2 as in bench/kernels.py): every quantized linear of the dispatched model on its
+  real input (the prefill's rows, and the last row alone = the decode step's M = 1 dispatch) vs x @ W_oracle. This is
+  the precise check: it sees one call's error, not 32 layers' amplification. The bf16 XLA matmul with the same
+  converted bf16 weights is measured beside it.
+- model level (``--model-factor``): the prefill's last logits and one decode step's logits of the dispatched path vs
+  the float32 oracle must be within ``model_factor`` x the error of the dense-bf16 XLA reference (same bf16 weights,
+  plain XLA matmuls) vs the same oracle. A random 32-layer model amplifies any per-call rounding to a few per cent of
+  the logits (bench/results/decode.md: the bf16 model vs its own float32 copy, no quantization), so a fixed logits
+  tolerance either never fails or always does; the bf16 reference's own distance to the oracle is the measured
+  noise of this model in bf16.
+``--corrupt-check`` runs the same guard on two deliberately damaged kernel weights (one 64-column output tile reading
+zeros; one group's scales x 1.5) against the intact references: both must FAIL. The bf16 row's guard is the noise
+floor (bf16 model vs its float32 copy).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -114,9 +131,10 @@ def random_lut(key, K, N, bits):
                               values=jnp.zeros(0, jnp.float16), bits=bits, in_features=K, out_features=N)
 
 
-def random_spqr(key, K, N, bits, group, qq_bits, qq_group, outliers):
+def random_spqr(key, K, N, bits, group, qq_bits, qq_group, outliers, perm_key=None):
     """SpQRWeight from random packed codes and statistics, ``outliers`` of the weights as fp16 CSR entries (the same
-    count in every output row, one per stratum of columns: sorted and unique), a random act-order permutation."""
+    count in every output row, one per stratum of columns: sorted and unique), a random act-order permutation drawn
+    from ``perm_key`` (linears that read the same input share it, as one Hessian gives them one order)."""
     from jaxquant.formats_spqr import SpQRWeight
 
     G = K // group
@@ -136,12 +154,12 @@ def random_spqr(key, K, N, bits, group, qq_bits, qq_group, outliers):
         scale_qq=stat(scale_step, -1.0), zero_qq=stat(1.0, 0.0),
         row_ptr=jnp.arange(N + 1, dtype=jnp.int32) * per_row, col_idx=cols.astype(idx_dtype),
         values=(jax.random.normal(ks[6], (N * per_row,), jnp.float32) * WEIGHT_STD * 3).astype(jnp.float16),
-        perm=jax.random.permutation(ks[7], K).astype(idx_dtype),
+        perm=jax.random.permutation(ks[7] if perm_key is None else perm_key, K).astype(idx_dtype),
         bits=bits, group_size=group, qq_scale_bits=qq_bits, qq_zero_bits=qq_bits, qq_groupsize=qq_group,
         in_features=K, out_features=N)
 
 
-def random_weight(key, fmt: str, K: int, N: int):
+def random_weight(key, fmt: str, K: int, N: int, perm_key=None):
     kind, opt = FORMATS[fmt]
     if kind == "dense":
         return (jax.random.normal(key, (K, N), jnp.float32) * WEIGHT_STD).astype(jnp.bfloat16)
@@ -150,18 +168,34 @@ def random_weight(key, fmt: str, K: int, N: int):
     if kind == "lut":
         return random_lut(key, K, N, opt["bits"])
     if kind == "spqr":
-        return random_spqr(key, K, N, opt["bits"], opt["group"], opt["qq_bits"], opt["qq_group"], opt["outliers"])
+        return random_spqr(key, K, N, opt["bits"], opt["group"], opt["qq_bits"], opt["qq_group"], opt["outliers"],
+                           perm_key)
     raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
 
 
-def build_model(fmt: str, key, dims: dict = LLAMA_7B, convert: bool = True):
-    """(module, params): a bf16 LLaMA with random weights, every decoder-layer linear in format ``fmt``, built on the
-    default device. ``convert``: run ``prepare_for_kernels`` on each layer right after building it (the kernels'
-    layouts where supported; one layer's conversion temporaries at a time)."""
-    import models.llama as llama
+def parse_format(spec: str):
+    """"gptq-w4g128" -> ("gptq-w4g128", False); "gptq-w4g128+fused" -> (.., True): q/k/v and gate/up fused."""
+    base, plus, suffix = spec.partition("+")
+    if base not in FORMATS or (plus and suffix != "fused"):
+        raise ValueError(f"unknown format {spec!r}; choose from {sorted(FORMATS)}, each optionally with '+fused'")
+    return base, bool(plus)
 
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
+
+# Linears that read the same input (one Hessian, so one act-order permutation): the fusion groups.
+_INPUT_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def build_model(spec: str, key, dims: dict = LLAMA_7B, convert: bool = True, keep_stored: bool = False):
+    """(module, params, stored, fusion report): a bf16 LLaMA with random weights, every decoder-layer linear in
+    format ``spec`` (``parse_format``), built on the default device layer by layer: random stored weights ->
+    ``jaxquant.fusion.fuse_projections`` (``+fused``) -> ``prepare_for_kernels`` (``convert``; the kernels' layouts
+    where supported). ``stored``: the unfused, unconverted params (``keep_stored``; the guard's float32 oracle) or
+    None. Weights are drawn from ``key`` and the unfused linear's name, so a format fused and unfused holds the same
+    values."""
+    import models.llama as llama
+    from jaxquant.fusion import fuse_projections
+
+    fmt, fuse = parse_format(spec)
     cfg = model_config(dims)
     module = llama.LlamaForCausalLM(cfg, dtype=jnp.bfloat16)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
@@ -169,7 +203,7 @@ def build_model(fmt: str, key, dims: dict = LLAMA_7B, convert: bool = True):
     if convert and FORMATS[fmt][0] != "dense":
         from jaxquant.kernel_layout import prepare_for_kernels as prepare
 
-    params = {}
+    params, stored, report = {}, ({} if keep_stored else None), {"fused": [], "skipped": {}}
     for i, (name, sub) in enumerate(sorted(shapes.items())):
         sub_key = jax.random.fold_in(key, i)
 
@@ -179,12 +213,21 @@ def build_model(fmt: str, key, dims: dict = LLAMA_7B, convert: bool = True):
             if names[-1] == "scale":  # norm scales
                 return jnp.ones(s.shape, s.dtype)
             if layer and names[-1] == "kernel":
-                return random_weight(k, fmt, *s.shape)
+                group = "/".join([names[0], _INPUT_GROUPS.get(names[1], names[1])])
+                perm_key = jax.random.fold_in(sub_key, zlib.crc32(group.encode()) % (2**31))
+                return random_weight(k, fmt, *s.shape, perm_key=perm_key)
             return (jax.random.normal(k, s.shape, jnp.float32) * WEIGHT_STD).astype(s.dtype)
 
         built = jax.tree_util.tree_map_with_path(leaf, sub)
+        if keep_stored:
+            stored[name] = built
+        if fuse and name.startswith("layers_"):
+            fused, rep = fuse_projections({name: built})
+            built = fused[name]
+            report["fused"] += rep["fused"]
+            report["skipped"].update(rep["skipped"])
         params[name] = prepare(built) if (prepare is not None and name.startswith("layers_")) else built
-    return module, params
+    return module, params, stored, report
 
 
 def _is_weight(x) -> bool:
@@ -277,50 +320,226 @@ def time_generate(compiled, params, prompt, batch: int, new_tokens: int, reps: i
     return statistics.median(total), statistics.median(prefill), first, steps
 
 
-def guard_logits(module, params, ids, token):
-    """(prefill last-position logits [B, V], one decode step's logits [B, V]) with a KV cache, jitted."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def guard_forward(module, params, ids, token, highest: bool):
+    """Prefill last-position logits [B, V], one decode step's logits [B, V] (KV cache in the module's dtype) and the
+    prefill's linear inputs (the ``intermediates`` Linear sows). ``highest``: float32 matmuls at full precision (on
+    the GPU the default lets XLA use TF32), for the float32 oracle."""
     from models.common import init_cache
 
-    @jax.jit
-    def f(params, ids, token):
+    with (jax.default_matmul_precision("highest") if highest else contextlib.nullcontext()):
         b, t = ids.shape
         cfg = module.config
-        cache = init_cache(cfg.num_layers, b, t + 1, *cfg.kv_cache_shape, jnp.bfloat16)
+        cache = init_cache(cfg.num_layers, b, t + 1, *cfg.kv_cache_shape, module.dtype)
         kv_mask = jnp.ones((b, t + 1), bool)
-        apply = lambda *a, **k: module.apply({"params": params}, *a, **k)
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        logits, cache = apply(ids, pos, cache=cache, cache_index=0, kv_mask=kv_mask)
-        step, _ = apply(token[:, None], jnp.full((b, 1), t), cache=cache, cache_index=t, kv_mask=kv_mask)
-        return logits[:, -1], step[:, -1]
+        (logits, cache), state = module.apply({"params": params}, ids, pos, cache=cache, cache_index=0,
+                                              kv_mask=kv_mask, mutable=["intermediates"])
+        step, _ = module.apply({"params": params}, token[:, None], jnp.full((b, 1), t), cache=cache, cache_index=t,
+                               kv_mask=kv_mask)
+    return logits[:, -1], step[:, -1], state["intermediates"]
 
-    return f(params, ids, token)
+
+@jax.jit
+def _dequantize_f32(w):
+    return w.dequantize(jnp.float32)
 
 
-def check_against_reference(module, params, prompt, key, tol):
-    """Guard numbers (module docstring): dict with rel errors, argmax agreement, pass flag."""
-    ids = jnp.asarray(prompt, jnp.int32)[None]
-    token = jax.random.randint(key, (1,), 0, module.config.vocab_size, jnp.int32)
-    got = [np.asarray(a, np.float64) for a in guard_logits(module, params, ids, token)]
-    ref_params = dense_reference(params)
-    ref = [np.asarray(a, np.float64) for a in guard_logits(module, ref_params, ids, token)]
-    del ref_params
-    out = {}
-    ok = True
-    for name, g, r in zip(("prefill", "decode_step"), got, ref):
-        err = float(np.linalg.norm(g - r) / np.linalg.norm(r))
-        same_argmax = bool((g.argmax(-1) == r.argmax(-1)).all())
-        finite = bool(np.isfinite(g).all())
-        out[f"{name}_rel_err"] = float(f"{err:.3g}")
-        out[f"{name}_argmax_same"] = same_argmax
-        ok &= finite and err < tol and same_argmax
-    out["guard_ok"] = bool(ok)
+def oracle_params(stored):
+    """The stored (unfused, unconverted) params in float32: quantized weights dequantized exactly (float32
+    arithmetic of the stored codes / scales / tables), bf16 arrays widened."""
+    return jax.tree_util.tree_map(lambda l: _dequantize_f32(l) if _is_weight(l) else l.astype(jnp.float32), stored,
+                                  is_leaf=_is_weight)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _first_linear_inputs(inter, num_layers):
+    """Each layer's attention input (the input of q_proj or of the fused qkv_proj), [L, T, H] float64."""
+    out = []
+    for i in range(num_layers):
+        attn = inter[f"layers_{i}"]["self_attn"]
+        out.append(np.asarray((attn["qkv_proj"] if "qkv_proj" in attn else attn["q_proj"])["inputs"][0][0],
+                              np.float64))
+    return np.stack(out)
+
+
+@jax.jit
+def _linear_errors(x, w, w_oracle):
+    """Relative Frobenius errors vs x @ w_oracle (float32, full precision) of the dispatched product (kernel on the
+    GPU) and of XLA's bf16 matmul with the same dequantized bf16 weight (what the dense-bf16 reference runs)."""
+    ref = jnp.matmul(x.astype(jnp.float32), w_oracle, precision=jax.lax.Precision.HIGHEST)
+    got = w.matmul(x).astype(jnp.float32)
+    xla = jnp.matmul(x, w.dequantize(jnp.float32).astype(x.dtype)).astype(jnp.float32)
+    err = lambda y: jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)  # noqa: E731
+    return err(got), err(xla), jnp.all(jnp.isfinite(got))
+
+
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def per_linear_check(params, stored, inter, rows=(None, 1)):
+    """Every quantized linear of ``params`` on its real prefill input (from ``inter``; all prompt rows, then the last
+    row alone = the decode-step M = 1 dispatch) vs the float32 oracle of its stored weights (a fused linear: its
+    stored parts side by side). Returns {"kernel": [...], "xla_bf16": [...], "finite", "worst"}."""
+    errs, xla_errs, finite, names = [], [], True, []
+    for layer in sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1])):
+        for parent, subs in params[layer].items():
+            for name, sub in subs.items():
+                w = sub.get("kernel") if isinstance(sub, dict) else None
+                if not _is_weight(w):
+                    continue
+                parts = [stored[layer][parent][n]["kernel"] for n in _FUSED_PARTS.get(name, (name,))]
+                oracle = jnp.concatenate([_dequantize_f32(p) for p in parts], axis=1)
+                x = inter[layer][parent][name]["inputs"][0]
+                x2d = x.reshape(-1, x.shape[-1])
+                for r in rows:
+                    e, ex, fin = _linear_errors(x2d if r is None else x2d[-r:], w, oracle)
+                    errs.append(float(e))
+                    xla_errs.append(float(ex))
+                    finite &= bool(fin)
+                    names.append(f"{layer}/{parent}/{name} M={x2d.shape[0] if r is None else r}")
+                del oracle
+    worst = int(np.argmax(errs)) if errs else None
+    return {"kernel": errs, "xla_bf16": xla_errs, "finite": finite, "worst": None if worst is None else names[worst]}
+
+
+def _corrupt(params, layer: str, parent: str, name: str, how: str):
+    """A copy of ``params`` with one kernel-layout linear's scales damaged, as a kernel bug would (the guard's
+    references keep the intact weights): "tile" zeroes the scales of output columns 0..63 (those outputs read 0, as
+    an unwritten output tile would), "group" multiplies one group's scales by 1.5."""
+    sub = params[layer][parent]
+    key = name if name in sub else next(k for k, v in _FUSED_PARTS.items() if name in v and k in sub)
+    w = sub[key]["kernel"]
+    scales = w.scales.at[:, :64].set(0) if how == "tile" else w.scales.at[w.scales.shape[0] // 2].multiply(1.5)
+    bad = dataclasses.replace(w, scales=scales)
+    out = dict(params)
+    out[layer] = dict(params[layer], **{parent: dict(sub, **{key: dict(sub[key], kernel=bad)})})
     return out
 
 
+def accuracy_guard(module, params, stored, prompt, key, linear_tol=1e-2, model_factor=2.0, corrupt=False):
+    """The correctness guard (module docstring): per-linear check on real activations against the float32 oracle,
+    plus the model-level logits of the dispatched path, of the dense-bf16 XLA reference (same bf16 weights) and of
+    the float32 oracle (stored weights, float32 activations). Returns (guard dict, [corrupted guard dicts])."""
+    cfg = module.config
+    ids = jnp.asarray(prompt, jnp.int32)[None]
+    token = jax.random.randint(key, (1,), 0, cfg.vocab_size, jnp.int32)
+    f32_module = module.clone(dtype=jnp.float32)
+    oracle = oracle_params(stored)
+    o_pre, o_step, o_inter = guard_forward(f32_module, oracle, ids, token, True)
+    o_layers = _first_linear_inputs(o_inter, cfg.num_layers)
+    del oracle, o_inter
+    quantized = bool(weight_classes(params))
+    if quantized:
+        ref = dense_reference(params)
+        x_pre, x_step, x_inter = guard_forward(module, ref, ids, token, False)
+        x_layers = _first_linear_inputs(x_inter, cfg.num_layers)
+        del ref, x_inter
+    out_o = (o_pre, o_step)
+
+    def evaluate(p):
+        g_pre, g_step, g_inter = guard_forward(module, p, ids, token, False)
+        g = {}
+        for name, got, want in (("prefill", g_pre, o_pre), ("decode_step", g_step, o_step)):
+            g[f"{name}_rel_err_vs_f32"] = float(f"{_rel(got, want):.3g}")
+            g[f"{name}_argmax_same_as_f32"] = bool((np.asarray(got).argmax(-1) == np.asarray(want).argmax(-1)).all())
+        g["layer_input_rel_err_vs_f32"] = [float(f"{v:.3g}") for v in
+                                           np.linalg.norm((_first_linear_inputs(g_inter, cfg.num_layers) - o_layers)
+                                                          .reshape(cfg.num_layers, -1), axis=1)
+                                           / np.linalg.norm(o_layers.reshape(cfg.num_layers, -1), axis=1)]
+        finite = bool(np.isfinite(np.asarray(g_pre)).all() and np.isfinite(np.asarray(g_step)).all())
+        if not quantized:  # the bf16 model vs its float32 self: the noise floor, nothing to judge
+            g["guard_ok"] = None
+            return g
+        for name, got, want in (("prefill", g_pre, x_pre), ("decode_step", g_step, x_step)):
+            g[f"{name}_rel_err_vs_bf16_xla"] = float(f"{_rel(got, want):.3g}")
+        for name, got in (("prefill", x_pre), ("decode_step", x_step)):
+            g[f"bf16_xla_{name}_rel_err_vs_f32"] = float(f"{_rel(got, out_o[0 if name == 'prefill' else 1]):.3g}")
+        g["bf16_xla_layer_input_rel_err_vs_f32"] = [
+            float(f"{v:.3g}") for v in np.linalg.norm((x_layers - o_layers).reshape(cfg.num_layers, -1), axis=1)
+            / np.linalg.norm(o_layers.reshape(cfg.num_layers, -1), axis=1)]
+        lin = per_linear_check(p, stored, g_inter)
+        del g_inter
+        g.update(linear_max_rel_err=float(f"{max(lin['kernel']):.3g}"),
+                 linear_median_rel_err=float(f"{np.median(lin['kernel']):.3g}"),
+                 linear_worst=lin["worst"], linear_checks=len(lin["kernel"]),
+                 bf16_xla_linear_max_rel_err=float(f"{max(lin['xla_bf16']):.3g}"),
+                 bf16_xla_linear_median_rel_err=float(f"{np.median(lin['xla_bf16']):.3g}"))
+        linear_ok = lin["finite"] and max(lin["kernel"]) < linear_tol
+        model_ok = finite and all(g[f"{n}_rel_err_vs_f32"] <= model_factor * g[f"bf16_xla_{n}_rel_err_vs_f32"]
+                                  for n in ("prefill", "decode_step"))
+        g.update(linear_ok=bool(linear_ok), model_ok=bool(model_ok), guard_ok=bool(linear_ok and model_ok),
+                 linear_tol=linear_tol, model_factor=model_factor)
+        return g
+
+    guard = evaluate(params)
+    corrupted = []
+    if corrupt and quantized and hasattr(next(iter(_linear_leaves(params))), "scales"):
+        mid = f"layers_{cfg.num_layers // 2}"
+        for how, parent, name in (("tile", "self_attn", "o_proj"), ("group", "mlp", "up_proj")):
+            g = evaluate(_corrupt(params, mid, parent, name, how))
+            g["corruption"] = f"{how}: {mid}/{parent}/{name}"
+            corrupted.append(g)
+    return guard, corrupted
+
+
+def _linear_leaves(params):
+    return [l for l in jax.tree_util.tree_leaves(params, is_leaf=_is_weight) if _is_weight(l)]
+
+
+# ------------------------------------------------------------------------------------------------------- profile
+def _category(name: str) -> str:
+    n = name.lower()
+    if "mosaic_gpu" in n:
+        return "pallas quantized matmul"
+    if any(s in n for s in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "xmma", "dot")):
+        return "XLA / cuBLAS matmul"
+    if "cusparse" in n:
+        return "cuSPARSE"
+    if "reduce" in n:
+        return "reduction fusions"
+    return "other fusions (elementwise, pad, slice, copy, scatter)"
+
+
+def kernel_breakdown(compiled, args_full, args_prefill, steps: int, iterations: int = 3) -> dict:
+    """Device time per decode step from CUPTI: every GPU kernel of the whole generation program minus those of the
+    prefill-only run (eos = first token), divided by the decode steps; by category and by kernel name."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    def per_name(args):
+        _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
+        runs = timings if iterations > 1 else [timings]
+        agg = {}
+        for run in runs:
+            for name, ms in run:
+                c, t = agg.get(name, (0, 0.0))
+                agg[name] = (c + 1, t + ms * 1e3 / len(runs))
+        return {k: (c / len(runs), t) for k, (c, t) in agg.items()}
+
+    full, pre = per_name(args_full), per_name(args_prefill)
+    names = {}
+    for k, (c, t) in full.items():
+        c0, t0 = pre.get(k, (0, 0.0))
+        if c - c0 > 0:
+            names[k] = ((c - c0) / steps, (t - t0) / steps)
+    cats = {}
+    for k, (c, t) in names.items():
+        cats[_category(k)] = cats.get(_category(k), 0.0) + t
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"kernel_us_per_step": round(sum(t for _, t in names.values()), 1),
+            "categories_us_per_step": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_per_step": [[k[:60], round(c, 2), round(t, 1)] for k, (c, t) in top]}
+
+
 # --------------------------------------------------------------------------------------------------------- worker
-def run_format(fmt, batches, prompt_len, new_tokens, reps, tol, dims, seed, rows_path, guard=True,
-               command=None, run_id=None):
-    """One format in this process: build, convert, time each batch, guard; appends JSON lines to rows_path."""
+def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_path, guard=True, command=None,
+               run_id=None, profile=False, corrupt=False, linear_tol=1e-2, model_factor=2.0):
+    """One format in this process: build, convert, time each batch (+ CUPTI breakdown of batch 1's decode step with
+    ``profile``), guard; appends JSON lines to rows_path."""
     from jaxquant import results
 
     def row(**fields):
@@ -329,19 +548,31 @@ def run_format(fmt, batches, prompt_len, new_tokens, reps, tol, dims, seed, rows
             r["command"] = command
         return r
 
+    def write(r):
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row(**r)) + "\n")
+
+    fmt, fused = parse_format(spec)
+    # The bf16 model's guard is the noise floor (bf16 vs float32, no quantization); its fused twin adds nothing.
+    guard = guard and not (fused and FORMATS[fmt][0] == "dense")
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    module, params = build_model(fmt, key, dims)
+    module, params, stored, fusion = build_model(spec, key, dims, keep_stored=guard)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
     classes = weight_classes(params)
-    info = dict(format=fmt, model_shape="llama-7b" if dims == LLAMA_7B else json.dumps(dims), weight_classes=classes,
-                path=path_label(classes), params_gb=params_bytes(params) / 1e9, avg_bits=quantized_avg_bits(params),
-                build_s=round(build_s, 1), load_peak_gb=None)
+    info = dict(format=spec, model_shape="llama-7b" if dims == LLAMA_7B else json.dumps(dims),
+                weight_classes=classes, path=path_label(classes), fused=fused,
+                linear_calls_per_layer=sum(len(sub) for layer in [params["layers_0"]]
+                                           for parent in ("self_attn", "mlp") for sub in [layer[parent]]),
+                params_gb=params_bytes(params) / 1e9, avg_bits=quantized_avg_bits(params), build_s=round(build_s, 1))
+    if fused and fusion["skipped"]:
+        info["fusion_skipped"] = dict(list(fusion["skipped"].items())[:4])
     peak = peak_device_bytes()
     info["load_peak_gb"] = None if peak is None else round(peak / 1e9, 3)
-    log(f"[{fmt}] built in {build_s:.1f} s: {classes}, {info['params_gb']:.2f} GB params, "
-        f"avg bits {info['avg_bits']}, peak so far {info['load_peak_gb']} GB")
+    log(f"[{spec}] built in {build_s:.1f} s: {classes}, {info['params_gb']:.2f} GB params, avg bits "
+        f"{info['avg_bits']}, {info['linear_calls_per_layer']} linears per layer (fused {len(fusion['fused'])}, "
+        f"skipped {len(fusion['skipped'])}), peak so far {info['load_peak_gb']} GB")
     prompt = np.asarray(jax.random.randint(jax.random.fold_in(key, 7), (prompt_len,), 0, module.config.vocab_size))
     rows = []
     for batch in batches:
@@ -361,25 +592,39 @@ def run_format(fmt, batches, prompt_len, new_tokens, reps, tol, dims, seed, rows
                      prefill_tokens_per_s=round(batch * prompt_len / prefill, 1),
                      peak_mem_gb=None if prog is None else round(prog / 1e9, 3),
                      process_peak_gb=None if peak is None else round(peak / 1e9, 3), compile_s=round(compile_s, 1))
-            del compiled
-            log(f"[{fmt}] batch {batch}: {r['tokens_per_s']} tok/s ({r['ms_per_step']} ms/step), prefill "
+            log(f"[{spec}] batch {batch}: {r['tokens_per_s']} tok/s ({r['ms_per_step']} ms/step), prefill "
                 f"{prefill * 1e3:.1f} ms, program peak {r['peak_mem_gb']} GB (process {r['process_peak_gb']} GB), "
                 f"compile {compile_s:.1f} s")
         except Exception as e:
-            log(f"[{fmt}] batch {batch} FAILED:\n{traceback.format_exc()[-3000:]}")
+            compiled = None
+            log(f"[{spec}] batch {batch} FAILED:\n{traceback.format_exc()[-3000:]}")
             r = dict(info, what="generate", batch=batch, error=f"{type(e).__name__}: {str(e)[:500]}")
         rows.append(r)
-        with open(rows_path, "a") as f:
-            f.write(json.dumps(row(**r)) + "\n")
-    if guard and FORMATS[fmt][0] != "dense":
+        write(r)
+        if profile and batch == 1 and compiled is not None:
+            try:
+                ids = jnp.asarray(np.tile(np.asarray(prompt, np.int32)[None], (batch, 1)))
+                fixed = (ids, jnp.ones(ids.shape, bool), jax.random.PRNGKey(0), jnp.float32(1e-6), jnp.float32(1.0))
+                b = kernel_breakdown(compiled, (params, *fixed, jnp.int32(-1)), (params, *fixed, jnp.int32(first)),
+                                     new_tokens - 1)
+                b["gap_us_per_step"] = round(r["ms_per_step"] * 1e3 - b["kernel_us_per_step"], 1)
+                log(f"[{spec}] profile (batch 1, per decode step): {json.dumps(b)}")
+                write(dict(info, what="profile", batch=batch, ms_per_step=r["ms_per_step"], **b))
+            except Exception:
+                log(f"[{spec}] profile FAILED:\n{traceback.format_exc()[-3000:]}")
+        del compiled
+    if guard:
         try:
-            g = check_against_reference(module, params, prompt, jax.random.fold_in(key, 11), tol)
+            g, bad = accuracy_guard(module, params, stored, prompt, jax.random.fold_in(key, 11), linear_tol,
+                                    model_factor, corrupt)
         except Exception as e:
-            log(f"[{fmt}] guard FAILED:\n{traceback.format_exc()[-3000:]}")
-            g = {"guard_ok": False, "guard_error": f"{type(e).__name__}: {str(e)[:300]}"}
-        log(f"[{fmt}] guard vs dense-bf16 reference (batch 1): {g}")
-        with open(rows_path, "a") as f:
-            f.write(json.dumps(row(**dict(info, what="guard", batch=1, tol=tol, **g))) + "\n")
+            log(f"[{spec}] guard FAILED:\n{traceback.format_exc()[-3000:]}")
+            g, bad = {"guard_ok": False, "guard_error": f"{type(e).__name__}: {str(e)[:300]}"}, []
+        log(f"[{spec}] guard (batch 1): {json.dumps(g)}")
+        write(dict(info, what="guard", batch=1, **g))
+        for b in bad:
+            log(f"[{spec}] guard on a deliberately corrupted weight ({b['corruption']}): {json.dumps(b)}")
+            write(dict(info, what="guard-corrupted", batch=1, **b))
     return rows
 
 
@@ -391,19 +636,36 @@ def read_rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _guard_text(g) -> str:
+    if g is None:
+        return "-"
+    if "linear_max_rel_err" in g:  # per-linear vs float32 oracle / model step vs f32 (bf16 XLA's)
+        return (f"{'ok' if g.get('guard_ok') else 'FAIL'} ({g['linear_max_rel_err']} / "
+                f"{g.get('decode_step_rel_err_vs_f32')} ({g.get('bf16_xla_decode_step_rel_err_vs_f32')}))")
+    if "guard_error" in g:
+        return f"error: {g['guard_error'][:60]}"
+    if g.get("guard_ok") is None:
+        return "-"
+    return (f"{'ok' if g.get('guard_ok') else 'FAIL'} (old guard vs dense bf16: {g.get('prefill_rel_err')} / "
+            f"{g.get('decode_step_rel_err')})")
+
+
 def summarize(rows):
-    """Markdown table; ratios to the bf16 row of the same batch in the same run."""
+    """Markdown tables (generation, guard, profile); ratios to the faster bf16 row (unfused or fused) of the same
+    batch in the same run."""
     gen = [r for r in rows if r.get("what") == "generate"]
     guards = {(r["format"], r.get("model_shape"), r.get("device")): r for r in rows if r.get("what") == "guard"}
-    bf16 = {(r.get("run_id"), r["batch"], r.get("model_shape"), r.get("device")): r["tokens_per_s"]
-            for r in gen if r["format"] == "bf16" and "tokens_per_s" in r}
-    lines = ["| format | path | avg bits | batch | decode tok/s | ms/step | x bf16 | prefill ms | peak GB | "
-             "process peak GB | params GB | guard (prefill / step rel err) |",
+    bf16 = {}
+    for r in gen:
+        if parse_format(r["format"])[0] == "bf16" and "tokens_per_s" in r:
+            k = (r.get("run_id"), r["batch"], r.get("model_shape"), r.get("device"))
+            bf16[k] = max(bf16.get(k, 0.0), r["tokens_per_s"])
+    lines = ["| format | path | avg bits | batch | decode tok/s | ms/step | x bf16 (faster of unfused / fused) | "
+             "prefill ms | peak GB | process peak GB | params GB | guard (linear max rel err / step logits rel err "
+             "vs f32 (bf16 XLA's)) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in gen:
-        g = guards.get((r["format"], r.get("model_shape"), r.get("device")))
-        gtxt = "-" if g is None else (
-            f"{'ok' if g.get('guard_ok') else 'FAIL'} ({g.get('prefill_rel_err')} / {g.get('decode_step_rel_err')})")
+        gtxt = _guard_text(guards.get((r["format"], r.get("model_shape"), r.get("device"))))
         if "tokens_per_s" not in r:
             lines.append(f"| {r['format']} | {r['path']} | | {r['batch']} | failed: {r.get('error', '')[:80]} "
                          f"| | | | | | | {gtxt} |")
@@ -422,6 +684,38 @@ def summarize(rows):
                      f"{r['ms_per_step']} | {ratio_text} | "
                      f"{r['prefill_s'] * 1e3:.1f} | "
                      f"{r['peak_mem_gb']} | {r['process_peak_gb']} | {r['params_gb']:.2f} | {gtxt} |")
+    new_guards = [r for r in rows if r.get("what") in ("guard", "guard-corrupted") and "prefill_rel_err_vs_f32" in r]
+    if new_guards:
+        lines += ["", "Guard (batch 1; relative Frobenius errors; oracle = the stored weights in float32 with float32 "
+                  "activations; bf16 XLA = the same bf16 weights through XLA matmuls):", "",
+                  "| format | corruption | linears: max / median rel err (bf16 XLA max / median) | prefill logits vs "
+                  "f32 (bf16 XLA) | step logits vs f32 (bf16 XLA) | vs bf16 XLA (prefill / step) | last-layer input "
+                  "vs f32 (bf16 XLA) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for g in new_guards:
+            lay = g.get("layer_input_rel_err_vs_f32") or [None]
+            xlay = g.get("bf16_xla_layer_input_rel_err_vs_f32") or [None]
+            verdict = ("noise floor (no quantized weights)" if g.get("guard_ok") is None else
+                       f"{'ok' if g['guard_ok'] else 'FAIL'} (linear {'ok' if g.get('linear_ok') else 'FAIL'}, "
+                       f"model {'ok' if g.get('model_ok') else 'FAIL'})")
+            lin = ("-" if "linear_max_rel_err" not in g else
+                   f"{g['linear_max_rel_err']} / {g['linear_median_rel_err']} ({g['bf16_xla_linear_max_rel_err']} / "
+                   f"{g['bf16_xla_linear_median_rel_err']})")
+            lines.append(f"| {g['format']} | {g.get('corruption', '-')} | {lin} | {g['prefill_rel_err_vs_f32']} "
+                         f"({g.get('bf16_xla_prefill_rel_err_vs_f32', '-')}) | {g['decode_step_rel_err_vs_f32']} "
+                         f"({g.get('bf16_xla_decode_step_rel_err_vs_f32', '-')}) | "
+                         f"{g.get('prefill_rel_err_vs_bf16_xla', '-')} / {g.get('decode_step_rel_err_vs_bf16_xla', '-')}"
+                         f" | {lay[-1]} ({xlay[-1]}) | {verdict} |")
+    profiles = [r for r in rows if r.get("what") == "profile"]
+    if profiles:
+        lines += ["", "Decode step at batch 1, CUPTI device time per step (us): kernels of the whole generation "
+                  "minus the prefill-only run, / steps; gap = ms/step (wall) - kernel time:", "",
+                  "| format | ms/step | kernels | gap | by category | top kernels (name, per step, us) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in profiles:
+            cats = "; ".join(f"{k} {v}" for k, v in r["categories_us_per_step"].items())
+            top = "; ".join(f"{n} x{c:g} {t}" for n, c, t in r["top_kernels_per_step"][:6])
+            lines.append(f"| {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | {r['gap_us_per_step']}"
+                         f" | {cats} | {top} |")
     return lines
 
 
@@ -433,7 +727,14 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=65, help="generated tokens (the first from the prefill)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--tol", type=float, default=3e-2, help="guard: relative Frobenius error of the logits")
+    ap.add_argument("--linear-tol", type=float, default=1e-2,
+                    help="guard: max relative error of any quantized linear vs its float32 oracle")
+    ap.add_argument("--model-factor", type=float, default=2.0,
+                    help="guard: the dispatched path's logits error vs the float32 oracle may be at most this many "
+                         "times the bf16 XLA reference's")
+    ap.add_argument("--profile", action="store_true", help="CUPTI breakdown of the batch-1 decode step")
+    ap.add_argument("--corrupt-check", action="store_true",
+                    help="also run the guard on deliberately corrupted weights (it must FAIL)")
     ap.add_argument("--tiny", action="store_true", help="2 small layers (CPU smoke)")
     ap.add_argument("--no-guard", action="store_true")
     ap.add_argument("--worker", help="internal: run these formats in this process")
@@ -454,8 +755,10 @@ def main():
     if args.worker:
         log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, seed {seed}")
         for fmt in args.worker.split(","):
-            run_format(fmt, batches, args.prompt_len, args.new_tokens, args.reps, args.tol, dims, seed, args.rows,
-                       guard=not args.no_guard, command=args.command, run_id=args.run_id or run_id)
+            run_format(fmt, batches, args.prompt_len, args.new_tokens, args.reps, dims, seed, args.rows,
+                       guard=not args.no_guard, command=args.command, run_id=args.run_id or run_id,
+                       profile=args.profile, corrupt=args.corrupt_check, linear_tol=args.linear_tol,
+                       model_factor=args.model_factor)
         return
     # Parent: never touches the device; one worker process per group of formats (a crash or timeout stops only its
     # group; process_peak_gb is per process).
@@ -480,9 +783,10 @@ def main():
     for group in [g for g in args.formats.split(";") if g]:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", group, "--rows", rows_path, "--batches",
                args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps",
-               str(args.reps), "--tol", str(args.tol), "--seed", str(seed), "--command", command,
-               "--run-id", run_id] + \
-              (["--tiny"] if args.tiny else []) + (["--no-guard"] if args.no_guard else [])
+               str(args.reps), "--linear-tol", str(args.linear_tol), "--model-factor", str(args.model_factor),
+               "--seed", str(seed), "--command", command, "--run-id", run_id] + \
+              (["--tiny"] if args.tiny else []) + (["--no-guard"] if args.no_guard else []) + \
+              (["--profile"] if args.profile else []) + (["--corrupt-check"] if args.corrupt_check else [])
         log(f"--- {group}")
         try:
             subprocess.run(cmd, timeout=args.worker_timeout, check=False)
