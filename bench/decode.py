@@ -732,6 +732,8 @@ def main():
     ap.add_argument("--model-factor", type=float, default=2.0,
                     help="guard: the dispatched path's logits error vs the float32 oracle may be at most this many "
                          "times the bf16 XLA reference's")
+    ap.add_argument("--guard-formats", default=None,
+                    help="comma-separated formats that run the guard (default: all; the guard adds ~3 compiles)")
     ap.add_argument("--profile", action="store_true", help="CUPTI breakdown of the batch-1 decode step")
     ap.add_argument("--corrupt-check", action="store_true",
                     help="also run the guard on deliberately corrupted weights (it must FAIL)")
@@ -756,7 +758,9 @@ def main():
         log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, seed {seed}")
         for fmt in args.worker.split(","):
             run_format(fmt, batches, args.prompt_len, args.new_tokens, args.reps, dims, seed, args.rows,
-                       guard=not args.no_guard, command=args.command, run_id=args.run_id or run_id,
+                       guard=not args.no_guard and (args.guard_formats is None
+                                                    or fmt in args.guard_formats.split(",")),
+                       command=args.command, run_id=args.run_id or run_id,
                        profile=args.profile, corrupt=args.corrupt_check, linear_tol=args.linear_tol,
                        model_factor=args.model_factor)
         return
@@ -786,7 +790,8 @@ def main():
                str(args.reps), "--linear-tol", str(args.linear_tol), "--model-factor", str(args.model_factor),
                "--seed", str(seed), "--command", command, "--run-id", run_id] + \
               (["--tiny"] if args.tiny else []) + (["--no-guard"] if args.no_guard else []) + \
-              (["--profile"] if args.profile else []) + (["--corrupt-check"] if args.corrupt_check else [])
+              (["--profile"] if args.profile else []) + (["--corrupt-check"] if args.corrupt_check else []) + \
+              ([] if args.guard_formats is None else ["--guard-formats", args.guard_formats])
         log(f"--- {group}")
         try:
             subprocess.run(cmd, timeout=args.worker_timeout, check=False)
