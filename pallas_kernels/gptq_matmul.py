@@ -59,6 +59,7 @@ MAX_KERNEL_M = 64  # activation rows one kernel call takes (the wgmma N operand)
 # 4096x11008 M = 2048 (612 vs 833 us); a faster one-pass decode (e.g. a Pallas kernel) would move the threshold down.
 PREFILL_CHUNKED_MAX_M = 4096
 _MAGIC = {"bfloat16": 128.0, "float16": 1024.0}
+_MANTISSA = {"bfloat16": 7, "float16": 10}  # magic = 2**mantissa
 
 
 # ------------------------------------------------------------------------------------------------- register layout
@@ -79,34 +80,63 @@ def _thread_coords() -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(row, (128, 16, 2)), np.broadcast_to(col, (128, 16, 2))
 
 
-def _fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
+LAYOUTS = ("halves", "planes")  # code layouts; they differ for 3-bit codes only (module docstring)
+DEFAULT_LAYOUT = "halves"  # measured faster than "planes" at every shape and M (bench/NOTES_kernels.md)
+
+
+def _fields(bits: int, layout: str = DEFAULT_LAYOUT) -> list[list[tuple[int, int, int, int]]]:
     """For each pair P: the bit fields [(plane, word_shift, width, code_shift)] that make up its two codes.
 
     Element e of the pair sits at bit ``16*e + word_shift`` of ``plane``; ``code_shift`` is where those ``width``
     bits go inside the code. Decoding pair P: OR over fields of ((word[plane] >> word_shift) & mask) << code_shift
-    (with both 16-bit halves at once), which is what the kernel does in registers.
+    (with both 16-bit halves at once); the kernel reads them through ``_extract_plan``.
+
+    3-bit layouts: "halves" = five 3-bit codes per 16-bit half at bits 0, 3, .., 12 of planes 0-2 (pairs 0-14) and
+    pair 15 spread over the three bit-15s; "planes" (the first kernel's layout) = a 2-bit plane pair + a plane of
+    high bits (two fields per code: about twice the integer instructions).
     """
     if bits not in KERNEL_BITS:
         raise ValueError(f"the GPTQ kernel supports {KERNEL_BITS}-bit codes, got bits={bits}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown GPTQ kernel code layout {layout!r}; expected one of {LAYOUTS}")
     out = []
     for P in range(16):
         if bits == 4:
             out.append([(P // 4, 4 * (P % 4), 4, 0)])
         elif bits == 2:
             out.append([(P // 8, 2 * (P % 8), 2, 0)])
-        else:  # 3 bits: low 2 bits as for 2-bit codes, the high bit in plane 2 at bit P
+        elif layout == "halves":
+            out.append([(P // 5, 3 * (P % 5), 3, 0)] if P < 15 else [(i, 15, 1, i) for i in range(3)])
+        else:  # 3 bits, "planes": low 2 bits as for 2-bit codes, the high bit in plane 2 at bit P
             out.append([(P // 8, 2 * (P % 8), 2, 0), (2, P, 1, 2)])
     return out
 
 
-def _pack_tiles(codes_nk: jax.Array, bits: int) -> jax.Array:
+def _extract_plan(fields, bits: int, mantissa: int):
+    """How the kernel reads one pair (both halves at once) into the mantissa of the magic float: (k, [(plane,
+    shift, mask)]) with ``v = magic_bits | OR((word[plane] >> shift) & mask)`` = the float magic + code * 2**k.
+
+    A single field is moved only as far as needed to fit the mantissa: the shift is a multiple of the window
+    W = mantissa + 1 - bits (so neighbouring codes share one shifted word) and the code lands at bit k < W; a
+    negative shift is a left shift. Several fields (split codes) are assembled at k = 0."""
+    if len(fields) == 1:
+        (plane, src, width, _), = fields
+        window = mantissa + 1 - bits
+        shift = window * (src // window)
+        k = src - shift
+        return k, [(plane, shift, ((2**width - 1) << k) * 0x00010001)]
+    return 0, [(plane, src - code_bit, ((2**width - 1) << code_bit) * 0x00010001)
+               for plane, src, width, code_bit in fields]
+
+
+def _pack_tiles(codes_nk: jax.Array, bits: int, layout: str = DEFAULT_LAYOUT) -> jax.Array:
     """codes [N_pad, K_pad] (W^T) -> qweight [N_pad/64, K_pad/64, bits, 128] int32 (module docstring layout)."""
     n, k = codes_nk.shape
     row, col = _thread_coords()
     tiles = codes_nk.astype(jnp.uint32).reshape(n // CHUNK, CHUNK, k // CHUNK, CHUNK).transpose(0, 2, 1, 3)
     vals = tiles[:, :, row, col]  # [Nt, Kt, 128, 16, 2]
     planes = [jnp.zeros(vals.shape[:3], jnp.uint32) for _ in range(bits)]
-    for P, fields in enumerate(_fields(bits)):
+    for P, fields in enumerate(_fields(bits, layout)):
         for plane, word_shift, width, code_shift in fields:
             part = (vals[:, :, :, P, :] >> code_shift) & (2**width - 1)  # [Nt, Kt, 128, 2]
             planes[plane] = planes[plane] | (part[..., 0] << word_shift) | (part[..., 1] << (16 + word_shift))
@@ -114,12 +144,12 @@ def _pack_tiles(codes_nk: jax.Array, bits: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
-def _unpack_tiles(qweight: jax.Array, bits: int) -> jax.Array:
+def _unpack_tiles(qweight: jax.Array, bits: int, layout: str = DEFAULT_LAYOUT) -> jax.Array:
     """Exact inverse of _pack_tiles through the kernel's own bit extraction: qweight -> codes [N_pad, K_pad] int32."""
     nt, kt = qweight.shape[:2]
     words = jax.lax.bitcast_convert_type(qweight, jnp.uint32)  # [Nt, Kt, bits, 128]
     pairs = []
-    for fields in _fields(bits):
+    for fields in _fields(bits, layout):
         v = jnp.zeros((nt, kt, 128), jnp.uint32)
         for plane, word_shift, width, code_shift in fields:
             mask = (2**width - 1) * 0x00010001
@@ -143,7 +173,7 @@ def _fragments_to_nk(vals: jax.Array) -> jax.Array:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["qweight", "scales", "nbias", "perm"],
-    meta_fields=["bits", "group", "in_features", "out_features", "dtype_name"],
+    meta_fields=["bits", "group", "in_features", "out_features", "dtype_name", "layout"],
 )
 @dataclasses.dataclass(frozen=True)
 class GPTQKernelWeight:
@@ -162,6 +192,7 @@ class GPTQKernelWeight:
     in_features: int
     out_features: int
     dtype_name: str
+    layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -186,13 +217,13 @@ class GPTQKernelWeight:
 
     def codes_kn(self) -> jax.Array:
         """Codes [K_pad, N_pad] in kernel row order (rows sorted by group for act-order weights)."""
-        return _unpack_tiles(self.qweight, self.bits).T
+        return _unpack_tiles(self.qweight, self.bits, self.layout).T
 
     def dequantize_nk_padded(self) -> jax.Array:
         """W^T [N_pad, K_pad] (kernel row order along K) in the activation dtype: round(scale * (code - zero)),
         elementwise over the decoded codes (no gather, no scatter): the dequantize-once prefill path."""
         magic = _MAGIC[self.dtype_name]
-        codes = _unpack_tiles(self.qweight, self.bits).astype(jnp.float32)  # [N_pad, K_pad]
+        codes = _unpack_tiles(self.qweight, self.bits, self.layout).astype(jnp.float32)  # [N_pad, K_pad]
         codes = codes.reshape(self.n_pad, self.k_pad // self.group, self.group)
         nbias = (self.nbias.astype(jnp.float32).T[:, :, None] if self.nbias is not None
                  else jnp.float32(-(magic + 2 ** (self.bits - 1))))
@@ -283,18 +314,20 @@ def check_packable(g_idx, num_groups: int, bits: int) -> None:
     _row_plan(np.asarray(g_idx), num_groups)
 
 
-def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bfloat16) -> GPTQKernelWeight:
+def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bfloat16,
+         layout: str = DEFAULT_LAYOUT) -> GPTQKernelWeight:
     """Convert a GPTQ weight (unpacked arrays) into the kernel layout; done once at load time.
 
     codes_kn [K, N] integer codes, scales / zeros [G, N] (zeros are plain zero codes), g_idx [K] group of each input
     column (any order: act-order rows are sorted by group here and ``perm`` gathers x's columns to match).
     ``sym`` with every zero equal to 2**(bits-1) drops the zero array (the kernel uses the constant).
+    ``layout``: the code bit layout (``_fields``; "planes" keeps the first kernel's 3-bit layout for comparison).
     g_idx must be concrete (it decides the static row order); the other arrays may live on any device.
     """
     dtype_name = jnp.dtype(dtype).name
     if dtype_name not in _MAGIC:
         raise ValueError(f"the GPTQ kernel computes in bfloat16 or float16, got {dtype_name}")
-    _fields(bits)  # validates bits
+    _fields(bits, layout)  # validates bits and layout
     codes_kn = jnp.asarray(codes_kn)
     K, N = codes_kn.shape
     scales = jnp.asarray(scales)
@@ -308,7 +341,7 @@ def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bflo
 
     codes_ext = jnp.concatenate([codes_kn.astype(jnp.int32), jnp.zeros((1, N), jnp.int32)], axis=0)
     codes_pad = jnp.pad(codes_ext[jnp.asarray(np.minimum(src_rows, K))], ((0, 0), (0, n_pad - N)))
-    qweight = _pack_tiles(codes_pad.T, bits)
+    qweight = _pack_tiles(codes_pad.T, bits, layout)
 
     def by_group(a, fill):
         a = jnp.asarray(a)
@@ -324,7 +357,7 @@ def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bflo
         drop_zeros = False
     nbias = None if drop_zeros else (-(by_group(zeros.astype(jnp.float32), sym_zero) + magic)).astype(dtype)
     return GPTQKernelWeight(qweight=qweight, scales=scales_k, nbias=nbias, perm=perm, bits=bits, group=group,
-                            in_features=K, out_features=N, dtype_name=dtype_name)
+                            in_features=K, out_features=N, dtype_name=dtype_name, layout=layout)
 
 
 def _round_up(a: int, b: int) -> int:
@@ -385,7 +418,7 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
                     jnp.zeros(cfg.tile_k, jnp.int32)
                 for j in range(cfg.n_sub):
                     cols = slice(j * CHUNK, (j + 1) * CHUNK)
-                    codes = _unpack_tiles(w_blk[j:j + 1], w.bits).astype(jnp.float32)  # [64, tile_k]
+                    codes = _unpack_tiles(w_blk[j:j + 1], w.bits, w.layout).astype(jnp.float32)  # [64, tile_k]
                     nb = (jnp.float32(sym_nbias) if b_blk is None else b_blk[:, cols].astype(jnp.float32).T[:, grp])
                     a = ((codes + magic + nb) * s_blk[:, cols].astype(jnp.float32).T[:, grp]).astype(w.dtype)
                     accs[j] = accs[j] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
@@ -420,6 +453,7 @@ class KernelConfig:
     stages: Optional[int] = None
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
+    fused: Optional[bool] = None  # the single-kernel launch (``launch_kernel``); None = FUSED_DEFAULT where it fits
 
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
@@ -429,11 +463,14 @@ class KernelConfig:
         tile_k up to 512 with 3 stages; larger M: tile_k up to 256 with 2 stages (the activation tile grows with M);
         n_sub = 1 (2 sub-tiles ran slower at M = 64: register pressure). Among the valid tile_k / k_splits, the most
         CTAs up to ~3.5 per SM (small CTAs keep more TMA copies in flight and shorten the tail) with >= 4 pipeline
-        steps per split, then the largest tile_k, then the fewest splits."""
+        steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
+        output allows it) limits k_splits to MAX_CLUSTER."""
         small_m = _m_pad(m) <= 16
         stages = self.stages or (3 if small_m else 2)
         n_sub = self.n_sub or 1
         ctas_n = w.n_pad // CHUNK // n_sub
+        fused = resolve_fused(self.fused, self.k_splits, w.out_features)
+        max_splits = MAX_CLUSTER if fused else 16
         target = int(3.5 * num_sms)
         best = None
         for tile_k in ([self.tile_k] if self.tile_k else ([512, 256, 128, 64] if small_m else [256, 128, 64])):
@@ -441,7 +478,7 @@ class KernelConfig:
                 continue
             steps = w.k_pad // tile_k
             splits = [self.k_splits] if self.k_splits else [
-                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1)]
+                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1) and s <= max_splits]
             for k_splits in splits:
                 score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
                 if best is None or score > best[0]:
@@ -450,7 +487,7 @@ class KernelConfig:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {CHUNK} dividing "
                              f"K_pad={w.k_pad}, and it and the kernel group size {w.group} must divide one another")
         _, tile_k, k_splits = best
-        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages)
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused)
         cfg.check(w)
         return cfg
 
@@ -466,6 +503,17 @@ class KernelConfig:
             raise ValueError(f"n_sub={self.n_sub} must divide the {w.n_pad // CHUNK} 64-row output tiles")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.fused and not fused_output_ok(self.k_splits, w.out_features, jnp.float32):
+            raise ValueError(f"the fused launch needs k_splits <= {MAX_CLUSTER} and N a multiple of 4, got "
+                             f"k_splits={self.k_splits}, N={w.out_features}")
+
+
+def resolve_fused(fused: Optional[bool], k_splits: Optional[int], n: int) -> bool:
+    """The ``fused`` field of a resolved config (shared by the GPTQ / LUT / SpQR configs): None -> FUSED_DEFAULT
+    when N allows 16-byte rows in every output dtype (N % 8 == 0) and a given k_splits fits one cluster."""
+    if fused is not None:
+        return fused
+    return FUSED_DEFAULT and n % 8 == 0 and (k_splits is None or k_splits <= MAX_CLUSTER)
 
 
 # ---------------------------------------------------------------------------------------------------------- kernel
@@ -473,8 +521,8 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
                 out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype.
 
-    ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place
-    (pass it NaN-filled to prove every output tile is written).
+    ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
+    output tile is written), of ``output_buffer_shape`` (float32 partials, or y itself with the fused launch).
     """
     m, k = x2d.shape
     if k != w.in_features:
@@ -485,8 +533,16 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
         raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
-    partials = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
-    return _finish(partials, m, w.out_features, x2d.dtype)
+    out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
+    return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
+
+
+def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype) -> tuple[tuple[int, ...], jnp.dtype]:
+    """(shape, dtype) of the buffer a resolved config's kernel writes: float32 partials [k_splits, N_pad, M_pad], or
+    y [M, N] in ``dtype`` (the fused launch)."""
+    if cfg.fused:
+        return (m, n), jnp.dtype(dtype)
+    return (cfg.k_splits, n_pad, _m_pad(m)), jnp.dtype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -499,18 +555,22 @@ _jit_dequant_matmul = jax.jit(dequant_matmul)
 
 
 def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
-                         out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+                         out_init: Optional[jax.Array] = None, _variant: str = "full",
+                         m: Optional[int] = None) -> jax.Array:
     """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order) -> float32 partials
-    [k_splits, N_pad, M_pad] (cfg must be resolved)."""
+    [k_splits, N_pad, M_pad], or with ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad);
+    cfg must be resolved."""
     m_pad = xk.shape[0]
+    m = m_pad if m is None else m
+    fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                        w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                       _variant)
+                       _variant, w.layout, fused_out)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     if out_init is not None:
-        if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
-            raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
-                             f"{out_init.dtype} {out_init.shape}")
+        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, w.dtype)
+        if out_init.shape != shape or out_init.dtype != dt:
+            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
         args.append(out_init)
     return call(*args)
 
@@ -527,9 +587,9 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
-                aliased, variant="full"):
+                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None):
     """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
-    memory + wgmma time)."""
+    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -537,7 +597,8 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     rows = CHUNK * n_sub
     steps = k_pad // tile_k // k_splits
     gps = max(1, tile_k // group)
-    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq")
+    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq",
+                            layout=layout)
     swizzle = 128
     x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
@@ -574,29 +635,55 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             return [acc_ref[...] for acc_ref in acc_refs]
 
         accs = pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
+        store_output(accs, out_gmem, n_idx=n_idx, split=split, m_pad=m_pad, k_splits=k_splits, fused_out=fused_out)
 
-        def store(o_smem):
-            for j in range(n_sub):
-                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = accs[j]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
-            plgpu.wait_smem_to_gmem(0)
+    return launch_kernel(body, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
+                         rows=rows, k_splits=k_splits, aliased=aliased, fused_out=fused_out)
 
-        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
 
-    return launch_partials(body, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
-                           rows=rows, k_splits=k_splits, aliased=aliased)
+MAX_CLUSTER = 8  # CTAs per thread-block cluster (portable limit): the fused launch takes k_splits <= 8
+# Default launch for configs that leave ``fused`` open (bench/NOTES_kernels.md, "Single-kernel launch").
+FUSED_DEFAULT = False
+
+
+def fused_output_ok(k_splits: int, n: int, out_dtype) -> bool:
+    """Whether the fused launch can take this output: one cluster per output tile, and TMA needs 16-byte row
+    strides of the [M, N] output."""
+    return k_splits <= MAX_CLUSTER and (n * jnp.dtype(out_dtype).itemsize) % 16 == 0
 
 
 def launch_partials(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_splits: int, aliased: bool):
-    """The kernels' shared launch: grid (n_pad/rows output tiles, k_splits), float32 partials [k_splits, n_pad,
-    m_pad]. ``aliased``: the poisoned-output variant (tests / benchmark) that writes into a Ref made from the caller's
-    last argument."""
+    """The first launch: see ``launch_kernel`` with fused_out=None."""
+    return launch_kernel(body, name=name, n_pad=n_pad, m_pad=m_pad, rows=rows, k_splits=k_splits, aliased=aliased)
+
+
+def launch_kernel(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_splits: int, aliased: bool,
+                  fused_out=None):
+    """The kernels' shared launch. ``body`` ends with ``store_output`` (same ``fused_out``).
+
+    fused_out None ("partials", the first launch): grid (n_pad/rows output tiles, k_splits), float32 partials
+    [k_splits, n_pad, m_pad] that the wrapper sums, slices, transposes and casts (one XLA fusion).
+    fused_out (m, n, out dtype name): the k_splits CTAs of one output tile form a thread-block cluster; after the K
+    loop they exchange their float32 tiles through distributed shared memory, the cluster's first CTA sums them and
+    TMA-stores y^T as y [m, n] in the out dtype (rows >= m and columns >= n clipped by the TMA unit): the call is one
+    kernel. ``aliased``: the poisoned-output variant (tests / benchmark) that writes into a Ref made from the
+    caller's last argument (float32 [k_splits, n_pad, m_pad], or [m, n] in the out dtype when fused)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
-    mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
+    if fused_out is None:
+        out_type = jax.ShapeDtypeStruct((k_splits, n_pad, m_pad), jnp.float32)
+        mesh = plgpu.Mesh(grid=(n_pad // rows, k_splits), grid_names=("n", "split"))
+    else:
+        m, n, out_dtype = fused_out
+        if not fused_output_ok(k_splits, n, out_dtype):
+            raise ValueError(f"the fused launch needs k_splits <= {MAX_CLUSTER} and 16-byte output rows, got "
+                             f"k_splits={k_splits}, N={n} {out_dtype}")
+        out_type = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype))
+        if k_splits > 1:
+            mesh = plgpu.Mesh(grid=(n_pad // rows,), grid_names=("n",), cluster=(k_splits,), cluster_names=("split",))
+        else:
+            mesh = plgpu.Mesh(grid=(n_pad // rows, 1), grid_names=("n", "split"))
     params = plgpu.CompilerParams()
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
@@ -610,7 +697,96 @@ def launch_partials(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_spl
     return call
 
 
-def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False):
+def store_output(accs, out_gmem, *, n_idx, split, m_pad: int, k_splits: int, fused_out=None):
+    """The kernels' shared epilogue (inside the kernel body): float32 accumulators [64, m_pad] of the CTA's n_sub
+    output tiles -> out_gmem, as ``launch_kernel`` describes for the same ``fused_out``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows = CHUNK * len(accs)
+    if fused_out is None:
+        def store(o_smem):
+            for j, acc in enumerate(accs):
+                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
+        return
+
+    out_dtype = jnp.dtype(fused_out[2])
+    reduce = _make_cluster_reduce(rows, m_pad, k_splits, out_dtype.name)
+
+    def store(red_smem, o_smem):
+        for j, acc in enumerate(accs):
+            red_smem[j * CHUNK:(j + 1) * CHUNK, :] = acc
+        reduce(red_smem, o_smem)
+
+        @pl.when(split == 0)
+        def _():
+            plgpu.commit_smem()
+            # A traced row start: TMA clips the rows >= m of the [m, n] output (a static 0 would be bounds-checked
+            # against m at trace time).
+            row0 = n_idx * 0
+            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[pl.ds(row0, m_pad), pl.ds(n_idx * rows, rows)])
+            plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32), plgpu.SMEM((m_pad, rows), out_dtype))
+
+
+def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: str):
+    """inline_mgpu function (red_smem [rows, m_pad] f32 holding this CTA's tile, o_smem [m_pad, rows] out dtype):
+    cluster barrier; the cluster's first CTA sums the k_splits tiles (its own + its peers' through distributed
+    shared memory, in split order) and writes the transposed, cast sum into o_smem; a second cluster barrier keeps
+    the peers' shared memory alive until it is read. k_splits = 1: a warpgroup barrier and the transpose."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+    def reduce(ctx, red_ref, o_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, scf
+        import jax.experimental.mosaic.gpu as mgpu
+
+        index = ir.IndexType.get()
+        out_ty = mgpu.utils.dtype_to_ir_type(jnp.dtype(out_dtype_name))
+
+        def cidx(v):
+            return arith.constant(index, v)
+
+        def cluster_sync():  # release / acquire across the cluster (all threads of every CTA)
+            llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
+                            "barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;", "",
+                            has_side_effects=True)
+
+        if k_splits > 1:
+            cluster_sync()
+        else:
+            mgpu.utils.warpgroup_barrier()
+        leader = arith.cmpi(arith.CmpIPredicate.eq, gpu.cluster_block_id(gpu.Dimension.x), cidx(0))
+        if_op = scf.IfOp(leader)
+        with ir.InsertionPoint(if_op.then_block):
+            srcs = [red_ref] + [mgpu.utils.get_cluster_ref(red_ref, gpu.Dimension.x, cidx(s))
+                                for s in range(1, k_splits)]
+            tid = arith.index_cast(index, mgpu.utils.thread_idx())
+            for i in range(rows * m_pad // 128):
+                e = arith.addi(tid, cidx(128 * i))
+                r, mm = arith.remui(e, cidx(rows)), arith.divui(e, cidx(rows))
+                v = memref.load(srcs[0], [r, mm])
+                for src in srcs[1:]:
+                    v = arith.addf(v, memref.load(src, [r, mm]))
+                if out_dtype_name != "float32":
+                    v = arith.truncf(out_ty, v)
+                memref.store(v, o_ref, [mm, r])
+            scf.yield_([])
+        if k_splits > 1:
+            cluster_sync()
+
+    return reduce
+
+
+def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
     dequantized A operand [64, tile_k] in the WGMMA register layout."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -618,8 +794,8 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
     dtype = jnp.dtype(dtype_name)
     arg_types = (plgpu.RefType(), plgpu.RefType()) + ((plgpu.RefType(),) if has_bias else ())
     ret = plgpu.ShapeDtypeStruct((CHUNK, tile_k), dtype, layout=plgpu.Layout.WGMMA)
-    fields = _fields(bits)
     magic = _MAGIC[dtype_name]
+    plans = [_extract_plan(f, bits, _MANTISSA[dtype_name]) for f in _fields(bits, layout)]
     ptx_ty = "bf16x2" if dtype_name == "bfloat16" else "f16x2"
     one2 = _half_bits(1.0, dtype_name) * 0x00010001
     base2 = _half_bits(magic, dtype_name) * 0x00010001
@@ -660,7 +836,7 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
 
         one, base, negzero = ci(one2), ci(base2), ci(negzero2)
         regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, tile_k)), dtype=object)
-        scale_cache = {}
+        scale_cache, nbk_cache = {}, {}
         for c in range(tile_k // CHUNK):
             words = [memref.load(w_ref, [cidx(c), cidx(p), tid_idx]) for p in range(bits)]
             gr = (c * CHUNK) // group if gps > 1 else 0
@@ -669,7 +845,8 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
                 nb2 = [splat2(b_ref[0], cidx(gr), r) for r in rows] if has_bias else [ci(sym_nbias2)] * 2
                 scale_cache[gr] = (s2, nb2)
             s2, nb2 = scale_cache[gr]
-            for P, pair_fields in enumerate(fields):
+            shifted = {}
+            for P, (k, parts) in enumerate(plans):
                 j, p = divmod(P, 4)
                 kc, h = 2 * j + p // 2, p % 2
                 if skip_arithmetic:
@@ -677,15 +854,23 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
                         vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), words[P % bits]))
                     continue
                 v = base
-                for plane, word_shift, width, code_shift in pair_fields:
-                    shift = word_shift - code_shift
-                    w = words[plane]
-                    if shift > 0:
-                        w = arith.shrui(w, ci(shift))
-                    elif shift < 0:
-                        w = arith.shli(w, ci(-shift))
-                    v = arith.ori(v, arith.andi(w, ci(((2**width - 1) << code_shift) * 0x00010001)))
-                v = fma2(fma2(v, one, nb2[h]), s2[h], negzero)
+                for plane, shift, mask in parts:
+                    if (plane, shift) not in shifted:  # one shift serves every code read from the same window
+                        w = words[plane]
+                        shifted[(plane, shift)] = (arith.shrui(w, ci(shift)) if shift > 0 else
+                                                   arith.shli(w, ci(-shift)) if shift < 0 else w)
+                    v = arith.ori(v, arith.andi(shifted[(plane, shift)], ci(mask)))
+                if k == 0:
+                    d = fma2(v, one, nb2[h])  # magic + code - (magic + zero): exact
+                else:
+                    # v = magic + code * 2**k: v * 2**-k - (magic * 2**-k + zero), exact; that bias is derived once
+                    # per group: nbias + (magic - magic * 2**-k), exact small integers
+                    key = (gr, k, h)
+                    if key not in nbk_cache:
+                        nbk_cache[key] = fma2(nb2[h], one, ci(_half_bits(magic - magic * 2.0**-k, dtype_name)
+                                                              * 0x00010001))
+                    d = fma2(v, ci(_half_bits(2.0**-k, dtype_name) * 0x00010001), nbk_cache[key])
+                v = fma2(d, s2[h], negzero)
                 regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(
                     vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), v))
         return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)

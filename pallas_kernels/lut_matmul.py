@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import launch_partials
+from .gptq_matmul import launch_kernel, output_buffer_shape, store_output
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import chunked_matmul
 
@@ -396,8 +396,9 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
                out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (sparse part by XLA).
 
-    ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place
-    (pass it NaN-filled to prove every output tile is written).
+    ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
+    output tile is written), of ``gptq_matmul.output_buffer_shape`` for ``kernel_out_dtype(w)`` (float32 partials
+    [k_splits, N_pad, M_pad], or the fused launch's y [M, N]).
     """
     m, k = x2d.shape
     if k != w.in_features:
@@ -408,8 +409,16 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
         raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
-    partials = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
-    return _finish(partials, m, w, x2d)
+    out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
+    if not cfg.fused:
+        return _finish(out, m, w, x2d)
+    sparse = w.sparse_product(x2d)
+    return out if sparse is None else (out + sparse).astype(x2d.dtype)
+
+
+def kernel_out_dtype(w: LUTKernelWeight):
+    """The fused launch's output dtype: the activation dtype, or float32 when XLA adds the sparse part after it."""
+    return jnp.dtype(jnp.float32) if w.nnz else w.dtype
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -422,25 +431,31 @@ _jit_reference_matmul = jax.jit(reference_matmul)
 
 
 def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
-                        out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
-    """The bare kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad]
-    (cfg must be resolved; the sparse part is not included)."""
+                        out_init: Optional[jax.Array] = None, _variant: str = "full",
+                        m: Optional[int] = None) -> jax.Array:
+    """The bare kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad], or
+    with ``cfg.fused`` y [m, N] in ``kernel_out_dtype(w)`` (m = the real rows, default M_pad); cfg must be
+    resolved; the sparse part is not included."""
     m_pad = xk.shape[0]
+    m = m_pad if m is None else m
+    out_dtype = kernel_out_dtype(w)
+    fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
-                       cfg.n_sub, out_init is not None, _variant)
+                       cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.lutw]
     if out_init is not None:
-        if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
-            raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
-                             f"{out_init.dtype} {out_init.shape}")
+        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, out_dtype)
+        if out_init.shape != shape or out_init.dtype != dt:
+            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
         args.append(out_init)
     return call(*args)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits, n_sub, aliased, variant="full"):
+def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits, n_sub, aliased, variant="full",
+                fused_out=None):
     """variant (measurements only): "full"; "nolookup" skips the table lookups (wrong results; isolates memory +
-    wgmma time)."""
+    wgmma time). fused_out: see ``gptq_matmul.launch_kernel``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -482,18 +497,10 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
             return pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
 
         accs = pl.run_scoped(table_scope, plgpu.SMEM((rows, table_words), jnp.int32), plgpu.Barrier(num_arrivals=1))
+        store_output(accs, out_gmem, n_idx=n_idx, split=split, m_pad=m_pad, k_splits=k_splits, fused_out=fused_out)
 
-        def store(o_smem):
-            for j in range(n_sub):
-                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = accs[j]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
-
-    return launch_partials(body, name=f"lut_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
-                           rows=rows, k_splits=k_splits, aliased=aliased)
+    return launch_kernel(body, name=f"lut_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
+                         rows=rows, k_splits=k_splits, aliased=aliased, fused_out=fused_out)
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False):

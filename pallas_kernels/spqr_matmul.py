@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import launch_partials
+from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, output_buffer_shape, resolve_fused, store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, _i32, _m_pad, _round_up, _thread_coords
 
 KERNEL_BITS = (2, 3, 4)
@@ -637,6 +637,7 @@ class KernelConfig:
     stages: Optional[int] = None
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
+    fused: Optional[bool] = None  # the single-kernel launch (gptq_matmul.launch_kernel); None = its default
 
     def resolved(self, w: SpQRKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """Fill in None fields: as gptq_matmul (tile_k up to 512 and 3 stages at M_pad <= 16, up to 256 and 2
@@ -647,13 +648,15 @@ class KernelConfig:
         n_sub = self.n_sub or 1
         ctas_n = w.n_pad // CHUNK // n_sub
         target = int(3.5 * num_sms)
+        fused = resolve_fused(self.fused, self.k_splits, w.out_features)
+        max_splits = MAX_CLUSTER if fused else 16
         best = None
         for tile_k in ([self.tile_k] if self.tile_k else ([512, 256] if small_m else [256])):
             if tile_k % K_ALIGN or w.k_pad % tile_k:
                 continue
             steps = w.k_pad // tile_k
             splits = [self.k_splits] if self.k_splits else [
-                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1)]
+                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1) and s <= max_splits]
             for k_splits in splits:
                 score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
                 if best is None or score > best[0]:
@@ -662,11 +665,14 @@ class KernelConfig:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {K_ALIGN} dividing "
                              f"K_pad={w.k_pad}")
         _, tile_k, k_splits = best
-        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages)
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused)
         cfg.check(w)
         return cfg
 
     def check(self, w: SpQRKernelWeight) -> None:
+        if self.fused and not fused_output_ok(self.k_splits, w.out_features, jnp.float32):
+            raise ValueError(f"the fused launch needs k_splits <= {MAX_CLUSTER} and N a multiple of 4, got "
+                             f"k_splits={self.k_splits}, N={w.out_features}")
         if self.tile_k % K_ALIGN or w.k_pad % self.tile_k:
             raise ValueError(f"tile_k={self.tile_k} must be a multiple of {K_ALIGN} dividing K_pad={w.k_pad}")
         steps = w.k_pad // self.tile_k
@@ -683,8 +689,9 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
                 out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
     """Pallas Mosaic GPU kernel (dense part) + XLA sparse product: x [M, K] (M <= 64, w's dtype) @ W -> [M, N].
 
-    ``out_init`` (tests / benchmark): a float32 [k_splits, N_pad, M_pad] buffer the kernel writes in place (pass it
-    NaN-filled to prove every output tile is written).
+    ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every output
+    tile is written): float32 [k_splits, N_pad, M_pad] partials, or float32 y [M, N] (dense part) with the fused
+    launch (``gptq_matmul.output_buffer_shape``).
     """
     m, k = x2d.shape
     if k != w.in_features:
@@ -695,9 +702,11 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
         raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
-    partials = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant)
+    out = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     sparse = sparse_product(xk[:m], w) if _variant != "nosparse" else None
-    return _finish(partials, sparse, m, w.out_features, x2d.dtype)
+    if cfg.fused:
+        return (out if sparse is None else out + sparse[:m, :w.out_features]).astype(x2d.dtype)
+    return _finish(out, sparse, m, w.out_features, x2d.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -707,24 +716,29 @@ def _jit_spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, config: Optional[Kerne
 
 
 def spqr_matmul_partials(xk: jax.Array, w: SpQRKernelWeight, cfg: KernelConfig, *,
-                         out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
-    """The bare dense kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad]."""
+                         out_init: Optional[jax.Array] = None, _variant: str = "full",
+                         m: Optional[int] = None) -> jax.Array:
+    """The bare dense kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad],
+    or with ``cfg.fused`` the float32 dense product y [m, N] (m = the real rows, default M_pad)."""
     m_pad = xk.shape[0]
+    m = m_pad if m is None else m
+    fused_out = (m, w.out_features, "float32") if cfg.fused else None
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
-                       cfg.n_sub, out_init is not None, _variant)
+                       cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.stats, w.qq]
     if out_init is not None:
-        if out_init.shape != (cfg.k_splits, w.n_pad, m_pad) or out_init.dtype != jnp.float32:
-            raise ValueError(f"out_init must be float32 {(cfg.k_splits, w.n_pad, m_pad)}, got "
-                             f"{out_init.dtype} {out_init.shape}")
+        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, jnp.float32)
+        if out_init.shape != shape or out_init.dtype != dt:
+            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
         args.append(out_init)
     return call(*args)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits, n_sub, aliased, variant="full"):
+def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits, n_sub, aliased, variant="full",
+                fused_out=None):
     """variant (measurements only): "full" / "nosparse" (same kernel); "nostats" skips the statistics arithmetic
-    (wrong results; isolates its cost)."""
+    (wrong results; isolates its cost). fused_out: see ``gptq_matmul.launch_kernel``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -760,18 +774,10 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
             return [acc_ref[...] for acc_ref in acc_refs]
 
         accs = pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
+        store_output(accs, out_gmem, n_idx=n_idx, split=split, m_pad=m_pad, k_splits=k_splits, fused_out=fused_out)
 
-        def store(o_smem):
-            for j in range(n_sub):
-                o_smem[j * CHUNK:(j + 1) * CHUNK, :] = accs[j]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[split, pl.ds(n_idx * rows, rows), :])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32))
-
-    return launch_partials(body, name=f"spqr_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
-                           rows=rows, k_splits=k_splits, aliased=aliased)
+    return launch_kernel(body, name=f"spqr_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
+                         rows=rows, k_splits=k_splits, aliased=aliased, fused_out=fused_out)
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_stats=False):

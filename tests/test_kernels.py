@@ -50,10 +50,12 @@ CASES = [  # K, N, bits, group, sym, act, dtype
 ]
 
 
+@pytest.mark.parametrize("layout", gm.LAYOUTS)
 @pytest.mark.parametrize("K,N,bits,group,sym,act,dtype", CASES)
-def test_layout_roundtrip_and_dequantize(rng, K, N, bits, group, sym, act, dtype):
+def test_layout_roundtrip_and_dequantize(rng, K, N, bits, group, sym, act, dtype, layout):
     codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, sym, act)
-    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype, layout=layout)
+    assert w.layout == layout
     assert w.qweight.shape == (w.n_pad // 64, w.k_pad // 64, bits, 128) and w.k_pad % gm.K_ALIGN == 0
     assert (w.nbias is None) == sym and (w.perm is None) == (not act)
     # Codes come back exactly in kernel row order (act-order rows sorted by group, padding rows zero).
@@ -69,9 +71,13 @@ def test_layout_roundtrip_and_dequantize(rng, K, N, bits, group, sym, act, dtype
 
 
 def emulate_kernel_dequant(w: gm.GPTQKernelWeight, n_tile: int, k_chunk: int) -> np.ndarray:
-    """The kernel's register arithmetic in numpy for one 64x64 tile: shift/mask into the magic float, then
-    fma(v, 1, nbias) and fma(., scale, -0) in the half-precision dtype. Returns W^T tile [64 rows n, 64 cols k]."""
+    """The kernel's register arithmetic in numpy for one 64x64 tile: the extraction plan's shift/mask into the
+    magic float (code at bit k of the mantissa), then fma(v, 2**-k, nbias_k) with nbias_k = fma(nbias, 1,
+    magic - magic * 2**-k) (k = 0: fma(v, 1, nbias)) and fma(., scale, -0), every step rounded to the half-precision
+    dtype. Returns W^T tile [64 rows n, 64 cols k]."""
     dt = NP_DTYPES[w.dtype_name]
+    rnd = lambda a: np.asarray(a, np.float64).astype(dt).astype(np.float64)
+    magic = gm._MAGIC[w.dtype_name]
     words = np.asarray(w.qweight[n_tile, k_chunk]).view(np.uint32)  # [bits, 128]
     base = np.uint32(gm._half_bits(gm._MAGIC[w.dtype_name], w.dtype_name) * 0x00010001)
     group_row = (k_chunk * 64) // w.group
@@ -81,23 +87,26 @@ def emulate_kernel_dequant(w: gm.GPTQKernelWeight, n_tile: int, k_chunk: int) ->
              else np.full(64, -(gm._MAGIC[w.dtype_name] + 2 ** (w.bits - 1))))
     row, col = gm._thread_coords()
     tile = np.full((64, 64), np.nan)
-    for P, fields in enumerate(gm._fields(w.bits)):
+    for P, fields in enumerate(gm._fields(w.bits, w.layout)):
+        k, parts = gm._extract_plan(fields, w.bits, gm._MANTISSA[w.dtype_name])
         v = np.full(128, base, np.uint32)
-        for plane, word_shift, width, code_shift in fields:
-            shift = word_shift - code_shift
+        for plane, shift, mask in parts:
             part = words[plane] >> shift if shift >= 0 else words[plane] << -shift
-            v |= part & np.uint32(((2**width - 1) << code_shift) * 0x00010001)
+            v |= part & np.uint32(mask)
         halves = np.stack([v & 0xFFFF, v >> 16], axis=-1).astype(np.uint16).view(dt).astype(np.float64)  # [128, 2]
         r = row[:, P, :]
-        d = (halves + nbias[r]).astype(dt).astype(np.float64)  # fma(v, 1, nbias): exact small integers
-        tile[r, col[:, P, :]] = (d * scale[r]).astype(dt).astype(np.float64)  # fma(d, scale, -0): one rounding
+        nb_k = rnd(nbias[r] + (magic - magic * 2.0**-k))
+        d = rnd(halves * 2.0**-k + nb_k)  # exact small integers: code - zero
+        assert np.array_equal(d, halves * 2.0**-k - magic * 2.0**-k + nbias[r] + magic)
+        tile[r, col[:, P, :]] = rnd(d * scale[r])  # fma(d, scale, -0): one rounding
     return tile
 
 
-@pytest.mark.parametrize("K,N,bits,group,sym,act,dtype", CASES[:4])
-def test_register_arithmetic(rng, K, N, bits, group, sym, act, dtype):
+@pytest.mark.parametrize("K,N,bits,group,sym,act,dtype,layout", [c + ("halves",) for c in CASES] + [
+    c + ("planes",) for c in CASES if c[2] == 3])
+def test_register_arithmetic(rng, K, N, bits, group, sym, act, dtype, layout):
     codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, sym, act)
-    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype, layout=layout)
     dense = np.asarray(w.dequantize_padded().astype(jnp.float32)).astype(np.float64)  # [K_pad, N_pad]
     for n_tile in range(w.n_pad // 64):
         for k_chunk in (0, w.k_pad // 64 - 1, int(rng.integers(w.k_pad // 64))):
@@ -248,3 +257,45 @@ def test_dequant_nk_matches_oracle(rng):
     oracle = oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
     np.testing.assert_array_equal(wt[:N][:, real], oracle[src[real]].T)
     assert np.all(wt[:, ~real] == 0) and np.all(wt[N:] == 0)
+
+
+def test_int3_layouts_fields_and_instruction_count():
+    """Both 3-bit layouts place every code bit exactly once (16 pairs x 3 bits in 3 planes of 2 x 16 bits); the
+    "halves" layout reads 15 of 16 pairs with one masked field (the point of it: fewer integer instructions)."""
+    for layout in gm.LAYOUTS:
+        seen = set()
+        for fields in gm._fields(3, layout):
+            assert sum(width for _, _, width, _ in fields) == 3
+            for plane, shift, width, _ in fields:
+                for b in range(shift, shift + width):
+                    assert (plane, b) not in seen and b < 16
+                    seen.add((plane, b))
+        assert len(seen) == 48
+    for dtype in ("bfloat16", "float16"):
+        plans = [gm._extract_plan(f, 3, gm._MANTISSA[dtype]) for f in gm._fields(3, "halves")]
+        assert sum(len(parts) for _, parts in plans) == 18
+        assert all(k + 3 <= gm._MANTISSA[dtype] for k, _ in plans)  # code * 2**k stays inside the mantissa
+        shifts = {(plane, shift) for _, parts in plans for plane, shift, _ in parts if shift}
+        assert len(shifts) <= 9  # shared shifts (bf16: 2 per plane + 3 for pair 15)
+    with pytest.raises(ValueError, match="layout"):
+        gm._fields(3, "nibbles")
+
+
+def test_fused_launch_config(rng, monkeypatch):
+    """The fused (single-kernel) launch: k_splits capped at one cluster (8), explicit fused=True rejected where the
+    output rows would not be 16-byte aligned, the default follows FUSED_DEFAULT, and the out_init buffer is y."""
+    codes, scales, zeros, g_idx = random_gptq(rng, 4096, 64, 4, 128, False, False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
+    assert gm.KernelConfig(fused=False).resolved(w, 1).k_splits == 16  # one 64-row tile: as many splits as allowed
+    cfg = gm.KernelConfig(fused=True).resolved(w, 1)
+    assert cfg.fused and cfg.k_splits == gm.MAX_CLUSTER
+    assert gm.output_buffer_shape(cfg, w.n_pad, 64, 3, jnp.bfloat16) == ((3, 64), jnp.dtype(jnp.bfloat16))
+    cfg_p = gm.KernelConfig(fused=False).resolved(w, 3)
+    assert gm.output_buffer_shape(cfg_p, w.n_pad, 64, 3, jnp.bfloat16) == ((16, 64, 8), jnp.dtype(jnp.float32))
+    for default in (False, True):
+        monkeypatch.setattr(gm, "FUSED_DEFAULT", default)
+        assert gm.KernelConfig().resolved(w, 1).fused == default
+    odd = gm.pack(*random_gptq(rng, 256, 70, 4, 128, False, False), bits=4, sym=False)
+    assert not gm.KernelConfig().resolved(odd, 1).fused  # N = 70: bf16 rows of 140 bytes
+    with pytest.raises(ValueError, match="fused"):
+        gm.KernelConfig(fused=True, tile_k=128, k_splits=16).resolved(w, 1)

@@ -231,7 +231,7 @@ def test_config_and_call_errors(rng):
     # K = 43 * 256 (LLaMA's 11008) is padded to a multiple of 4 blocks so that it can be split (N/64 CTAs are few).
     import types
     assert sm._padded_k(11008) == 11264 and sm._padded_k(4096) == 4096 and sm._padded_k(300) == 512
-    tall = types.SimpleNamespace(k_pad=sm._padded_k(11008), n_pad=4096)
+    tall = types.SimpleNamespace(k_pad=sm._padded_k(11008), n_pad=4096, out_features=4096)
     assert sm.KernelConfig().resolved(tall, 1).k_splits >= 2
     with pytest.raises(ValueError, match="tile_k=128"):
         sm.KernelConfig(tile_k=128).resolved(kw)

@@ -1,0 +1,336 @@
+"""The shared kernel launch on the GPU: the single-kernel ("fused") launch vs the first ("partials") launch for the
+GPTQ, SqueezeLLM (LUT) and SpQR kernels, and the GPTQ 3-bit code layouts ("halves" vs "planes").
+
+    python bench/kernels_launch.py --out $OUT/launch.jsonl [--shapes 8192x28672,4096x4096] [--ms 1,16]
+        [--formats gptq-w4g128,gptq-w3g128,gptq-w3g128-planes,lut4,lut3,spqr3] [--launches partials,fused]
+    python bench/kernels_launch.py --smoke          # odd shapes through every new code path (correctness only)
+    python bench/kernels_launch.py --merge launch.jsonl [...]   # rows -> bench/results/kernels.{json,md}
+
+partials = the kernel writes float32 partials [k_splits, N_pad, M_pad] and XLA sums / transposes / casts them (one
+fusion); fused = the k_splits CTAs of an output tile form a cluster, reduce through distributed shared memory and
+TMA-store y [M, N] (``gptq_matmul.launch_kernel``). Timing as bench/kernels.py --cupti: one jitted single-call
+program per (op, shape, M) dispatched over rotating weight copies + activations (> 4x the 50 MB L2), CUPTI kernel
+durations summed per call, median over ``--rounds`` passes; bf16 XLA measured in the same run. Every timed
+configuration is first checked on fresh activations against x @ W_float with its output buffer NaN-poisoned.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import gptq_matmul as gm  # noqa: E402
+from pallas_kernels import lut_matmul as lm  # noqa: E402
+from pallas_kernels import spqr_matmul as sm  # noqa: E402
+
+L2_BYTES = 50e6
+TOL = 1e-2
+FORMATS = ("gptq-w4g128", "gptq-w3g128", "gptq-w3g128-planes", "lut4", "lut3", "spqr3")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def copies(tree, n):
+    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
+
+
+def n_sets(nbytes, max_sets=32):
+    return int(max(4, min(max_sets, math.ceil(4 * L2_BYTES / nbytes))))
+
+
+def activations(key, M, K, n, dtype=jnp.bfloat16):
+    return [jax.random.normal(k, (M, K), jnp.float32).astype(dtype) for k in jax.random.split(key, n)]
+
+
+def bf16_matmul(x, w):
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def cupti(fn, arg_sets, rounds=3, match=""):
+    """(median us of one call, median us of its kernels whose name contains ``match``, [(kernel, us)] of a call)."""
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+
+    f = jax.jit(fn)
+    for args in arg_sets:
+        jax.block_until_ready(f(*args))
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+    try:
+        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
+        jax.block_until_ready(outs)
+    finally:
+        timings = ext._cupti_get_timings(True)
+    calls = rounds * len(arg_sets)
+    if not timings or len(timings) % calls:
+        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
+    per = len(timings) // calls
+    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
+    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
+    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3 if match else total
+    per_kernel = [(n[:40], round(statistics.median(c[i][1] for c in chunks) * 1e3, 2))
+                  for i, (n, _) in enumerate(chunks[0])]
+    return total, part, per_kernel
+
+
+# ------------------------------------------------------------------------------------------------------ formats
+class Format:
+    """name -> (kernel weight, float32 W [K, N]) maker, kernel call, config class, output dtype, kernel-name tag."""
+
+    def __init__(self, name):
+        self.name = name
+        self.family = "gptq" if name.startswith("gptq") else "lut" if name.startswith("lut") else "spqr"
+
+    def make(self, seed, K, N, dtype=jnp.bfloat16):
+        key = jax.random.PRNGKey(seed)
+        if self.family == "gptq":
+            bits = 4 if "w4" in self.name else 3
+            layout = "planes" if self.name.endswith("planes") else "halves"  # explicit: not the default
+            G = K // 128
+            k1, k2, k3 = jax.random.split(key, 3)
+            codes = jax.random.randint(k1, (K, N), 0, 2**bits, jnp.int32)
+            scales = jax.random.uniform(k2, (G, N), jnp.float32, 0.5, 1.5) * 0.01
+            zeros = jax.random.randint(k3, (G, N), 0, 2**bits, jnp.int32)
+            g_idx = np.arange(K) // 128
+            w_float = scales[g_idx] * (codes - zeros[g_idx]).astype(jnp.float32)
+            return gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype=dtype, layout=layout), w_float
+        if self.family == "lut":
+            from bench.kernels_lut import make_weight
+            bits = int(self.name[-1])
+            _, kw, w_float = make_weight(seed, K, N, bits, 0.0, dtype)
+            return kw, w_float
+        from bench.kernels_spqr import make_spqr
+        from jaxquant.kernel_layout import spqr_to_kernel_weight
+        w = make_spqr(seed, K, N)
+        return spqr_to_kernel_weight(w, dtype), w.dequantize(jnp.float32)
+
+    def config(self, **kw):
+        return (sm.KernelConfig if self.family == "spqr" else gm.KernelConfig)(**kw)
+
+    def call(self, x, w, cfg, out_init=None):
+        fn = {"gptq": gm.gptq_matmul, "lut": lm.lut_matmul, "spqr": sm.spqr_matmul}[self.family]
+        return fn(x, w, config=cfg, out_init=out_init)
+
+    def out_dtype(self, w):
+        if self.family == "lut":
+            return lm.kernel_out_dtype(w)
+        return w.dtype if self.family == "gptq" else jnp.dtype(jnp.float32)
+
+    @property
+    def tag(self):
+        return {"gptq": "gptq_w", "lut": "lut_w", "spqr": "spqr_w"}[self.family]
+
+
+def check(fmt, kw, w_float, M, cfg, key):
+    """(Frobenius rel err, max-abs rel err, any NaN, poisoned == plain output) of the kernel path vs x @ W_float."""
+    x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(kw.dtype)
+    rc = cfg.resolved(kw, M)
+    shape, dt = gm.output_buffer_shape(rc, kw.n_pad, kw.out_features, M, fmt.out_dtype(kw))
+    poison = jnp.full(shape, jnp.nan, dt)
+    y = jax.jit(lambda x, w, p: fmt.call(x, w, cfg, p))(x, kw, poison).astype(jnp.float32)
+    y2 = jax.jit(lambda x, w: fmt.call(x, w, cfg))(x, kw).astype(jnp.float32)
+    ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
+    fro = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+    mx = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
+    same = float(jnp.max(jnp.abs(y - y2))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))  # sparse parts: order of adds
+    return fro, mx, bool(jnp.any(jnp.isnan(y))), same, rc
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def smoke(seed):
+    """Odd shapes through the new paths on the GPU (fused launch with k_splits 1..8, M 1..64, N not a multiple of
+    64, both 3-bit layouts, float16, LUT with a sparse part, SpQR): every output NaN-poisoned. Returns all ok."""
+    ok = True
+    cases = [  # format, K, N, M list, k_splits list, dtype
+        ("gptq-w4g128", 1024, 200, (1, 5, 64), (1, 2, 8), jnp.bfloat16),
+        ("gptq-w3g128", 2048, 136, (1, 9, 16), (1, 4, 8), jnp.bfloat16),
+        ("gptq-w3g128", 1024, 64, (3, 64), (2,), jnp.float16),
+        ("gptq-w3g128-planes", 1024, 128, (1, 33), (2,), jnp.bfloat16),
+        ("lut4", 1024, 192, (1, 17), (1, 4), jnp.bfloat16),
+        ("lut3", 2048, 72, (2, 64), (8,), jnp.bfloat16),
+        ("spqr3", 1024, 128, (1, 7), (1, 4), jnp.bfloat16),
+    ]
+    for i, (name, K, N, ms, splits, dtype) in enumerate(cases):
+        fmt = Format(name)
+        try:
+            kw, w_float = fmt.make(seed + i, K, N, dtype)
+        except Exception:
+            log(f"smoke {name} {K}x{N}: make FAILED {traceback.format_exc()[-1200:]}")
+            ok = False
+            continue
+        for M in ms:
+            for ks in splits:
+                for fused in (True, False) if ks == splits[0] and M == ms[0] else (True,):
+                    tile_k = 256 if fmt.family == "spqr" else 128  # enough pipeline steps for 8 splits
+                    cfg = fmt.config(k_splits=ks, fused=fused, tile_k=tile_k)
+                    try:
+                        fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
+                        good = fro < TOL and not nan and same
+                    except Exception:
+                        log(f"smoke {name} {K}x{N} M={M} k_splits={ks} fused={fused} FAILED "
+                            f"{traceback.format_exc()[-2500:]}")
+                        ok = False
+                        continue
+                    ok &= good
+                    log(f"smoke {name} {dtype.__name__} {K}x{N} M={M} k_splits={ks} fused={fused}: err {fro:.2e} "
+                        f"(max {mx:.2e}) nan={nan} same={same} {'OK' if good else 'FAIL'}")
+    return ok
+
+
+def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=None):
+    for si, (K, N) in enumerate(shapes):
+        if time.time() > deadline:
+            log(f"time budget spent: skipping {K}x{N} and later shapes")
+            break
+        key = jax.random.PRNGKey(seed + si)
+        kb, kx = jax.random.split(key)
+        w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        bf_ws = copies(w_bf16, n_sets(w_bf16.nbytes))
+        bf16_us = {}
+        for M in ms:
+            xs = activations(jax.random.fold_in(kx, M), M, K, len(bf_ws))
+            bf16_us[M], _, names = cupti(bf16_matmul, list(zip(xs, bf_ws)), rounds)
+            log(f"{K}x{N} bf16 XLA M={M}: {bf16_us[M]:.2f} us {names}")
+        del bf_ws, w_bf16
+        for fi, name in enumerate(formats):
+            if time.time() > deadline:
+                log(f"time budget spent: skipping {name} {K}x{N}")
+                break
+            fmt = Format(name)
+            t0 = time.perf_counter()
+            try:
+                kw, w_float = fmt.make(seed + 1000 * si + fi, K, N)
+            except Exception:
+                log(f"{K}x{N} {name}: make FAILED {traceback.format_exc()[-1500:]}")
+                continue
+            ws = copies(kw, n_sets(kw.nbytes))
+            log(f"{K}x{N} {name}: made + packed in {time.perf_counter() - t0:.1f} s, {kw.nbytes / 1e6:.1f} MB, "
+                f"{len(ws)} copies")
+            for M in ms:
+                xs = activations(jax.random.fold_in(kx, 7919 * fi + M), M, K, len(ws))
+                for launch in launches:
+                    for extra in (configs or [{}]):
+                        cfg = fmt.config(fused=launch == "fused", **extra)
+                        try:
+                            fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.fold_in(kx, M + 1))
+                            us, kern_us, names = cupti(lambda x, w: fmt.call(x, w, cfg), list(zip(xs, ws)), rounds,
+                                                       fmt.tag)
+                        except Exception:
+                            log(f"{K}x{N} {name} M={M} {launch} {extra} FAILED: {traceback.format_exc()[-2000:]}")
+                            continue
+                        moved = kw.nbytes + M * K * 2 + M * N * 2
+                        row = dict(format=name, launch=launch, K=K, N=N, M=M, us=round(us, 2),
+                                   kernel_only_us=round(kern_us, 2), bf16_xla_us=round(bf16_us[M], 2),
+                                   speedup_vs_bf16=round(bf16_us[M] / us, 3),
+                                   kernel_only_speedup_vs_bf16=round(bf16_us[M] / kern_us, 3),
+                                   gbps=round(moved / us / 1e3, 1), kernel_only_gbps=round(moved / kern_us / 1e3, 1),
+                                   bytes_moved=moved, fro_rel_err=float(f"{fro:.3g}"), max_rel_err=float(f"{mx:.3g}"),
+                                   correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu",
+                                   timing="cupti-rotating", gpu_kernels=names,
+                                   config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits,
+                                               n_sub=rc.n_sub, fused=rc.fused))
+                        emit(row)
+                        log(f"{K}x{N} {name} M={M} {launch}: path {us:.2f} us (kernel {kern_us:.2f}) bf16 "
+                            f"{bf16_us[M]:.2f}: x{row['speedup_vs_bf16']} (kernel x"
+                            f"{row['kernel_only_speedup_vs_bf16']}) err {fro:.1e} "
+                            f"{'OK' if row['correct'] else 'FAIL'} {row['config']} {names}")
+            del ws, kw, w_float
+
+
+# ------------------------------------------------------------------------------------------------------- merge
+def merge(paths, results_dir, note=""):
+    """Append the rows of the JSONL files to kernels.json and (re)write the launch section of kernels.md."""
+    sys.path.insert(0, os.path.dirname(results_dir))
+    from jaxquant import results
+
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    results.append_rows(os.path.join(results_dir, "kernels.json"), rows)
+    md_path = os.path.join(results_dir, "kernels.md")
+    text = open(md_path).read() if os.path.exists(md_path) else ""
+    begin, end = "<!-- launch rows begin -->", "<!-- launch rows end -->"
+    r0 = rows[0]
+    lines = [begin, "", "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)", "",
+             f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; command: "
+             f"`{r0.get('command', '?')}` (device tool). run_id(s): "
+             f"{', '.join(sorted({str(r.get('run_id', '?')) for r in rows}))}. {note}", "",
+             "partials = the first launch (kernel writes float32 partials, XLA sums / transposes / casts); fused = "
+             "one kernel (split-K reduction through a thread-block cluster's distributed shared memory, y stored by "
+             "TMA). path = everything the call runs (activation pad, the kernel, XLA sparse product for SpQR); "
+             "kernel = the Pallas kernel alone. bf16 XLA in the same run. Every row checked against x @ W_float "
+             "with a NaN-poisoned output buffer.", "",
+             "| format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
+             "| GB/s (path) | rel err | tile_k/stages/k_splits | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        c = r["config"]
+        lines.append(f"| {r['format']} | {r['launch']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | "
+                     f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "
+                     f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
+                     f"{c['tile_k']}/{c['stages']}/{c['k_splits']} | {'yes' if r['correct'] else 'NO'} |")
+    lines += ["", end]
+    block = "\n".join(lines)
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    open(md_path, "w").write(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8192x28672,4096x4096")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--launches", default="partials,fused")
+    ap.add_argument("--configs", default="", help="extra config fields per timed row, e.g. 'k_splits=2;k_splits=4'")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape / format after this many s")
+    ap.add_argument("--out", default="launch.jsonl")
+    ap.add_argument("--merge", nargs="*")
+    ap.add_argument("--merge-note", default="")
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), args.merge_note)
+        return
+    t_start = time.time()
+    log(f"jax {jax.__version__}, devices {jax.devices()}")
+    seed = int.from_bytes(os.urandom(4), "little") % 2**30
+    log(f"seed {seed}")
+    ok = True
+    if args.smoke:
+        ok = smoke(seed)
+        log(f"smoke: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
+    if args.no_table:
+        sys.exit(0 if ok else 1)
+    from jaxquant import results
+    command = "python bench/kernels_launch.py " + " ".join(sys.argv[1:])
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def emit(r):
+        with open(args.out, "a") as f:
+            f.write(json.dumps(results.row("kernels", command=command, run_id=run_id, **r)) + "\n")
+
+    configs = [dict(kv.split("=") for kv in c.split(",")) for c in args.configs.split(";") if c]
+    configs = [{k: int(v) for k, v in c.items()} for c in configs] or None
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    table(seed, shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), args.launches.split(","),
+          args.rounds, emit, t_start + args.budget_s, configs)
+    log(f"done in {time.time() - t_start:.0f} s")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
