@@ -63,6 +63,14 @@ def peak_device_bytes(devices: Optional[Sequence] = None) -> Optional[int]:
     return max(peaks) if peaks else None
 
 
+def warm_up_collectives(mesh: Mesh) -> None:
+    """One tiny all-reduce over the mesh's devices. On GPUs the first collective of a device set creates its NCCL
+    communicators (about a second or more) and later collectives over the same devices reuse them: the pipeline
+    runs this in a background thread at its start, so that the first Hessian all-reduce does not pay it."""
+    x = jax.device_put(np.zeros((mesh.devices.size,), np.float32), batch_sharding(mesh))
+    jax.block_until_ready(jax.jit(lambda v: v.sum(), out_shardings=replicated(mesh))(x))
+
+
 # ----------------------------------------------------------------------------------------- data-parallel Hessian
 def partial_hessians(mesh: Mesh):
     """(init, update, finish) for Hessians of batch-sharded activations without a collective per batch: each device

@@ -243,6 +243,8 @@ class QuantizeReport:
     devices: int = 1
     layer_seconds: List[float] = dataclasses.field(default_factory=list)  # wall time of each decoder layer
     peak_device_bytes: Optional[int] = None  # allocator peak over the run (None where the backend keeps none: CPU)
+    # wall seconds before the first layer ("setup": calibration embedded, params placed) and after the last ("finish")
+    phase_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def total_error(self) -> float:
         return float(sum(r["error"] for r in self.layers))
@@ -303,6 +305,11 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
     # Decoder layers go host -> device(s) in a background thread, the next one while this one computes.
     loader, names_all = ThreadPoolExecutor(1), layer_names(lm)
+    side = ThreadPoolExecutor(1)  # one-off background jobs
+    if mesh is not None and n_dev > 1 and m.needs_calibration:
+        from jaxquant.distributed import warm_up_collectives
+
+        side.submit(warm_up_collectives, mesh)
     if m.needs_hessian:
         if calibration is None or np.ndim(calibration) != 2:
             raise ValueError(f"method {method!r} needs calibration token ids of shape [n, seqlen]")
@@ -484,6 +491,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     warmup = None
     if upcoming is None and names_all:
         upcoming = loader.submit(on_devices, host[names_all[0]])
+    phases = {"setup": time.perf_counter() - t_start}
     for index, lname in enumerate(bar):
         t_layer = time.perf_counter()
         work = upcoming.result()  # only this layer's weights (and the next one's, arriving) on the device(s)
@@ -532,12 +540,16 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             layer_callback(lname, layer_seconds[-1])
         bar.set_postfix(err=f"{layer_err:.4g}")
     bar.close()
+    t_finish = time.perf_counter()
     loader.shutdown(wait=True)
+    side.shutdown(wait=True)
     if warmup is not None:
         warmup.shutdown(wait=True)
     from jaxquant.distributed import peak_device_bytes
 
+    phases["finish"] = time.perf_counter() - t_finish
     report = QuantizeReport(method=method, config=config, layers=rows, seconds=time.perf_counter() - t_start,
                             nsamples=int(n), seqlen=int(seqlen), devices=n_dev, layer_seconds=layer_seconds,
-                            peak_device_bytes=peak_device_bytes(None if mesh is None else mesh.devices.flat))
+                            peak_device_bytes=peak_device_bytes(None if mesh is None else mesh.devices.flat),
+                            phase_seconds=phases)
     return host, report
