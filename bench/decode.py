@@ -293,7 +293,8 @@ def peak_device_bytes() -> int | None:
 
 
 def time_generate(compiled, params, prompt, batch: int, new_tokens: int, reps: int):
-    """(median total s, median prefill s, first token, steps of the full run). See the module docstring."""
+    """(median total s, median prefill s, first token, steps of the full run, every total s). See the module
+    docstring."""
     ids = jnp.asarray(np.tile(np.asarray(prompt, np.int32)[None], (batch, 1)))
     mask = jnp.ones(ids.shape, bool)
     fixed = (jax.random.PRNGKey(0), jnp.float32(1e-6), jnp.float32(1.0))
@@ -317,7 +318,7 @@ def time_generate(compiled, params, prompt, batch: int, new_tokens: int, reps: i
         total.append(t)
         prefill.append(run(first)[0])
         assert s == new_tokens, (s, new_tokens)
-    return statistics.median(total), statistics.median(prefill), first, steps
+    return statistics.median(total), statistics.median(prefill), first, steps, total
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -531,6 +532,7 @@ def kernel_breakdown(compiled, args_full, args_prefill, steps: int, iterations: 
         cats[_category(k)] = cats.get(_category(k), 0.0) + t
     top = sorted(names.items(), key=lambda kv: -kv[1][1])[:25]
     return {"kernel_us_per_step": round(sum(t for _, t in names.values()), 1),
+            "kernels_per_step": round(sum(c for c, _ in names.values()), 1),
             "categories_us_per_step": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels_per_step": [[k[:60], round(c, 2), round(t, 1)] for k, (c, t) in top]}
 
@@ -580,13 +582,14 @@ def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_pat
             t0 = time.perf_counter()
             compiled = compile_generate(module, params, batch, prompt_len, new_tokens)
             compile_s = time.perf_counter() - t0
-            total, prefill, first, steps = time_generate(compiled, params, prompt, batch, new_tokens, reps)
+            total, prefill, first, steps, totals = time_generate(compiled, params, prompt, batch, new_tokens, reps)
             decode_s = total - prefill
             peak = peak_device_bytes()
             prog = program_peak_bytes(compiled)
             r = dict(info, what="generate",
                      batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, reps=reps,
                      total_s=round(total, 5), prefill_s=round(prefill, 5), decode_s=round(decode_s, 5),
+                     total_min_s=round(min(totals), 5), total_max_s=round(max(totals), 5),
                      tokens_per_s=round(batch * (new_tokens - 1) / decode_s, 2),
                      ms_per_step=round(1e3 * decode_s / (new_tokens - 1), 3),
                      prefill_tokens_per_s=round(batch * prompt_len / prefill, 1),
@@ -614,12 +617,14 @@ def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_pat
                 log(f"[{spec}] profile FAILED:\n{traceback.format_exc()[-3000:]}")
         del compiled
     if guard:
+        t0 = time.perf_counter()
         try:
             g, bad = accuracy_guard(module, params, stored, prompt, jax.random.fold_in(key, 11), linear_tol,
                                     model_factor, corrupt)
         except Exception as e:
             log(f"[{spec}] guard FAILED:\n{traceback.format_exc()[-3000:]}")
             g, bad = {"guard_ok": False, "guard_error": f"{type(e).__name__}: {str(e)[:300]}"}, []
+        g["guard_s"] = round(time.perf_counter() - t0, 1)
         log(f"[{spec}] guard (batch 1): {json.dumps(g)}")
         write(dict(info, what="guard", batch=1, **g))
         for b in bad:
@@ -703,18 +708,20 @@ def summarize(rows):
             lines.append(f"| {g['format']} | {g.get('corruption', '-')} | {lin} | {g['prefill_rel_err_vs_f32']} "
                          f"({g.get('bf16_xla_prefill_rel_err_vs_f32', '-')}) | {g['decode_step_rel_err_vs_f32']} "
                          f"({g.get('bf16_xla_decode_step_rel_err_vs_f32', '-')}) | "
-                         f"{g.get('prefill_rel_err_vs_bf16_xla', '-')} / {g.get('decode_step_rel_err_vs_bf16_xla', '-')}"
-                         f" | {lay[-1]} ({xlay[-1]}) | {verdict} |")
+                         f"{g.get('prefill_rel_err_vs_bf16_xla', '-')} / "
+                         f"{g.get('decode_step_rel_err_vs_bf16_xla', '-')} | {lay[-1]} ({xlay[-1]}) | {verdict} |")
     profiles = [r for r in rows if r.get("what") == "profile"]
     if profiles:
         lines += ["", "Decode step at batch 1, CUPTI device time per step (us): kernels of the whole generation "
                   "minus the prefill-only run, / steps; gap = ms/step (wall) - kernel time:", "",
-                  "| format | ms/step | kernels | gap | by category | top kernels (name, per step, us) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| format | ms/step | kernel us | kernels | gap us | by category | "
+                  "top kernels (name, per step, us) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in profiles:
             cats = "; ".join(f"{k} {v}" for k, v in r["categories_us_per_step"].items())
             top = "; ".join(f"{n} x{c:g} {t}" for n, c, t in r["top_kernels_per_step"][:6])
-            lines.append(f"| {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | {r['gap_us_per_step']}"
+            lines.append(f"| {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | "
+                         f"{r.get('kernels_per_step', '')} | {r['gap_us_per_step']}"
                          f" | {cats} | {top} |")
     return lines
 

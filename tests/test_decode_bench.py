@@ -110,7 +110,7 @@ def test_generate_protocol_eos_stops_after_prefill(rng):
     prompt = rng.integers(0, DIMS["vocab_size"], 16)
     new = 5
     compiled = decode.compile_generate(module, params, 3, len(prompt), new)
-    total, prefill, first, steps = decode.time_generate(compiled, params, prompt, 3, new, reps=1)
+    total, prefill, first, steps, _ = decode.time_generate(compiled, params, prompt, 3, new, reps=1)
     assert steps == new and total > 0 and prefill > 0
     # Oracle for the first token: argmax of a cache-free forward of the same prompt (when not a near tie).
     logits = np.asarray(module.apply({"params": params}, jnp.asarray(prompt, jnp.int32)[None])[0][0, -1], np.float64)
