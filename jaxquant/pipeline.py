@@ -320,11 +320,12 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         if batch_size % n_dev:
             raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's {n_dev} devices")
         positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen)))
-        embed = jax.jit(lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed))
+        embed_fn = lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed)  # noqa: E731
+        embed = jax.jit(embed_fn)
         if m.stats is None:  # the first layer's weights travel while the calibration set is embedded
             upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
         ids0 = jax.ShapeDtypeStruct((batch_size, seqlen), np.int32)
-        top = on_devices(_used_entries(embed, non_layer_params(host), ids0))
+        top = on_devices(_used_entries(embed_fn, non_layer_params(host), ids0))
         inps = [embed(top, split_batch(jnp.asarray(calibration[i: i + batch_size])))
                 for i in range(0, n, batch_size)]
         del top
