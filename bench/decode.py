@@ -88,8 +88,11 @@ TINY = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2
 WEIGHT_STD = 0.02
 
 
+_T0 = time.time()
+
+
 def log(*a):
-    print(*a, flush=True)
+    print(f"[{time.time() - _T0:6.1f}s]", *a, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------- model builder
