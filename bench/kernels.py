@@ -117,7 +117,7 @@ def check_kernel(kw, w_float, M, cfg, key):
     """Relative error (Frobenius, and max-abs) of the NaN-poisoned kernel output against x @ W_float."""
     x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(jnp.bfloat16)
     rc = cfg.resolved(kw, M)
-    poison = jnp.full((rc.k_splits, kw.n_pad, gm._m_pad(M)), jnp.nan, jnp.float32)
+    poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, kw.dtype)
     y = jax.jit(lambda x, w, p: gm.gptq_matmul(x, w, config=cfg, out_init=p))(x, kw, poison)
     y2 = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=cfg))(x, kw)
     ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
@@ -246,7 +246,7 @@ def correctness_matrix(key):
             x = jax.random.normal(k2, (M, K), jnp.float32).astype(dt)
             cfg = cfg or gm.KernelConfig()
             rc = cfg.resolved(kw, M)
-            poison = jnp.full((rc.k_splits, kw.n_pad, gm._m_pad(M)), jnp.nan, jnp.float32)
+            poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, kw.dtype)
             y = gm.gptq_matmul(x, kw, config=cfg, out_init=poison).astype(jnp.float32)
             ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
             ref_kernel_layout = gm.reference_matmul(x, kw).astype(jnp.float32)
@@ -540,7 +540,7 @@ def poisoned_chunked_kernel(x, w):
     """The chunked path with every chunk's kernel output buffer NaN-filled (unwritten tiles show as NaN)."""
     def chunk_fn(xc, w):
         rc = gm.KernelConfig().resolved(w, xc.shape[0])
-        poison = jnp.full((rc.k_splits, w.n_pad, gm._m_pad(xc.shape[0])), jnp.nan, jnp.float32)
+        poison = gm.nan_output_buffer(rc, w.n_pad, w.out_features, xc.shape[0], w.dtype)
         return gm.gptq_matmul(xc, w, out_init=poison)
     return gm.chunked_matmul(x, w, chunk_fn)
 
@@ -561,7 +561,7 @@ def prefill_format(fmt, key, K, N):
         def poisoned(x, w):
             def chunk_fn(xc, w):
                 rc = lm.KernelConfig().resolved(w, xc.shape[0])
-                poison = jnp.full((rc.k_splits, w.n_pad, gm._m_pad(xc.shape[0])), jnp.nan, jnp.float32)
+                poison = gm.nan_output_buffer(rc, w.n_pad, w.out_features, xc.shape[0], lm.kernel_out_dtype(w))
                 return lm.lut_matmul(xc, w, out_init=poison)
             return gm.chunked_matmul(x, w, chunk_fn)
 

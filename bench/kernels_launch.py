@@ -6,7 +6,7 @@ GPTQ, SqueezeLLM (LUT) and SpQR kernels, and the GPTQ 3-bit code layouts ("halve
     python bench/kernels_launch.py --smoke          # odd shapes through every new code path (correctness only)
     python bench/kernels_launch.py --merge launch.jsonl [...]   # rows -> bench/results/kernels.{json,md}
 
-partials = the kernel writes float32 partials [k_splits, N_pad, M_pad] and XLA sums / transposes / casts them (one
+auto = the default (``KernelConfig()``: the heuristic picks the launch); partials = the kernel writes float32 partials [k_splits, N_pad, M_pad] and XLA sums / transposes / casts them (one
 fusion); fused = the k_splits CTAs of an output tile form a cluster, reduce through distributed shared memory and
 TMA-store y [M, N] (``gptq_matmul.launch_kernel``). Timing as bench/kernels.py --cupti: one jitted single-call
 program per (op, shape, M) dispatched over rotating weight copies + activations (> 4x the 50 MB L2), CUPTI kernel
@@ -136,8 +136,7 @@ def check(fmt, kw, w_float, M, cfg, key):
     """(Frobenius rel err, max-abs rel err, any NaN, poisoned == plain output) of the kernel path vs x @ W_float."""
     x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(kw.dtype)
     rc = cfg.resolved(kw, M)
-    shape, dt = gm.output_buffer_shape(rc, kw.n_pad, kw.out_features, M, fmt.out_dtype(kw))
-    poison = jnp.full(shape, jnp.nan, dt)
+    poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, fmt.out_dtype(kw))
     y = jax.jit(lambda x, w, p: fmt.call(x, w, cfg, p))(x, kw, poison).astype(jnp.float32)
     y2 = jax.jit(lambda x, w: fmt.call(x, w, cfg))(x, kw).astype(jnp.float32)
     ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
@@ -221,7 +220,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                 xs = activations(jax.random.fold_in(kx, 7919 * fi + M), M, K, len(ws))
                 for launch in launches:
                     for extra in (configs or [{}]):
-                        cfg = fmt.config(fused=launch == "fused", **extra)
+                        cfg = fmt.config(fused=None if launch == "auto" else launch == "fused", **extra)
                         try:
                             fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.fold_in(kx, M + 1))
                             us, kern_us, names = cupti(lambda x, w: fmt.call(x, w, cfg), list(zip(xs, ws)), rounds,

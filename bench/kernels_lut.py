@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
@@ -117,7 +118,7 @@ def check(kw, w_float, M, cfg, key, variant="full"):
     """(Frobenius rel err, max-abs rel err, any NaN, poisoned == plain output) of the kernel path vs x @ W_float."""
     x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(kw.dtype)
     rc = cfg.resolved(kw, M)
-    poison = jnp.full((rc.k_splits, kw.n_pad, lm._m_pad(M)), jnp.nan, jnp.float32)
+    poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, lm.kernel_out_dtype(kw))
     y = jax.jit(lambda x, w, p: lm.lut_matmul(x, w, config=cfg, out_init=p, _variant=variant))(x, kw, poison)
     y2 = jax.jit(lambda x, w: lm.lut_matmul(x, w, config=cfg, _variant=variant))(x, kw)
     ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
@@ -150,7 +151,7 @@ def correctness_matrix(seed):
             cfg = cfg or lm.KernelConfig()
             x = jax.random.normal(jax.random.PRNGKey(seed + 100 + i), (M, K), jnp.float32).astype(dt)
             rc = cfg.resolved(kw, M)
-            poison = jnp.full((rc.k_splits, kw.n_pad, lm._m_pad(M)), jnp.nan, jnp.float32)
+            poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, lm.kernel_out_dtype(kw))
             y = lm.lut_matmul(x, kw, config=cfg, out_init=poison).astype(jnp.float32)
             ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
             ref_kl = lm.reference_matmul(x, kw).astype(jnp.float32)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
@@ -113,7 +114,7 @@ def check(kw, w_float, M, cfg, seed, variant="full"):
     """(Frobenius rel err, max rel err, any NaN, equal to the un-poisoned call) of the kernel path on fresh x."""
     x = jax.random.normal(jax.random.PRNGKey(seed), (M, kw.in_features), jnp.float32).astype(kw.dtype)
     rc = cfg.resolved(kw, M)
-    poison = jnp.full((rc.k_splits, kw.n_pad, max(8, -(-M // 8) * 8)), jnp.nan, jnp.float32)
+    poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, jnp.float32)
     y = jax.jit(lambda x, w, p: sm.spqr_matmul(x, w, config=cfg, out_init=p, _variant=variant))(x, kw, poison)
     y2 = jax.jit(lambda x, w: sm.spqr_matmul(x, w, config=cfg, _variant=variant))(x, kw)
     ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)

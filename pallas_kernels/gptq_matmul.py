@@ -464,16 +464,23 @@ class KernelConfig:
         n_sub = 1 (2 sub-tiles ran slower at M = 64: register pressure). Among the valid tile_k / k_splits, the most
         CTAs up to ~3.5 per SM (small CTAs keep more TMA copies in flight and shorten the tail) with >= 4 pipeline
         steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
-        output allows it) limits k_splits to MAX_CLUSTER."""
+        output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
+        M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel);
+        GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256."""
         small_m = _m_pad(m) <= 16
         stages = self.stages or (3 if small_m else 2)
         n_sub = self.n_sub or 1
         ctas_n = w.n_pad // CHUNK // n_sub
-        fused = resolve_fused(self.fused, self.k_splits, w.out_features)
-        max_splits = MAX_CLUSTER if fused else 16
+        gptq = isinstance(w, GPTQKernelWeight)
+        one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
+                     and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
+        fused = True if one_split else resolve_fused(self.fused, self.k_splits, w.out_features)
+        max_splits = 1 if one_split else MAX_CLUSTER if fused else 16
+        # 3-bit GPTQ codes at small M: tile_k 256 (8192x28672 M = 1: 42.7 us kernel vs 45.3 at 512, H100)
+        tiles = ([512, 256, 128, 64] if not (gptq and w.bits == 3) else [256, 128, 64]) if small_m else [256, 128, 64]
         target = int(3.5 * num_sms)
         best = None
-        for tile_k in ([self.tile_k] if self.tile_k else ([512, 256, 128, 64] if small_m else [256, 128, 64])):
+        for tile_k in ([self.tile_k] if self.tile_k else tiles):
             if w.k_pad % tile_k or (w.group % tile_k and tile_k % w.group):
                 continue
             steps = w.k_pad // tile_k
@@ -535,6 +542,12 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
+
+
+def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype) -> jax.Array:
+    """A NaN-filled ``out_init`` for a resolved config (tests / benchmark: unwritten output tiles show as NaN)."""
+    shape, dt = output_buffer_shape(cfg, n_pad, n, m, dtype)
+    return jnp.full(shape, jnp.nan, dt)
 
 
 def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype) -> tuple[tuple[int, ...], jnp.dtype]:
@@ -642,8 +655,14 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
 
 MAX_CLUSTER = 8  # CTAs per thread-block cluster (portable limit): the fused launch takes k_splits <= 8
-# Default launch for configs that leave ``fused`` open (bench/NOTES_kernels.md, "Single-kernel launch").
+# Cluster launch (k_splits > 1 fused) by default for configs that leave ``fused`` open: off, measured slower than
+# the partials launch (H100, 8192x28672 int4 M = 1: 57.0 vs 52.1 us kernel; 4096x4096 k_splits 8: 15.7 vs 6.0 us).
 FUSED_DEFAULT = False
+# One split (fused launch without a cluster: the call is one kernel) for GPTQ 4-bit weights at M_pad <= 16 when the
+# output tiles alone give this many CTAs per SM. Measured (H100, bench/kernels_launch.py): 8192x28672 (448 tiles)
+# M = 1: 52.2 us path vs 55.4 (2 splits + partial sum), M = 16: 52.7 vs 55.8. Not for 3-bit / LUT codes (their
+# integer work wants more CTAs: int3 55.1 vs 45.3 us kernel, lut3 43.8 vs 39.3) nor for fewer tiles.
+ONE_SPLIT_MIN_TILES_PER_SM = 3
 
 
 def fused_output_ok(k_splits: int, n: int, out_dtype) -> bool:

@@ -299,3 +299,24 @@ def test_fused_launch_config(rng, monkeypatch):
     assert not gm.KernelConfig().resolved(odd, 1).fused  # N = 70: bf16 rows of 140 bytes
     with pytest.raises(ValueError, match="fused"):
         gm.KernelConfig(fused=True, tile_k=128, k_splits=16).resolved(w, 1)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_measured_heuristic_exceptions(rng, bits):
+    """GPTQ 4-bit with >= 3 output tiles per SM at M <= 16: one split, fused (no partial sum); 3-bit: tile_k <= 256;
+    a LUT weight of the same shape keeps the plain heuristic; explicit fields still win."""
+    from pallas_kernels import lut_matmul as lm
+    K, N = 1024, 64 * 3 * 132
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, 128, False, False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False)
+    for m in (1, 16, 64):
+        cfg = gm.KernelConfig().resolved(w, m)
+        if bits == 4 and m <= 16:
+            assert cfg.k_splits == 1 and cfg.fused and cfg.tile_k == 512
+        else:
+            assert not cfg.fused and cfg.tile_k <= 256
+    assert gm.KernelConfig(k_splits=2).resolved(w, 1).fused is False
+    small = gm.pack(*random_gptq(rng, K, 64 * 132, bits, 128, False, False), bits=bits, sym=False)
+    assert not gm.KernelConfig().resolved(small, 1).fused
+    lut = lm.pack(rng.integers(0, 16, (K, N)), rng.standard_normal((N, 16)).astype(np.float16), bits=4)
+    assert not gm.KernelConfig().resolved(lut, 1).fused
