@@ -163,12 +163,21 @@ def _fuse_group(parent: dict, fused: str, names: tuple):
     return out
 
 
-def fuse_projections(params, groups=LLAMA_GROUPS):
+# Families whose model code reads the fused names (models/llama.py); OPT / Falcon modules do not.
+FUSION_GROUPS = {"llama": LLAMA_GROUPS}
+
+
+def fuse_projections(params, family: str = "llama"):
     """(params with every fusable group of every layer fused, {"fused": [...], "skipped": {path: reason}}).
 
-    ``params``: the model's parameter dict (``layers_i/<parent>/<name>/kernel``). A layer-group that cannot be fused
+    ``params``: the model's parameter dict (``layers_i/<parent>/<name>/kernel``); ``family``: the model family
+    (``config.family``), which must be one whose modules read the fused names. A layer-group that cannot be fused
     exactly (``concat_outputs``) keeps its separate linears; the model runs each layer in whichever form it finds.
     """
+    if family not in FUSION_GROUPS:
+        raise ValueError(f"fusing projections is supported for {sorted(FUSION_GROUPS)} models, not {family!r} (its "
+                         "modules would not read the fused parameters)")
+    groups = FUSION_GROUPS[family]
     out = dict(params)
     report = {"fused": [], "skipped": {}}
     for layer in sorted(k for k in params if k.startswith("layers_")):

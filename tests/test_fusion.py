@@ -165,3 +165,5 @@ def test_concat_errors_name_the_problem(rng):
         concat_outputs([w4, w3])
     with pytest.raises(FusionError, match="different kinds"):
         concat_outputs([w4, a])
+    with pytest.raises(ValueError, match="not 'opt'"):
+        fuse_projections({}, family="opt")
