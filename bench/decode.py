@@ -753,7 +753,8 @@ def main():
     ap.add_argument("--rows", help="internal: JSON-lines file the worker appends to")
     ap.add_argument("--command", help="internal: the parent's command line, recorded in the rows")
     ap.add_argument("--run-id", help="internal: the parent's start time (UTC), recorded in the rows")
-    ap.add_argument("--worker-timeout", type=int, default=400)
+    ap.add_argument("--worker-timeout", default="400",
+                    help="seconds per worker group; a comma-separated list gives one per group (the last repeats)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--append", action="store_true",
@@ -794,7 +795,9 @@ def main():
         keys = {ident(r) for r in new}
         return [r for r in kept if ident(r) not in keys] + new
 
-    for group in [g for g in args.formats.split(";") if g]:
+    timeouts = [int(t) for t in str(args.worker_timeout).split(",")]
+    for gi, group in enumerate([g for g in args.formats.split(";") if g]):
+        timeout = timeouts[min(gi, len(timeouts) - 1)]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", group, "--rows", rows_path, "--batches",
                args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps",
                str(args.reps), "--linear-tol", str(args.linear_tol), "--model-factor", str(args.model_factor),
@@ -804,9 +807,9 @@ def main():
               ([] if args.guard_formats is None else ["--guard-formats", args.guard_formats])
         log(f"--- {group}")
         try:
-            subprocess.run(cmd, timeout=args.worker_timeout, check=False)
+            subprocess.run(cmd, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            log(f"[{group}] worker timed out after {args.worker_timeout} s")
+            log(f"[{group}] worker timed out after {timeout} s")
         write_outputs(all_rows(), args.out_dir)
     for line in summarize(all_rows()):
         log(line)
