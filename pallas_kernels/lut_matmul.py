@@ -54,7 +54,7 @@ import numpy as np
 
 from .gptq_matmul import launch_kernel, output_buffer_shape, store_output
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
-from .gptq_matmul import chunked_matmul
+from .gptq_matmul import chunked_matmul, split_friendly_k_pad
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -303,7 +303,7 @@ def pack(codes_kn, lut, *, bits: int, sparse=None, dtype=jnp.bfloat16) -> LUTKer
         lo, hi = 0, 0
     if lo < 0 or hi >= 2**bits:
         raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}, got values in [{lo}, {hi}]")
-    k_pad, n_pad = _round_up(K, K_ALIGN), _round_up(N, CHUNK)
+    k_pad, n_pad = split_friendly_k_pad(_round_up(K, K_ALIGN), K_ALIGN), _round_up(N, CHUNK)
     codes_pad = jnp.pad(codes_kn.astype(jnp.int32), ((0, k_pad - K), (0, n_pad - N)))
     qweight = _pack_tiles(codes_pad.T, bits)
     lutw = _table_words(jnp.pad(lut.astype(jnp.float32), ((0, n_pad - N), (0, 0))), dtype_name)

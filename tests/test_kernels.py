@@ -6,6 +6,8 @@ the kernel's two fused multiply-adds produce, and y = x @ W.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -320,3 +322,21 @@ def test_measured_heuristic_exceptions(rng, bits):
     assert not gm.KernelConfig().resolved(small, 1).fused
     lut = lm.pack(rng.integers(0, 16, (K, N)), rng.standard_normal((N, 16)).astype(np.float16), bits=4)
     assert not gm.KernelConfig().resolved(lut, 1).fused
+
+
+@pytest.mark.parametrize("group", [128, -1])
+def test_k_padding_allows_four_splits(rng, group):
+    """K = 11008 (43 x 256) is padded to 11264 so that tile_k 256 splits 4 ways (the heuristic is no longer left with
+    tile_k 64); the padding rows contribute nothing."""
+    K, N = 11008, 64
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, 4, group, False, False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
+    assert w.k_pad == 11264 and (w.k_pad // 256) % 4 == 0
+    wide = dataclasses.replace(w, qweight=jax.ShapeDtypeStruct((64, w.k_pad // 64, 4, 128), jnp.int32),
+                               out_features=4096)  # the 11008x4096 down projection, for the block-size logic only
+    cfg = gm.KernelConfig().resolved(wide, 1)
+    assert cfg.tile_k >= 128 and cfg.k_splits >= 4  # not the 64-column fallback of 43 x 256
+    x = jnp.asarray(rng.standard_normal((2, K)), jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
+    assert rel_err(gm.reference_matmul_tiled(x, w, gm.KernelConfig(tile_k=256, k_splits=4)), want) < 8e-3
+    assert gm.pack(*random_gptq(rng, 2048 + 256, N, 4, 128, False, False), bits=4, sym=False).k_pad == 2304
