@@ -261,19 +261,21 @@ def merge(paths, results_dir, note=""):
     r0 = rows[0]
     lines = [begin, "", "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)", "",
              f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; command: "
-             f"`{r0.get('command', '?')}` (device tool). run_id(s): "
-             f"{', '.join(sorted({str(r.get('run_id', '?')) for r in rows}))}. {note}", "",
+             "commands (device tool, one per run_id): " +
+             "; ".join(f"{rid}: `{cmd}`" for rid, cmd in sorted({(str(r.get('run_id', '?')), r.get('command', '?'))
+                                                                for r in rows})) + ".", "", note, "",
              "partials = the first launch (kernel writes float32 partials, XLA sums / transposes / casts); fused = "
              "one kernel (split-K reduction through a thread-block cluster's distributed shared memory, y stored by "
              "TMA). path = everything the call runs (activation pad, the kernel, XLA sparse product for SpQR); "
              "kernel = the Pallas kernel alone. bf16 XLA in the same run. Every row checked against x @ W_float "
              "with a NaN-poisoned output buffer.", "",
-             "| format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
+             "| run | format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
              "| GB/s (path) | rel err | tile_k/stages/k_splits | ok |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["config"]
-        lines.append(f"| {r['format']} | {r['launch']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | "
+        lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
+                     f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "
                      f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
                      f"{c['tile_k']}/{c['stages']}/{c['k_splits']} | {'yes' if r['correct'] else 'NO'} |")

@@ -24,6 +24,8 @@ def pick_rows(rows, K, N, max_m=64):
             continue
         if r.get("correct") is False:
             continue
+        if r.get("launch") not in (None, "auto"):  # bench/kernels_launch.py comparisons: only the default launch
+            continue
         device = "cupti" in str(r.get("timing", ""))
         slot = best.setdefault(r["format"], {})
         old = slot.get(r["M"])
