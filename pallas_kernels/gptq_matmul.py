@@ -14,23 +14,30 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`GPTQKernelWeig
       ``bits`` planes of one 32-bit word per thread of the warpgroup. Thread t holds exactly the 32 codes of its
       ``wgmma`` A-fragment registers (rows 16*(t//32) + (t%32)//4 (+8), columns 2*(t%4) (+1, +8, +9) of each 16-wide
       k slice); the two codes of one bf16x2 register sit at bits s and 16+s of the same word, so one shift and one
-      mask put both into place (``_FIELDS`` below lists every position; the reference decodes through the same table).
-      3-bit codes are split into a 2-bit plane pair (like 2-bit codes) and one plane of high bits.
+      mask put both into place (``_fields`` lists every position; the reference decodes through the same table).
+      3-bit codes (layout "halves", the default): five codes per 16-bit half at bits 0, 3, .., 12 of the three planes
+      (pairs 0-14) and pair 15 spread over the three bit-15s; the first layout ("planes": a 2-bit plane pair + a
+      plane of high bits, two fields per code) stays selectable in ``pack``.
   scales  [G_k, N_pad] in the activation dtype; group of input column k is k // group (group = a multiple of 64).
   nbias   [G_k, N_pad] = -(magic + zero), asymmetric weights only (symmetric: zero = 2**(bits-1), a constant).
   perm    [K_pad] int32 or None: activation column feeding each kernel row (act-order weights are sorted by group at
       pack time; value K = a zero column for padding). None when the rows are already in group order.
 
 Dequantization in registers (per bf16x2 / f16x2 register, 2 weights): ``v = ((word >> s) & mask) | magic`` is the
-float ``magic + code`` (magic = 128 for bf16, 1024 for f16: exact for codes below 2**7 / 2**10), then
-``w = fma(fma(v, 1, nbias), scale, -0)``: an exact ``code - zero`` and one rounding of ``scale * (code - zero)``, the
-same value as the reference's float32 product rounded to the activation dtype.
+float ``magic + code * 2**k`` (magic = 128 for bf16, 1024 for f16; ``_extract_plan``: a code is shifted only as far as
+needed to lie inside the mantissa, at bit k, so neighbouring codes share one shift and the first ones need none),
+then ``w = fma(fma(v, 2**-k, nbias_k), scale, -0)`` with nbias_k = -(magic * 2**-k + zero) (derived once per group):
+an exact ``code - zero`` and one rounding of ``scale * (code - zero)``, the same value as the reference's float32
+product rounded to the activation dtype.
 
 Kernel grid: (N_pad/(64*n_sub) output tiles, k_splits); each CTA (one warpgroup) streams its K range through an
-``emit_pipeline`` of TMA copies (``stages`` deep, ``tile_k`` columns a step) and writes a float32 partial
-[64*n_sub, M_pad]; the wrapper sums the k_splits partials (one small XLA fusion with the transpose and the cast).
-Measured on an H100 (bench/NOTES_kernels.md): 8192x28672 int4 g128 at M = 1 runs in 50.3 us of GPU time
-(2.48 TB/s of weights), 3.2x the bf16 XLA GEMV (2.98x with the two small XLA ops around it).
+``emit_pipeline`` of TMA copies (``stages`` deep, ``tile_k`` columns a step). Launch (``launch_kernel``, shared with
+the LUT and SpQR kernels): with k_splits > 1 each CTA writes a float32 partial [64*n_sub, M_pad] and the wrapper sums
+them (one small XLA fusion with the transpose and the cast); with one split (the default for 4-bit weights with
+>= 3 output tiles per SM at M <= 16) the kernel stores y [M, N] itself ("fused": the call is one kernel; a cluster
+variant for k_splits > 1 exists but measured slower). Measured on an H100 (bench/NOTES_kernels.md, CUPTI device
+time, same-run bf16): 8192x28672 g128 at M = 1: int4 52.4 us path = 3.01x the bf16 XLA GEMV (kernel 50.9 us,
+2.45 TB/s), int3 46.1 us = 3.42x (kernel 42.7 us).
 """
 
 from __future__ import annotations
