@@ -324,11 +324,17 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         embed = jax.jit(embed_fn)
         if m.stats is None:  # the first layer's weights travel while the calibration set is embedded
             upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
-        ids0 = jax.ShapeDtypeStruct((batch_size, seqlen), np.int32)
-        top = on_devices(_used_entries(embed_fn, non_layer_params(host), ids0))
-        inps = [embed(top, split_batch(jnp.asarray(calibration[i: i + batch_size])))
-                for i in range(0, n, batch_size)]
-        del top
+        ids_first = split_batch(jnp.asarray(calibration[:batch_size]))
+        top_host = _used_entries(embed_fn, non_layer_params(host), jax.ShapeDtypeStruct(ids_first.shape,
+                                                                                         ids_first.dtype))
+        # The embedding's output as the layers will see it (shape, dtype, placement), from its compiled program:
+        # the first layer's programs can then be compiled before the calibration set is embedded.
+        placed = (lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=replicated(mesh))) \
+            if mesh is not None else (lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)))
+        embed_compiled = embed.lower(jax.tree_util.tree_map(placed, top_host), ids_first).compile()
+        h_out = jax.eval_shape(embed_fn, jax.tree_util.tree_map(placed, top_host), ids_first)
+        h_spec = jax.ShapeDtypeStruct(h_out.shape, h_out.dtype,
+                                      sharding=None if mesh is None else embed_compiled.output_shardings)
         if mesh is not None:
             from jaxquant.distributed import partial_hessians
 
@@ -421,15 +427,20 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         return [assemble(names, _run_concurrently([partial(block, names, *b) for b in blocks]))
                 for names, blocks in planned]
 
-    def start_precompile(work0):
-        """Background compilation of the first layer's programs (see ``precompile``); returns the pool to join."""
+    def start_precompile(work_future, h_spec):
+        """Background compilation of the first layer's programs (see ``precompile``), from their shapes and placements
+        (the layer's weights as they arrive on the device(s), the embedding's output ``h_spec``), started before the
+        calibration set is embedded; returns the pool to join."""
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(12)
-        h0 = inps[0]
+        work0 = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x),
+                                           sharding=None if mesh is None else replicated(mesh)), host[names_all[0]])
+        h0 = h_spec
 
         def spec(shape):  # a collected input as the collection returns it: batch-split on a mesh
-            return jax.ShapeDtypeStruct(shape, h0.dtype, sharding=None if mesh is None else h0.sharding)
+            return jax.ShapeDtypeStruct(shape, h0.dtype, sharding=h0.sharding)
 
         def quiet(fn):
             def run():
@@ -471,6 +482,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                                for name in group})
             pool.submit(quiet(forward.lower(work0, h0, positions, dict(stored)).compile))
             if joint:  # tracing the collectors filled their aliases: the joint sets are known
+                work_real = work_future.result()  # warm-up solves on the layer's real weights (identity Hessians)
                 for group in groups:
                     sets = _joint_sets(group, collectors[group].aliases)
                     eye = {}
@@ -479,7 +491,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                         eye.setdefault(K, on_devices(jnp.eye(K, dtype=jnp.float32)))
                     hess = {name: eye[_get(work0, name)["kernel"].shape[0]] for name in group}
                     for names in sets:
-                        pool.submit(quiet(partial(solve_joint, work0, hess, [names])))
+                        pool.submit(quiet(partial(solve_joint, work_real, hess, [names])))
 
         if reuse_inputs:
             pool.submit(quiet(lower_all))
@@ -490,6 +502,15 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
     layer_seconds = []
     warmup = None
+    if precompile and m.needs_hessian and reuse_inputs and names_all:
+        if upcoming is None:
+            upcoming = loader.submit(on_devices, host[names_all[0]])
+        warmup = start_precompile(upcoming, h_spec)
+    if m.needs_hessian:
+        top = on_devices(top_host)
+        inps = [embed(top, ids_first if i == 0 else split_batch(jnp.asarray(calibration[i: i + batch_size])))
+                for i in range(0, n, batch_size)]
+        del top, top_host
     if upcoming is None and names_all:
         upcoming = loader.submit(on_devices, host[names_all[0]])
     phases = {"setup": time.perf_counter() - t_start}
@@ -498,8 +519,6 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         work = upcoming.result()  # only this layer's weights (and the next one's, arriving) on the device(s)
         if index + 1 < len(names_all):
             upcoming = loader.submit(on_devices, host[names_all[index + 1]])
-        if precompile and m.needs_hessian and lname == "layers_0":
-            warmup = start_precompile(work)
         quantized = {}
         layer_err = 0.0
         stored = [{} for _ in inps or ()]  # per batch: final inputs of the groups quantized so far
