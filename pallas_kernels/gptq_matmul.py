@@ -492,8 +492,12 @@ class KernelConfig:
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
         fused = True if one_split else resolve_fused(self.fused, self.k_splits, w.out_features)
         max_splits = 1 if one_split else MAX_CLUSTER if fused else 16
-        # 3-bit GPTQ codes at small M: tile_k 256 (8192x28672 M = 1: 42.7 us kernel vs 45.3 at 512, H100)
-        tiles = ([512, 256, 128, 64] if not (gptq and w.bits == 3) else [256, 128, 64]) if small_m else [256, 128, 64]
+        lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
+        # tile_k 256 where measured faster than 512 (H100, 8192x28672): 3-bit GPTQ codes at M_pad <= 16 (M = 1
+        # kernel 42.7 vs 45.3 us), LUT codes at M_pad = 16 (lut3 path 43.6 vs 47.1 us, lut4 61.5 vs 64.2)
+        tiles = [512, 256, 128, 64] if small_m else [256, 128, 64]
+        if small_m and ((gptq and w.bits == 3) or (lut and _m_pad(m) > 8)):
+            tiles = [256, 128, 64]
         target = int(3.5 * num_sms)
         best = None
         for tile_k in ([self.tile_k] if self.tile_k else tiles):
@@ -510,6 +514,12 @@ class KernelConfig:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {CHUNK} dividing "
                              f"K_pad={w.k_pad}, and it and the kernel group size {w.group} must divide one another")
         _, tile_k, k_splits = best
+        if (lut and w.bits == 3 and not w.nnz and _m_pad(m) == 8 and k_splits == 2 and self.fused is None
+                and self.tile_k is None and w.k_pad % 512 == 0 and w.k_pad // 512 >= 4
+                and fused_output_ok(2, w.out_features, w.dtype)):
+            # dense 3-bit LUT at M_pad = 8 with 2 splits: the cluster launch at tile_k 256 (8192x28672 M = 1, three
+            # runs: 41.6-41.7 us path vs 42.2-42.4 for 512 / 2 splits + the XLA partial sum)
+            tile_k, fused = 256, True
         cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused)
         cfg.check(w)
         return cfg

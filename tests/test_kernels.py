@@ -324,6 +324,28 @@ def test_measured_heuristic_exceptions(rng, bits):
     assert not gm.KernelConfig().resolved(lut, 1).fused
 
 
+def test_lut_measured_exceptions(rng):
+    """Dense 3-bit LUT at M_pad = 8 where the heuristic takes 2 splits: the cluster launch at tile_k 256; LUT at
+    M_pad = 16: tile_k <= 256; 4-bit LUT at M = 1 unchanged."""
+    from pallas_kernels import lut_matmul as lm
+    K, N = 8192, 28672  # for the block-size logic only: shapes without arrays
+
+    def shaped(bits):
+        small = lm.pack(rng.integers(0, 2**bits, (256, 64)), rng.standard_normal((64, 2**bits)).astype(np.float16),
+                        bits=bits)
+        return dataclasses.replace(small, qweight=jax.ShapeDtypeStruct((N // 64, K // 64, bits, 128), jnp.int32),
+                                   in_features=K, out_features=N)
+
+    lut3, lut4 = shaped(3), shaped(4)
+    cfg = gm.KernelConfig().resolved(lut3, 1)
+    assert (cfg.tile_k, cfg.k_splits, cfg.fused) == (256, 2, True)
+    assert not gm.KernelConfig().resolved(lut3, 9).fused and gm.KernelConfig().resolved(lut3, 9).tile_k == 256
+    assert gm.KernelConfig(fused=False).resolved(lut3, 1).fused is False
+    cfg4 = gm.KernelConfig().resolved(lut4, 1)
+    assert (cfg4.tile_k, cfg4.k_splits, cfg4.fused) == (512, 2, False)
+    assert gm.KernelConfig().resolved(lut4, 16).tile_k == 256
+
+
 @pytest.mark.parametrize("group", [128, -1])
 def test_k_padding_allows_four_splits(rng, group):
     """K = 11008 (43 x 256) is padded to 11264 so that tile_k 256 splits 4 ways (the heuristic is no longer left with
