@@ -249,12 +249,16 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
 
 # ------------------------------------------------------------------------------------------------------- merge
 def merge(paths, results_dir, note=""):
-    """Append the rows of the JSONL files to kernels.json and (re)write the launch section of kernels.md."""
+    """Append the rows of the JSONL files to kernels.json (rows already there are skipped) and (re)write the launch
+    section of kernels.md from all of them."""
     sys.path.insert(0, os.path.dirname(results_dir))
     from jaxquant import results
 
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    results.append_rows(os.path.join(results_dir, "kernels.json"), rows)
+    json_path = os.path.join(results_dir, "kernels.json")
+    ident = lambda r: json.dumps([r.get(k) for k in ("run_id", "format", "launch", "K", "N", "M", "config", "us")])
+    have = {ident(r) for r in json.load(open(json_path))} if os.path.exists(json_path) else set()
+    results.append_rows(json_path, [r for r in rows if ident(r) not in have])  # the md section lists all given rows
     md_path = os.path.join(results_dir, "kernels.md")
     text = open(md_path).read() if os.path.exists(md_path) else ""
     begin, end = "<!-- launch rows begin -->", "<!-- launch rows end -->"
