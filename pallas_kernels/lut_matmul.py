@@ -7,8 +7,9 @@ Computation (y = x @ W, W[k, n] = lut[n, code[k, n]], plus an optional sparse pa
 
 Same structure as ``gptq_matmul`` (transposed product: the dequantized weight is the 64-row A operand of ``wgmma``,
 the activation rows its 8..64-wide N operand; TMA ``emit_pipeline`` over K; grid (N_pad/64, k_splits); float32
-partials summed by one small XLA fusion) and its block-size logic (``gptq_matmul.KernelConfig``). What differs is the
-dequantization: a table lookup per weight instead of ``scale * (code - zero)``.
+partials summed by one small XLA fusion, or, for dense 3-bit weights at M_pad = 8 with 2 splits, the cluster launch
+that reduces in the kernel, ``gptq_matmul.launch_kernel``) and its block-size logic (``gptq_matmul.KernelConfig``).
+What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``.
 
 The lookup (register-resident tables, byte permutes). In the wgmma A fragment a thread holds weights of only two
 output rows (r and r + 8), so it keeps both rows' tables in registers as byte planes: the low bytes of the 2**bits
@@ -36,9 +37,10 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`LUTKernelWeigh
       gather-multiply-reduce fusion without a scatter; entries beyond R in the fullest rows as COO (sp_rows /
       sp_cols int32, sp_delta float32), added by a segment sum.
 
-Measured on an H100 (bench/NOTES_kernels.md, SqueezeLLM section), 8192x28672 at M = 1, device time: lut3 42.3 us
-(3.77x the bf16 XLA GEMV; the Pallas kernel alone 38.7-39.0 us, 2.27 TB/s), lut4 59.1 us (2.70x; kernel 55.2 us:
-the 16-entry lookup costs about as much integer issue time as the weight stream costs memory time).
+Measured on an H100 (bench/NOTES_kernels.md, SqueezeLLM and "Launch" sections), 8192x28672 at M = 1, device time:
+lut3 41.6 us with the cluster launch (3.78-3.81x the bf16 XLA GEMV; 42.3 us = 3.72-3.77x with partials, kernel alone
+39.0 us, 2.27 TB/s), lut4 58.8-59.1 us (2.66-2.70x; kernel 55.2 us: the 16-entry lookup costs about as much integer
+issue time as the weight stream costs memory time).
 """
 
 from __future__ import annotations
