@@ -187,6 +187,40 @@ def smoke(seed):
     return ok
 
 
+def smoke_ws(seed):
+    """The warp-specialized GPTQ variant on odd shapes (N_pad a multiple of 128; forced grids so that units are
+    split between two CTAs; sym / asym, 3 / 4 bits, float16, M 1..64), every output NaN-poisoned."""
+    ok = True
+    cases = [  # format, K, N, M list, configs, dtype
+        ("gptq-w4g128", 1024, 840, (1, 5), ({"tile_k": 128, "ctas": 4}, {"tile_k": 256, "ctas": 4}, {}), jnp.bfloat16),
+        ("gptq-w4g128", 2048, 200, (1, 16, 64), ({}, {"tile_k": 256, "stages": 2}), jnp.bfloat16),
+        ("gptq-w3g128", 2048, 384, (1, 9), ({}, {"tile_k": 128, "ctas": 2}), jnp.bfloat16),
+        ("gptq-w4g128", 1024, 256, (3,), ({}, {"tile_k": 128, "ctas": 2}), jnp.float16),
+        # whole units per CTA, y stored by the warpgroups (fused). (wgs=4 hung on the H100 and is rejected.)
+        ("gptq-w4g128", 1024, 840, (1, 5, 64), ({"fused": True}, {"fused": True, "ctas": 1, "tile_k": 128}),
+         jnp.bfloat16),
+        ("gptq-w3g128", 1024, 512, (1, 33), ({"fused": True, "tile_k": 128},), jnp.bfloat16),
+        ("gptq-w4g128", 1024, 512, (2,), ({"fused": True},), jnp.float16),
+    ]
+    for i, (name, K, N, ms, cfgs, dtype) in enumerate(cases):
+        fmt = Format(name)
+        kw, w_float = fmt.make(seed + i, K, N, dtype)
+        for M in ms:
+            for extra in cfgs:
+                cfg = fmt.config(variant="ws", **extra)
+                try:
+                    fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
+                    good = fro < TOL and not nan and same
+                except Exception:
+                    log(f"smoke-ws {name} {K}x{N} M={M} {extra} FAILED {traceback.format_exc()[-3000:]}")
+                    ok = False
+                    continue
+                ok &= good
+                log(f"smoke-ws {name} {dtype.__name__} {K}x{N} M={M} {rc.tile_k}/{rc.stages} ctas {rc.ctas}: err "
+                    f"{fro:.2e} (max {mx:.2e}) nan={nan} same={same} {'OK' if good else 'FAIL'}")
+    return ok
+
+
 def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=None):
     for si, (K, N) in enumerate(shapes):
         if time.time() > deadline:
@@ -220,7 +254,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                 xs = activations(jax.random.fold_in(kx, 7919 * fi + M), M, K, len(ws))
                 for launch in launches:
                     for extra in (configs or [{}]):
-                        cfg = fmt.config(fused=None if launch == "auto" else launch == "fused", **extra)
+                        cfg = fmt.config(**{"fused": None if launch == "auto" else launch == "fused", **extra})
                         try:
                             fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.fold_in(kx, M + 1))
                             us, kern_us, names = cupti(lambda x, w: fmt.call(x, w, cfg), list(zip(xs, ws)), rounds,
@@ -238,7 +272,9 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                                    correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu",
                                    timing="cupti-rotating", gpu_kernels=names,
                                    config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits,
-                                               n_sub=rc.n_sub, fused=rc.fused))
+                                               n_sub=rc.n_sub, fused=rc.fused,
+                                               **({"variant": rc.variant, "ctas": rc.ctas, "wgs": rc.wgs}
+                                                  if getattr(rc, "variant", None) else {})))
                         emit(row)
                         log(f"{K}x{N} {name} M={M} {launch}: path {us:.2f} us (kernel {kern_us:.2f}) bf16 "
                             f"{bf16_us[M]:.2f}: x{row['speedup_vs_bf16']} (kernel x"
@@ -301,6 +337,7 @@ def main():
     ap.add_argument("--configs", default="", help="extra config fields per timed row, e.g. 'k_splits=2;k_splits=4'")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke-ws", action="store_true", help="odd shapes through the warp-specialized GPTQ variant")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape / format after this many s")
     ap.add_argument("--out", default="launch.jsonl")
@@ -315,8 +352,11 @@ def main():
     seed = int.from_bytes(os.urandom(4), "little") % 2**30
     log(f"seed {seed}")
     ok = True
+    if args.smoke_ws:
+        ok = smoke_ws(seed)
+        log(f"smoke-ws: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
     if args.smoke:
-        ok = smoke(seed)
+        ok = smoke(seed) and ok
         log(f"smoke: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
     if args.no_table:
         sys.exit(0 if ok else 1)
@@ -328,8 +368,10 @@ def main():
         with open(args.out, "a") as f:
             f.write(json.dumps(results.row("kernels", command=command, run_id=run_id, **r)) + "\n")
 
-    configs = [dict(kv.split("=") for kv in c.split(",")) for c in args.configs.split(";") if c]
-    configs = [{k: int(v) for k, v in c.items()} for c in configs] or None
+    # "default" = the plain config (KernelConfig() with the launch's fused setting), e.g. "default;variant=ws"
+    configs = [dict(kv.split("=") for kv in c.split(",")) if c != "default" else {}
+               for c in args.configs.split(";") if c]
+    configs = [{k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in c.items()} for c in configs] or None
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     table(seed, shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), args.launches.split(","),
           args.rounds, emit, t_start + args.budget_s, configs)

@@ -38,6 +38,12 @@ them (one small XLA fusion with the transpose and the cast); with one split (the
 variant for k_splits > 1 exists but measured slower). Measured on an H100 (bench/NOTES_kernels.md, CUPTI device
 time, same-run bf16): 8192x28672 g128 at M = 1: int4 52.4 us path = 3.01x the bf16 XLA GEMV (kernel 50.9 us,
 2.45 TB/s), int3 46.1 us = 3.42x (kernel 42.7 us).
+
+Warp-specialized variant (``KernelConfig(variant="ws")``, ``_build_ws_call``): a persistent grid of CTAs with one
+TMA-issuing warpgroup and two compute warpgroups (each one 64-row tile of a 128-row unit, sharing the activation
+tile); stream-K float32 partial slots, or (``fused``) whole units per CTA with y stored by the warpgroups. It is the
+default for GPTQ 4-bit at M_pad = 8 on shapes like 8192x28672 (``ws_default_ok``): 50.4 us path = 3.16x bf16 vs
+52.0 us = 3.06x for the one-warpgroup kernel in the same run (bench/NOTES_kernels.md, "Warp-specialized kernel").
 """
 
 from __future__ import annotations
@@ -414,6 +420,8 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     m_pad = _m_pad(m)
     cfg = config.resolved(w, m)
     xk = w.prepare_activations(x2d, m_pad)
+    if cfg.variant == "ws":
+        return _reference_ws(xk, w, cfg, m, x2d.dtype)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
     magic = _MAGIC[w.dtype_name]
     sym_nbias = -(magic + 2 ** (w.bits - 1))
@@ -442,6 +450,46 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     return _finish(out, m, w.out_features, x2d.dtype)
 
 
+def _decoded_block(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int) -> jax.Array:
+    """The dequantized A operand [64, tile_k] of output tile ``tile`` at pipeline step ``kb`` (kernel arithmetic)."""
+    gps = max(1, tile_k // w.group)
+    magic = _MAGIC[w.dtype_name]
+    srow = _scale_block_index(kb, tile_k, w.group) * gps
+    cols = slice(tile * CHUNK, (tile + 1) * CHUNK)
+    grp = (jnp.arange(tile_k) // CHUNK * CHUNK) // w.group if gps > 1 else jnp.zeros(tile_k, jnp.int32)
+    codes = _unpack_tiles(w.qweight[tile:tile + 1, kb * tile_k // CHUNK:(kb + 1) * tile_k // CHUNK],
+                          w.bits, w.layout).astype(jnp.float32)
+    nb = (jnp.float32(-(magic + 2 ** (w.bits - 1))) if w.nbias is None
+          else w.nbias[srow:srow + gps, cols].astype(jnp.float32).T[:, grp])
+    return ((codes + magic + nb) * w.scales[srow:srow + gps, cols].astype(jnp.float32).T[:, grp]).astype(w.dtype)
+
+
+def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -> jax.Array:
+    """The ws kernel's stream-K schedule in jnp (``ws_step``): per CTA and step the two warpgroups' 64-row tiles,
+    accumulators stored to their partial slot at each flush and then reset (multiplied by 0, as the kernel does),
+    zeros to slot 1 for whole units. Unwritten partials stay NaN, so a schedule gap fails the tests."""
+    spu = w.k_pad // cfg.tile_k
+    units = w.n_pad // (cfg.wgs * CHUNK)
+    spc = units * spu // cfg.ctas
+    out = jnp.full((2, w.n_pad, xk.shape[0]), jnp.nan, jnp.float32)
+    for cta in range(cfg.ctas):
+        accs = [jnp.zeros((CHUNK, xk.shape[0]), jnp.float32) for _ in range(cfg.wgs)]
+        for t in range(spc):
+            unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
+            assert not cfg.fused or (slot == 0 and (whole or not flush))  # fused: whole units only
+            x_blk = xk[:, k * cfg.tile_k:(k + 1) * cfg.tile_k]
+            for wg in range(cfg.wgs):
+                tile = unit * cfg.wgs + wg
+                a = _decoded_block(w, tile, k, cfg.tile_k)
+                accs[wg] = accs[wg] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+                if flush:
+                    out = out.at[slot, tile * CHUNK:(tile + 1) * CHUNK].set(accs[wg])
+                    if whole:
+                        out = out.at[1, tile * CHUNK:(tile + 1) * CHUNK].set(0.0)
+                    accs[wg] = accs[wg] * 0.0
+    return _finish(out, m, w.out_features, dtype)
+
+
 def _finish(partials: jax.Array, m: int, n: int, dtype) -> jax.Array:
     return partials.sum(0)[:n, :m].T.astype(dtype)
 
@@ -457,6 +505,75 @@ def _scale_block_index(k_block, tile_k: int, group: int):
     return k_block
 
 
+# ------------------------------------------------------------------------------------- warp-specialized schedule
+KERNEL_VARIANTS = ("ws",)
+WS_COMPUTE_WGS = 2  # compute warpgroups per CTA, each owns one 64-row output tile of the CTA's 128-row unit
+WS_WGS = (2,)  # compute warpgroup counts the builder takes (4 compiled but hung on the H100: ``_resolved_ws``)
+WS_MEMORY_REGISTERS = 40  # registers per thread of the TMA-issuing warpgroup (setmaxnreg)
+# The fused ws launch is the default for GPTQ 4-bit at M_pad = 8 where whole 128-row units fill at least this share
+# of the SMs (and the one-split rule below applies). Measured (H100, bench/kernels_launch.py, same run, 8192x28672
+# M = 1): path 50.43 us (kernel 48.96, 112 CTAs) vs 52.03 (50.64) for the one-warpgroup kernel = 3.16x vs 3.06x bf16.
+WS_DEFAULT = True
+WS_DEFAULT_MIN_SM_SHARE = 0.8
+WS_SMEM_BYTES = 220 * 1024  # pipeline buffers + output staging (of the 227 KB a CTA may use)
+
+
+def ws_staging_bytes(m_pad: int, wgs: int = WS_COMPUTE_WGS) -> int:
+    """Output staging of the ws kernel: per compute warpgroup two float32 [64, m_pad] tiles (the accumulator and a
+    zero tile, or the accumulator and its transposed cast)."""
+    return 2 * wgs * CHUNK * m_pad * 4
+
+
+def ws_stage_bytes(m_pad: int, tile_k: int, w, wgs: int = WS_COMPUTE_WGS) -> int:
+    """Shared memory of one ws pipeline stage: the activation tile, wgs 64-row weight tiles, scales (+ nbias)."""
+    item = jnp.dtype(w.dtype).itemsize
+    gps = max(1, tile_k // w.group)
+    return (m_pad * tile_k * item + wgs * (tile_k // CHUNK) * w.bits * 128 * 4
+            + (1 + (w.nbias is not None)) * gps * wgs * CHUNK * item)
+
+
+def ws_ctas(units: int, steps_per_unit: int, num_sms: int = 132) -> int:
+    """The ws grid: the most CTAs <= num_sms that split the units * steps_per_unit (unit, k-step) pairs evenly with
+    at least steps_per_unit pairs each (so a unit spans at most two CTAs). 8192x28672 at tile_k 512: 224 units x 16
+    steps over 128 CTAs (28 steps each)."""
+    total = units * steps_per_unit
+    for p in range(min(num_sms, total), 0, -1):
+        if total % p == 0 and total // p >= steps_per_unit:
+            return p
+    return 1
+
+
+def ws_default_ok(w, num_sms: int = 132) -> bool:
+    """Whether the fused ws launch can be the default for w: N_pad in 128-row units, K_pad in 512-column steps,
+    and the largest divisor of the unit count <= num_sms (whole units per CTA) fills >= WS_DEFAULT_MIN_SM_SHARE of
+    the SMs (8192x28672: 224 units on 112 CTAs = 85%)."""
+    rows = WS_COMPUTE_WGS * CHUNK
+    if w.n_pad % rows or w.k_pad % 512 or (w.group % 512 and 512 % w.group):
+        return False
+    units = w.n_pad // rows
+    ctas = max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
+    return ctas >= WS_DEFAULT_MIN_SM_SHARE * num_sms
+
+
+def ws_step(t, cta, steps_per_cta: int, steps_per_unit: int):
+    """Stream-K schedule of the ws kernel, for python ints (tests, reference) or traced int32 (the kernel): CTA
+    ``cta`` runs the flat pairs [cta * steps_per_cta, (cta + 1) * steps_per_cta) of (unit, k-step). Step t ->
+    (unit, k, flush, slot, whole): ``flush`` = the accumulator is stored after this step (unit end or CTA end) and
+    reset; ``slot`` = the partial slot it goes to (0 if this CTA's piece holds the unit's first step, else 1);
+    ``whole`` = the piece is the whole unit, so the CTA also writes zeros to slot 1."""
+    g = cta * steps_per_cta + t
+    if isinstance(g, int):
+        unit, k = divmod(g, steps_per_unit)
+    else:
+        spu = jnp.asarray(steps_per_unit, g.dtype)
+        unit, k = jax.lax.div(g, spu), jax.lax.rem(g, spu)
+    last = k == steps_per_unit - 1
+    flush = last | (t == steps_per_cta - 1)
+    head = t >= k  # the unit's first step lies inside this CTA's range
+    slot = (0 if head else 1) if isinstance(g, int) else jnp.where(head, 0, 1).astype(g.dtype)
+    return unit, k, flush, slot, head & last
+
+
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -470,9 +587,61 @@ class KernelConfig:
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (``launch_kernel``); None = FUSED_DEFAULT where it fits
+    # "ws": the warp-specialized, persistent, stream-K kernel (``_build_ws_call``; GPTQ weights only); None: the
+    # one-warpgroup kernel. ``ctas``: the ws grid (None = ``ws_ctas``).
+    variant: Optional[str] = None
+    ctas: Optional[int] = None
+    wgs: Optional[int] = None  # ws: compute warpgroups per CTA (2 or 4), each one 64-row output tile
 
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
+
+    def _resolved_ws(self, w, m: int, num_sms: int) -> "KernelConfig":
+        """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, k_splits = 2
+        partial slots (stream-K: a 128-row unit is shared by at most two CTAs), ctas from ``ws_ctas``."""
+        if not isinstance(w, GPTQKernelWeight):
+            raise ValueError("the warp-specialized variant exists for GPTQ kernel weights only")
+        wgs = self.wgs or WS_COMPUTE_WGS
+        if wgs not in WS_WGS:
+            # 4 compute warpgroups hung on the H100 (jax 0.11.2; likely setmaxnreg: 4 x 112 registers for the
+            # compute warpgroups + 40 for the memory one do not fit the register pool of a 640-thread launch)
+            raise ValueError(f"the warp-specialized variant takes wgs in {WS_WGS} compute warpgroups, got wgs={wgs}")
+        if w.n_pad % (wgs * CHUNK):
+            raise ValueError(f"the warp-specialized variant needs N_pad a multiple of {wgs * CHUNK}, got {w.n_pad}")
+        m_pad = _m_pad(m)
+        # 4 compute warpgroups get 112 registers a thread (setmaxnreg): a 64 x 512 A fragment alone takes 128
+        tiles = [512, 256, 128, 64] if m_pad <= 16 else [256, 128, 64]
+        tiles = [self.tile_k] if self.tile_k else tiles[1:] if wgs == 4 else tiles
+        tiles = [t for t in tiles if t % CHUNK == 0 and w.k_pad % t == 0 and (w.group % t == 0 or t % w.group == 0)]
+        if not tiles:
+            raise ValueError(f"tile_k={self.tile_k} does not fit K_pad={w.k_pad} / group {w.group}")
+        tile_k = tiles[0]
+        per_stage = ws_stage_bytes(m_pad, tile_k, w, wgs)
+        stages = self.stages or max(2, min(4, (WS_SMEM_BYTES - ws_staging_bytes(m_pad, wgs)) // per_stage))
+        units, spu = w.n_pad // (wgs * CHUNK), w.k_pad // tile_k
+        fused = bool(self.fused)
+        if fused:  # whole units per CTA: each warpgroup stores its y tile itself (no partial slots, no XLA sum)
+            ctas = self.ctas or max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
+        else:
+            ctas = self.ctas or ws_ctas(units, spu, num_sms)
+        cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=1 if fused else 2, n_sub=1,
+                                  fused=fused, ctas=ctas, wgs=wgs)
+        cfg.check(w, m)
+        return cfg
+
+    def _check_ws(self, w, m: int) -> None:
+        units, spu = w.n_pad // (self.wgs * CHUNK), w.k_pad // self.tile_k
+        total = units * spu
+        if total % self.ctas or total // self.ctas < spu:
+            raise ValueError(f"ctas={self.ctas} must divide the {total} (unit, step) pairs with >= {spu} steps per "
+                             f"CTA (a unit is shared by at most two CTAs)")
+        if self.fused and (units % self.ctas or not fused_output_ok(1, w.out_features, w.dtype)):
+            raise ValueError(f"the fused ws launch needs ctas={self.ctas} dividing the {units} units and 16-byte "
+                             f"output rows (N={w.out_features})")
+        if (self.stages * ws_stage_bytes(_m_pad(m), self.tile_k, w, self.wgs)
+                + ws_staging_bytes(_m_pad(m), self.wgs) > WS_SMEM_BYTES):
+            raise ValueError(f"stages={self.stages} x tile_k={self.tile_k} exceed {WS_SMEM_BYTES} bytes of shared "
+                             f"memory at M_pad={_m_pad(m)}")
 
     def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """Fill in None fields as measured best on an H100 for 8192x28672 (bench/NOTES_kernels.md): M_pad <= 16:
@@ -482,7 +651,11 @@ class KernelConfig:
         steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
         M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel);
-        GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256."""
+        GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256. ``variant="ws"``: see ``_resolved_ws``."""
+        if self.variant is not None:
+            if self.variant not in KERNEL_VARIANTS:
+                raise ValueError(f"unknown kernel variant {self.variant!r}; expected one of {KERNEL_VARIANTS}")
+            return self._resolved_ws(w, m, num_sms)
         small_m = _m_pad(m) <= 16
         stages = self.stages or (3 if small_m else 2)
         n_sub = self.n_sub or 1
@@ -490,6 +663,9 @@ class KernelConfig:
         gptq = isinstance(w, GPTQKernelWeight)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
+        if (WS_DEFAULT and one_split and _m_pad(m) == 8 and self == KernelConfig()
+                and ws_default_ok(w, num_sms)):
+            return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3).resolved(w, m, num_sms)
         fused = True if one_split else resolve_fused(self.fused, self.k_splits, w.out_features)
         max_splits = 1 if one_split else MAX_CLUSTER if fused else 16
         lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
@@ -524,7 +700,9 @@ class KernelConfig:
         cfg.check(w)
         return cfg
 
-    def check(self, w: GPTQKernelWeight) -> None:
+    def check(self, w: GPTQKernelWeight, m: int = 1) -> None:
+        if self.variant == "ws":
+            return self._check_ws(w, m)
         if self.tile_k % CHUNK or w.k_pad % self.tile_k:
             raise ValueError(f"tile_k={self.tile_k} must be a multiple of {CHUNK} dividing K_pad={w.k_pad}")
         if w.group % self.tile_k and self.tile_k % w.group:
@@ -602,9 +780,13 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
     m_pad = xk.shape[0]
     m = m_pad if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
-    call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
-                       w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                       _variant, w.layout, fused_out)
+    if cfg.variant == "ws":
+        call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
+                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out)
+    else:
+        call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
+                           w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
+                           _variant, w.layout, fused_out)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     if out_init is not None:
         shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, w.dtype)
@@ -678,6 +860,125 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
     return launch_kernel(body, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
                          rows=rows, k_splits=k_splits, aliased=aliased, fused_out=fused_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
+                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None):
+    """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
+    ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
+    ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
+    shared). Work is split stream-K (``ws_step``): every CTA runs the same number of (unit, k-step) pairs across
+    unit boundaries; the accumulators go to float32 partial slots [2, n_pad, m_pad] that the wrapper sums. With
+    ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores its y tile (transposed,
+    cast, TMA-clipped to [m, n]) itself: the call is one kernel."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype_name)
+    rows = wgs * CHUNK
+    spu = k_pad // tile_k
+    spc = (n_pad // rows) * spu // ctas
+    gps = max(1, tile_k // group)
+    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, layout=layout, wg_local=True)
+    x_transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)), plgpu.SwizzleTransform(128))
+    out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
+    transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
+
+    def body(*refs):
+        x_gmem, w_gmem, s_gmem = refs[:3]
+        b_gmem = refs[3] if has_bias else None
+        out_gmem = refs[-1]
+        cta = jax.lax.axis_index("n")
+
+        def unit_k(t):
+            unit, k, *_ = ws_step(t, cta, spc, spu)
+            return unit, k
+
+        def x_map(t):
+            return (0, unit_k(t)[1])
+
+        def w_map(t):
+            unit, k = unit_k(t)
+            return (unit, k, 0, 0)
+
+        def s_map(t):
+            unit, k = unit_k(t)
+            return (_scale_block_index(k, tile_k, group), unit)
+
+        in_specs = [
+            plgpu.BlockSpec((m_pad, tile_k), x_map, transforms=x_transforms),
+            plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
+            plgpu.BlockSpec((gps, rows), s_map),
+        ] + ([plgpu.BlockSpec((gps, rows), s_map)] if has_bias else [])
+
+        def scope(acc_smem, o_smem):
+            wg = jax.lax.axis_index("wg")
+
+            def step(idx, x_smem, w_smem, s_smem, *rest):
+                *b_smem, acc = rest
+                (t,) = idx
+                unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
+                cols = pl.ds(wg * CHUNK, CHUNK)
+                a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
+
+                def mma(acc_ref):
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+
+                acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                row0 = (unit * wgs + wg) * CHUNK
+
+                @pl.when(flush)
+                def _():
+                    # the previous flush's TMA store has read the staging buffers (this wait ends in a warpgroup
+                    # barrier, so no thread overwrites them earlier)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    acc_smem.at[wg][...] = acc
+                    if fused_out:
+                        transpose(acc_smem.at[wg], o_smem.at[wg])  # warpgroup barrier, y^T tile -> y tile, cast
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[pl.ds(cta * 0, m_pad), pl.ds(row0, CHUNK)])
+                    else:
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(acc_smem.at[wg], out_gmem.at[slot, pl.ds(row0, CHUNK), :])
+
+                        @pl.when(whole)
+                        def _():
+                            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[1, pl.ds(row0, CHUNK), :])
+
+                return acc * jnp.where(flush, 0.0, 1.0).astype(jnp.float32)  # reset after a flush
+
+            def compute(eval_pipeline):
+                zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
+                if not fused_out:
+                    o_smem.at[wg][...] = zeros  # the zero tile for slot 1 of whole units
+                eval_pipeline(zeros)
+                plgpu.wait_smem_to_gmem(0)
+
+            pipeline = plgpu.emit_pipeline_warp_specialized(
+                step, grid=(spc,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
+                max_concurrent_steps=min(stages, spc), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
+            pipeline(x_gmem, w_gmem, s_gmem, *([b_gmem] if has_bias else []))
+
+        o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
+                  else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
+        pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, collective_axes="wg")
+
+    out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
+                else jax.ShapeDtypeStruct((2, n_pad, m_pad), jnp.float32))
+    mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
+    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}{'f' if fused_out else ''}"
+    params = plgpu.CompilerParams()
+    if not aliased:
+        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
+    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
+
+    def call(*args):
+        out_ref = jax.new_ref(args[-1])
+        in_place(*args[:-1], out_ref)
+        return jax.freeze(out_ref)
+
+    return call
 
 
 MAX_CLUSTER = 8  # CTAs per thread-block cluster (portable limit): the fused launch takes k_splits <= 8
@@ -780,7 +1081,7 @@ def store_output(accs, out_gmem, *, n_idx, split, m_pad: int, k_splits: int, fus
     pl.run_scoped(store, plgpu.SMEM((rows, m_pad), jnp.float32), plgpu.SMEM((m_pad, rows), out_dtype))
 
 
-def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: str):
+def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: str, wg_local: bool = False):
     """inline_mgpu function (red_smem [rows, m_pad] f32 holding this CTA's tile, o_smem [m_pad, rows] out dtype):
     cluster barrier; the cluster's first CTA sums the k_splits tiles (its own + its peers' through distributed
     shared memory, in split order) and writes the transposed, cast sum into o_smem; a second cluster barrier keeps
@@ -814,7 +1115,10 @@ def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: s
         with ir.InsertionPoint(if_op.then_block):
             srcs = [red_ref] + [mgpu.utils.get_cluster_ref(red_ref, gpu.Dimension.x, cidx(s))
                                 for s in range(1, k_splits)]
-            tid = arith.index_cast(index, mgpu.utils.thread_idx())
+            tid = mgpu.utils.thread_idx()
+            if wg_local:  # several warpgroups per CTA (the ws variant): each transposes its own tile
+                tid = arith.remui(tid, arith.constant(tid.type, 128))
+            tid = arith.index_cast(index, tid)
             for i in range(rows * m_pad // 128):
                 e = arith.addi(tid, cidx(128 * i))
                 r, mm = arith.remui(e, cidx(rows)), arith.divui(e, cidx(rows))
@@ -831,9 +1135,11 @@ def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: s
     return reduce
 
 
-def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT):
+def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
+                  wg_local=False):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
-    dequantized A operand [64, tile_k] in the WGMMA register layout."""
+    dequantized A operand [64, tile_k] in the WGMMA register layout. ``wg_local``: the thread index is taken modulo
+    128 (kernels with several warpgroups per CTA, e.g. the warp-specialized variant)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dtype = jnp.dtype(dtype_name)
@@ -874,6 +1180,8 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
             return arith.ori(v, arith.shli(v, ci(16)))
 
         tid = mgpu.utils.thread_idx()
+        if wg_local:
+            tid = arith.remui(tid, ci(128))
         lane = arith.remui(tid, ci(32))
         row0 = arith.addi(arith.muli(arith.divui(tid, ci(32)), ci(16)), arith.divui(lane, ci(4)))
         rows = [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, ci(8)))]

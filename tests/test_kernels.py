@@ -362,3 +362,82 @@ def test_k_padding_allows_four_splits(rng, group):
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
     assert rel_err(gm.reference_matmul_tiled(x, w, gm.KernelConfig(tile_k=256, k_splits=4)), want) < 8e-3
     assert gm.pack(*random_gptq(rng, 2048 + 256, N, 4, 128, False, False), bits=4, sym=False).k_pad == 2304
+
+
+@pytest.mark.parametrize("units,spu", [(7, 8), (224, 16), (3, 5), (2, 1)])
+def test_ws_schedule_covers_every_step_once(units, spu):
+    """The ws kernel's stream-K schedule (``ws_step``, shared by the kernel and its jnp emulation): every (unit,
+    k-step) pair runs exactly once, every (unit, slot) partial is written exactly once (slot 1 by the tail piece of
+    a split unit or as zeros for a whole one), and a flush ends every piece."""
+    for ctas in {gm.ws_ctas(units, spu), 1} | {p for p in (2, 3, 4, 7, 128) if units * spu % p == 0
+                                                  and units * spu // p >= spu}:
+        spc = units * spu // ctas
+        ran, written = np.zeros((units, spu), int), np.zeros((units, 2), int)
+        for cta in range(ctas):
+            piece = []
+            for t in range(spc):
+                unit, k, flush, slot, whole = gm.ws_step(t, cta, spc, spu)
+                ran[unit, k] += 1
+                piece.append((unit, k))
+                if flush:
+                    assert {u for u, _ in piece} == {unit}  # one unit per piece
+                    assert slot == (0 if piece[0][1] == 0 else 1)
+                    written[unit, slot] += 1
+                    written[unit, 1] += bool(whole)
+                    assert whole == (len(piece) == spu)
+                    piece = []
+            assert not piece
+        assert (ran == 1).all() and (written == 1).all(), (ctas, spc)
+    assert gm.ws_ctas(224, 16) == 128 and gm.ws_ctas(224, 32) == 128
+
+
+@pytest.mark.parametrize("K,N,bits,M,tile_k,ctas,fused", [(512, 840, 4, 3, 128, 4, False),
+                                                         (512, 256, 3, 9, 128, None, False),
+                                                         (1024, 200, 4, 1, None, None, False),
+                                                         (1024, 840, 4, 5, None, None, True),
+                                                         (512, 384, 3, 2, 128, 1, True)])
+def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
+    """The ws variant's decomposition (two 64-row tiles per CTA, units split between CTAs, partial slots, the
+    accumulator reset by a multiply with 0; fused: whole units per CTA, y written directly) reproduces the oracle;
+    bad grids / shapes / warpgroup counts are rejected by name."""
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, 128, bool(rng.integers(2)), False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    cfg = gm.KernelConfig(variant="ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
+    rc = cfg.resolved(w, M)
+    assert rc.k_splits == (1 if fused else 2) and rc.fused == fused and rc.ctas >= 1 and rc.wgs == 2
+    if fused:
+        assert (w.n_pad // 128) % rc.ctas == 0
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
+    got = gm.reference_matmul_tiled(x, w, cfg)
+    assert rel_err(got, want) < 8e-3
+    assert gm.output_buffer_shape(rc, w.n_pad, N, M, jnp.bfloat16)[0] == ((M, N) if fused else
+                                                                          (2, w.n_pad, gm._m_pad(M)))
+    with pytest.raises(ValueError, match="wgs"):
+        gm.KernelConfig(variant="ws", wgs=4).resolved(w, M)
+    with pytest.raises(ValueError, match="ctas=5"):
+        gm.KernelConfig(variant="ws", tile_k=128, ctas=5).resolved(w, M)
+    with pytest.raises(ValueError, match="variant"):
+        gm.KernelConfig(variant="wx").resolved(w, M)
+    odd = gm.pack(*random_gptq(rng, 256, 136, 4, 128, False, False), bits=4, sym=False)  # N_pad = 192
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gm.KernelConfig(variant="ws").resolved(odd, 1)
+
+
+def test_ws_default_rule(rng, monkeypatch):
+    """The fused ws launch is the default only for GPTQ 4-bit at M_pad = 8 on shapes whose whole 128-row units fill
+    >= 80% of the SMs (8192x28672: 112 of 132); M = 16, 3-bit, smaller N and explicit configs keep the old kernel."""
+    big = gm.pack(*random_gptq(rng, 512, 28672, 4, 128, False, False), bits=4, sym=False)
+    assert gm.ws_default_ok(big)
+    cfg = gm.KernelConfig().resolved(big, 1)
+    assert cfg.variant == "ws" and cfg.fused and cfg.ctas == 112 and cfg.tile_k == 512 and cfg.stages == 3
+    assert gm.KernelConfig().resolved(big, 8).variant == "ws"
+    assert gm.KernelConfig().resolved(big, 16).variant is None
+    assert gm.KernelConfig(tile_k=256).resolved(big, 1).variant is None
+    monkeypatch.setattr(gm, "WS_DEFAULT", False)
+    assert gm.KernelConfig().resolved(big, 1).variant is None
+    monkeypatch.setattr(gm, "WS_DEFAULT", True)
+    int3 = gm.pack(*random_gptq(rng, 512, 28672, 3, 128, False, False), bits=3, sym=False)
+    assert gm.KernelConfig().resolved(int3, 1).variant is None
+    odd = gm.pack(*random_gptq(rng, 512, 64 * 3 * 132, 4, 128, False, False), bits=4, sym=False)  # 198 units
+    assert not gm.ws_default_ok(odd) and gm.KernelConfig().resolved(odd, 1).variant is None
