@@ -61,8 +61,9 @@ def cmd_generate(args) -> list:
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in texts]
     prompts = [tok(t)["input_ids"] for t in texts]
+    params = kernel_params(lm, args.kernels, args.dtype)
     t0 = time.perf_counter()
-    outs = generate(lm.module, lm.params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    outs = generate(lm.module, params, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, seed=args.seed, eos_id=tok.eos_token_id,
                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     dt = time.perf_counter() - t0
@@ -70,6 +71,32 @@ def cmd_generate(args) -> list:
         print(f"### {text}\n{tok.decode(out, skip_special_tokens=True)}\n")
     print(f"[{sum(map(len, outs))} tokens in {dt:.2f} s, compile included]", file=sys.stderr)
     return outs
+
+
+def kernel_params(lm, mode: str, dtype: str):
+    """The parameters generation runs with. ``mode`` "on": quantized linears in the Pallas kernels' layouts (LLaMA
+    q/k/v and gate/up fused first, so a layer makes 4 kernel calls instead of 7); "off": as loaded (dequantize-then-
+    matmul reference); "auto": "on" on a GPU with bfloat16/float16 activations (the kernels' input dtypes), else "off".
+    On the CPU the kernel layouts run through their jnp references, so "on" is also how to check the conversion."""
+    import jax
+    import jax.numpy as jnp
+
+    if mode == "auto":
+        mode = "on" if jax.default_backend() == "gpu" and dtype in ("bfloat16", "float16") else "off"
+    if mode == "off":
+        return lm.params
+    if dtype not in ("bfloat16", "float16"):
+        raise SystemExit(f"--kernels on needs --dtype bfloat16 or float16 (the kernels' activation dtypes), not {dtype}")
+    from jaxquant.fusion import FUSION_GROUPS, fuse_projections
+    from jaxquant.kernel_layout import prepare_for_kernels
+
+    params = lm.params
+    family = getattr(lm.config, "family", None)
+    if family in FUSION_GROUPS:
+        params, report = fuse_projections(params, family)
+        for path, reason in report["skipped"].items():
+            print(f"[kernels] {path}: not fused ({reason})", file=sys.stderr)
+    return prepare_for_kernels(params, jnp.bfloat16 if dtype == "bfloat16" else jnp.float16)
 
 
 _SPQR_ONLY = ("qq_scale_bits", "qq_zero_bits", "qq_groupsize", "outlier_threshold", "simplified_outliers",
@@ -252,6 +279,9 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
+                   help="quantized linears through the Pallas kernels (fused q/k/v, gate/up); auto: on a GPU with "
+                        "--dtype bfloat16/float16")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("quantize", help="quantize a model layer by layer and save an orbax checkpoint")

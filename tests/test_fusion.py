@@ -167,3 +167,27 @@ def test_concat_errors_name_the_problem(rng):
         concat_outputs([w4, a])
     with pytest.raises(ValueError, match="not 'opt'"):
         fuse_projections({}, family="opt")
+
+
+def test_cli_kernel_params(rng, rel_err):
+    """`jaxquant generate --kernels`: "on" fuses and converts to the kernel layouts (same logits as the loaded params,
+    up to the bfloat16 scales of the kernel layout), "off" and CPU "auto" keep the loaded params, float32 is refused."""
+    import types
+
+    from jaxquant.cli import kernel_params
+
+    module, params = random_params(rng, "gptq")
+    lm = types.SimpleNamespace(params=params, config=CFG)
+    assert kernel_params(lm, "off", "bfloat16") is params
+    if jax.default_backend() != "gpu":
+        assert kernel_params(lm, "auto", "bfloat16") is params
+    with pytest.raises(SystemExit, match="needs --dtype bfloat16 or float16"):
+        kernel_params(lm, "on", "float32")
+    converted = kernel_params(lm, "on", "bfloat16")
+    for i in range(CFG.num_layers):
+        attn, mlp = converted[f"layers_{i}"]["self_attn"], converted[f"layers_{i}"]["mlp"]
+        assert set(attn) == {"qkv_proj", "o_proj"} and set(mlp) == {"gate_up_proj", "down_proj"}
+        assert type(attn["qkv_proj"]["kernel"]).__name__ == "GPTQKernelWeight"
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 6)), jnp.int32)
+    err = rel_err(logits(module, converted, ids), logits(module, params, ids))
+    assert err < 2e-2, err
