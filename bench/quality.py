@@ -217,7 +217,11 @@ _FISHER = {}
 def quantize_squeezellm(base, cfg):
     """SqueezeLLM with the shared Fisher (one Fisher pass for every bit width and sparsity level). The report's
     ``fisher_seconds`` is the Fisher pass's time, which the quantization wall time of each row includes."""
-    from jaxquant import pipeline, squeezellm
+    import importlib
+
+    from jaxquant import pipeline
+
+    squeezellm = importlib.import_module("jaxquant.squeezellm")  # the module: the package re-exports a function by that name
 
     if "F" not in _FISHER:
         _FISHER["F"] = shared_fisher(base)
