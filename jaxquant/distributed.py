@@ -2,9 +2,12 @@
 
 One mesh axis is enough for every use here:
 
-* calibration (``pipeline.quantize_model(..., mesh=)``): each batch of calibration sequences is split across the
-  devices along the batch axis; every jitted layer pass runs data-parallel and the Hessian ``X^T X`` of a sharded
-  batch is reduced by the all-reduce that XLA inserts for the replicated result;
+* calibration (``pipeline.quantize_model(..., mesh=)``): each device takes a contiguous block of the calibration
+  sequences (its canonical shards, ``jaxquant.hessian``), ``batch_size`` per step; every jitted layer pass runs
+  data-parallel on the batch-split activations, each device accumulates its shards' Hessians locally, and the shard
+  Hessians are combined by one fixed pairwise tree (one all-gather per Hessian): the same shapes per device and the
+  same additions in the same order as on one device, so the codes are bit-identical for any device count that
+  divides the shard count;
 * solves: GPTQ treats the output rows of W independently once ``H^-1`` is known. The pipeline splits each solve's
   rows into one block per device and runs the single-device solve on each block from its own thread (every device
   already holds the replicated H and weights, so nothing moves in); ``gptq(..., mesh=)`` is the same split as one
@@ -17,6 +20,7 @@ Multi-host: call ``jax.distributed.initialize()`` on every host first; ``make_me
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import jax
@@ -74,30 +78,40 @@ def warm_up_collectives(mesh: Mesh) -> None:
 # ----------------------------------------------------------------------------------------- data-parallel Hessian
 def partial_hessians(mesh: Mesh):
     """(init, update, finish) for Hessians of batch-sharded activations without a collective per batch: each device
-    keeps the partial Hessian of its slices (``H`` is [devices, K, K], split on the first axis) and ``finish`` sums
-    them once, one all-reduce per Hessian instead of one per calibration batch."""
+    accumulates the Hessian of its own slices (``H`` is [devices, K, K], split on the first axis; the sample count is
+    the device's own, as for one canonical shard, ``jaxquant.hessian``), and ``finish(root, shards)`` combines the
+    devices' shard-subtree roots ([devices, K, K]) by the top levels of the fixed pairwise tree and scales by
+    1/shards: one all-gather per Hessian instead of one collective per calibration batch, and the same bits as the
+    same shards summed on one device."""
     import jax.numpy as jnp
 
-    from jaxquant.hessian import HessianState, hessian_update
+    from jaxquant.hessian import HessianState, hessian_update, pairwise_sum
 
     ax, n_dev = axis_name(mesh), mesh.devices.size
-    spec = HessianState(H=P(ax), n=P())
+    spec = HessianState(H=P(ax), n=P(ax))
 
     # Zeros made in place on each device (a zeros array on one device, then split, would first fill one device with
     # all the partial Hessians: 970 MB at K = 11008 on 2 devices, then copy half of it across). n is placed as
     # update() returns it: the first batch then hits the same compiled program as the others.
-    zeros = jax.jit(lambda K: HessianState(H=jnp.zeros((n_dev, K, K), jnp.float32), n=jnp.zeros((), jnp.int32)),
-                    static_argnums=0, out_shardings=HessianState(H=NamedSharding(mesh, P(ax)), n=replicated(mesh)))
+    zeros = jax.jit(lambda K: HessianState(H=jnp.zeros((n_dev, K, K), jnp.float32), n=jnp.zeros((n_dev,), jnp.int32)),
+                    static_argnums=0, out_shardings=HessianState(H=NamedSharding(mesh, P(ax)),
+                                                                 n=NamedSharding(mesh, P(ax))))
 
     def init(K: int) -> HessianState:
         return zeros(K)
 
     def local(state, x):
-        new = hessian_update(HessianState(H=state.H[0], n=state.n), x, shards=n_dev)
-        return HessianState(H=new.H[None], n=new.n)
+        new = hessian_update(HessianState(H=state.H[0], n=state.n[0]), x)
+        return HessianState(H=new.H[None], n=new.n[None])
 
     update = shard_map(local, mesh, in_specs=(spec, P(ax)), out_specs=spec)
-    finish = jax.jit(lambda state: state.H.sum(0), out_shardings=replicated(mesh))
+
+    @partial(jax.jit, static_argnames="shards", out_shardings=replicated(mesh))
+    def finish(root, shards: int):
+        # The subtree roots in device order, summed pairwise (same order as ShardTree on one device); 1/shards is a
+        # power of two, so the scaling is exact.
+        return pairwise_sum([root[d] for d in range(n_dev)]) * jnp.float32(1.0 / shards)
+
     return init, update, finish
 
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.config import QuantConfig
-from jaxquant.hessian import hessian_init, hessian_update
+from jaxquant.hessian import ShardTree, calibration_order, hessian_init, hessian_update
+from jaxquant.hessian import hessian_shards as canonical_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,15 +254,29 @@ class QuantizeReport:
 def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, method: str = "gptq",
                    batch_size: int = 4, progress: bool = True, params: Optional[dict] = None,
                    reuse_inputs: bool = True, mesh=None, mesh_solves: str = "rows",
-                   layer_callback: Optional[Callable[[str, float], None]] = None, precompile: bool = True):
+                   layer_callback: Optional[Callable[[str, float], None]] = None, precompile: bool = True,
+                   hessian_shards: Optional[int] = None):
     """Quantize every linear layer inside the decoder layers of ``lm`` (a ``models.LoadedModel``).
 
     calibration: ``[n, seqlen]`` token ids (ignored by methods without a Hessian). ``params`` replaces
     ``lm.params`` (e.g. a tree already partly quantized). Returns ``(params, report)``: the parameter tree with
     quantized-weight leaves in place of the quantized kernels, and a per-linear report.
 
-    mesh: a one-axis ``jax.sharding.Mesh`` (``jaxquant.distributed.make_mesh()``): every calibration batch is split
-    across its devices (``batch_size`` must be a multiple of the device count) and the Hessians are all-reduced;
+    batch_size: calibration sequences per forward pass on each device (the same on any device count, so that every
+    device computes exactly what one device would).
+
+    hessian_shards: the calibration set is split into this many canonical shards (contiguous runs of sequences, a
+    power of two; default: 8 where ``nsamples`` is a multiple of 8 x ``batch_size``, else the largest power of two
+    that splits it into whole batches); each shard's Hessian is accumulated on its own and the shards are combined
+    by one fixed pairwise tree (``jaxquant.hessian``). The result depends on the shard count, not on the device
+    count: any mesh whose device count divides it gives bit-identical Hessians and codes (same batch_size). Memory:
+    up to log2(shards / devices) + 2 Hessian-sized float32 arrays per device for the group being collected (one
+    shard's running sum, the finished subtrees) and the devices' subtree roots gathered once per Hessian.
+    ``hessian_shards=1`` on one device is the plain running sum of the reference.
+
+    mesh: a one-axis ``jax.sharding.Mesh`` (``jaxquant.distributed.make_mesh()``): each device takes a contiguous
+    block of the calibration set (whole shards), ``batch_size`` sequences per step, and the Hessians are combined
+    across the devices once per Hessian;
     the solves are spread too: ``mesh_solves="rows"`` (default) splits the output rows of each solve across the
     devices, each device running the single-device solve on its block of rows in its own thread (methods with
     ``solve_rows``: GPTQ; others fall back to "linears"); ``"linears"`` solves the independent solves of a group
@@ -317,14 +332,14 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         batch_size = max(1, min(batch_size, n))
         if n % batch_size:
             raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
-        if batch_size % n_dev:
-            raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's {n_dev} devices")
-        positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (batch_size, seqlen)))
+        n_shards = canonical_shards(n, batch_size, n_dev, hessian_shards)
+        order, steps_per_shard = calibration_order(n, batch_size, n_dev, n_shards)
+        positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (n_dev * batch_size, seqlen)))
         embed_fn = lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed)  # noqa: E731
         embed = jax.jit(embed_fn)
         if m.stats is None:  # the first layer's weights travel while the calibration set is embedded
             upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
-        ids_first = split_batch(jnp.asarray(calibration[:batch_size]))
+        ids_first = split_batch(jnp.asarray(calibration[order[0]]))
         top_host = _used_entries(embed_fn, non_layer_params(host), jax.ShapeDtypeStruct(ids_first.shape,
                                                                                          ids_first.dtype))
         # The embedding's output as the layers will see it (shape, dtype, placement), from its compiled program:
@@ -340,7 +355,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
             h_init, h_update, h_finish = partial_hessians(mesh)
         else:
-            h_init, h_update, h_finish = hessian_init, hessian_update, lambda state: state.H
+            h_init, h_update = hessian_init, hessian_update
+            h_finish = jax.jit(lambda root, shards: root * jnp.float32(1.0 / shards), static_argnames="shards")
         collectors = {g: _make_collector(layer, g, h_update) for g in groups}
         forward = _make_forward(layer)
     else:
@@ -508,8 +524,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         warmup = start_precompile(upcoming, h_spec)
     if m.needs_hessian:
         top = on_devices(top_host)
-        inps = [embed(top, ids_first if i == 0 else split_batch(jnp.asarray(calibration[i: i + batch_size])))
-                for i in range(0, n, batch_size)]
+        inps = [embed(top, ids_first if s == 0 else split_batch(jnp.asarray(calibration[rows])))
+                for s, rows in enumerate(order)]
         del top, top_host
     if upcoming is None and names_all:
         upcoming = loader.submit(on_devices, host[names_all[0]])
@@ -526,15 +542,25 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             hessians = {name: None if model_stats is None else model_stats[f"{lname}/{name}"] for name in group}
             t_group = time.perf_counter()
             if m.needs_hessian:
-                states = {name: h_init(_get(work, name)["kernel"].shape[0]) for name in group}
+                fresh = lambda: {name: h_init(_get(work, name)["kernel"].shape[0]) for name in group}  # noqa: E731
+                states, trees = fresh(), {}  # trees: first user of an input -> its shard Hessians' tree
+
+                def end_shard(states):  # q/k/v (up/gate) share one input, one state, one tree
+                    for name in group:
+                        if aliases[name] == name:
+                            trees.setdefault(name, ShardTree()).push(states[name].H)
+
                 for b, h in enumerate(inps):
+                    if b and b % steps_per_shard == 0:  # a shard ends: its Hessian into the tree, a fresh sum
+                        end_shard(states)
+                        states = fresh()
                     states, inputs, aliases = collectors[group](work, h, positions, states, stored[b])
                     if reuse_inputs:
                         stored[b].update({name: inputs[aliases[name]] for name in group})
-                finished = {}  # q/k/v (up/gate) share one state: reduce it once
-                for name, state in states.items():
-                    finished.setdefault(id(state), h_finish(state))
-                    hessians[name] = finished[id(state)]
+                end_shard(states)
+                finished = {first: h_finish(tree.root(), shards=n_shards) for first, tree in trees.items()}
+                for name in group:
+                    hessians[name] = finished[aliases[name]]
                 jax.block_until_ready(hessians)
             collect_seconds = time.perf_counter() - t_group
             sets = _joint_sets(group, aliases) if joint else [(name,) for name in group]
