@@ -21,6 +21,12 @@ sum (compiles in the solve threads overlap, so it can exceed their share of the 
 compilation cache (a user option: a second run then loads the programs instead of compiling them); rows say
 whether it was on.
 
+Codes: every run writes a digest (sha1 of qweight, qzeros, scales, g_idx) of each decoder layer's quantized weights
+and the packed codes of its first and last layer to ``--codes-dir``; at the end the parent compares every run with
+the first 1-device run (identical layers, and the fraction of identical 4-bit codes in the first and last layer) and
+writes a ``codes_vs_1_device`` row. ``--batch`` is per device (the pipeline's ``batch_size``), so 1 and N devices
+compute the same per-device shapes and, with the canonical Hessian shards, the same bits.
+
     python bench/quant_pipeline.py                           # 7B shapes, 32 layers, all devices then 1
     python bench/quant_pipeline.py --devices 2 1 --layers 8
     CPU smoke test (2 host devices): XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/quant_pipeline.py \
@@ -115,6 +121,64 @@ class CompileClock:
         return {k: round(v, 2) for k, v in sorted(self.by_program.items(), key=lambda kv: -kv[1])[:n]}
 
 
+def _linears(layer_params):
+    """(path, quantized weight) of a decoder layer's quantized linears, in a fixed order."""
+    from flax.traverse_util import flatten_dict
+
+    from jaxquant.formats import UniformQuantizedWeight
+
+    flat = flatten_dict(layer_params, is_leaf=lambda _, x: isinstance(x, UniformQuantizedWeight))
+    return sorted(("/".join(k), v) for k, v in flat.items() if isinstance(v, UniformQuantizedWeight))
+
+
+def save_codes(qparams, codes_dir: str, run_id: str, n_layers: int) -> list:
+    """Per-layer sha1 of the quantized weights (returned, and written with the packed codes of the first and the
+    last layer to ``codes_dir/<run_id>.npz``)."""
+    import hashlib
+
+    import numpy as np
+
+    digests, keep = [], {}
+    for i in range(n_layers):
+        h = hashlib.sha1()
+        for name, qw in _linears(qparams[f"layers_{i}"]):
+            for f in ("qweight", "qzeros", "scales", "g_idx"):
+                h.update(np.ascontiguousarray(np.asarray(getattr(qw, f))).tobytes())
+            if i in (0, n_layers - 1):
+                keep[f"layers_{i}/{name}"] = np.asarray(qw.qweight)
+        digests.append(h.hexdigest())
+    os.makedirs(codes_dir, exist_ok=True)
+    np.savez(os.path.join(codes_dir, f"{run_id}.npz"), **keep)
+    with open(os.path.join(codes_dir, f"{run_id}.json"), "w") as f:
+        json.dump({"run_id": run_id, "digests": digests}, f)
+    return digests
+
+
+def compare_codes(codes_dir: str, run_ids: list, bits: int) -> dict:
+    """Every run against the first 1-device run: layers with identical digests, and the fraction of identical codes
+    (packed ``bits``-bit fields) in the first and last layer."""
+    import numpy as np
+
+    runs = {r: json.load(open(os.path.join(codes_dir, f"{r}.json")))["digests"] for r in run_ids}
+    ref = next((r for r in run_ids if r.startswith("1dev-")), None)
+    if ref is None:
+        return {}
+    ref_codes = np.load(os.path.join(codes_dir, f"{ref}.npz"))
+    out = {}
+    for r in run_ids:
+        codes = np.load(os.path.join(codes_dir, f"{r}.npz"))
+        same = total = 0
+        for k in ref_codes.files:
+            diff = ref_codes[k].view(np.uint32) ^ codes[k].view(np.uint32)
+            fields = 32 // bits
+            for j in range(fields):
+                same += int(np.count_nonzero(((diff >> (j * bits)) & ((1 << bits) - 1)) == 0))
+            total += diff.size * fields
+        out[r] = dict(identical_layers=sum(a == b for a, b in zip(runs[r], runs[ref])), layers=len(runs[ref]),
+                      identical_code_fraction_first_last_layer=same / total)
+    return dict(reference_run=ref, runs=out)
+
+
 def run_one(args, n_dev: int, out: str):
     """One quantize_model run on ``n_dev`` devices in this process; writes progress rows and the final row."""
     t_init = time.perf_counter()
@@ -198,10 +262,12 @@ def run_one(args, n_dev: int, out: str):
         os.replace(progress_path + ".tmp", progress_path)
         print(f"[{n_dev} dev] {name}: {seconds:.2f} s (compile {per_layer_compile[-1]:.1f} s)", flush=True)
 
-    _, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh, progress=False,
-                               mesh_solves=args.mesh_solves, layer_callback=on_layer)
+    qparams, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh,
+                                     progress=False, mesh_solves=args.mesh_solves, layer_callback=on_layer)
     wall = time.perf_counter() - t0
     row = make_row(report.layer_seconds, report, wall)
+    row["run_id"] = f"{n_dev}dev-{os.getpid()}"
+    row["layer_code_digests"] = save_codes(qparams, args.codes_dir, row["run_id"], args.layers)
     row["command"] = os.environ.get("QUANT_PIPELINE_COMMAND", row["command"])
     print(json.dumps(row), flush=True)
     results.append_rows(out, [row])  # each row as soon as it is measured
@@ -218,7 +284,7 @@ def main():
     ap.add_argument("--model-layers", type=int, default=32, help="layers of the full model, for the extrapolation")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="calibration sequences per device and step")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--devices", type=int, nargs="*", default=None,
@@ -226,6 +292,8 @@ def main():
     ap.add_argument("--mesh-solves", default="rows", choices=["linears", "rows"])
     ap.add_argument("--compilation-cache", default=None, help="directory for JAX's persistent compilation cache")
     ap.add_argument("--code-version", default=None, help="label stored in the rows")
+    ap.add_argument("--codes-dir", default="/tmp/quant_pipeline_codes",
+                    help="per-run code digests and first/last-layer codes, compared at the end")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -245,6 +313,7 @@ def main():
         counts = [n_gpu, 1] if n_gpu > 1 else [1]
     env = dict(os.environ, QUANT_PIPELINE_COMMAND=command_line(), PYTHONUNBUFFERED="1")
     failed = 0
+    known = set(os.listdir(args.codes_dir)) if os.path.isdir(args.codes_dir) else set()
     for n in counts:
         child_env = dict(env)
         if shutil.which("nvidia-smi") and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -255,6 +324,19 @@ def main():
                               env=child_env)
         print(f"--- {n} device(s): exit {proc.returncode}, process wall {time.perf_counter() - t:.1f} s", flush=True)
         failed += proc.returncode != 0
+    run_ids = sorted({f[:-5] for f in os.listdir(args.codes_dir) if f.endswith(".json")} - {f[:-5] for f in known},
+                     key=lambda r: os.path.getmtime(os.path.join(args.codes_dir, f"{r}.json")))
+    if run_ids:
+        from jaxquant import results
+
+        comparison = compare_codes(args.codes_dir, run_ids, args.bits)
+        print("codes vs 1 device:", json.dumps(comparison), flush=True)
+        if comparison:
+            row = results.row("quant_pipeline", what="codes_vs_1_device", devices_runs=counts,
+                              config=dict(bits=args.bits, group_size=args.group_size), layers_built=args.layers,
+                              code_version=args.code_version, **comparison)
+            row["command"] = env["QUANT_PIPELINE_COMMAND"]
+            results.append_rows(out, [row])
     return 1 if failed else 0
 
 

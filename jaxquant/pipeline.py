@@ -542,7 +542,15 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             hessians = {name: None if model_stats is None else model_stats[f"{lname}/{name}"] for name in group}
             t_group = time.perf_counter()
             if m.needs_hessian:
-                fresh = lambda: {name: h_init(_get(work, name)["kernel"].shape[0]) for name in group}  # noqa: E731
+                def fresh():  # zero sums, one per input width (only a shared input's first user reads its own)
+                    zeros, out = {}, {}
+                    for name in group:
+                        K = _get(work, name)["kernel"].shape[0]
+                        if K not in zeros:
+                            zeros[K] = h_init(K)
+                        out[name] = zeros[K]
+                    return out
+
                 states, trees = fresh(), {}  # trees: first user of an input -> its shard Hessians' tree
 
                 def end_shard(states):  # q/k/v (up/gate) share one input, one state, one tree
