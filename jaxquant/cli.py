@@ -228,7 +228,7 @@ def cmd_quantize(args):
                                                          progress=True)
     else:
         params, report = quantize_model(lm, calib, config, method=args.method, batch_size=args.batch_size,
-                                        reuse_inputs=args.reuse_inputs, mesh=mesh)
+                                        reuse_inputs=args.reuse_inputs, mesh=mesh, hessian_shards=args.hessian_shards)
     wall = time.perf_counter() - t0
     calib_info = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed} \
         if calib is not None else None
@@ -325,12 +325,15 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="c4", help="c4 (first 900 documents of the C4 file) | wikitext2 | text file")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per device and forward pass")
+    p.add_argument("--hessian-shards", type=int, default=None,
+                   help="canonical calibration shards whose Hessians are summed in one fixed tree (a power of two; "
+                        "default 8 where nsamples allows): results are bit-identical on any device count dividing it")
     p.add_argument("--no-reuse-inputs", dest="reuse_inputs", action="store_false",
                    help="recompute whole layers in every pass instead of feeding quantized groups their stored "
                         "inputs (less memory, about twice the compute)")
-    p.add_argument("--devices", default="1", help="devices to spread the work over: N or 'all' (calibration batches "
-                   "split across them, Hessians all-reduced, GPTQ solves split by output rows)")
+    p.add_argument("--devices", default="1", help="devices to spread the work over: N or 'all' (calibration shards "
+                   "split across them, Hessians combined in a fixed order, GPTQ solves split by output rows)")
     p.add_argument("--stream-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the model in host memory and move one decoder layer at a time to the device(s)")
     p.add_argument("--data-dir", default=None)
