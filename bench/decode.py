@@ -637,6 +637,26 @@ def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_pat
 
 
 # ---------------------------------------------------------------------------------------------------------- report
+def _ident(r):
+    return r["format"], r["batch"], r["what"], r.get("model_shape"), r.get("device")
+
+
+def _is_bf16(r) -> bool:
+    return parse_format(r["format"])[0] == "bf16"
+
+
+def merge_rows(kept: list, new: list) -> list:
+    """``kept`` minus the rows a new row replaces (same format, batch, kind, model shape and device), then ``new``.
+    A replaced bf16 generate row stays while a kept quantized generate row of its run and batch remains: that row's
+    ratio is to its own run's bf16."""
+    keys = {_ident(r) for r in new}
+    run_batch = lambda r: (r.get("run_id"), r["batch"], r.get("model_shape"), r.get("device"))  # noqa: E731
+    live = {run_batch(r) for r in kept
+            if r.get("what") == "generate" and not _is_bf16(r) and _ident(r) not in keys}
+    return [r for r in kept if _ident(r) not in keys
+            or (r.get("what") == "generate" and _is_bf16(r) and run_batch(r) in live)] + list(new)
+
+
 def read_rows(path):
     if not os.path.exists(path):
         return []
@@ -668,15 +688,15 @@ def summarize(rows):
         if parse_format(r["format"])[0] == "bf16" and "tokens_per_s" in r:
             k = (r.get("run_id"), r["batch"], r.get("model_shape"), r.get("device"))
             bf16[k] = max(bf16.get(k, 0.0), r["tokens_per_s"])
-    lines = ["| format | path | avg bits | batch | decode tok/s | ms/step | x bf16 (faster of unfused / fused) | "
+    lines = ["| run | format | path | avg bits | batch | decode tok/s | ms/step | x bf16 (faster of unfused / fused) | "
              "prefill ms | peak GB | process peak GB | params GB | guard (linear max rel err / step logits rel err "
              "vs f32 (bf16 XLA's)) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in gen:
         gtxt = _guard_text(guards.get((r["format"], r.get("model_shape"), r.get("device"))))
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['format']} | {r['path']} | | {r['batch']} | failed: {r.get('error', '')[:80]} "
-                         f"| | | | | | | {gtxt} |")
+            lines.append(f"| {r.get('run_id')} | {r['format']} | {r['path']} | | {r['batch']} | failed: "
+                         f"{r.get('error', '')[:80]} | | | | | | | {gtxt} |")
             continue
         same = (r["batch"], r.get("model_shape"), r.get("device"))
         base = bf16.get((r.get("run_id"),) + same)
@@ -688,7 +708,8 @@ def summarize(rows):
         r["speedup_vs_bf16"] = None if (ratio is None or cross) else round(ratio, 3)
         bits = "16" if r["avg_bits"] is None else f"{r['avg_bits']:.2f}"
         ratio_text = ("" if ratio is None else f"{ratio:.2f}") + (" (other run)" if cross else "")
-        lines.append(f"| {r['format']} | {r['path']} | {bits} | {r['batch']} | {r['tokens_per_s']} | "
+        lines.append(f"| {r.get('run_id')} | {r['format']} | {r['path']} | {bits} | {r['batch']} | "
+                     f"{r['tokens_per_s']} | "
                      f"{r['ms_per_step']} | {ratio_text} | "
                      f"{r['prefill_s'] * 1e3:.1f} | "
                      f"{r['peak_mem_gb']} | {r['process_peak_gb']} | {r['params_gb']:.2f} | {gtxt} |")
@@ -696,9 +717,9 @@ def summarize(rows):
     if new_guards:
         lines += ["", "Guard (batch 1; relative Frobenius errors; oracle = the stored weights in float32 with float32 "
                   "activations; bf16 XLA = the same bf16 weights through XLA matmuls):", "",
-                  "| format | corruption | linears: max / median rel err (bf16 XLA max / median) | prefill logits vs "
-                  "f32 (bf16 XLA) | step logits vs f32 (bf16 XLA) | vs bf16 XLA (prefill / step) | last-layer input "
-                  "vs f32 (bf16 XLA) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| run | format | corruption | linears: max / median rel err (bf16 XLA max / median) | prefill "
+                  "logits vs f32 (bf16 XLA) | step logits vs f32 (bf16 XLA) | vs bf16 XLA (prefill / step) | "
+                  "last-layer input vs f32 (bf16 XLA) | verdict |", "|" + " --- |" * 9]
         for g in new_guards:
             lay = g.get("layer_input_rel_err_vs_f32") or [None]
             xlay = g.get("bf16_xla_layer_input_rel_err_vs_f32") or [None]
@@ -708,7 +729,8 @@ def summarize(rows):
             lin = ("-" if "linear_max_rel_err" not in g else
                    f"{g['linear_max_rel_err']} / {g['linear_median_rel_err']} ({g['bf16_xla_linear_max_rel_err']} / "
                    f"{g['bf16_xla_linear_median_rel_err']})")
-            lines.append(f"| {g['format']} | {g.get('corruption', '-')} | {lin} | {g['prefill_rel_err_vs_f32']} "
+            lines.append(f"| {g.get('run_id')} | {g['format']} | {g.get('corruption', '-')} | {lin} | "
+                         f"{g['prefill_rel_err_vs_f32']} "
                          f"({g.get('bf16_xla_prefill_rel_err_vs_f32', '-')}) | {g['decode_step_rel_err_vs_f32']} "
                          f"({g.get('bf16_xla_decode_step_rel_err_vs_f32', '-')}) | "
                          f"{g.get('prefill_rel_err_vs_bf16_xla', '-')} / "
@@ -717,13 +739,13 @@ def summarize(rows):
     if profiles:
         lines += ["", "Decode step at batch 1, CUPTI device time per step (us): kernels of the whole generation "
                   "minus the prefill-only run, / steps; gap = ms/step (wall) - kernel time:", "",
-                  "| format | ms/step | kernel us | kernels | gap us | by category | "
+                  "| run | format | ms/step | kernel us | kernels | gap us | by category | "
                   "top kernels (name, per step, us) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "|" + " --- |" * 8]
         for r in profiles:
             cats = "; ".join(f"{k} {v}" for k, v in r["categories_us_per_step"].items())
             top = "; ".join(f"{n} x{c:g} {t}" for n, c, t in r["top_kernels_per_step"][:6])
-            lines.append(f"| {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | "
+            lines.append(f"| {r.get('run_id')} | {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | "
                          f"{r.get('kernels_per_step', '')} | {r['gap_us_per_step']}"
                          f" | {cats} | {top} |")
     return lines
@@ -760,7 +782,17 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in --out-dir/decode.json (a row with the same format, batch, kind, "
                          "model shape and device is replaced)")
+    ap.add_argument("--merge", nargs="+", metavar="ROWS_JSONL",
+                    help="no run: merge these decode_rows.jsonl files (in order, as --append would) into "
+                         "--out-dir/decode.json and rewrite decode.md")
     args = ap.parse_args()
+    if args.merge:
+        path = os.path.join(args.out_dir, "decode.json")
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        for rows_file in args.merge:
+            rows = merge_rows(rows, read_rows(rows_file))
+        write_outputs(rows, args.out_dir)
+        return
     dims = TINY if args.tiny else LLAMA_7B
     batches = [int(b) for b in args.batches.split(",") if b]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "little")
@@ -790,10 +822,7 @@ def main():
             kept = json.load(f)
 
     def all_rows():
-        new = read_rows(rows_path)
-        ident = lambda r: (r["format"], r["batch"], r["what"], r.get("model_shape"), r.get("device"))
-        keys = {ident(r) for r in new}
-        return [r for r in kept if ident(r) not in keys] + new
+        return merge_rows(kept, read_rows(rows_path))
 
     timeouts = [int(t) for t in str(args.worker_timeout).split(",")]
     for gi, group in enumerate([g for g in args.formats.split(";") if g]):

@@ -169,3 +169,23 @@ def test_summary_ratios_are_same_run_or_flagged():
     assert rows[2]["speedup_vs_bf16"] == 2.5
     assert rows[3]["speedup_vs_bf16"] is None  # another run's bf16: not written to the row
     assert any("3.00 (other run)" in line for line in lines)
+
+
+def test_merge_replaces_rows_but_keeps_the_bf16_a_kept_row_is_compared_to():
+    gen = lambda fmt, run, batch=1: dict(what="generate", format=fmt, batch=batch, run_id=run, model_shape="m",
+                                         device="d")  # noqa: E731
+    kept = [gen("bf16", "a"), gen("bf16", "a", 16), gen("spqr-w3g16+fused", "a"), gen("gptq-w4g128+fused", "a", 16),
+            gen("bf16", "old"), gen("gptq-w4g128+fused", "old"),
+            dict(what="guard", format="gptq-w4g128+fused", batch=1, run_id="old", model_shape="m", device="d")]
+    new = [gen("bf16", "b"), gen("bf16", "b", 16), gen("gptq-w4g128+fused", "b"), gen("gptq-w4g128+fused", "b", 16)]
+    merged = decode.merge_rows(kept, new)
+    got = [(r["format"], r["run_id"], r["batch"], r["what"]) for r in merged]
+    # run a's batch-1 bf16 stays (its spqr row is kept); its batch-16 bf16 goes (its gptq row was replaced); run
+    # old's rows are all replaced except the guard, which no new row replaces.
+    assert got == [("bf16", "a", 1, "generate"), ("spqr-w3g16+fused", "a", 1, "generate"),
+                   ("gptq-w4g128+fused", "old", 1, "guard")] + [(r["format"], "b", r["batch"], "generate")
+                                                                 for r in new]
+    lines = decode.summarize([dict(r, path="p", avg_bits=None, ms_per_step=1.0, prefill_s=0.01, peak_mem_gb=1.0,
+                                   process_peak_gb=1.0, params_gb=1.0, tokens_per_s=100.0 + i)
+                              for i, r in enumerate(merged) if r["what"] == "generate"])
+    assert any(line.startswith("| a | spqr-w3g16+fused |") and "| 1.01 |" in line for line in lines)
