@@ -288,14 +288,14 @@ class SpQRKernelWeight:
         vals = _read_halves(jnp.moveaxis(words, 2, -1), STAT_BITS, 23, jnp)  # [Nt, Kb, 128, 16]; shifts 0
         vals = (vals >> jnp.asarray([_stat_plan(f)[0] for f in range(16)], jnp.uint32)).astype(jnp.int32)
         nt, kb = words.shape[:2]
-        # Owner of (kernel group G, row n): tile n // 64, block G // 16, thread 32w + 4q + t, field 4cc + 2 half.
-        G = np.arange(kb * STAT_CHUNKS * 4)[:, None]
-        n = np.arange(nt * CHUNK)[None, :]
-        r = n % CHUNK
-        tid = 32 * (r // 16) + 4 * (r % 8) + G % 4
-        field = 4 * ((G % 16) // 4) + 2 * ((r % 16) // 8)
-        idx = (np.broadcast_to(n // CHUNK, tid.shape), np.broadcast_to(G // 16, tid.shape), tid)
-        return vals[idx + (field,)], vals[idx + (field + 1,)]
+        # Owner of (kernel group G = 16 kb + 4 cc + t, row n = 64 nt + 16 a + 8 h + b): tile nt, block kb, thread
+        # 32 a + 4 b + t, field 4 cc + 2 h (+ 1: the zero code). Every index is a separate axis, so this is a
+        # reshape + transpose; a gather with numpy indices made XLA constant-fold a [G, N, 4] index array (minutes
+        # of compile time per 7B model).
+        v = vals.reshape(nt, kb, 4, 8, 4, STAT_CHUNKS, 2, 2)  # [nt, kb, a, b, t, cc, h, code]
+        cs, cz = (v[..., code].transpose(1, 5, 4, 0, 2, 6, 3).reshape(kb * STAT_CHUNKS * 4, nt * CHUNK)
+                  for code in (0, 1))
+        return cs, cz
 
     def second_level(self) -> tuple[jax.Array, ...]:
         """(s_s, z_s, s_z, z_z) float16 [N_pad/16, K_pad/16] per row block and kernel group."""
