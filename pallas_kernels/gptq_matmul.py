@@ -183,29 +183,9 @@ def _fragments_to_nk(vals: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ kernel-layout pytree
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["qweight", "scales", "nbias", "perm"],
-    meta_fields=["bits", "group", "in_features", "out_features", "dtype_name", "layout"],
-)
-@dataclasses.dataclass(frozen=True)
-class GPTQKernelWeight:
-    """A GPTQ weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU.
-
-    Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, scales / nbias [G_k, N_pad], perm [K_pad] or None;
-    K = in_features, N = out_features, K_pad = G_k * group (a multiple of 256), N_pad = ceil(N / 64) * 64.
-    """
-
-    qweight: jax.Array
-    scales: jax.Array
-    nbias: Optional[jax.Array]
-    perm: Optional[jax.Array]
-    bits: int
-    group: int
-    in_features: int
-    out_features: int
-    dtype_name: str
-    layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
+class KernelWeightShape:
+    """Shape properties shared by the kernel-layout weights (GPTQ, LUT, SpQR): qweight [N_pad/64, K_pad/64, ...],
+    ``in_features`` / ``out_features`` (K, N) and the activation dtype's name."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -222,6 +202,31 @@ class GPTQKernelWeight:
     @property
     def n_pad(self) -> int:
         return self.qweight.shape[0] * CHUNK
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["qweight", "scales", "nbias", "perm"],
+    meta_fields=["bits", "group", "in_features", "out_features", "dtype_name", "layout"],
+)
+@dataclasses.dataclass(frozen=True)
+class GPTQKernelWeight(KernelWeightShape):
+    """A GPTQ weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU.
+
+    Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, scales / nbias [G_k, N_pad], perm [K_pad] or None;
+    K = in_features, N = out_features, K_pad = G_k * group (a multiple of 256), N_pad = ceil(N / 64) * 64.
+    """
+
+    qweight: jax.Array
+    scales: jax.Array
+    nbias: Optional[jax.Array]
+    perm: Optional[jax.Array]
+    bits: int
+    group: int
+    in_features: int
+    out_features: int
+    dtype_name: str
+    layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
 
     @property
     def nbytes(self) -> int:
@@ -575,6 +580,35 @@ def ws_step(t, cta, steps_per_cta: int, steps_per_unit: int):
 
 
 # ---------------------------------------------------------------------------------------------------------- config
+def pick_blocks(tile_ks, k_pad: int, ctas_n: int, target: int, k_splits, max_splits: int):
+    """(tile_k, k_splits) for the kernels' block-size heuristics, or None when ``tile_ks`` (the candidates that fit
+    the weight) is empty: the most CTAs up to ``target``, then the larger tile, then fewer splits; splits divide
+    the K steps and leave each split >= 4 steps (``k_splits``: fixed by the config)."""
+    best = None
+    for tile_k in tile_ks:
+        steps = k_pad // tile_k
+        splits = [k_splits] if k_splits else [
+            s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1) and s <= max_splits]
+        for s in splits:
+            score = (min(ctas_n * s, target), tile_k, -s)
+            if best is None or score > best[0]:
+                best = (score, tile_k, s)
+    return None if best is None else best[1:]
+
+
+def check_kernel_input(x2d, w, kernel: str) -> int:
+    """M of x [M, K] after the checks of every kernel entry point: K matches, 1 <= M <= MAX_KERNEL_M, x in the
+    dtype the weight was packed for."""
+    m, k = x2d.shape
+    if k != w.in_features:
+        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
+    if not 1 <= m <= MAX_KERNEL_M:
+        raise ValueError(f"the {kernel} kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
+    if x2d.dtype != w.dtype:
+        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    return m
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Block sizes: ``tile_k`` input columns per pipeline step (a multiple of 64), ``stages`` TMA buffers in flight,
@@ -675,21 +709,13 @@ class KernelConfig:
         if small_m and ((gptq and w.bits == 3) or (lut and _m_pad(m) > 8)):
             tiles = [256, 128, 64]
         target = int(3.5 * num_sms)
-        best = None
-        for tile_k in ([self.tile_k] if self.tile_k else tiles):
-            if w.k_pad % tile_k or (w.group % tile_k and tile_k % w.group):
-                continue
-            steps = w.k_pad // tile_k
-            splits = [self.k_splits] if self.k_splits else [
-                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1) and s <= max_splits]
-            for k_splits in splits:
-                score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
-                if best is None or score > best[0]:
-                    best = (score, tile_k, k_splits)
+        best = pick_blocks([t for t in ([self.tile_k] if self.tile_k else tiles)
+                            if not (w.k_pad % t or (w.group % t and t % w.group))],
+                           w.k_pad, ctas_n, target, self.k_splits, max_splits)
         if best is None:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {CHUNK} dividing "
                              f"K_pad={w.k_pad}, and it and the kernel group size {w.group} must divide one another")
-        _, tile_k, k_splits = best
+        tile_k, k_splits = best
         if (lut and w.bits == 3 and not w.nnz and _m_pad(m) == 8 and k_splits == 2 and self.fused is None
                 and self.tile_k is None and w.k_pad % 512 == 0 and w.k_pad // 512 >= 4
                 and fused_output_ok(2, w.out_features, w.dtype)):
@@ -735,13 +761,7 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``output_buffer_shape`` (float32 partials, or y itself with the fused launch).
     """
-    m, k = x2d.shape
-    if k != w.in_features:
-        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
-    if not 1 <= m <= MAX_KERNEL_M:
-        raise ValueError(f"the GPTQ kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
-    if x2d.dtype != w.dtype:
-        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
@@ -968,6 +988,16 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 else jax.ShapeDtypeStruct((2, n_pad, m_pad), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
     name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}{'f' if fused_out else ''}"
+    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
+
+
+def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):
+    """``pl.kernel`` of ``body`` over ``mesh`` (Mosaic GPU). ``aliased``: the poisoned-output variant (tests /
+    benchmarks): the kernel writes into a Ref made from the call's last argument instead of a fresh ``out_type``
+    buffer, so any output element it leaves unwritten keeps the caller's poison."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     params = plgpu.CompilerParams()
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
@@ -1014,7 +1044,6 @@ def launch_kernel(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_split
     TMA-stores y^T as y [m, n] in the out dtype (rows >= m and columns >= n clipped by the TMA unit): the call is one
     kernel. ``aliased``: the poisoned-output variant (tests / benchmark) that writes into a Ref made from the
     caller's last argument (float32 [k_splits, n_pad, m_pad], or [m, n] in the out dtype when fused)."""
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if fused_out is None:
@@ -1030,17 +1059,7 @@ def launch_kernel(body, *, name: str, n_pad: int, m_pad: int, rows: int, k_split
             mesh = plgpu.Mesh(grid=(n_pad // rows,), grid_names=("n",), cluster=(k_splits,), cluster_names=("split",))
         else:
             mesh = plgpu.Mesh(grid=(n_pad // rows, 1), grid_names=("n", "split"))
-    params = plgpu.CompilerParams()
-    if not aliased:
-        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
-    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
-
-    def call(*args):
-        out_ref = jax.new_ref(args[-1])
-        in_place(*args[:-1], out_ref)
-        return jax.freeze(out_ref)
-
-    return call
+    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
 
 
 def store_output(accs, out_gmem, *, n_idx, split, m_pad: int, k_splits: int, fused_out=None):

@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import launch_kernel, output_buffer_shape, store_output
+from .gptq_matmul import KernelWeightShape, launch_kernel, output_buffer_shape, store_output
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
-from .gptq_matmul import chunked_matmul, split_friendly_k_pad
+from .gptq_matmul import check_kernel_input, chunked_matmul, split_friendly_k_pad
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -158,7 +158,7 @@ def _table_values(lutw: jax.Array, dtype_name: str) -> jax.Array:
     meta_fields=["bits", "in_features", "out_features", "dtype_name", "nnz"],
 )
 @dataclasses.dataclass(frozen=True)
-class LUTKernelWeight:
+class LUTKernelWeight(KernelWeightShape):
     """A SqueezeLLM weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU.
 
     Shapes: qweight [N_pad/64, K_pad/64, bits, 128] int32, lutw [N_pad, 2**bits/2] int32, ell_cols / ell_delta
@@ -179,22 +179,6 @@ class LUTKernelWeight:
     out_features: int
     dtype_name: str
     nnz: int = 0
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.in_features, self.out_features)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.dtype_name)
-
-    @property
-    def k_pad(self) -> int:
-        return self.qweight.shape[1] * CHUNK
-
-    @property
-    def n_pad(self) -> int:
-        return self.qweight.shape[0] * CHUNK
 
     @property
     def group(self) -> int:
@@ -402,13 +386,7 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     output tile is written), of ``gptq_matmul.output_buffer_shape`` for ``kernel_out_dtype(w)`` (float32 partials
     [k_splits, N_pad, M_pad], or the fused launch's y [M, N]).
     """
-    m, k = x2d.shape
-    if k != w.in_features:
-        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
-    if not 1 <= m <= MAX_KERNEL_M:
-        raise ValueError(f"the LUT kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
-    if x2d.dtype != w.dtype:
-        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    m = check_kernel_input(x2d, w, "LUT")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)

@@ -70,7 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, output_buffer_shape, resolve_fused, store_output
-from .gptq_matmul import CHUNK, MAX_KERNEL_M, _i32, _m_pad, _round_up, _thread_coords
+from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
+from .gptq_matmul import check_kernel_input, pick_blocks
 
 KERNEL_BITS = (2, 3, 4)
 GROUP = 16  # input columns per first-level group in the kernel layout (SpQR's beta1 must be a multiple)
@@ -211,7 +212,7 @@ def dense_values(codes, scale_lp, nb_lp, dtype) -> jax.Array:
     meta_fields=["bits", "in_features", "out_features", "dtype_name"],
 )
 @dataclasses.dataclass(frozen=True)
-class SpQRKernelWeight:
+class SpQRKernelWeight(KernelWeightShape):
     """A SpQR weight in the kernel layout (module docstring); ``matmul`` runs the Pallas kernel on GPU."""
 
     qweight: jax.Array
@@ -226,22 +227,6 @@ class SpQRKernelWeight:
     in_features: int
     out_features: int
     dtype_name: str
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.in_features, self.out_features)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.dtype_name)
-
-    @property
-    def k_pad(self) -> int:
-        return self.qweight.shape[1] * CHUNK
-
-    @property
-    def n_pad(self) -> int:
-        return self.qweight.shape[0] * CHUNK
 
     @property
     def sparse_slots(self) -> int:
@@ -650,21 +635,12 @@ class KernelConfig:
         target = int(3.5 * num_sms)
         fused = resolve_fused(self.fused, self.k_splits, w.out_features)
         max_splits = MAX_CLUSTER if fused else 16
-        best = None
-        for tile_k in ([self.tile_k] if self.tile_k else ([512, 256] if small_m else [256])):
-            if tile_k % K_ALIGN or w.k_pad % tile_k:
-                continue
-            steps = w.k_pad // tile_k
-            splits = [self.k_splits] if self.k_splits else [
-                s for s in (1, 2, 4, 8, 16) if steps % s == 0 and (steps // s >= 4 or s == 1) and s <= max_splits]
-            for k_splits in splits:
-                score = (min(ctas_n * k_splits, target), tile_k, -k_splits)
-                if best is None or score > best[0]:
-                    best = (score, tile_k, k_splits)
+        best = pick_blocks([t for t in ([self.tile_k] if self.tile_k else ([512, 256] if small_m else [256]))
+                            if not (t % K_ALIGN or w.k_pad % t)], w.k_pad, ctas_n, target, self.k_splits, max_splits)
         if best is None:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {K_ALIGN} dividing "
                              f"K_pad={w.k_pad}")
-        _, tile_k, k_splits = best
+        tile_k, k_splits = best
         cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused)
         cfg.check(w)
         return cfg
@@ -693,13 +669,7 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
     tile is written): float32 [k_splits, N_pad, M_pad] partials, or float32 y [M, N] (dense part) with the fused
     launch (``gptq_matmul.output_buffer_shape``).
     """
-    m, k = x2d.shape
-    if k != w.in_features:
-        raise ValueError(f"x has {k} input features, the weight expects {w.in_features}")
-    if not 1 <= m <= MAX_KERNEL_M:
-        raise ValueError(f"the SpQR kernel takes 1..{MAX_KERNEL_M} activation rows, got {m}")
-    if x2d.dtype != w.dtype:
-        raise ValueError(f"x is {x2d.dtype} but the weight was packed for {w.dtype}")
+    m = check_kernel_input(x2d, w, "SpQR")
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
