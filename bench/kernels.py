@@ -3,7 +3,7 @@
     python bench/kernels.py                       # full table -> bench/results/kernels.{json,md}
     python bench/kernels.py --quick --sweep       # exploration: correctness matrix + block-size sweep, no files
     python bench/kernels.py --smoke               # also a jitted LLaMA-shaped forward / generate with the kernels
-    python bench/kernels.py --cupti --out-dir DIR # device-time rows (CUPTI, rotating inputs; see cupti_per_call)
+    python bench/kernels.py --cupti --out-dir DIR # device-time rows (CUPTI, rotating inputs; see bench/timing.py)
                                                   # for int4/int3 x shapes x M plus prefill M -> DIR/kernels_cupti.jsonl
     python bench/kernels.py --merge-cupti DIR/kernels_cupti.jsonl   # -> bench/results/kernels.json + kernels.md
 
@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
+from bench.timing import activations, bf16_matmul, copies, cupti  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -72,10 +73,6 @@ def make_weight(key, K, N, bits, group, sym, act):
     return uqw, kw, w_float
 
 
-def copies(tree, n):
-    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
-
-
 def chain_length(nbytes, calls):
     """Calls per timed chain: every call gets its own weight copy (XLA merges dots, and CSEs dequantizations, that
     share a weight inside one program), within ~16 GB of copies."""
@@ -97,20 +94,6 @@ def time_chain(fn, ws, xs, reps):
         jax.block_until_ready(chain(ws, xs))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / calls * 1e6
-
-
-def device_times(fn, *args):
-    """Per-kernel GPU time (us) of one call of jitted fn, via CUPTI (jax.experimental.mosaic.gpu.profiler)."""
-    from jax.experimental.mosaic.gpu import profiler
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    _, per_kernel = profiler.measure(f, aggregate=False, iterations=5)(*args)
-    runs = [[(name[:60], t * 1e3) for name, t in run] for run in per_kernel]
-    return runs[len(runs) // 2]
-
-
-def activations(key, M, K, calls):
-    return [jax.random.normal(k, (M, K), jnp.float32).astype(jnp.bfloat16) for k in jax.random.split(key, calls)]
 
 
 def check_kernel(kw, w_float, M, cfg, key):
@@ -156,10 +139,6 @@ def read_bandwidth():
     return a.nbytes / statistics.median(ts) / 1e9
 
 
-def bf16_matmul(x, w):
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
 def diagnostics(key, reps, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
     """int4 g128 K x N: per-kernel GPU times (CUPTI) of bf16 XLA and of the kernel wrapper, the fixed per-call cost
     (a 1-CTA weight), then kernel variants x configs timed as chains."""
@@ -168,11 +147,11 @@ def diagnostics(key, reps, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
     uqw, kw, w_float = make_weight(kw_key, K, N, 4, 128, False, False)
     x1 = jax.random.normal(kt, (1, K), jnp.float32).astype(jnp.bfloat16)
     try:
-        log(f"diag cupti bf16 XLA M=1: {device_times(bf16_matmul, x1, w_bf16)}")
-        log(f"diag cupti kernel wrapper M=1: {device_times(lambda x, w: gm.gptq_matmul(x, w), x1, kw)}")
+        log(f"diag cupti bf16 XLA M=1: {cupti(bf16_matmul, [(x1, w_bf16)], 5)[2]}")
+        log(f"diag cupti kernel wrapper M=1: {cupti(lambda x, w: gm.gptq_matmul(x, w), [(x1, kw)], 5)[2]}")
         _, tiny, _ = make_weight(kt, 256, 64, 4, 128, False, False)
         xt = x1[:, :256]
-        log(f"diag cupti tiny (256x64) wrapper: {device_times(lambda x, w: gm.gptq_matmul(x, w), xt, tiny)}")
+        log(f"diag cupti tiny (256x64) wrapper: {cupti(lambda x, w: gm.gptq_matmul(x, w), [(xt, tiny)], 5)[2]}")
         n = 32
         tinies = copies(tiny, n)
         xts = activations(kt, 1, 256, n)
@@ -368,40 +347,6 @@ def prefill_rows(key, reps, calls, ms=(128, 512)):
     return rows
 
 
-def cupti_per_call(fn, arg_sets, rounds=3):
-    """Median GPU time (us) of one call of jitted fn over rotating inputs, and the kernel names of one call.
-
-    Every call is its own dispatch of a single-call program on the next argument set (its own weight copy and
-    activation: the sets together exceed the L2 cache); CUPTI records the duration of every GPU kernel, and a call's
-    time is the sum over its kernels (host dispatch and launch gaps excluded). One compile per (op, shape, M)."""
-    total, _, names = _kernel_share(fn, arg_sets, rounds, "")
-    return total, names
-
-
-def _kernel_share(fn, arg_sets, rounds, match):
-    """(us of the whole call, us of the kernels whose name contains ``match``, names)."""
-    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
-
-    f = jax.jit(fn)
-    for args in arg_sets:
-        jax.block_until_ready(f(*args))
-    ext = mosaic_gpu_lib._mosaic_gpu_ext
-    ext._cupti_init()
-    try:
-        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
-        jax.block_until_ready(outs)
-    finally:
-        timings = ext._cupti_get_timings(True)
-    calls = rounds * len(arg_sets)
-    if not timings or len(timings) % calls:
-        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
-    per = len(timings) // calls
-    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
-    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
-    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3
-    return total, (part or float("nan")), [n[:48] for n, _ in chunks[0]]
-
-
 def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
     """Device-time rows (CUPTI, rotating inputs): for each shape, M and format the kernel path (activation pad +
     Pallas kernel + partial-sum reduction, as dispatched), the Pallas kernel alone, the bf16 XLA matmul and the XLA
@@ -417,7 +362,7 @@ def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
         for M in ms:
             key, kx = jax.random.split(key)
             xs = activations(kx, M, K, n)
-            bf16_us[M], names = cupti_per_call(bf16_matmul, list(zip(xs, bf_ws)), rounds)
+            bf16_us[M], _, names = cupti(bf16_matmul, list(zip(xs, bf_ws)), rounds)
             log(f"cupti {K}x{N} bf16 XLA M={M}: {bf16_us[M]:.1f} us {names}")
         del bf_ws, w_bf16
         for fmt in formats:
@@ -434,9 +379,9 @@ def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
                     cfg = gm.KernelConfig()
                     rc = cfg.resolved(kw, M)
                     fro, mx, nan, same = check_kernel(kw, w_float, M, cfg, kc)
-                    us, kern_us, names = _kernel_share(lambda x, w: gm.gptq_matmul(x, w), list(zip(xs, ws)), rounds,
-                                                       "gptq")
-                    deq_us = (cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
+                    us, kern_us, names = cupti(lambda x, w: gm.gptq_matmul(x, w), list(zip(xs, ws)), rounds,
+                                         "gptq")
+                    deq_us = (cupti(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
                               if uqws is not None else float("nan"))
                 except Exception as e:
                     log(f"cupti {K}x{N} {fmt} M={M} FAILED: {traceback.format_exc()[-1500:]}")
@@ -480,9 +425,9 @@ def cupti_prefill_rows(key, shapes, ms, rounds, on_row=None):
             key, kx = jax.random.split(key)
             xs = activations(kx, M, K, n)
             try:
-                bf, _ = cupti_per_call(bf16_matmul, list(zip(xs, bf_ws)), rounds)
-                deq, names = cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, kws)), rounds)
-                deq_uqw = (cupti_per_call(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
+                bf = cupti(bf16_matmul, list(zip(xs, bf_ws)), rounds)[0]
+                deq, _, names = cupti(lambda x, w: w.matmul(x), list(zip(xs, kws)), rounds)
+                deq_uqw = (cupti(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
                            if uqws is not None else float("nan"))
                 y = jax.jit(lambda x, w: w.matmul(x))(xs[0], kw).astype(jnp.float32)
                 ref = jnp.matmul(xs[0].astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
@@ -597,7 +542,7 @@ def cupti_prefill_paths(key, shapes, ms, rounds, on_row=None, fmt="gptq-w4g128")
                     t[name] = float("nan")
                     continue
                 try:
-                    t[name], names = cupti_per_call(fn, list(zip(xs, ws)), rounds)
+                    t[name], _, names = cupti(fn, list(zip(xs, ws)), rounds)
                     log(f"prefill-paths {fmt} {K}x{N} M={M} {name}: {t[name]:.1f} us {names[:6]}")
                 except Exception:
                     t[name] = float("nan")

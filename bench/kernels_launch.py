@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -32,56 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
+from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
 
-L2_BYTES = 50e6
 TOL = 1e-2
 FORMATS = ("gptq-w4g128", "gptq-w3g128", "gptq-w3g128-planes", "lut4", "lut3", "spqr3")
 
 
 def log(*a):
     print(*a, flush=True)
-
-
-def copies(tree, n):
-    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
-
-
-def n_sets(nbytes, max_sets=32):
-    return int(max(4, min(max_sets, math.ceil(4 * L2_BYTES / nbytes))))
-
-
-def activations(key, M, K, n, dtype=jnp.bfloat16):
-    return [jax.random.normal(k, (M, K), jnp.float32).astype(dtype) for k in jax.random.split(key, n)]
-
-
-def bf16_matmul(x, w):
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def cupti(fn, arg_sets, rounds=3, match=""):
-    """(median us of one call, median us of its kernels whose name contains ``match``, [(kernel, us)] of a call)."""
-    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
-
-    f = jax.jit(fn)
-    for args in arg_sets:
-        jax.block_until_ready(f(*args))
-    ext = mosaic_gpu_lib._mosaic_gpu_ext
-    ext._cupti_init()
-    try:
-        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
-        jax.block_until_ready(outs)
-    finally:
-        timings = ext._cupti_get_timings(True)
-    calls = rounds * len(arg_sets)
-    if not timings or len(timings) % calls:
-        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
-    per = len(timings) // calls
-    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
-    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
-    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3 if match else total
-    per_kernel = [(n[:40], round(statistics.median(c[i][1] for c in chunks) * 1e3, 2))
-                  for i, (n, _) in enumerate(chunks[0])]
-    return total, part, per_kernel
 
 
 # ------------------------------------------------------------------------------------------------------ formats
@@ -229,7 +185,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
         key = jax.random.PRNGKey(seed + si)
         kb, kx = jax.random.split(key)
         w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        bf_ws = copies(w_bf16, n_sets(w_bf16.nbytes))
+        bf_ws = copies(w_bf16, rotation_sets(w_bf16.nbytes, 32))
         bf16_us = {}
         for M in ms:
             xs = activations(jax.random.fold_in(kx, M), M, K, len(bf_ws))
@@ -247,7 +203,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
             except Exception:
                 log(f"{K}x{N} {name}: make FAILED {traceback.format_exc()[-1500:]}")
                 continue
-            ws = copies(kw, n_sets(kw.nbytes))
+            ws = copies(kw, rotation_sets(kw.nbytes, 32))
             log(f"{K}x{N} {name}: made + packed in {time.perf_counter() - t0:.1f} s, {kw.nbytes / 1e6:.1f} MB, "
                 f"{len(ws)} copies")
             for M in ms:

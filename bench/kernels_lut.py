@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import statistics
 import sys
 import traceback
 
@@ -31,12 +29,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
+from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
 FORMATS = {"lut4": (4, 0.0), "lut3": (3, 0.0), "lut3-sp0.45": (3, 0.0045), "lut4-sp0.45": (4, 0.0045)}
 TOL = 1e-2
-L2_BYTES = 50e6
 
 
 def log(*a):
@@ -71,47 +69,6 @@ def make_weight(seed, K, N, bits, frac, dtype=jnp.bfloat16):
     except Exception:  # jaxquant mid-edit by someone else: skip the XLA-dequant baseline
         traceback.print_exc()
     return qw, kw, w_float
-
-
-def copies(tree, n):
-    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
-
-
-def n_sets(nbytes, calls):
-    """Argument sets per rotation: together >= 4x L2, at least 4, at most ``calls``."""
-    return int(max(4, min(calls, math.ceil(4 * L2_BYTES / nbytes))))
-
-
-def activations(key, M, K, n):
-    return [jax.random.normal(k, (M, K), jnp.float32).astype(jnp.bfloat16) for k in jax.random.split(key, n)]
-
-
-def bf16_matmul(x, w):
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def cupti(fn, arg_sets, rounds, match="lut_w"):
-    """(median us per call of all its GPU kernels, us of the kernels whose name contains ``match``, names)."""
-    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
-
-    f = jax.jit(fn)
-    for args in arg_sets:
-        jax.block_until_ready(f(*args))
-    ext = mosaic_gpu_lib._mosaic_gpu_ext
-    ext._cupti_init()
-    try:
-        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
-        jax.block_until_ready(outs)
-    finally:
-        timings = ext._cupti_get_timings(True)
-    calls = rounds * len(arg_sets)
-    if not timings or len(timings) % calls:
-        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
-    per = len(timings) // calls
-    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
-    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
-    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3
-    return total, (part or float("nan")), [(n[:40], round(t * 1e3, 1)) for n, t in chunks[len(chunks) // 2]]
 
 
 def check(kw, w_float, M, cfg, key, variant="full"):
@@ -175,7 +132,7 @@ def sweep(seed, rounds, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
     best = {}
     key = jax.random.PRNGKey(seed)
     w_bf16 = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-    n = n_sets(w_bf16.nbytes, calls)
+    n = rotation_sets(w_bf16.nbytes, calls)
     bf_ws = copies(w_bf16, n)
     bf = {}
     for M in ms:
@@ -185,7 +142,7 @@ def sweep(seed, rounds, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
     del bf_ws, w_bf16
     for bits in (4, 3):
         _, kw, w_float = make_weight(seed + bits, K, N, bits, 0.0)
-        n = n_sets(kw.nbytes, calls)
+        n = rotation_sets(kw.nbytes, calls)
         ws = copies(kw, n)
         for M in ms:
             xs = activations(jax.random.fold_in(key, 1000 + M), M, K, n)
@@ -196,7 +153,7 @@ def sweep(seed, rounds, calls, configs, ms=(1, 16, 64), K=8192, N=28672):
                         if variant == "full" else float("nan")
                     us, kern, names = cupti(lambda x, w, cfg=cfg, v=variant: lm.lut_matmul(x, w, config=cfg,
                                                                                             _variant=v),
-                                            list(zip(xs, ws)), rounds)
+                                            list(zip(xs, ws)), rounds, match="lut_w")
                     log(f"sweep {K}x{N} lut{bits} M={M} {variant:<8} tile_k={rc.tile_k} stages={rc.stages} "
                         f"k_splits={rc.k_splits}: path {us:6.1f} us (kernel {kern:6.1f} us = "
                         f"{kw.nbytes / kern / 1e3:.0f} GB/s), x{bf[M] / us:.2f} vs bf16 (kernel x{bf[M] / kern:.2f}),"
@@ -273,7 +230,7 @@ def full_table(seed, shapes, ms, formats, rounds, calls, tuned, on_row):
     for si, (K, N) in enumerate(shapes):
         key = jax.random.PRNGKey(seed + 7919 * si)
         w_bf16 = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        n = n_sets(w_bf16.nbytes, calls)
+        n = rotation_sets(w_bf16.nbytes, calls)
         bf_ws = copies(w_bf16, n)
         bf16_us = {}
         for M in ms:
@@ -284,7 +241,7 @@ def full_table(seed, shapes, ms, formats, rounds, calls, tuned, on_row):
         for fi, fmt in enumerate(formats):
             bits, frac = FORMATS[fmt]
             qw, kw, w_float = make_weight(seed + 31 * si + fi, K, N, bits, frac)
-            n = n_sets(max(kw.nbytes, qw.nbytes if qw is not None else 0), calls)
+            n = rotation_sets(max(kw.nbytes, qw.nbytes if qw is not None else 0), calls)
             ws = copies(kw, n)
             qws = copies(qw, n) if qw is not None else None
             for M in ms:
@@ -294,7 +251,7 @@ def full_table(seed, shapes, ms, formats, rounds, calls, tuned, on_row):
                     rc = cfg.resolved(kw, M)
                     fro, mx, nan, same = check(kw, w_float, M, cfg, jax.random.fold_in(key, 7 * M + fi))
                     us, kern_us, names = cupti(lambda x, w, cfg=cfg: lm.lut_matmul(x, w, config=cfg),
-                                               list(zip(xs, ws)), rounds)
+                                               list(zip(xs, ws)), rounds, match="lut_w")
                     deq_us = (cupti(lambda x, w: w.matmul(x), list(zip(xs, qws)), rounds)[0] if qws is not None
                               else float("nan"))
                 except Exception:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
+from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -61,53 +61,6 @@ def make_spqr(seed, K, N, bits=3, outlier_frac=0.01, act=True, group_size=16, qq
     return SpQRWeight.from_parts(codes, scale_codes, zero_codes, scale_qq.astype(np.float16),
                                  zero_qq.astype(np.float16), csr, perm, bits=bits, group_size=group_size,
                                  qq_scale_bits=3, qq_zero_bits=3, qq_groupsize=qq_groupsize)
-
-
-def copies(tree, n):
-    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
-
-
-def n_copies(nbytes, max_copies):
-    """Rotating copies: together >= ~4x the 50 MB L2, within max_copies."""
-    return int(min(max_copies, max(4, -(-200e6 // nbytes))))
-
-
-def activations(key, M, K, n, dtype=jnp.bfloat16):
-    return [jax.random.normal(k, (M, K), jnp.float32).astype(dtype) for k in jax.random.split(key, n)]
-
-
-def bf16_matmul(x, w):
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-# ------------------------------------------------------------------------------------------------------- timing
-def cupti(fn, arg_sets, rounds=3, match=""):
-    """(median us of one call, median us of its kernels whose name contains ``match``, kernel names of one call).
-
-    Every call is a dispatch of the jitted single-call program on the next argument set; CUPTI records each GPU
-    kernel's duration and a call's time is the sum over its kernels (dispatch and launch gaps excluded)."""
-    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
-
-    f = jax.jit(fn)
-    for args in arg_sets:
-        jax.block_until_ready(f(*args))
-    ext = mosaic_gpu_lib._mosaic_gpu_ext
-    ext._cupti_init()
-    try:
-        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
-        jax.block_until_ready(outs)
-    finally:
-        timings = ext._cupti_get_timings(True)
-    calls = rounds * len(arg_sets)
-    if not timings or len(timings) % calls:
-        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
-    per = len(timings) // calls
-    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
-    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
-    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3 if match else total
-    per_kernel = [(n[:40], round(statistics.median(c[i][1] for c in chunks) * 1e3, 2))
-                  for i, (n, _) in enumerate(chunks[0])]
-    return total, part, per_kernel
 
 
 def check(kw, w_float, M, cfg, seed, variant="full"):
@@ -167,7 +120,7 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=(),
         key = jax.random.PRNGKey(seed + si)
         kb, kx = jax.random.split(key)
         w_bf16 = (jax.random.normal(kb, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        bf_ws = copies(w_bf16, n_copies(w_bf16.nbytes, max_copies))
+        bf_ws = copies(w_bf16, rotation_sets(w_bf16.nbytes, max_copies))
         bf16_us, bf16_names = {}, {}
         for M in ms:
             xs = activations(jax.random.fold_in(kx, M), M, K, len(bf_ws))
@@ -177,7 +130,7 @@ def table(seed, shapes, ms, rounds, max_copies, emit, configs=None, variants=(),
         t0 = time.perf_counter()
         w = make_spqr(seed + 1000 + si, K, N)
         w_float = w.dequantize(jnp.float32)
-        ws = copies(w, n_copies(w.nbytes, max_copies))
+        ws = copies(w, rotation_sets(w.nbytes, max_copies))
         deq = {}
         for M in ms:
             xs = activations(jax.random.fold_in(kx, 1000 + M), M, K, len(ws))
@@ -200,7 +153,7 @@ def _table_weight(seed, K, N, ms, rounds, max_copies, emit, configs, variants, s
         f"(paper formula {w.paper_avg_bits():.3f}), kernel layout {kw.avg_bits():.3f} (dense part "
         f"{8 * kw.dense_nbytes / (K * N):.3f}), nnz {w.nnz} ({w.nnz / (K * N):.4f}), ELL slots "
         f"{kw.sparse_slots} in {len(kw.sp_buckets)} buckets")
-    n = n_copies(kw.nbytes, max_copies)
+    n = rotation_sets(kw.nbytes, max_copies)
     kws = copies(kw, n)
     suffix = "" if sparse_format == "ell" else "-csr"
     for M in ms:

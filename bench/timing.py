@@ -1,0 +1,64 @@
+"""Device-time measurement shared by the kernel benchmarks (bench/kernels.py, kernels_lut.py, kernels_spqr.py,
+kernels_launch.py): CUPTI kernel durations of single-call jitted programs dispatched over rotating argument sets.
+
+Method (bench/NOTES_kernels.md, "Measurement method"): every call is a dispatch of the jitted program on the next
+argument set (its own weight copy and activation; the sets together exceed the L2 cache, so the cache does not
+flatter), after a warm-up pass over every set; CUPTI records each GPU kernel's duration and a call's time is the sum
+of its kernels (host dispatch and launch gaps excluded); the median over ``rounds`` passes is reported.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+L2_BYTES = 50e6  # H100 L2
+
+
+def copies(tree, n):
+    """``tree`` and n - 1 device copies of it (each call of a rotation reads its own weight)."""
+    return [tree] + [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n - 1)]
+
+
+def rotation_sets(nbytes, most):
+    """Argument sets per rotation: together >= 4x the L2 cache, at least 4, at most ``most`` (when ``most`` >= 4)."""
+    return int(max(4, min(most, math.ceil(4 * L2_BYTES / nbytes))))
+
+
+def activations(key, M, K, n, dtype=jnp.bfloat16):
+    """n fresh random [M, K] activations (never zeros: they can run faster than real data)."""
+    return [jax.random.normal(k, (M, K), jnp.float32).astype(dtype) for k in jax.random.split(key, n)]
+
+
+def bf16_matmul(x, w):
+    """The baseline: XLA's bf16 matmul (cuBLAS on the GPU), float32 accumulation."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def cupti(fn, arg_sets, rounds=3, match=""):
+    """(median us of one call, median us of its kernels whose name contains ``match``, [(kernel, median us)] of
+    one call). The second value is the whole call when ``match`` is empty and NaN when no kernel matches."""
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+
+    f = jax.jit(fn)
+    for args in arg_sets:
+        jax.block_until_ready(f(*args))
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+    try:
+        outs = [f(*args) for _ in range(rounds) for args in arg_sets]
+        jax.block_until_ready(outs)
+    finally:
+        timings = ext._cupti_get_timings(True)
+    calls = rounds * len(arg_sets)
+    if not timings or len(timings) % calls:
+        raise RuntimeError(f"{len(timings or [])} kernel records for {calls} calls")
+    per = len(timings) // calls
+    chunks = [timings[i * per:(i + 1) * per] for i in range(calls)]
+    total = statistics.median(sum(t for _, t in c) for c in chunks) * 1e3
+    part = statistics.median(sum(t for n, t in c if match in n) for c in chunks) * 1e3 if match else total
+    per_kernel = [(n[:40], round(statistics.median(c[i][1] for c in chunks) * 1e3, 2))
+                  for i, (n, _) in enumerate(chunks[0])]
+    return total, (part or float("nan")), per_kernel
