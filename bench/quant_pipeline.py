@@ -160,6 +160,8 @@ def compare_codes(codes_dir: str, run_ids: list, bits: int) -> dict:
     import numpy as np
 
     runs = {r: json.load(open(os.path.join(codes_dir, f"{r}.json")))["digests"] for r in run_ids}
+    hessians = {r: json.load(open(p)) for r in run_ids
+                if os.path.exists(p := os.path.join(codes_dir, f"{r}.hessians.json"))}
     ref = next((r for r in run_ids if r.startswith("1dev-")), None)
     if ref is None:
         return {}
@@ -176,7 +178,40 @@ def compare_codes(codes_dir: str, run_ids: list, bits: int) -> dict:
             total += diff.size * fields
         out[r] = dict(identical_layers=sum(a == b for a, b in zip(runs[r], runs[ref])), layers=len(runs[ref]),
                       identical_code_fraction_first_last_layer=same / total)
+        if r in hessians and ref in hessians:
+            out[r].update(identical_hessians=sum(a == b for a, b in zip(hessians[r], hessians[ref])),
+                          hessians=len(hessians[ref]),
+                          first_different_hessian=next((i for i, (a, b) in enumerate(zip(hessians[r], hessians[ref]))
+                                                        if a != b), None))
     return dict(reference_run=ref, runs=out)
+
+
+def record_hessians(on: bool, args):
+    """Diagnostics (``--hessian-digests``): wrap GPTQ's row solve to record the sha1 of every Hessian it is given
+    (the warm-up solves' identity Hessians left out); returns the list it fills, or None."""
+    if not on:
+        return None
+    import dataclasses
+    import hashlib
+    import threading
+
+    import numpy as np
+
+    from jaxquant import pipeline
+
+    base, log, lock = pipeline.METHODS["gptq"], [], threading.Lock()
+    sha = lambda a: hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()  # noqa: E731
+    identities = {sha(np.eye(k, dtype=np.float32)) for k in {args.hidden, args.intermediate}}
+
+    def solve_rows(W, H, cfg):
+        digest = sha(np.asarray(H))
+        if digest not in identities:
+            with lock:
+                log.append(digest)
+        return base.solve_rows(W, H, cfg)
+
+    pipeline.METHODS["gptq"] = dataclasses.replace(base, solve_rows=solve_rows)
+    return log
 
 
 def run_one(args, n_dev: int, out: str):
@@ -262,12 +297,17 @@ def run_one(args, n_dev: int, out: str):
         os.replace(progress_path + ".tmp", progress_path)
         print(f"[{n_dev} dev] {name}: {seconds:.2f} s (compile {per_layer_compile[-1]:.1f} s)", flush=True)
 
+    hessian_log = record_hessians(args.hessian_digests, args)
     qparams, report = quantize_model(lm, calib, cfg, method="gptq", batch_size=args.batch, mesh=mesh,
                                      progress=False, mesh_solves=args.mesh_solves, layer_callback=on_layer)
     wall = time.perf_counter() - t0
     row = make_row(report.layer_seconds, report, wall)
     row["run_id"] = f"{n_dev}dev-{os.getpid()}"
     row["layer_code_digests"] = save_codes(qparams, args.codes_dir, row["run_id"], args.layers)
+    if hessian_log is not None:  # in solve order; consecutive repeats (row blocks of one solve) counted once
+        row["hessian_digests"] = [d for i, d in enumerate(hessian_log) if i == 0 or d != hessian_log[i - 1]]
+        with open(os.path.join(args.codes_dir, f"{row['run_id']}.hessians.json"), "w") as f:
+            json.dump(row["hessian_digests"], f)
     row["command"] = os.environ.get("QUANT_PIPELINE_COMMAND", row["command"])
     print(json.dumps(row), flush=True)
     results.append_rows(out, [row])  # each row as soon as it is measured
@@ -294,6 +334,8 @@ def main():
     ap.add_argument("--code-version", default=None, help="label stored in the rows")
     ap.add_argument("--codes-dir", default="/tmp/quant_pipeline_codes",
                     help="per-run code digests and first/last-layer codes, compared at the end")
+    ap.add_argument("--hessian-digests", action="store_true",
+                    help="diagnostics: record a digest of every Hessian the solves get and compare them too")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -324,7 +366,8 @@ def main():
                               env=child_env)
         print(f"--- {n} device(s): exit {proc.returncode}, process wall {time.perf_counter() - t:.1f} s", flush=True)
         failed += proc.returncode != 0
-    run_ids = sorted({f[:-5] for f in os.listdir(args.codes_dir) if f.endswith(".json")} - {f[:-5] for f in known},
+    run_ids = sorted({f[:-5] for f in os.listdir(args.codes_dir) if f.endswith(".json") and f.count(".") == 1}
+                     - {f[:-5] for f in known},
                      key=lambda r: os.path.getmtime(os.path.join(args.codes_dir, f"{r}.json")))
     if run_ids:
         from jaxquant import results
