@@ -186,6 +186,12 @@ def _unstack_kernels(deq, sizes, dtype):
 
 
 _unstack_jit = jax.jit(_unstack_kernels, static_argnames=("sizes", "dtype"))
+
+
+@partial(jax.jit, static_argnames="shards")
+def _scale_root(root, shards: int):
+    """The sum of the shard Hessians -> their mean (1/shards: a power of two, exact)."""
+    return root * jnp.float32(1.0 / shards)
 _unstack_on_mesh = {}
 
 
@@ -269,7 +275,9 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     power of two; default: 8 where ``nsamples`` is a multiple of 8 x ``batch_size``, else the largest power of two
     that splits it into whole batches); each shard's Hessian is accumulated on its own and the shards are combined
     by one fixed pairwise tree (``jaxquant.hessian``). The result depends on the shard count, not on the device
-    count: any mesh whose device count divides it gives bit-identical Hessians and codes (same batch_size). Memory:
+    count: any mesh whose device count divides it gives bit-identical Hessians and codes (same batch_size; measured
+    on CPU devices -- on GPUs the compiled kernels themselves can round differently between compilations, as XLA
+    autotunes them by timing: bench/results/quant_pipeline.md). Memory:
     up to log2(shards / devices) + 2 Hessian-sized float32 arrays per device for the group being collected (one
     shard's running sum, the finished subtrees) and the devices' subtree roots gathered once per Hessian.
     ``hessian_shards=1`` on one device is the plain running sum of the reference.
@@ -355,8 +363,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
 
             h_init, h_update, h_finish = partial_hessians(mesh)
         else:
-            h_init, h_update = hessian_init, hessian_update
-            h_finish = jax.jit(lambda root, shards: root * jnp.float32(1.0 / shards), static_argnames="shards")
+            h_init, h_update, h_finish = hessian_init, hessian_update, _scale_root
         collectors = {g: _make_collector(layer, g, h_update) for g in groups}
         forward = _make_forward(layer)
     else:
