@@ -596,6 +596,17 @@ def pick_blocks(tile_ks, k_pad: int, ctas_n: int, target: int, k_splits, max_spl
     return None if best is None else best[1:]
 
 
+def call_with_output(call, args, out_init, cfg, w, m: int, out_dtype):
+    """``call(*args)``; with ``out_init`` (tests / benchmarks: a NaN-poisoned buffer the aliased kernel writes in
+    place) appended after checking it against ``output_buffer_shape``."""
+    if out_init is not None:
+        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, out_dtype)
+        if out_init.shape != shape or out_init.dtype != dt:
+            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
+        args = [*args, out_init]
+    return call(*args)
+
+
 def check_kernel_input(x2d, w, kernel: str) -> int:
     """M of x [M, K] after the checks of every kernel entry point: K matches, 1 <= M <= MAX_KERNEL_M, x in the
     dtype the weight was packed for."""
@@ -808,12 +819,7 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
                            _variant, w.layout, fused_out)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
-    if out_init is not None:
-        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, w.dtype)
-        if out_init.shape != shape or out_init.dtype != dt:
-            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
-        args.append(out_init)
-    return call(*args)
+    return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
 
 def _i32(v: int) -> int:

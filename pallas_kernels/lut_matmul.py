@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import KernelWeightShape, launch_kernel, output_buffer_shape, store_output
+from .gptq_matmul import KernelWeightShape, launch_kernel, store_output
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
-from .gptq_matmul import check_kernel_input, chunked_matmul, split_friendly_k_pad
+from .gptq_matmul import call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -423,12 +423,7 @@ def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                        cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.lutw]
-    if out_init is not None:
-        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, out_dtype)
-        if out_init.shape != shape or out_init.dtype != dt:
-            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
-        args.append(out_init)
-    return call(*args)
+    return call_with_output(call, args, out_init, cfg, w, m, out_dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,9 +69,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, output_buffer_shape, resolve_fused, store_output
+from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, resolve_fused, store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
-from .gptq_matmul import check_kernel_input, pick_blocks
+from .gptq_matmul import _MANTISSA, _extract_plan, call_with_output, check_kernel_input, pick_blocks
 
 KERNEL_BITS = (2, 3, 4)
 GROUP = 16  # input columns per first-level group in the kernel layout (SpQR's beta1 must be a multiple)
@@ -81,7 +81,6 @@ STAT_CHUNKS = 4  # chunks of 64 columns whose statistics share one 3 x int16 blo
 K_ALIGN = CHUNK * STAT_CHUNKS  # 256
 MAX_BUCKETS = 4  # row-length buckets of the outlier ELL arrays
 ELL_ALIGN = 8  # bucket row lengths are multiples of this
-_MANTISSA = {"bfloat16": 7, "float16": 10}
 _F32_MAGIC = 0x4B000000  # float32 2**23: (magic | c << s) - 2**23 = c * 2**s exactly for s + 3 <= 23
 
 
@@ -94,23 +93,6 @@ def _half_fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
         return [[(P // 5, 3 * (P % 5), 3, 0)] for P in range(15)] + [[(i, 15, 1, i) for i in range(3)]]
     per = 16 // bits
     return [[(P // per, bits * (P % per), bits, 0)] for P in range(16)]
-
-
-def _extract_plan(fields, bits: int, mantissa: int):
-    """How to read one code (both halves at once) into the mantissa of a magic float: (k, [(word, shift, mask)]).
-
-    ``v = magic | OR((word >> shift) & mask)`` is the float magic + code * 2**k. A single field that already lies in
-    the mantissa (src + bits <= mantissa) needs no shift; otherwise the shift is a multiple of the window width
-    W = mantissa + 1 - bits, so neighbouring codes share one shifted word. Masks cover both 16-bit halves.
-    """
-    if len(fields) == 1:
-        (word, src, width, _), = fields
-        window = mantissa + 1 - bits
-        shift = window * (src // window)
-        k = src - shift
-        return k, [(word, shift, ((2**width - 1) << k) * 0x00010001)]
-    return 0, [(word, src - code_bit, ((2**width - 1) << code_bit) * 0x00010001)
-               for word, src, width, code_bit in fields]
 
 
 def _stat_plan(f: int):
@@ -696,12 +678,7 @@ def spqr_matmul_partials(xk: jax.Array, w: SpQRKernelWeight, cfg: KernelConfig, 
     call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                        cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.stats, w.qq]
-    if out_init is not None:
-        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, jnp.float32)
-        if out_init.shape != shape or out_init.dtype != dt:
-            raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
-        args.append(out_init)
-    return call(*args)
+    return call_with_output(call, args, out_init, cfg, w, m, jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -441,3 +441,26 @@ def test_ws_default_rule(rng, monkeypatch):
     assert gm.KernelConfig().resolved(int3, 1).variant is None
     odd = gm.pack(*random_gptq(rng, 512, 64 * 3 * 132, 4, 128, False, False), bits=4, sym=False)  # 198 units
     assert not gm.ws_default_ok(odd) and gm.KernelConfig().resolved(odd, 1).variant is None
+
+
+def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng):
+    """The poisoned-output path shared by the three kernels: out_init is appended to the kernel's arguments only if
+    it is the buffer ``output_buffer_shape`` names (partials or y), anything else is rejected by name."""
+    codes, scales, zeros, g_idx = random_gptq(rng, 1024, 128, 4, 128, False, False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False)
+    seen = []
+    call = lambda *args: seen.append(args) or "out"  # noqa: E731
+    x = jnp.asarray(rng.standard_normal((8, 1024)), jnp.bfloat16)
+    for fused, m in ((False, 3), (True, 5)):
+        cfg = gm.KernelConfig(fused=fused).resolved(w, m)
+        shape, dt = gm.output_buffer_shape(cfg, w.n_pad, w.out_features, m, jnp.bfloat16)
+        poison = jnp.full(shape, jnp.nan, dt)
+        assert gm.call_with_output(call, [x, w.qweight], poison, cfg, w, m, jnp.bfloat16) == "out"
+        assert len(seen[-1]) == 3 and seen[-1][2] is poison and seen[-1][0] is x
+        assert gm.call_with_output(call, [x, w.qweight], None, cfg, w, m, jnp.bfloat16) == "out"
+        assert len(seen[-1]) == 2
+        with pytest.raises(ValueError, match="out_init must be"):
+            gm.call_with_output(call, [x], poison[..., :-1], cfg, w, m, jnp.bfloat16)
+        with pytest.raises(ValueError, match="out_init must be"):
+            gm.call_with_output(call, [x], poison.astype(jnp.float16), cfg, w, m, jnp.bfloat16)
+    assert len(seen) == 4  # the rejected buffers never reached the kernel
