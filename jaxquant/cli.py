@@ -251,6 +251,18 @@ def cmd_quantize(args):
     return out
 
 
+DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def with_deterministic_gpu_ops(xla_flags: str) -> str:
+    """``xla_flags`` with XLA's deterministic GPU ops switched on (kept as given if the user already set the flag).
+    XLA otherwise picks GEMM kernels by timing them at compile time, so two compilations of one program (a 1-GPU
+    and a 2-GPU run, or two processes) can round differently and GPTQ's codes drift apart over the layers."""
+    if "xla_gpu_deterministic_ops" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {DETERMINISTIC_GPU_FLAG}".strip()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +348,9 @@ def main(argv=None):
                    "split across them, Hessians combined in a fixed order, GPTQ solves split by output rows)")
     p.add_argument("--stream-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the model in host memory and move one decoder layer at a time to the device(s)")
+    p.add_argument("--gpu-deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="XLA_FLAGS += --xla_gpu_deterministic_ops=true (no GEMM autotuning): the same codes on 1 or "
+                        "N GPUs and from run to run; measured at 7B on H200s it also compiled faster than the default")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true")
@@ -345,6 +360,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    if getattr(args, "gpu_deterministic", False):
+        # Read when JAX first initialises its backends, which no code path above has done yet.
+        os.environ["XLA_FLAGS"] = with_deterministic_gpu_ops(os.environ.get("XLA_FLAGS", ""))
     args.fn(args)
     return 0
 

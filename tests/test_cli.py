@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import models  # noqa: E402
+from jaxquant import cli  # noqa: E402
 from jaxquant.cli import main  # noqa: E402
 from models.generate import generate  # noqa: E402
 
@@ -104,3 +106,18 @@ def test_model_without_tokenizer(tiny_llama, tmp_path, command):
     (tmp_path / "t.txt").write_text(TEXT)
     with pytest.raises(SystemExit, match="has no tokenizer files"):
         main([command, "--model", tiny_llama().dir, *extra])
+
+
+def test_with_deterministic_gpu_ops_adds_flag_once():
+    assert cli.with_deterministic_gpu_ops("") == "--xla_gpu_deterministic_ops=true"
+    assert cli.with_deterministic_gpu_ops("--xla_foo=1") == "--xla_foo=1 --xla_gpu_deterministic_ops=true"
+    assert cli.with_deterministic_gpu_ops("--xla_gpu_deterministic_ops=false") == "--xla_gpu_deterministic_ops=false"
+
+
+@pytest.mark.parametrize("flag, expected", [([], "--xla_foo=1 --xla_gpu_deterministic_ops=true"),
+                                            (["--no-gpu-deterministic"], "--xla_foo=1")])
+def test_quantize_sets_deterministic_gpu_ops_before_jax_runs(tmp_path, monkeypatch, flag, expected):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    with pytest.raises(Exception):  # the model does not exist: fails after the flags are set
+        cli.main(["quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *flag])
+    assert os.environ["XLA_FLAGS"] == expected
