@@ -265,8 +265,37 @@ def write_markdown(path):
                   "tables and sparse part) per weight. SqueezeLLM's wall time includes its shared Fisher pass. Each row's exact command is in "
                   "the JSON file.", "", "Why GPTQ loses to RTN at 4 bits on this model (v_proj and the attention sink, measured): "
                   "`bench/NOTES_gptq_vs_rtn.md`."]
+    lines += matched_bits_table(rows)
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def matched_bits_table(rows, dataset="wikitext2"):
+    """SpQR / SqueezeLLM rows next to the RTN and GPTQ rows of the nearest average bits (the issues compare at
+    matched average bits, not at equal weight bits) and float32, on one dataset."""
+    rows = [r for r in rows if r["dataset"] == dataset]
+    fp32 = next((r for r in rows if r["method"] == "fp32"), None)
+    lines = ["", f"Matched average bits ({dataset}): each SpQR / SqueezeLLM row next to the RTN and the GPTQ row whose "
+                 "average bits are nearest" + (f"; float32 {fp32['ppl']:.3f}." if fp32 else "."), "",
+             "| config | avg bits | ppl | nearest RTN (avg bits: ppl) | nearest GPTQ (avg bits: ppl; best of ties) | below both |",
+             "|---|---|---|---|---|---|"]
+    new_methods = [r for r in rows if r["method"] in ("spqr", "squeezellm")]
+    for r in sorted(new_methods, key=lambda r: (r["method"], r["avg_bits"])):
+        cells = []
+        below = True
+        for method in ("rtn", "gptq"):
+            pool = [q for q in rows if q["method"] == method]
+            if not pool:
+                cells.append("-")
+                below = None
+                continue
+            # ties in average bits (act-order or not): the stronger baseline
+            q = min(pool, key=lambda q: (round(abs(q["avg_bits"] - r["avg_bits"]), 6), q["ppl"]))
+            cells.append(f"{q['name']} ({q['avg_bits']:.3f}: {q['ppl']:.3f})")
+            below = below and r["ppl"] < q["ppl"] if below is not None else None
+        verdict = "-" if below is None else ("yes" if below else "no")
+        lines.append(f"| {r['name']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {cells[0]} | {cells[1]} | {verdict} |")
+    return lines if new_methods else []
 
 
 if __name__ == "__main__":
