@@ -58,8 +58,8 @@ def hessian_update(state: HessianState, x: jax.Array, shards: int = 1) -> Hessia
 # scaled by 1/P (exact: a power of two), which gives 2/n * sum x^T x for equal shards. A device holding shards
 # [d P/D, (d + 1) P/D) builds the subtree of its block locally (ShardTree) and the mesh combines the D subtree roots
 # by the top levels of the same tree (jaxquant.distributed.partial_hessians): the same additions in the same order
-# whatever D divides P. (Identical bits also need identically compiled kernels: true on CPU; on GPUs XLA autotunes
-# GEMM kernels by timing, and the 2-GPU and 1-GPU runs measured so far differed: bench/results/quant_pipeline.md.)
+# whatever D divides P. (Identical bits also need identically compiled kernels: true on CPU; on GPUs only with XLA's
+# deterministic ops, since by default it autotunes GEMM kernels by timing: bench/results/quant_pipeline.md.)
 
 DEFAULT_HESSIAN_SHARDS = 8
 

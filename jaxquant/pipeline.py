@@ -276,8 +276,9 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     that splits it into whole batches); each shard's Hessian is accumulated on its own and the shards are combined
     by one fixed pairwise tree (``jaxquant.hessian``). The result depends on the shard count, not on the device
     count: any mesh whose device count divides it gives bit-identical Hessians and codes (same batch_size; measured
-    on CPU devices -- on GPUs the compiled kernels themselves can round differently between compilations, as XLA
-    autotunes them by timing: bench/results/quant_pipeline.md). Memory:
+    on CPU devices; on GPUs also with ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, which ``jaxquant quantize``
+    sets by default -- without it XLA autotunes GEMM kernels by timing and two compilations can round differently:
+    bench/results/quant_pipeline.md). Memory:
     up to log2(shards / devices) + 2 Hessian-sized float32 arrays per device for the group being collected (one
     shard's running sum, the finished subtrees) and the devices' subtree roots gathered once per Hessian.
     ``hessian_shards=1`` on one device is the plain running sum of the reference.
