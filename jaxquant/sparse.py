@@ -59,8 +59,9 @@ def csr_from_mask(dense, mask, value_dtype=np.float16) -> CSR:
     r, c = np.nonzero(mask)  # row-major, so columns are sorted within each row
     row_ptr = np.zeros(rows + 1, np.int32)
     np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
-    return CSR(row_ptr=jnp.asarray(row_ptr), col_idx=jnp.asarray(c.astype(index_dtype(cols))),
-               values=jnp.asarray(dense[r, c].astype(value_dtype)), shape=(rows, cols))
+    # device_put, not jnp.asarray: the latter compiles an identity program per (data-dependent) shape in JAX 0.10
+    return CSR(row_ptr=jax.device_put(row_ptr), col_idx=jax.device_put(c.astype(index_dtype(cols))),
+               values=jax.device_put(dense[r, c].astype(value_dtype)), shape=(rows, cols))
 
 
 def check_csr(row_ptr, col_idx, values, shape) -> None:
