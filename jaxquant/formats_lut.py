@@ -27,14 +27,9 @@ import numpy as np
 
 from .formats import register_format
 from .packing import check_packable, pack_qweight, unpack_qweight
-from .sparse import CSR, check_csr, csr_to_dense, row_ids
+from .sparse import CSR, check_csr, csr_to_dense, row_ids, set_entries_transposed
 
 LUT_BITS = (3, 4)
-
-try:  # public name, present in the JAX versions used here; the private one is the fallback
-    _Tracer = jax.core.Tracer
-except AttributeError:  # pragma: no cover
-    from jax._src.core import Tracer as _Tracer
 
 
 @register_format
@@ -147,14 +142,7 @@ def _table_values(qweight, lut, bits):
 def _dequantize(w: LUTQuantizedWeight, dtype) -> jax.Array:
     dense = _table_values(w.qweight, w.lut, w.bits)  # [K, N]
     if w.nnz:
-        if isinstance(w.values, _Tracer) or isinstance(dense, _Tracer):
-            rows = row_ids(w.row_ptr, w.nnz)
-            dense = dense.at[w.col_idx.astype(jnp.int32), rows].set(w.values.astype(jnp.float32))
-        else:  # eager call (the pipeline, tests): place them on the host instead of compiling a scatter per nnz
-            host = np.array(dense)
-            rows = np.repeat(np.arange(w.out_features), np.diff(np.asarray(w.row_ptr)))
-            host[np.asarray(w.col_idx, np.int64), rows] = np.asarray(w.values, np.float32)
-            dense = jnp.asarray(host)
+        dense = set_entries_transposed(dense, w.row_ptr, w.col_idx, w.values)
     return dense.astype(dtype)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from .formats import register_format
 from .grid import dequantize_codes
 from .packing import check_packable, pack, pack_qweight, unpack, unpack_qweight
-from .sparse import CSR, check_csr, csr_to_dense, index_dtype, row_ids
+from .sparse import CSR, check_csr, csr_to_dense, index_dtype, set_entries_transposed
 
 _ARRAYS = ("qweight", "scale_codes", "zero_codes", "scale_qq", "zero_qq", "row_ptr", "col_idx", "values", "perm")
 
@@ -59,27 +59,6 @@ def spqr_average_bits(bits: int, group_size: int, qq_scale_bits: int, qq_zero_bi
     """
     return (bits + (qq_scale_bits + qq_zero_bits) / group_size + 2 * 2 * stat_bits / (group_size * qq_groupsize)
             + 32 * outlier_fraction)
-
-
-@jax.jit
-def _set_at(dense, cols, rows, values):
-    return dense.at[cols, rows].set(values.astype(jnp.float32))
-
-
-def _set_outliers_eager(dense, row_ptr, col_idx, values):
-    """``dense[col, row] = value`` for concrete CSR arrays. The outlier count differs in every layer, and eager jnp
-    ops compile once per shape (a quantization pipeline would compile ~17 programs per linear and keep them all:
-    ~0.5 GB more host memory per SmolLM2 layer); here the rows come from numpy and the entries are padded to the next
-    power of two by repeating the first one (setting it again changes nothing), so one program serves each size
-    class."""
-    row_ptr = np.asarray(row_ptr)
-    nnz = int(row_ptr[-1])
-    rows = np.repeat(np.arange(row_ptr.shape[0] - 1, dtype=np.int32), np.diff(row_ptr))
-    cols, vals = np.asarray(col_idx).astype(np.int32), np.asarray(values)
-    pad = (1 << (nnz - 1).bit_length()) - nnz
-    if pad:
-        rows, cols, vals = (np.concatenate([a, np.repeat(a[:1], pad)]) for a in (rows, cols, vals))
-    return _set_at(dense, cols, rows, vals)
 
 
 @register_format
@@ -227,11 +206,7 @@ class SpQRWeight:
         g = self.group_index()
         dense = dequantize_codes(self.codes(), scale[g], zero[g])
         if self.nnz:
-            if any(isinstance(a, jax.core.Tracer) for a in (self.row_ptr, self.col_idx, self.values)):
-                rows = row_ids(self.row_ptr, self.nnz)  # output channel n of each outlier
-                dense = dense.at[self.col_idx.astype(jnp.int32), rows].set(self.values.astype(jnp.float32))
-            else:
-                dense = _set_outliers_eager(dense, self.row_ptr, self.col_idx, self.values)
+            dense = set_entries_transposed(dense, self.row_ptr, self.col_idx, self.values)
         return dense.astype(dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:

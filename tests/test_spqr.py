@@ -377,8 +377,7 @@ def test_corrupt_stored_arrays_are_named(rng):
 def test_eager_outlier_scatter_pads_without_changing_the_result(rng, nnz):
     """The eager dequantize path (numpy rows, entries padded to a power of two by repeating the first) against a
     numpy scatter and against the traced path."""
-    from jaxquant.formats_spqr import _set_outliers_eager
-    from jaxquant.sparse import csr_from_mask, row_ids
+    from jaxquant.sparse import csr_from_mask, row_ids, set_entries_transposed
 
     n, k = 6, 10
     mask = np.zeros(n * k, bool)
@@ -389,7 +388,9 @@ def test_eager_outlier_scatter_pads_without_changing_the_result(rng, nnz):
     dense = rng.normal(size=(k, n)).astype(np.float32)  # kernel layout [K, N]
     want = dense.copy()
     want[mask.T] = values.astype(np.float16).astype(np.float32).T[mask.T]
-    got = _set_outliers_eager(jnp.asarray(dense), csr.row_ptr, csr.col_idx, csr.values)
+    got = set_entries_transposed(jnp.asarray(dense), csr.row_ptr, csr.col_idx, csr.values)
     np.testing.assert_array_equal(np.asarray(got), want)
-    traced = jax.jit(lambda d, rp, ci, v: d.at[ci.astype(jnp.int32), row_ids(rp, nnz)].set(v.astype(jnp.float32)))
-    np.testing.assert_array_equal(np.asarray(traced(jnp.asarray(dense), csr.row_ptr, csr.col_idx, csr.values)), want)
+    traced = jax.jit(set_entries_transposed)(jnp.asarray(dense), csr.row_ptr, csr.col_idx, csr.values)
+    np.testing.assert_array_equal(np.asarray(traced), want)
+    scatter = jax.jit(lambda d, rp, ci, v: d.at[ci.astype(jnp.int32), row_ids(rp, nnz)].set(v.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(scatter(jnp.asarray(dense), csr.row_ptr, csr.col_idx, csr.values)), want)
