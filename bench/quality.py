@@ -41,11 +41,12 @@ CONFIGS = {
     "gptq-w4-pc": ("gptq", dict(bits=4, group_size=-1)),
     "rtn-w3-pc": ("rtn", dict(bits=3, group_size=-1)),
     "gptq-w3-pc": ("gptq", dict(bits=3, group_size=-1)),
-    # Group size 64: RTN / GPTQ rows at ~3.7 and ~4.7 average bits, matched to the SpQR rows below.
+    # Group size 64: RTN / GPTQ rows at ~3.7 and ~4.7 average bits, matched to the SpQR rows below (GPTQ with
+    # act-order, its better 4-bit variant on this model and the order SpQR uses).
     "rtn-w3-g64": ("rtn", dict(bits=3, group_size=64)),
-    "gptq-w3-g64": ("gptq", dict(bits=3, group_size=64)),
+    "gptq-w3-g64-actorder": ("gptq", dict(bits=3, group_size=64, act_order=True)),
     "rtn-w4-g64": ("rtn", dict(bits=4, group_size=64)),
-    "gptq-w4-g64": ("gptq", dict(bits=4, group_size=64)),
+    "gptq-w4-g64-actorder": ("gptq", dict(bits=4, group_size=64, act_order=True)),
     # SpQR: the reference README recipe (groups of 16, 3-bit statistics in groups of 16, outlier threshold 0.2,
     # act-order, percdamp 1.0) at 4 and 3 weight bits; average bits are measured from the stored arrays.
     "spqr-w4-recipe": ("spqr", dict(bits=4)),
