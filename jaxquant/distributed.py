@@ -92,13 +92,11 @@ def partial_hessians(mesh: Mesh):
 
     # Zeros made in place on each device (a zeros array on one device, then split, would first fill one device with
     # all the partial Hessians: 970 MB at K = 11008 on 2 devices, then copy half of it across). n is placed as
-    # update() returns it: the first batch then hits the same compiled program as the others.
-    zeros = jax.jit(lambda K: HessianState(H=jnp.zeros((n_dev, K, K), jnp.float32), n=jnp.zeros((n_dev,), jnp.int32)),
-                    static_argnums=0, out_shardings=HessianState(H=NamedSharding(mesh, P(ax)),
-                                                                 n=NamedSharding(mesh, P(ax))))
-
-    def init(K: int) -> HessianState:
-        return zeros(K)
+    # update() returns it: the first batch then hits the same compiled program as the others. Jitted, so that
+    # ``init.lower(K).out_info`` gives the state's shapes and placement without making it (ahead-of-time compiles).
+    init = jax.jit(lambda K: HessianState(H=jnp.zeros((n_dev, K, K), jnp.float32), n=jnp.zeros((n_dev,), jnp.int32)),
+                   static_argnums=0, out_shardings=HessianState(H=NamedSharding(mesh, P(ax)),
+                                                                n=NamedSharding(mesh, P(ax))))
 
     def local(state, x):
         new = hessian_update(HessianState(H=state.H[0], n=state.n[0]), x)

@@ -316,9 +316,9 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         from jaxquant.distributed import batch_sharding, replicated
 
         on_devices = lambda tree: jax.device_put(tree, replicated(mesh))  # noqa: E731
-        split_batch = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+        split_batch = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731 (host rows -> their devices)
     else:
-        on_devices, split_batch = jax.device_put, lambda x: x
+        on_devices, split_batch = jax.device_put, jnp.asarray
     devices = [None] if mesh is None else list(mesh.devices.flat)
     joint = m.solve_rows is not None and m.stats is None and m.needs_hessian
     rows: List[dict] = []
@@ -330,10 +330,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     # Decoder layers go host -> device(s) in a background thread, the next one while this one computes.
     loader, names_all = ThreadPoolExecutor(1), layer_names(lm)
     side = ThreadPoolExecutor(1)  # one-off background jobs
-    if mesh is not None and n_dev > 1 and m.needs_calibration:
-        from jaxquant.distributed import warm_up_collectives
-
-        side.submit(warm_up_collectives, mesh)
+    packer = ThreadPoolExecutor(1)  # solved weights device -> host and (un)stacked there, off the critical path
     if m.needs_hessian:
         if calibration is None or np.ndim(calibration) != 2:
             raise ValueError(f"method {method!r} needs calibration token ids of shape [n, seqlen]")
@@ -343,20 +340,23 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             raise ValueError(f"nsamples={n} is not a multiple of batch_size={batch_size}")
         n_shards = canonical_shards(n, batch_size, n_dev, hessian_shards)
         order, steps_per_shard = calibration_order(n, batch_size, n_dev, n_shards)
-        positions = split_batch(jnp.broadcast_to(jnp.arange(seqlen), (n_dev * batch_size, seqlen)))
-        embed_fn = lambda p, ids: lm.module.apply({"params": p}, ids, positions, method=lm.module.embed)  # noqa: E731
+        # Set-up in two halves: first only shapes and placements (the embedding compiled from them, and the first
+        # layer's programs started compiling in the background, see start_precompile), then the device work (the
+        # first transfers and executions cost seconds on a cold process, a second device more).
+        step_shape = (n_dev * batch_size, seqlen)
+        batch_spec = lambda dtype: jax.ShapeDtypeStruct(step_shape, dtype, sharding=None if mesh is None  # noqa: E731
+                                                        else batch_sharding(mesh))
+        ids_spec = batch_spec(jax.dtypes.canonicalize_dtype(np.asarray(calibration).dtype))
+        positions_spec = batch_spec(jnp.int32)
+        embed_fn = lambda p, ids, pos: lm.module.apply({"params": p}, ids, pos, method=lm.module.embed)  # noqa: E731
         embed = jax.jit(embed_fn)
-        if m.stats is None:  # the first layer's weights travel while the calibration set is embedded
-            upcoming = loader.submit(on_devices, host[names_all[0]]) if names_all else None
-        ids_first = split_batch(jnp.asarray(calibration[order[0]]))
-        top_host = _used_entries(embed_fn, non_layer_params(host), jax.ShapeDtypeStruct(ids_first.shape,
-                                                                                         ids_first.dtype))
-        # The embedding's output as the layers will see it (shape, dtype, placement), from its compiled program:
-        # the first layer's programs can then be compiled before the calibration set is embedded.
+        top_host = _used_entries(embed_fn, non_layer_params(host), ids_spec, positions_spec)
+        # The embedding's output as the layers will see it (shape, dtype, placement), from its compiled program.
         placed = (lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=replicated(mesh))) \
             if mesh is not None else (lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)))
-        embed_compiled = embed.lower(jax.tree_util.tree_map(placed, top_host), ids_first).compile()
-        h_out = jax.eval_shape(embed_fn, jax.tree_util.tree_map(placed, top_host), ids_first)
+        top_spec = jax.tree_util.tree_map(placed, top_host)
+        embed_compiled = embed.lower(top_spec, ids_spec, positions_spec).compile()
+        h_out = jax.eval_shape(embed_fn, top_spec, ids_spec, positions_spec)
         h_spec = jax.ShapeDtypeStruct(h_out.shape, h_out.dtype,
                                       sharding=None if mesh is None else embed_compiled.output_shardings)
         if mesh is not None:
@@ -386,7 +386,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                 H = _local(H, device) if isinstance(H, jax.Array) else jax.device_put(H, device)
             qw, err = m.solve(W, H, config)
             kernel = on_devices(qw.dequantize(_get(work, name)["kernel"].dtype))
-            return (name,), [qw], [float(err)], time.perf_counter() - t0, [kernel]
+            return (name,), partial(jax.device_get, [qw]), [float(err)], time.perf_counter() - t0, [kernel]
 
         if len(devices) == 1:
             return [one(name, None) for name in group]
@@ -415,12 +415,18 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
             t0 = time.perf_counter()
             W = _stacked_rows(tuple(_local(_get(work, nm)["kernel"], device) for nm in names), lo=lo, hi=hi)
             qw, row_err, deq = m.solve_rows(W, _local(hessians[names[0]], device), config)
-            return jax.device_get(qw), row_err, deq, time.perf_counter() - t0
+            return qw, row_err, deq, time.perf_counter() - t0
+
+        def to_host(names, sizes, parts):
+            """The solved weights of ``names`` on the host, from the row blocks' weights on their devices."""
+            parts = jax.device_get(parts)
+            qw = parts[0] if len(parts) == 1 else type(parts[0]).concat_outputs(parts)
+            return qw.split_outputs(sizes) if len(names) > 1 else [qw]
 
         def assemble(names, blocks):
+            """(names, job that returns their host weights, errors, seconds, dequantized kernels on the device(s)).
+            The next group's work needs only the kernels: the job runs later, in the packer thread."""
             sizes = tuple(int(shape[1]) for shape in shapes[names])
-            qw = blocks[0][0] if len(blocks) == 1 else type(blocks[0][0]).concat_outputs([b[0] for b in blocks])
-            qws = qw.split_outputs(sizes) if len(names) > 1 else [qw]
             row_err = np.concatenate([b[1] for b in blocks])
             errs = [float(e.sum()) for e in np.split(row_err, np.cumsum(sizes)[:-1])]
             dtype = _get(work, names[0])["kernel"].dtype
@@ -441,7 +447,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     _unstack_on_mesh[mesh] = jax.jit(_unstack_kernels, static_argnames=("sizes", "dtype"),
                                                      out_shardings=replicated(mesh))
                 kernels = _unstack_on_mesh[mesh](deq, sizes=sizes, dtype=dtype)
-            return names, qws, errs, max(b[3] for b in blocks), kernels
+            job = partial(to_host, names, sizes, [b[0] for b in blocks])
+            return names, job, errs, max(b[3] for b in blocks), kernels
 
         planned = solve_plan(work, sets)
         if len(devices) == 1 or mesh_solves == "linears":  # whole solves, side by side on the devices
@@ -451,10 +458,10 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         return [assemble(names, _run_concurrently([partial(block, names, *b) for b in blocks]))
                 for names, blocks in planned]
 
-    def start_precompile(work_future, h_spec):
+    def start_precompile(work_future, h_spec, positions_spec):
         """Background compilation of the first layer's programs (see ``precompile``), from their shapes and placements
-        (the layer's weights as they arrive on the device(s), the embedding's output ``h_spec``), started before the
-        calibration set is embedded; returns the pool to join."""
+        (the layer's weights as they arrive on the device(s), the embedding's output ``h_spec``), started before any
+        device work of the set-up; returns the pool to join."""
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(12)
@@ -494,18 +501,28 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     for job in jobs:
                         pool.submit(quiet(job))
 
-        def lower_all():
-            stored, states = {}, {}
+        def state_spec(K):  # a fresh Hessian sum's shapes and placement, without making it on the device(s)
+            return h_init.lower(K).out_info if hasattr(h_init, "lower") else jax.eval_shape(lambda: h_init(K))
+
+        def lower_passes():
+            """The layer's passes, lowered in the calling thread before any device work (a cold process's first
+            device work stalls the other Python threads for a second or more) and compiled in the pool, the largest
+            program first: the collection that computes attention compiles for ~9-10 s on a GPU (16 causal blocks of
+            different key lengths), longer than the others together, and the first layer waits for it."""
+            stored, lowered = {}, []
             for group in groups:
-                sts = {name: states.setdefault(_get(work0, name)["kernel"].shape[0],
-                                               h_init(_get(work0, name)["kernel"].shape[0])) for name in group}
-                lowered = collectors[group].jitted.lower(work0, h0, positions, sts, dict(stored))
-                pool.submit(quiet(lowered.compile))
-                precompile_solves(group)
+                sts = {name: state_spec(_get(work0, name)["kernel"].shape[0]) for name in group}
+                lowered.append(collectors[group].jitted.lower(work0, h0, positions_spec, sts, dict(stored)))
                 stored.update({name: spec(h0.shape[:-1] + (_get(work0, name)["kernel"].shape[0],))
                                for name in group})
-            pool.submit(quiet(forward.lower(work0, h0, positions, dict(stored)).compile))
-            if joint:  # tracing the collectors filled their aliases: the joint sets are known
+            lowered.append(forward.lower(work0, h0, positions_spec, stored))
+            for low in sorted(lowered, key=lambda low: -len(low.as_text())):
+                pool.submit(quiet(low.compile))
+
+        def warm_up_solves():  # the collectors are traced: their aliases give the joint sets
+            for group in groups:
+                precompile_solves(group)
+            if joint:
                 work_real = work_future.result()  # warm-up solves on the layer's real weights (identity Hessians)
                 for group in groups:
                     sets = _joint_sets(group, collectors[group].aliases)
@@ -517,8 +534,8 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     for names in sets:
                         pool.submit(quiet(partial(solve_joint, work_real, hess, [names])))
 
-        if reuse_inputs:
-            pool.submit(quiet(lower_all))
+        quiet(lower_passes)()
+        pool.submit(quiet(warm_up_solves))
         return pool
 
     from tqdm.auto import tqdm
@@ -526,17 +543,42 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
     bar = tqdm(layer_names(lm), desc=f"{method} w{config.bits}", unit="layer", disable=not progress)
     layer_seconds = []
     warmup = None
+    # The set-up's device work from here on (a cold process's first transfers and executions take seconds, longer
+    # with a second device): the programs above compile meanwhile.
+    if names_all and m.stats is None:  # the first layer's weights travel while the calibration set is embedded
+        upcoming = loader.submit(on_devices, host[names_all[0]])
     if precompile and m.needs_hessian and reuse_inputs and names_all:
         if upcoming is None:
             upcoming = loader.submit(on_devices, host[names_all[0]])
-        warmup = start_precompile(upcoming, h_spec)
+        warmup = start_precompile(upcoming, h_spec, positions_spec)
+    if mesh is not None and n_dev > 1 and m.needs_calibration:
+        from jaxquant.distributed import warm_up_collectives
+
+        side.submit(warm_up_collectives, mesh)
     if m.needs_hessian:
+        positions = split_batch(np.broadcast_to(np.arange(seqlen, dtype=np.int32), step_shape))
         top = on_devices(top_host)
-        inps = [embed(top, ids_first if s == 0 else split_batch(jnp.asarray(calibration[rows])))
-                for s, rows in enumerate(order)]
+        inps = [embed(top, split_batch(np.asarray(calibration[rows], ids_spec.dtype)), positions) for rows in order]
         del top, top_host
     if upcoming is None and names_all:
         upcoming = loader.submit(on_devices, host[names_all[0]])
+    # Host copies of the solved weights (device -> host, stacked row blocks joined and split per linear) run in the
+    # packer thread, started when the main thread next waits on the device: run beside its dispatches they held the
+    # GIL and left the GPUs idle for up to 15 ms after a solve (a profile of a steady layer on 2 GPUs).
+    waiting, done = [], []  # waiting: (layer's weights, names, job); done: (layer name, its weights), not yet on host
+
+    def start_packing():
+        for target, names, job in waiting:
+            target[names] = packer.submit(job)
+        waiting.clear()
+
+    def to_host_tree(host, lname, quantized):
+        stored = host[lname]
+        for names, qws in quantized.items():
+            for name, qw in zip(names, qws.result()):
+                stored = _with(stored, f"{name}/kernel", qw)
+        return dict(host, **{lname: stored})
+
     phases = {"setup": time.perf_counter() - t_start}
     for index, lname in enumerate(bar):
         t_layer = time.perf_counter()
@@ -577,15 +619,16 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                 finished = {first: h_finish(tree.root(), shards=n_shards) for first, tree in trees.items()}
                 for name in group:
                     hessians[name] = finished[aliases[name]]
+                start_packing()
                 jax.block_until_ready(hessians)
             collect_seconds = time.perf_counter() - t_group
             sets = _joint_sets(group, aliases) if joint else [(name,) for name in group]
             solved = solve_joint(work, hessians, sets) if joint else solve_separately(work, hessians, group)
-            for names, qws, errs, seconds, kernels in solved:
-                for i, (name, qw, err, kernel) in enumerate(zip(names, qws, errs, kernels)):
+            for names, job, errs, seconds, kernels in solved:
+                waiting.append((quantized, names, job))
+                for i, (name, err, kernel) in enumerate(zip(names, errs, kernels)):
                     # Later groups and the next layer see the quantized weight (dense copy: one compiled program).
                     work = _with(work, f"{name}/kernel", kernel)
-                    quantized[name] = qw
                     layer_err += err
                     rows.append({"layer": lname, "name": name, "error": err, "collect_seconds": collect_seconds,
                                  "seconds": seconds if i == 0 else 0.0, "solved_with": list(names)})
@@ -593,18 +636,23 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         if m.needs_hessian:
             inps = [forward(work, h, positions, stored[b]) for b, h in enumerate(inps)]
             del stored
-        stored = host[lname]
-        for name, qw in quantized.items():
-            stored = _with(stored, f"{name}/kernel", jax.device_get(qw))
-        host = dict(host, **{lname: stored})
+        else:
+            start_packing()
+        done.append((lname, quantized))
+        if len(done) > 1 or not m.needs_hessian:  # the layer before: its copies were started with this layer
+            host = to_host_tree(host, *done.pop(0))
         layer_seconds.append(time.perf_counter() - t_layer)
         if layer_callback is not None:
             layer_callback(lname, layer_seconds[-1])
         bar.set_postfix(err=f"{layer_err:.4g}")
     bar.close()
     t_finish = time.perf_counter()
+    start_packing()
+    for finished_layer in done:
+        host = to_host_tree(host, *finished_layer)
     loader.shutdown(wait=True)
     side.shutdown(wait=True)
+    packer.shutdown(wait=True)
     if warmup is not None:
         warmup.shutdown(wait=True)
     from jaxquant.distributed import peak_device_bytes
