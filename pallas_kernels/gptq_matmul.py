@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -696,7 +697,8 @@ class KernelConfig:
         steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
         M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel);
-        GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256. ``variant="ws"``: see ``_resolved_ws``."""
+        GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256; other GPTQ weights at M_pad <= 16 take ``decode_blocks``
+        where it applies (the LLaMA-7B decode shapes). ``variant="ws"``: see ``_resolved_ws``."""
         if self.variant is not None:
             if self.variant not in KERNEL_VARIANTS:
                 raise ValueError(f"unknown kernel variant {self.variant!r}; expected one of {KERNEL_VARIANTS}")
@@ -711,6 +713,18 @@ class KernelConfig:
         if (WS_DEFAULT and one_split and _m_pad(m) == 8 and self == KernelConfig()
                 and ws_default_ok(w, num_sms)):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3).resolved(w, m, num_sms)
+        decode = None
+        if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
+                and self.fused is None and n_sub == 1):
+            decode = decode_blocks(w, num_sms)
+            if decode and decode[1] == 1 and not fused_output_ok(1, w.out_features, w.dtype):
+                decode = None
+        if decode:
+            tile_k, k_splits = decode
+            cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages,
+                                      fused=k_splits == 1)
+            cfg.check(w)
+            return cfg
         fused = True if one_split else resolve_fused(self.fused, self.k_splits, w.out_features)
         max_splits = 1 if one_split else MAX_CLUSTER if fused else 16
         lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
@@ -774,9 +788,25 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     """
     m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
-    xk = w.prepare_activations(x2d, _m_pad(m))
+    if direct_x_ok(w, m):
+        xk = x2d.reshape(1, w.in_features // CHUNK, 1, CHUNK)  # a bitcast: no XLA op before the kernel
+    else:
+        xk = w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
+
+
+# M = 1 activations read by the kernel without the XLA pad (``direct_x_ok``): x [1, K] is passed as a [1, K/64, 1, 64]
+# view and each step's TMA copies a (tile_k/64, 8, 64) box of it; the 7 rows past the single one and the columns past
+# K (K_pad > K) are out of bounds, which TMA fills with zeros, so the SMEM tile has exactly the bytes of the padded
+# x's (8, 64)-tiled, 128-byte-swizzled tile.
+DIRECT_X = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "0") != "0"  # not yet checked on a GPU: off unless "1"
+
+
+def direct_x_ok(w, m: int) -> bool:
+    """Whether x [m, K] goes to the GPTQ kernel unpadded (DIRECT_X, M = 1, no act-order gather, K a multiple of 64,
+    bf16 / f16 rows of 64 elements = one 128-byte swizzle span)."""
+    return DIRECT_X and m == 1 and w.perm is None and w.in_features % CHUNK == 0 and jnp.dtype(w.dtype).itemsize == 2
 
 
 def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype) -> jax.Array:
@@ -808,16 +838,18 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
     """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order) -> float32 partials
     [k_splits, N_pad, M_pad], or with ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad);
     cfg must be resolved."""
-    m_pad = xk.shape[0]
-    m = m_pad if m is None else m
+    direct = xk.ndim == 4  # the unpadded M = 1 view [1, K/64, 1, 64] (``direct_x_ok``)
+    m_pad = 8 if direct else xk.shape[0]
+    m = (1 if direct else m_pad) if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
-                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out)
+                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
+                              direct)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                           _variant, w.layout, fused_out)
+                           _variant, w.layout, fused_out, direct)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
@@ -834,9 +866,10 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
-                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None):
+                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None, direct_x=False):
     """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
-    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``."""
+    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``.
+    direct_x: x is the unpadded M = 1 view [1, K/64, 1, 64] (``direct_x_ok``; ``x_block_spec``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -846,8 +879,6 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq",
                             layout=layout)
-    swizzle = 128
-    x_transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
     def body(*refs):
         x_gmem, w_gmem, s_gmem = refs[:3]
@@ -861,7 +892,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             return (_scale_block_index(k0 + k, tile_k, group), n_idx)
 
         in_specs = [
-            plgpu.BlockSpec((m_pad, tile_k), lambda k: (0, k0 + k), transforms=x_transforms),
+            x_block_spec(m_pad, tile_k, dtype, lambda k: k0 + k, split * 0, direct_x),
             plgpu.BlockSpec((n_sub, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
             plgpu.BlockSpec((gps, rows), scale_index),
         ] + ([plgpu.BlockSpec((gps, rows), scale_index)] if has_bias else [])
@@ -873,8 +904,9 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
                 a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
+                xs = x_tile(x_smem, direct_x)
                 for j in range(n_sub):
-                    plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
+                    plgpu.wgmma(acc_refs[j], a[j], xs.transpose((1, 0)))
                 plgpu.wgmma_wait(0)
 
             gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
@@ -890,7 +922,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
-                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None):
+                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_x=False):
     """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
     ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
@@ -907,7 +939,6 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     spc = (n_pad // rows) * spu // ctas
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, layout=layout, wg_local=True)
-    x_transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)), plgpu.SwizzleTransform(128))
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
     transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
 
@@ -921,8 +952,6 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             unit, k, *_ = ws_step(t, cta, spc, spu)
             return unit, k
 
-        def x_map(t):
-            return (0, unit_k(t)[1])
 
         def w_map(t):
             unit, k = unit_k(t)
@@ -933,7 +962,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             return (_scale_block_index(k, tile_k, group), unit)
 
         in_specs = [
-            plgpu.BlockSpec((m_pad, tile_k), x_map, transforms=x_transforms),
+            x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1], cta * 0, direct_x),
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
             plgpu.BlockSpec((gps, rows), s_map),
         ] + ([plgpu.BlockSpec((gps, rows), s_map)] if has_bias else [])
@@ -949,7 +978,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
 
                 def mma(acc_ref):
-                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, a, x_tile(x_smem, direct_x).transpose((1, 0)))
 
                 acc = pl.run_state(mma)(plgpu.ACC.init(acc))
                 row0 = (unit * wgs + wg) * CHUNK
@@ -997,6 +1026,35 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
 
 
+def x_block_spec(m_pad: int, tile_k: int, dtype, k_block, zero, direct_x: bool):
+    """The activation BlockSpec of a pipeline step (``k_block(step)`` = its tile_k-column block): the padded x
+    [m_pad, K_pad] as (8, 64)-tiled, 128-byte-swizzled [m_pad, tile_k] tiles; or (``direct_x``) the M = 1 view
+    [1, K/64, 1, 64] in (1, tile_k/64, 8, 64) boxes, rows 1..7 and columns >= K zero-filled by TMA (out of bounds;
+    ``zero`` is a traced 0 so that the static row start is not bounds-checked at trace time). Same SMEM bytes."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    swizzle = 128
+    if direct_x:
+        return plgpu.BlockSpec((1, tile_k // CHUNK, 8, CHUNK), lambda s: (0, k_block(s), zero, 0),
+                               transforms=(plgpu.SwizzleTransform(swizzle),))
+    return plgpu.BlockSpec((m_pad, tile_k), lambda s: (0, k_block(s)),
+                           transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
+                                       plgpu.SwizzleTransform(swizzle)))
+
+
+def x_tile(x_smem, direct_x: bool):
+    """The step's activation tile as the [8, tile_k] (tiled, swizzled) ref the wgmma takes: with ``direct_x`` the
+    (1, tile_k/64, 8, 64) swizzled buffer seen through the untiling of an (8, 64) tiling (the same transform stack a
+    TilingTransform + SwizzleTransform BlockSpec gives)."""
+    if not direct_x:
+        return x_smem
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    # TilingTransform.undo gives the untiling transform (jax 0.11.2 exports no transform_ref helper)
+    untile = plgpu.TilingTransform((8, CHUNK)).undo(None)
+    return type(x_smem)(x_smem.ref, (*x_smem.transforms, untile))
+
+
 def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):
     """``pl.kernel`` of ``body`` over ``mesh`` (Mosaic GPU). ``aliased``: the poisoned-output variant (tests /
     benchmarks): the kernel writes into a Ref made from the call's last argument instead of a fresh ``out_type``
@@ -1026,6 +1084,37 @@ FUSED_DEFAULT = False
 # M = 1: 52.2 us path vs 55.4 (2 splits + partial sum), M = 16: 52.7 vs 55.8. Not for 3-bit / LUT codes (their
 # integer work wants more CTAs: int3 55.1 vs 45.3 us kernel, lut3 43.8 vs 39.3) nor for fewer tiles.
 ONE_SPLIT_MIN_TILES_PER_SM = 3
+# Decode-sized GPTQ rule (``decode_blocks``): at M_pad <= 16, tile_k 256 and the fewest K splits that give at least
+# DECODE_MIN_CTAS_PER_SM CTAs per SM (one split = the fused single kernel), unless that grid exceeds
+# DECODE_MAX_CTAS_PER_SM (then the general search below). Measured (H100, bench/kernels_sweep.py, every tile_k /
+# k_splits / launch on the LLaMA-7B decode shapes, 3 and 4 bits, M = 1 and 16; bench/NOTES_kernels.md "Decode
+# shapes"): the best or within 0.1 us of it in 14 of 16 cases, the 7B layer's four fused linears at M = 1 62.1 vs
+# 70.2 us (int4) with the previous "most CTAs up to 3.5 per SM" pick. Grids of 256 CTAs (64 tiles x 4 splits:
+# 4096x4096, 11008x4096), 344 (4096x22016, one split) and 384 (4096x12288, 2 splits) measured best; the cap: 3-bit
+# 8192x28672 in one split (448 CTAs = 3.4 per SM, more than one wave) 51.4 vs 46.1 us with two.
+DECODE_RULE = True  # False: the general search below for every config (bench/kernels_sweep.py compares the two)
+DECODE_TILE_K = 256
+DECODE_MIN_CTAS_PER_SM = 1.9
+DECODE_MAX_CTAS_PER_SM = 3.0
+
+
+def decode_blocks(w, num_sms: int = 132):
+    """(tile_k, k_splits) of the decode-sized GPTQ rule (M_pad <= 16) for w, or None where it does not apply
+    (tile_k 256 does not fit K_pad / the group, or no split count lands between DECODE_MIN_CTAS_PER_SM and
+    DECODE_MAX_CTAS_PER_SM CTAs per SM with >= 4 pipeline steps per split). LLaMA-7B: 4096x12288 (q/k/v fused)
+    -> 256 / 2; 4096x22016 (gate/up fused) -> 256 / 1; 4096x4096 and 11008x4096 (K_pad 11264) -> 256 / 4."""
+    t = DECODE_TILE_K
+    if w.k_pad % t or (w.group % t and t % w.group):
+        return None
+    steps, ctas_n = w.k_pad // t, w.n_pad // CHUNK
+    for s in (1, 2, 4, 8, 16):
+        if steps % s:
+            continue
+        if steps // s < 4:
+            return None
+        if ctas_n * s >= DECODE_MIN_CTAS_PER_SM * num_sms:
+            return (t, s) if ctas_n * s <= DECODE_MAX_CTAS_PER_SM * num_sms else None
+    return None
 
 
 def fused_output_ok(k_splits: int, n: int, out_dtype) -> bool:

@@ -151,7 +151,8 @@ def test_config_heuristic_and_errors(rng):
         cfg = gm.KernelConfig().resolved(w, m)
         cfg.check(w)
         assert (4096 // cfg.tile_k) // cfg.k_splits >= 4  # every split keeps a pipeline to run
-        assert (4096 // 64 // cfg.n_sub) * cfg.k_splits >= 3 * 132  # several CTAs per SM
+        # several CTAs per SM: >= 1.9 with the decode rule (M <= 16), >= 3 from the general search
+        assert (4096 // 64 // cfg.n_sub) * cfg.k_splits >= (1.9 if m <= 16 else 3) * 132
     with pytest.raises(ValueError, match="n_sub=3"):
         gm.KernelConfig(n_sub=3).resolved(w)
     with pytest.raises(ValueError, match="tile_k=96"):
@@ -315,6 +316,8 @@ def test_measured_heuristic_exceptions(rng, bits):
         cfg = gm.KernelConfig().resolved(w, m)
         if bits == 4 and m <= 16:
             assert cfg.k_splits == 1 and cfg.fused and cfg.tile_k == 512
+        elif m <= 16:  # 396 tiles = 3 per SM: the decode rule's one split at tile_k 256
+            assert (cfg.tile_k, cfg.k_splits, cfg.fused) == (256, 1, True)
         else:
             assert not cfg.fused and cfg.tile_k <= 256
     assert gm.KernelConfig(k_splits=2).resolved(w, 1).fused is False
@@ -322,6 +325,60 @@ def test_measured_heuristic_exceptions(rng, bits):
     assert not gm.KernelConfig().resolved(small, 1).fused
     lut = lm.pack(rng.integers(0, 16, (K, N)), rng.standard_normal((N, 16)).astype(np.float16), bits=4)
     assert not gm.KernelConfig().resolved(lut, 1).fused
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_decode_blocks_rule(rng, bits):
+    """The decode-sized GPTQ rule on the LLaMA-7B shapes (M <= 16): tile_k 256 and the fewest splits giving >= 1.9
+    CTAs per SM (one split = the fused single kernel); not where that grid exceeds 3 CTAs per SM (3-bit 8192x28672),
+    nor at M_pad > 16, for LUT weights or with explicit fields."""
+    from pallas_kernels import lut_matmul as lm
+    small = gm.pack(*random_gptq(rng, 256, 64, bits, 128, False, False), bits=bits, sym=False)
+
+    def shaped(K, N):  # block-size logic only: shapes without arrays
+        k_pad = gm.split_friendly_k_pad(gm._round_up(K, 256), 128)
+        return dataclasses.replace(small, qweight=jax.ShapeDtypeStruct((N // 64, k_pad // 64, bits, 128), jnp.int32),
+                                   in_features=K, out_features=N)
+
+    want = {(4096, 12288): (256, 2, False), (4096, 22016): (256, 1, True), (4096, 4096): (256, 4, False),
+            (11008, 4096): (256, 4, False), (4096, 11008): (256, 2, False)}
+    for (K, N), pick in want.items():
+        w = shaped(K, N)
+        assert gm.decode_blocks(w)[:2] == pick[:2]
+        for m in (1, 9, 16):
+            cfg = gm.KernelConfig().resolved(w, m)
+            assert (cfg.tile_k, cfg.k_splits, cfg.fused, cfg.variant) == (*pick, None)
+        assert gm.KernelConfig().resolved(w, 17).tile_k != 256 or gm.KernelConfig().resolved(w, 17).k_splits != pick[1]
+        assert gm.KernelConfig(tile_k=128).resolved(w, 1).tile_k == 128
+        assert not gm.KernelConfig(fused=False).resolved(w, 1).fused
+    big = shaped(8192, 28672)  # 448 tiles: one split would be 3.4 CTAs per SM
+    assert gm.decode_blocks(big) is None
+    cfg = gm.KernelConfig().resolved(big, 1)
+    assert (cfg.variant == "ws") if bits == 4 else (cfg.tile_k, cfg.k_splits) == (256, 2)
+    assert gm.decode_blocks(shaped(1024, 64)) is None  # one tile: no split count reaches 1.9 CTAs per SM
+    lut = lm.pack(rng.integers(0, 16, (256, 64)), rng.standard_normal((64, 16)).astype(np.float16), bits=4)
+    lut = dataclasses.replace(lut, qweight=jax.ShapeDtypeStruct((22016 // 64, 64, 4, 128), jnp.int32),
+                              in_features=4096, out_features=22016)
+    assert gm.KernelConfig().resolved(lut, 1).k_splits != 1  # LUT weights keep their own measured heuristic
+
+
+def test_direct_x_rule_and_view(rng, monkeypatch):
+    """M = 1 activations go to the kernel unpadded (a [1, K/64, 1, 64] bitcast view; TMA zero-fills rows 1..7 and
+    columns >= K) only without act-order, with K a multiple of 64 and a 2-byte dtype; the kill switch turns it off;
+    the view holds x's bytes in the order of the padded x's (8, 64) tiles' row 0."""
+    monkeypatch.setattr(gm, "DIRECT_X", True)
+    w = gm.pack(*random_gptq(rng, 1152, 64, 4, 128, False, False), bits=4, sym=False)
+    assert w.k_pad == 1280 and gm.direct_x_ok(w, 1) and not gm.direct_x_ok(w, 2)
+    act = gm.pack(*random_gptq(rng, 384, 64, 4, 128, False, True), bits=4, sym=False)
+    assert act.perm is not None and not gm.direct_x_ok(act, 1)
+    monkeypatch.setattr(gm, "DIRECT_X", False)
+    assert not gm.direct_x_ok(w, 1)
+    x = jnp.asarray(rng.standard_normal((1, 1152)), jnp.bfloat16)
+    view = np.asarray(x.reshape(1, 1152 // 64, 1, 64).astype(jnp.float32))
+    padded = np.asarray(w.prepare_activations(x, 8).astype(jnp.float32))  # [8, K_pad]
+    tiles = padded.reshape(8, 1280 // 64, 64).transpose(1, 0, 2)  # (8, 64) tiles: [K_pad/64, 8, 64]
+    np.testing.assert_array_equal(tiles[:18, :1], view[0])  # the in-bounds box rows
+    assert not tiles[18:].any() and not tiles[:, 1:].any()  # what TMA zero-fills: columns >= K, rows 1..7
 
 
 def test_lut_measured_exceptions(rng):
