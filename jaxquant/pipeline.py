@@ -504,23 +504,22 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
         def state_spec(K):  # a fresh Hessian sum's shapes and placement, without making it on the device(s)
             return h_init.lower(K).out_info if hasattr(h_init, "lower") else jax.eval_shape(lambda: h_init(K))
 
-        def lower_passes():
-            """The layer's passes, lowered in the calling thread before any device work (a cold process's first
-            device work stalls the other Python threads for a second or more) and compiled in the pool, the largest
-            program first: the collection that computes attention compiles for ~9-10 s on a GPU (16 causal blocks of
-            different key lengths), longer than the others together, and the first layer waits for it."""
-            stored, lowered = {}, []
+        def lower_all():
+            stored, before = {}, []  # before: the stored inputs each group's collection is fed
             for group in groups:
-                sts = {name: state_spec(_get(work0, name)["kernel"].shape[0]) for name in group}
-                lowered.append(collectors[group].jitted.lower(work0, h0, positions_spec, sts, dict(stored)))
+                before.append(dict(stored))
                 stored.update({name: spec(h0.shape[:-1] + (_get(work0, name)["kernel"].shape[0],))
                                for name in group})
-            lowered.append(forward.lower(work0, h0, positions_spec, stored))
-            for low in sorted(lowered, key=lambda low: -len(low.as_text())):
-                pool.submit(quiet(low.compile))
-
-        def warm_up_solves():  # the collectors are traced: their aliases give the joint sets
-            for group in groups:
+            # From the last group back: the collection that computes attention (o_proj's input, 16 causal blocks of
+            # different key lengths) compiles for ~9-10 s on a GPU and the first layer waits for it, the others take
+            # well under a second. Lowered here, in the pool, not by the caller before the set-up's device work: that
+            # started this compile sooner but beside the process's first device work, and both got slower (set-up
+            # 4.7 -> 8.5 s, this compile 10 -> 17.5 s on 2 H200s; bench/results/quant_pipeline.md).
+            for group, fed in reversed(list(zip(groups, before))):
+                sts = {name: state_spec(_get(work0, name)["kernel"].shape[0]) for name in group}
+                pool.submit(quiet(collectors[group].jitted.lower(work0, h0, positions_spec, sts, fed).compile))
+            pool.submit(quiet(forward.lower(work0, h0, positions_spec, stored).compile))
+            for group in groups:  # the collectors are traced: their aliases give the joint sets
                 precompile_solves(group)
             if joint:
                 work_real = work_future.result()  # warm-up solves on the layer's real weights (identity Hessians)
@@ -534,8 +533,7 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                     for names in sets:
                         pool.submit(quiet(partial(solve_joint, work_real, hess, [names])))
 
-        quiet(lower_passes)()
-        pool.submit(quiet(warm_up_solves))
+        pool.submit(quiet(lower_all))
         return pool
 
     from tqdm.auto import tqdm
