@@ -1092,7 +1092,8 @@ ONE_SPLIT_MIN_TILES_PER_SM = 3
 # 70.2 us (int4) with the previous "most CTAs up to 3.5 per SM" pick. Grids of 256 CTAs (64 tiles x 4 splits:
 # 4096x4096, 11008x4096), 344 (4096x22016, one split) and 384 (4096x12288, 2 splits) measured best; the cap: 3-bit
 # 8192x28672 in one split (448 CTAs = 3.4 per SM, more than one wave) 51.4 vs 46.1 us with two.
-DECODE_RULE = True  # False: the general search below for every config (bench/kernels_sweep.py compares the two)
+# JAXQUANT_GPTQ_DECODE_RULE=0: the general search below for every config (bench/kernels_sweep.py compares the two)
+DECODE_RULE = os.environ.get("JAXQUANT_GPTQ_DECODE_RULE", "1") != "0"
 DECODE_TILE_K = 256
 DECODE_MIN_CTAS_PER_SM = 1.9
 DECODE_MAX_CTAS_PER_SM = 3.0
