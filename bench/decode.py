@@ -678,6 +678,15 @@ def _guard_text(g) -> str:
             f"{g.get('decode_step_rel_err')})")
 
 
+def _run_time(run_id) -> float:
+    """Seconds since the epoch of a run id ("2026-11-23T04:43:08Z", or a minute-precision id with a note after it)."""
+    import calendar
+    import re
+
+    m = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d)(?::(\d\d))?", str(run_id or ""))
+    return calendar.timegm(tuple(int(v or 0) for v in m.groups()) + (0, 0, 0)) if m else 0.0
+
+
 def summarize(rows):
     """Markdown tables (generation, guard, profile); ratios to the faster bf16 row (unfused or fused) of the same
     batch in the same run."""
@@ -700,10 +709,10 @@ def summarize(rows):
             continue
         same = (r["batch"], r.get("model_shape"), r.get("device"))
         base = bf16.get((r.get("run_id"),) + same)
-        others = [v for k, v in bf16.items() if k[1:] == same]
+        others = [(k[0], v) for k, v in bf16.items() if k[1:] == same]
         cross = base is None and bool(others)
-        if cross:  # no bf16 row from the same run: ratio to another run's on the same device and model (flagged)
-            base = others[0]
+        if cross:  # no bf16 row from the same run: the nearest run's in time, same device and model (flagged)
+            base = min(others, key=lambda kv: abs(_run_time(kv[0]) - _run_time(r.get("run_id"))))[1]
         ratio = r["tokens_per_s"] / base if base else None
         r["speedup_vs_bf16"] = None if (ratio is None or cross) else round(ratio, 3)
         bits = "16" if r["avg_bits"] is None else f"{r['avg_bits']:.2f}"

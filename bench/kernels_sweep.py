@@ -94,50 +94,13 @@ def measure(fmt, kw, w_float, m, cfg, xs, ws, key, rounds):
     return fro, nan, us, kern, names, time.perf_counter() - t0
 
 
-def smoke_direct(seed) -> bool:
-    """The unpadded M = 1 activation path (``gptq_matmul.direct_x_ok``) on odd shapes: K_pad > K (columns past K
-    zero-filled), N not a multiple of 64, 3 / 4 bits, float16, one split (fused) / partials / ws; NaN-poisoned."""
-    ok = True
-    gm.DIRECT_X = True
-    cases = [  # K, N, bits, dtype, configs
-        (1152, 200, 4, jnp.bfloat16, (gm.KernelConfig(), gm.KernelConfig(tile_k=128, k_splits=2),
-                                      gm.KernelConfig(tile_k=128, k_splits=1, fused=True))),
-        (4096, 384, 3, jnp.bfloat16, (gm.KernelConfig(), gm.KernelConfig(variant="ws", fused=True),
-                                      gm.KernelConfig(tile_k=256, k_splits=4))),
-        (1024, 512, 4, jnp.float16, (gm.KernelConfig(), gm.KernelConfig(variant="ws", tile_k=128, ctas=4))),
-        (11008, 192, 4, jnp.bfloat16, (gm.KernelConfig(), gm.KernelConfig(tile_k=512, k_splits=2))),
-    ]
-    for i, (K, N, bits, dtype, cfgs) in enumerate(cases):
-        kw, w_float = Format(f"gptq-w{bits}g128").make(seed + i, K, N, dtype)
-        assert gm.direct_x_ok(kw, 1)
-        for j, cfg in enumerate(cfgs):
-            try:
-                x = jax.random.normal(jax.random.PRNGKey(seed + 10 * i + j), (1, K), jnp.float32).astype(dtype)
-                rc = cfg.resolved(kw, 1)
-                poison = gm.nan_output_buffer(rc, kw.n_pad, N, 1, dtype)
-                y = jax.jit(lambda x, w, p: gm.gptq_matmul(x, w, config=cfg, out_init=p))(x, kw, poison)
-                y = y.astype(jnp.float32)
-                ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
-                fro = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-                nan = bool(jnp.any(jnp.isnan(y)))
-                good = fro < TOL and not nan
-            except Exception:
-                log(f"smoke-direct {K}x{N} w{bits} {cfg} FAILED {traceback.format_exc()[-2500:]}")
-                ok = False
-                continue
-            ok &= good
-            log(f"smoke-direct {jnp.dtype(dtype).name} {K}x{N} w{bits} {cfg_key(rc)}: err {fro:.2e} nan={nan} "
-                f"{'OK' if good else 'FAIL'}")
-    return ok
-
-
 def compare_defaults(args, emit, seed, deadline):
-    """Per (shape, bits, M): the committed defaults ("new": decode rule + unpadded M = 1 x), the decode rule with
-    the padded x ("new-pad", M = 1), and the previous heuristic ("old": no decode rule, padded x), same run."""
+    """Per (shape, bits, M): the decode rule ("rule", ``gptq_matmul.decode_blocks``) and the general search
+    ("search"), same run."""
     parse = lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]
     shapes = parse(args.shapes) + parse(args.big)
-    variants = {"new": (True, True), "new-pad": (True, False), "old": (False, False)}
-    saved = gm.DECODE_RULE, True
+    variants = {"rule": True, "search": False}
+    saved = gm.DECODE_RULE
     for si, (K, N) in enumerate(shapes):
         key = jax.random.PRNGKey(seed + si)
         w = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -157,10 +120,8 @@ def compare_defaults(args, emit, seed, deadline):
             ws = copies(kw, rotation_sets(kw.nbytes, 32))
             for M in bf:
                 xs = activations(jax.random.fold_in(key, 1000 + M), M, K, len(ws))
-                for name, (rule, direct) in variants.items():
-                    if M != 1 and name == "new-pad":
-                        continue
-                    gm.DECODE_RULE, gm.DIRECT_X = rule, direct
+                for name, rule in variants.items():
+                    gm.DECODE_RULE = rule
                     try:
                         cfg = gm.KernelConfig()
                         rc = cfg.resolved(kw, M)
@@ -170,10 +131,10 @@ def compare_defaults(args, emit, seed, deadline):
                         log(f"{K}x{N} w{bits} M={M} {name} FAILED: {traceback.format_exc()[-2000:]}")
                         continue
                     finally:
-                        gm.DECODE_RULE, gm.DIRECT_X = saved
+                        gm.DECODE_RULE = saved
                     ok = fro < TOL and not nan
                     emit(dict(format=fmt.name, bits=bits, group_size=128, K=K, N=N, K_pad=kw.k_pad, M=M,
-                              heuristic=name, decode_rule=rule, direct_x=direct and M == 1,
+                              heuristic=name, decode_rule=rule,
                               config=dataclasses.asdict(rc), config_key=cfg_key(rc), us=round(us, 2),
                               kernel_us=round(kern, 2), bf16_xla_us=round(bf[M], 2),
                               speedup_vs_bf16=round(bf[M] / us, 3),
@@ -260,8 +221,8 @@ def main():
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--out", default="sweep.jsonl")
-    ap.add_argument("--direct-compare", action="store_true",
-                    help="smoke of the unpadded M = 1 x, then new / new-pad / old defaults per shape, bits and M")
+    ap.add_argument("--rule-compare", action="store_true",
+                    help="the decode rule vs the general search per shape, bits and M (same run)")
     ap.add_argument("--merge", nargs="*", help="no run: merge these JSONL files into bench/results")
     ap.add_argument("--merge-note", default="")
     args = ap.parse_args()
@@ -280,13 +241,10 @@ def main():
         with open(args.out, "a") as f:
             f.write(json.dumps(results.row("kernels_sweep", command=command, run_id=run_id, **r)) + "\n")
 
-    if args.direct_compare:
-        ok = smoke_direct(seed)
-        log(f"smoke-direct: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
-        if ok:
-            compare_defaults(args, emit, seed, deadline)
+    if args.rule_compare:
+        compare_defaults(args, emit, seed, deadline)
         log(f"done in {time.time() - t_start:.0f} s")
-        sys.exit(0 if ok else 1)
+        return
     parse = lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]
     shapes, big = parse(args.shapes), parse(args.big)
     ms = [int(v) for v in args.ms.split(",")]

@@ -788,25 +788,9 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     """
     m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
-    if direct_x_ok(w, m):
-        xk = x2d.reshape(1, w.in_features // CHUNK, 1, CHUNK)  # a bitcast: no XLA op before the kernel
-    else:
-        xk = w.prepare_activations(x2d, _m_pad(m))
+    xk = w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
-
-
-# M = 1 activations read by the kernel without the XLA pad (``direct_x_ok``): x [1, K] is passed as a [1, K/64, 1, 64]
-# view and each step's TMA copies a (tile_k/64, 8, 64) box of it; the 7 rows past the single one and the columns past
-# K (K_pad > K) are out of bounds, which TMA fills with zeros, so the SMEM tile has exactly the bytes of the padded
-# x's (8, 64)-tiled, 128-byte-swizzled tile.
-DIRECT_X = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "0") != "0"  # not yet checked on a GPU: off unless "1"
-
-
-def direct_x_ok(w, m: int) -> bool:
-    """Whether x [m, K] goes to the GPTQ kernel unpadded (DIRECT_X, M = 1, no act-order gather, K a multiple of 64,
-    bf16 / f16 rows of 64 elements = one 128-byte swizzle span)."""
-    return DIRECT_X and m == 1 and w.perm is None and w.in_features % CHUNK == 0 and jnp.dtype(w.dtype).itemsize == 2
 
 
 def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype) -> jax.Array:
@@ -838,18 +822,16 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
     """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order) -> float32 partials
     [k_splits, N_pad, M_pad], or with ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad);
     cfg must be resolved."""
-    direct = xk.ndim == 4  # the unpadded M = 1 view [1, K/64, 1, 64] (``direct_x_ok``)
-    m_pad = 8 if direct else xk.shape[0]
-    m = (1 if direct else m_pad) if m is None else m
+    m_pad = xk.shape[0]
+    m = m_pad if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
-                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
-                              direct)
+                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                           _variant, w.layout, fused_out, direct)
+                           _variant, w.layout, fused_out)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
@@ -866,10 +848,9 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
-                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None, direct_x=False):
+                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None):
     """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
-    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``.
-    direct_x: x is the unpadded M = 1 view [1, K/64, 1, 64] (``direct_x_ok``; ``x_block_spec``)."""
+    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -892,7 +873,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             return (_scale_block_index(k0 + k, tile_k, group), n_idx)
 
         in_specs = [
-            x_block_spec(m_pad, tile_k, dtype, lambda k: k0 + k, split * 0, direct_x),
+            x_block_spec(m_pad, tile_k, dtype, lambda k: k0 + k),
             plgpu.BlockSpec((n_sub, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
             plgpu.BlockSpec((gps, rows), scale_index),
         ] + ([plgpu.BlockSpec((gps, rows), scale_index)] if has_bias else [])
@@ -904,9 +885,8 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
                 a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
-                xs = x_tile(x_smem, direct_x)
                 for j in range(n_sub):
-                    plgpu.wgmma(acc_refs[j], a[j], xs.transpose((1, 0)))
+                    plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
                 plgpu.wgmma_wait(0)
 
             gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
@@ -922,7 +902,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
-                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_x=False):
+                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None):
     """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
     ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
@@ -962,7 +942,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             return (_scale_block_index(k, tile_k, group), unit)
 
         in_specs = [
-            x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1], cta * 0, direct_x),
+            x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1]),
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
             plgpu.BlockSpec((gps, rows), s_map),
         ] + ([plgpu.BlockSpec((gps, rows), s_map)] if has_bias else [])
@@ -978,7 +958,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
 
                 def mma(acc_ref):
-                    plgpu.wgmma(acc_ref, a, x_tile(x_smem, direct_x).transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
 
                 acc = pl.run_state(mma)(plgpu.ACC.init(acc))
                 row0 = (unit * wgs + wg) * CHUNK
@@ -1026,33 +1006,15 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
 
 
-def x_block_spec(m_pad: int, tile_k: int, dtype, k_block, zero, direct_x: bool):
+def x_block_spec(m_pad: int, tile_k: int, dtype, k_block):
     """The activation BlockSpec of a pipeline step (``k_block(step)`` = its tile_k-column block): the padded x
-    [m_pad, K_pad] as (8, 64)-tiled, 128-byte-swizzled [m_pad, tile_k] tiles; or (``direct_x``) the M = 1 view
-    [1, K/64, 1, 64] in (1, tile_k/64, 8, 64) boxes, rows 1..7 and columns >= K zero-filled by TMA (out of bounds;
-    ``zero`` is a traced 0 so that the static row start is not bounds-checked at trace time). Same SMEM bytes."""
+    [m_pad, K_pad] as (8, 64)-tiled, 128-byte-swizzled [m_pad, tile_k] tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     swizzle = 128
-    if direct_x:
-        return plgpu.BlockSpec((1, tile_k // CHUNK, 8, CHUNK), lambda s: (0, k_block(s), zero, 0),
-                               transforms=(plgpu.SwizzleTransform(swizzle),))
     return plgpu.BlockSpec((m_pad, tile_k), lambda s: (0, k_block(s)),
                            transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
                                        plgpu.SwizzleTransform(swizzle)))
-
-
-def x_tile(x_smem, direct_x: bool):
-    """The step's activation tile as the [8, tile_k] (tiled, swizzled) ref the wgmma takes: with ``direct_x`` the
-    (1, tile_k/64, 8, 64) swizzled buffer seen through the untiling of an (8, 64) tiling (the same transform stack a
-    TilingTransform + SwizzleTransform BlockSpec gives)."""
-    if not direct_x:
-        return x_smem
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    # TilingTransform.undo gives the untiling transform (jax 0.11.2 exports no transform_ref helper)
-    untile = plgpu.TilingTransform((8, CHUNK)).undo(None)
-    return type(x_smem)(x_smem.ref, (*x_smem.transforms, untile))
 
 
 def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):
@@ -1092,8 +1054,10 @@ ONE_SPLIT_MIN_TILES_PER_SM = 3
 # 70.2 us (int4) with the previous "most CTAs up to 3.5 per SM" pick. Grids of 256 CTAs (64 tiles x 4 splits:
 # 4096x4096, 11008x4096), 344 (4096x22016, one split) and 384 (4096x12288, 2 splits) measured best; the cap: 3-bit
 # 8192x28672 in one split (448 CTAs = 3.4 per SM, more than one wave) 51.4 vs 46.1 us with two.
-# JAXQUANT_GPTQ_DECODE_RULE=0: the general search below for every config (bench/kernels_sweep.py compares the two)
-DECODE_RULE = os.environ.get("JAXQUANT_GPTQ_DECODE_RULE", "1") != "0"
+# Off by default: in the jitted 7B decode (bench/decode.py, same H100 run 2026-11-23T04:41Z, rule on vs off) the
+# kernels' saving went to a slower XLA partial-sum reduction fusion (q/k/v at 2 splits: 274 us per step): GPTQ 4-bit
+# 2.625 vs 2.623 ms/step, 3-bit 3.170 vs 2.944 ms/step. JAXQUANT_GPTQ_DECODE_RULE=1 turns it on.
+DECODE_RULE = os.environ.get("JAXQUANT_GPTQ_DECODE_RULE", "0") != "0"
 DECODE_TILE_K = 256
 DECODE_MIN_CTAS_PER_SM = 1.9
 DECODE_MAX_CTAS_PER_SM = 3.0

@@ -151,8 +151,7 @@ def test_config_heuristic_and_errors(rng):
         cfg = gm.KernelConfig().resolved(w, m)
         cfg.check(w)
         assert (4096 // cfg.tile_k) // cfg.k_splits >= 4  # every split keeps a pipeline to run
-        # several CTAs per SM: >= 1.9 with the decode rule (M <= 16), >= 3 from the general search
-        assert (4096 // 64 // cfg.n_sub) * cfg.k_splits >= (1.9 if m <= 16 else 3) * 132
+        assert (4096 // 64 // cfg.n_sub) * cfg.k_splits >= 3 * 132  # several CTAs per SM
     with pytest.raises(ValueError, match="n_sub=3"):
         gm.KernelConfig(n_sub=3).resolved(w)
     with pytest.raises(ValueError, match="tile_k=96"):
@@ -316,8 +315,6 @@ def test_measured_heuristic_exceptions(rng, bits):
         cfg = gm.KernelConfig().resolved(w, m)
         if bits == 4 and m <= 16:
             assert cfg.k_splits == 1 and cfg.fused and cfg.tile_k == 512
-        elif m <= 16:  # 396 tiles = 3 per SM: the decode rule's one split at tile_k 256
-            assert (cfg.tile_k, cfg.k_splits, cfg.fused) == (256, 1, True)
         else:
             assert not cfg.fused and cfg.tile_k <= 256
     assert gm.KernelConfig(k_splits=2).resolved(w, 1).fused is False
@@ -328,11 +325,12 @@ def test_measured_heuristic_exceptions(rng, bits):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_decode_blocks_rule(rng, bits):
-    """The decode-sized GPTQ rule on the LLaMA-7B shapes (M <= 16): tile_k 256 and the fewest splits giving >= 1.9
-    CTAs per SM (one split = the fused single kernel); not where that grid exceeds 3 CTAs per SM (3-bit 8192x28672),
-    nor at M_pad > 16, for LUT weights or with explicit fields."""
+def test_decode_blocks_rule(rng, bits, monkeypatch):
+    """The decode-sized GPTQ rule (opt-in, JAXQUANT_GPTQ_DECODE_RULE=1) on the LLaMA-7B shapes (M <= 16): tile_k 256
+    and the fewest splits giving >= 1.9 CTAs per SM (one split = the fused single kernel); not where that grid
+    exceeds 3 CTAs per SM (3-bit 8192x28672), nor at M_pad > 16, for LUT weights or with explicit fields."""
     from pallas_kernels import lut_matmul as lm
+    monkeypatch.setattr(gm, "DECODE_RULE", True)
     small = gm.pack(*random_gptq(rng, 256, 64, bits, 128, False, False), bits=bits, sym=False)
 
     def shaped(K, N):  # block-size logic only: shapes without arrays
@@ -360,25 +358,6 @@ def test_decode_blocks_rule(rng, bits):
     lut = dataclasses.replace(lut, qweight=jax.ShapeDtypeStruct((22016 // 64, 64, 4, 128), jnp.int32),
                               in_features=4096, out_features=22016)
     assert gm.KernelConfig().resolved(lut, 1).k_splits != 1  # LUT weights keep their own measured heuristic
-
-
-def test_direct_x_rule_and_view(rng, monkeypatch):
-    """M = 1 activations go to the kernel unpadded (a [1, K/64, 1, 64] bitcast view; TMA zero-fills rows 1..7 and
-    columns >= K) only without act-order, with K a multiple of 64 and a 2-byte dtype; the kill switch turns it off;
-    the view holds x's bytes in the order of the padded x's (8, 64) tiles' row 0."""
-    monkeypatch.setattr(gm, "DIRECT_X", True)
-    w = gm.pack(*random_gptq(rng, 1152, 64, 4, 128, False, False), bits=4, sym=False)
-    assert w.k_pad == 1280 and gm.direct_x_ok(w, 1) and not gm.direct_x_ok(w, 2)
-    act = gm.pack(*random_gptq(rng, 384, 64, 4, 128, False, True), bits=4, sym=False)
-    assert act.perm is not None and not gm.direct_x_ok(act, 1)
-    monkeypatch.setattr(gm, "DIRECT_X", False)
-    assert not gm.direct_x_ok(w, 1)
-    x = jnp.asarray(rng.standard_normal((1, 1152)), jnp.bfloat16)
-    view = np.asarray(x.reshape(1, 1152 // 64, 1, 64).astype(jnp.float32))
-    padded = np.asarray(w.prepare_activations(x, 8).astype(jnp.float32))  # [8, K_pad]
-    tiles = padded.reshape(8, 1280 // 64, 64).transpose(1, 0, 2)  # (8, 64) tiles: [K_pad/64, 8, 64]
-    np.testing.assert_array_equal(tiles[:18, :1], view[0])  # the in-bounds box rows
-    assert not tiles[18:].any() and not tiles[:, 1:].any()  # what TMA zero-fills: columns >= K, rows 1..7
 
 
 def test_lut_measured_exceptions(rng):
