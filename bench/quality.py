@@ -278,8 +278,9 @@ def matched_bits_table(rows, dataset="wikitext2"):
     fp32 = next((r for r in rows if r["method"] == "fp32"), None)
     lines = ["", f"Matched average bits ({dataset}): each SpQR / SqueezeLLM row next to the RTN and the GPTQ row whose "
                  "average bits are nearest" + (f"; float32 {fp32['ppl']:.3f}." if fp32 else "."), "",
-             "| config | avg bits | ppl | nearest RTN (avg bits: ppl) | nearest GPTQ (avg bits: ppl; best of ties) | below both |",
-             "|---|---|---|---|---|---|"]
+             "| config | avg bits | ppl | vs float32 | nearest RTN (avg bits: ppl) | nearest GPTQ (avg bits: ppl; best of "
+             "ties) | below both |",
+             "|---|---|---|---|---|---|---|"]
     new_methods = [r for r in rows if r["method"] in ("spqr", "squeezellm")]
     for r in sorted(new_methods, key=lambda r: (r["method"], r["avg_bits"])):
         cells = []
@@ -295,7 +296,9 @@ def matched_bits_table(rows, dataset="wikitext2"):
             cells.append(f"{q['name']} ({q['avg_bits']:.3f}: {q['ppl']:.3f})")
             below = below and r["ppl"] < q["ppl"] if below is not None else None
         verdict = "-" if below is None else ("yes" if below else "no")
-        lines.append(f"| {r['name']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {cells[0]} | {cells[1]} | {verdict} |")
+        gap = f"+{100 * (r['ppl'] / fp32['ppl'] - 1):.1f} %" if fp32 else "-"
+        lines.append(f"| {r['name']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {gap} | {cells[0]} | {cells[1]} | "
+                     f"{verdict} |")
     return lines if new_methods else []
 
 
