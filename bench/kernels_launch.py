@@ -252,7 +252,6 @@ def merge(paths, results_dir, note=""):
     have = {ident(r) for r in json.load(open(json_path))} if os.path.exists(json_path) else set()
     results.append_rows(json_path, [r for r in rows if ident(r) not in have])  # the md section lists all given rows
     md_path = os.path.join(results_dir, "kernels.md")
-    text = open(md_path).read() if os.path.exists(md_path) else ""
     begin, end = "<!-- launch rows begin -->", "<!-- launch rows end -->"
     r0 = rows[0]
     lines = [begin, "", "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)", "",
@@ -277,11 +276,7 @@ def merge(paths, results_dir, note=""):
                      f"{c['tile_k']}/{c['stages']}/{c['k_splits']} | {'yes' if r['correct'] else 'NO'} |")
     lines += ["", end]
     block = "\n".join(lines)
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(md_path, "w").write(text)
+    results.replace_section(md_path, block, begin, end)
 
 
 def main():

@@ -161,7 +161,7 @@ def merge(paths, results_dir, note=""):
     sweep = [r for r in rows if "heuristic" not in r]
     comp = [r for r in rows if "heuristic" in r]
     runs = sorted({(r["run_id"], r["device"], r["jax"], r["command"]) for r in rows})
-    lines = ["<!-- decode sweep begin -->", "", "## Decode shapes: block-size sweep, decode rule, unpadded M = 1 x (GPTQ g128)",
+    lines = ["<!-- decode sweep begin -->", "", "## Decode shapes: block-size sweep, decode rule (GPTQ g128)",
              "", "Runs (device tool, CUPTI device time of one jitted call over rotating weight copies + activations, "
              "median of 3 passes; every row checked against x @ W_float with a NaN-poisoned output; bf16 XLA in the "
              "same run; rows in `kernels_sweep.json`):", ""]
@@ -201,14 +201,8 @@ def merge(paths, results_dir, note=""):
         lines.append("")
     lines.append("<!-- decode sweep end -->")
     block = "\n".join(lines)
-    md_path = os.path.join(results_dir, "kernels.md")
-    text = open(md_path).read()
-    begin, end = "<!-- decode sweep begin -->", "<!-- decode sweep end -->"
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(md_path, "w").write(text)
+    results.replace_section(os.path.join(results_dir, "kernels.md"), block, "<!-- decode sweep begin -->",
+                            "<!-- decode sweep end -->")
 
 
 def main():

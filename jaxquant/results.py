@@ -46,3 +46,15 @@ def append_rows(path: str, rows: Iterable[dict], key: tuple = ()) -> None:
     with open(tmp, "w") as f:
         json.dump(existing, f, indent=1)
     os.replace(tmp, path)
+
+
+def replace_section(md_path: str, block: str, begin: str, end: str) -> None:
+    """Write ``block`` (which starts with ``begin`` and ends with ``end``) into the markdown file in place of the
+    text between those markers, or append it; the rest of the file (hand-written notes) is kept."""
+    text = open(md_path).read() if os.path.exists(md_path) else ""
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(md_path, "w") as f:
+        f.write(text)
