@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from functools import partial
 
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from pallas_kernels import gptq_columns as gptq_columns_kernel
 
 from .config import QuantConfig
 from .formats import UniformQuantizedWeight
@@ -97,8 +100,21 @@ def factor_with_damping_retries(factor, percdamp: float, damp_retries: int, meth
 _UNROLL = 8
 
 
-@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size", "row_loss"))
-def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_size, row_loss=False):
+def _column_kernel_mode(column_kernel: str) -> str:
+    """Resolve ``column_kernel`` ("auto", "on", "off", "interpret") at trace time to "gpu", "interpret" or "off".
+    "auto": the Pallas kernel (pallas_kernels/gptq_columns.py) on a GPU backend unless JAXQUANT_GPTQ_COLUMN_KERNEL=0,
+    the XLA loop elsewhere. Read when a shape is first traced: set the variable before the first solve."""
+    if column_kernel == "auto":
+        on = os.environ.get("JAXQUANT_GPTQ_COLUMN_KERNEL", "1") != "0" and jax.default_backend() == "gpu"
+        return "gpu" if on else "off"
+    if column_kernel not in ("on", "off", "interpret"):
+        raise ValueError(f"column_kernel must be 'auto', 'on', 'off' or 'interpret', got {column_kernel!r}")
+    return "gpu" if column_kernel == "on" else column_kernel
+
+
+@partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size", "row_loss", "column_kernel"))
+def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_size, row_loss=False,
+                     column_kernel="auto"):
     """The GPTQ column loop on permuted W [N, K] with U = chol(H^-1, upper).
 
     tables=None means group parameters are recomputed at each group start (group_size must then
@@ -111,6 +127,11 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
     Dynamic groups inside a block are a loop over groups around a loop over their columns; groups
     spanning several blocks are refreshed at their first block by a select. The loss is summed
     from the block's scaled errors, sum(err^2)/2 = sum((w - q)^2 / d^2)/2, once per block.
+
+    column_kernel (see ``_column_kernel_mode``): with the kernel, the in-block loop of a block whose columns share one
+    dynamic group (group_size == block_size) or look their parameters up in tables (per channel, static groups,
+    act-order, group_size a multiple of block_size) is one Pallas launch per block; other blocks (dynamic groups
+    smaller than the block, block sizes the kernel does not take) keep the XLA loop.
     """
     N, K = W.shape
     bs, gs = block_size, group_size
@@ -132,6 +153,13 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
                   jnp.pad(tables[1], ((0, 1), (0, 0))))
     inner = dynamic and gs <= bs  # groups inside a block: parameters fixed per inner loop
     sub = gs if inner else bs  # columns per inner loop
+    mode = _column_kernel_mode(column_kernel)
+    use_kernel = mode != "off" and gptq_columns_kernel.supported(bs) and (not inner or gs == bs)
+
+    def kernel_columns(W1, U1, scale, zero):
+        """The block's column loop as one kernel: scale/zero [1 or bs, N]. Returns (None, Q1, D1, E1)."""
+        return (None, *gptq_columns_kernel.gptq_columns(W1, U1, scale, zero, maxq=maxq,
+                                                         interpret=mode == "interpret"))
 
     def columns(i1, i0, U1, scale_zero, tables, c):
         """Columns i0 .. i0+sub-1 of the block starting at i1 (fixed scale/zero, or table lookups)."""
@@ -160,7 +188,12 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
         U1 = lax.dynamic_slice(U, (i1, i1), (bs, bs))
         zeros = jnp.zeros((N, bs), jnp.float32)
         c = (W1, jnp.zeros((N, bs), jnp.int32), zeros, zeros)
-        if inner:
+        if use_kernel and inner:  # one group per block (gs == bs), from the block's fully updated weights
+            scale, zero = find_params(W1, bits, sym)
+            t = i1 // gs
+            tables = (tables[0].at[t].set(scale), tables[1].at[t].set(zero))
+            c = kernel_columns(W1, U1, scale[None], zero[None])
+        elif inner:
             def group(g, gc):
                 c, tables = gc
                 i0 = g * gs
@@ -178,7 +211,11 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
                 new = i1 % gs == 0
                 tables = (tables[0].at[t].set(jnp.where(new, scale, tables[0][t])),
                           tables[1].at[t].set(jnp.where(new, zero, tables[1][t])))
-            c = columns(i1, 0, U1, None, tables, c)
+            if use_kernel:  # per-column parameters [bs, N] looked up once for the block
+                g = lax.dynamic_slice_in_dim(col_group, i1, bs)
+                c = kernel_columns(W1, U1, tables[0][g], tables[1][g])
+            else:
+                c = columns(i1, 0, U1, None, tables, c)
         _, Q1, D1, E1 = c
         loss = loss + (jnp.sum(E1 * E1, axis=1) if row_loss else jnp.sum(E1 * E1)) / 2
         # Lazy update of all later columns (U rows are zero left of the block).

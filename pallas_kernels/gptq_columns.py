@@ -1,0 +1,185 @@
+"""The in-block column loop of GPTQ as one Pallas GPU kernel per block (Triton lowering) + pure-jnp reference.
+
+Computation for one block of ``bs`` columns (the ``columns``/``column`` loop of ``jaxquant.gptq._quantize_blocks``):
+
+    W1 [N, bs] float32   the block's current weights (earlier blocks' lazy updates applied)
+    U1 [bs, bs] float32  the block's diagonal block of the upper Cholesky factor of H^-1
+    scale, zero [S, N] float32, S = 1 (one set of grid parameters for every column of the block) or S = bs (row s =
+                         the parameters of column s: per-column group lookups, e.g. act-order with static groups)
+    maxq                 2**bits - 1
+
+    for i in 0 .. bs-1:                                   (sequential: column i sees the updates of columns < i)
+        w      = W1[:, i]
+        q      = clip(round_half_even(w / scale_i) + zero_i, 0, maxq)      codes, Q1[:, i] (int32)
+        dq     = scale_i * (q - zero_i)                                     D1[:, i]
+        err    = (w - dq) / U1[i, i]                                        E1[:, i]
+        W1    -= err[:, None] * U1[i][None, :]            (U1[i, :i] == 0: only columns >= i move)
+
+    -> Q1 [N, bs] int32, D1 [N, bs] float32, E1 [N, bs] float32.
+
+The same rounding formula as ``jaxquant.grid.quantize_codes`` / ``dequantize_codes`` (written out here: this package
+never imports jaxquant). Rows are independent: no reduction across rows, no atomics, so a row's results do not depend
+on how many rows are solved together (1-GPU and row-split 2-GPU solves give the same codes).
+
+Kernel: grid (N_pad / block_rows,); each program holds its [block_rows, bs] tile of W1 in registers and runs the
+sequential loop over the bs columns (one ``scf.for``): column i is taken out of the tile by a masked row sum (exact:
+one non-zero term), quantized, its q / dq / err written straight to column i of the output blocks, and the tile gets
+the rank-1 update with row i of U1 (read from global memory, L1/L2 resident). One launch per block instead of bs
+iterations of several small XLA kernels (the XLA loop is launch bound, ~8-12 us per column on an H100).
+
+Backend: the Triton lowering of Pallas (``jax.experimental.pallas.triton``; deprecated in JAX 0.11 but present). Why
+not Mosaic GPU: its programming model is a warpgroup operating on whole arrays in fixed register layouts (WGMMA /
+strided fragments, 128-thread vectors); this loop needs a per-column extraction from a register tile, a broadcast of
+a per-row vector against a per-column vector (rank-1 update) and scalar/dynamic-row loads, 128 times in a row with a
+dependency chain -- Triton expresses each of these directly (masked reductions, broadcasting, pointer loads), while
+Mosaic GPU would need the tile in shared memory and a scalar-times-vector inner loop over the remaining columns.
+
+Exactness: Triton lowers float32 ``/`` to the approximate ``div.full.f32`` and has no round-half-even primitive, and
+LLVM/ptxas may contract ``w - scale * t`` into an FMA. On the GPU the per-column scalar chain therefore uses inline
+PTX with explicit rounding (``div.rn.f32``, ``cvt.rni.f32.f32``, ``sub.rn.f32``, ``mul.rn.f32``): the same IEEE
+operations as the jnp reference. The rank-1 update is ``contract=False``: ``mul.rn`` then ``sub.rn`` (two roundings,
+as XLA's ``W1 - err[:, None] * U1[i]``), or ``contract=True``: one FMA (fewer instructions, different last bits).
+In ``interpret=True`` mode (CPU tests) the same steps run as jnp ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_BLOCK_ROWS = 16
+DEFAULT_NUM_WARPS = 4
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def supported(n_cols: int) -> bool:
+    """Whether the kernel takes blocks of ``n_cols`` columns (Triton tiles need power-of-two sizes)."""
+    return _is_pow2(n_cols) and 16 <= n_cols <= 256
+
+
+# ------------------------------------------------------------------------------------------------ reference (jnp)
+def gptq_columns_reference(W1, U1, scale, zero, maxq: int):
+    """Pure-jnp reference: same inputs and outputs as :func:`gptq_columns` (see the module docstring)."""
+    W1, U1, scale, zero = (jnp.asarray(a, jnp.float32) for a in (W1, U1, scale, zero))
+    N, bs = W1.shape
+    per_column = scale.shape[0] != 1
+
+    def column(i, c):
+        W1, Q1, D1, E1 = c
+        s = scale[i] if per_column else scale[0]
+        z = zero[i] if per_column else zero[0]
+        w = W1[:, i]
+        q = jnp.clip(jnp.round(w / s) + z, 0, maxq).astype(jnp.int32)
+        dq = s * (q.astype(jnp.float32) - z)
+        err = (w - dq) / U1[i, i]
+        W1 = W1 - err[:, None] * U1[i][None, :]
+        return W1, Q1.at[:, i].set(q), D1.at[:, i].set(dq), E1.at[:, i].set(err)
+
+    zeros = jnp.zeros((N, bs), jnp.float32)
+    _, Q1, D1, E1 = lax.fori_loop(0, bs, column, (W1, jnp.zeros((N, bs), jnp.int32), zeros, zeros))
+    return Q1, D1, E1
+
+
+# ------------------------------------------------------------------------------------------------------- kernel
+def _ptx(asm: str, *args):
+    from jax.experimental.pallas import triton as pltriton
+
+    constraints = "=r," + ",".join("r" for _ in args)
+    (out,) = pltriton.elementwise_inline_asm(asm, args=list(args), constraints=constraints, pack=1,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])
+    return out
+
+
+class _Ops:
+    """The per-column scalar arithmetic: IEEE-exact inline PTX on the GPU, jnp ops in interpret mode."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def div(self, a, b):
+        return a / b if self.interpret else _ptx("div.rn.f32 $0, $1, $2;", a, b)
+
+    def round(self, a):
+        return jnp.round(a) if self.interpret else _ptx("cvt.rni.f32.f32 $0, $1;", a)
+
+    def sub(self, a, b):
+        return a - b if self.interpret else _ptx("sub.rn.f32 $0, $1, $2;", a, b)
+
+    def mul(self, a, b):
+        return a * b if self.interpret else _ptx("mul.rn.f32 $0, $1, $2;", a, b)
+
+
+def _kernel(w_ref, u_ref, scale_ref, zero_ref, q_ref, d_ref, e_ref, *, bs, maxq, per_column, contract, interpret):
+    ops = _Ops(interpret)
+    W = w_ref[...]  # [block_rows, bs], kept in registers across the loop
+    cols = lax.broadcasted_iota(jnp.int32, W.shape, 1)
+    ucols = lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    if not per_column:
+        s0, z0 = scale_ref[0, :], zero_ref[0, :]
+
+    def column(i, W):
+        s, z = (scale_ref[i, :], zero_ref[i, :]) if per_column else (s0, z0)
+        w = jnp.sum(jnp.where(cols == i, W, 0.0), axis=1)  # column i: exactly one non-zero term per row
+        u = u_ref[i, :]  # [bs]
+        d = jnp.sum(jnp.where(ucols == i, u, 0.0))  # U1[i, i]
+        q = jnp.minimum(jnp.maximum(ops.round(ops.div(w, s)) + z, 0.0), float(maxq))
+        dq = ops.mul(s, q - z)
+        err = ops.div(ops.sub(w, dq), jnp.broadcast_to(d, w.shape))
+        q_ref[:, i] = q.astype(jnp.int32)
+        d_ref[:, i] = dq
+        e_ref[:, i] = err
+        e2, u2 = jnp.broadcast_to(err[:, None], W.shape), jnp.broadcast_to(u[None, :], W.shape)
+        return W - e2 * u2 if contract else ops.sub(W, ops.mul(e2, u2))
+
+    lax.fori_loop(0, bs, column, W)
+
+
+@functools.partial(jax.jit, static_argnames=("maxq", "block_rows", "num_warps", "contract", "interpret"))
+def gptq_columns(W1, U1, scale, zero, *, maxq: int, block_rows: int = DEFAULT_BLOCK_ROWS,
+                 num_warps: int = DEFAULT_NUM_WARPS, contract: bool = False, interpret: bool = False):
+    """One GPTQ block: W1 [N, bs], U1 [bs, bs], scale/zero [S, N] (S in {1, bs}) -> (Q1 int32, D1, E1) [N, bs].
+
+    N is padded to a multiple of ``block_rows`` (a power of two) with zero rows (scale 1, zero 0), bs must satisfy
+    :func:`supported`. ``interpret=True`` runs the kernel body with jnp ops (any backend).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    N, bs = W1.shape
+    S = scale.shape[0]
+    if not supported(bs):
+        raise ValueError(f"gptq_columns: block of {bs} columns; the kernel needs a power of two in [16, 256]")
+    if U1.shape != (bs, bs):
+        raise ValueError(f"gptq_columns: U1 has shape {U1.shape}, expected ({bs}, {bs})")
+    if S not in (1, bs) or scale.shape != (S, N) or zero.shape != (S, N):
+        raise ValueError(f"gptq_columns: scale/zero shapes {scale.shape}/{zero.shape}, expected (1 or {bs}, {N})")
+    if not _is_pow2(block_rows):
+        raise ValueError(f"gptq_columns: block_rows={block_rows} must be a power of two")
+    Np = -(-N // block_rows) * block_rows
+    f32 = jnp.float32
+    W1, U1, scale, zero = (jnp.asarray(a, f32) for a in (W1, U1, scale, zero))
+    if Np != N:
+        W1 = jnp.pad(W1, ((0, Np - N), (0, 0)))
+        scale = jnp.pad(scale, ((0, 0), (0, Np - N)), constant_values=1.0)
+        zero = jnp.pad(zero, ((0, 0), (0, Np - N)))
+    tile = pl.BlockSpec((block_rows, bs), lambda r: (r, 0))
+    params = pl.BlockSpec((S, block_rows), lambda r: (0, r))
+    kernel = functools.partial(_kernel, bs=bs, maxq=maxq, per_column=S != 1, contract=contract, interpret=interpret)
+    Q1, D1, E1 = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((Np, bs), jnp.int32), jax.ShapeDtypeStruct((Np, bs), f32),
+                   jax.ShapeDtypeStruct((Np, bs), f32)),
+        grid=(Np // block_rows,),
+        in_specs=[tile, pl.BlockSpec((bs, bs), lambda r: (0, 0)), params, params],
+        out_specs=(tile, tile, tile),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gptq_columns",
+    )(W1, U1, scale, zero)
+    return Q1[:N], D1[:N], E1[:N]
