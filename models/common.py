@@ -217,6 +217,16 @@ def attention_mask(q_len: int, kv_len: int, cache_index=None, kv_mask=None) -> O
 CAUSAL_BLOCK = 128  # query rows per block of the causal path (measured on 2 CPU cores: 128 and 256 fastest)
 
 
+def causal_block() -> Optional[int]:
+    """Query rows per block of the mask-free causal path, or ``None`` for one masked pass.
+
+    Blocks skip the masked upper triangle (2.5x faster on CPU), but each block has its own shapes, hence its own
+    GEMM programs: on a GPU the 16 blocks of a 2048-token window made the attention the slowest compile of the
+    quantization pipeline, for a few percent of a 7B layer's flops (bench/results/quant_pipeline.md). So blocks
+    only on the CPU backend."""
+    return CAUSAL_BLOCK if jax.default_backend() == "cpu" else None
+
+
 def dot_product_attention(q, k, v, mask, scale: Optional[float] = None, act=None) -> jax.Array:
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; mask: [B|1, 1, T, S], or
     ``None`` for plain causal self-attention (``T == S``).
@@ -229,12 +239,13 @@ def dot_product_attention(q, k, v, mask, scale: Optional[float] = None, act=None
     if act is not None:
         q = act("q", q)
     if mask is None:
-        if t > CAUSAL_BLOCK:
+        block = causal_block()
+        if block is not None and t > block:
             # Query block i only needs keys [0, end_i): the skipped keys are masked anyway (their softmax weight is
             # exactly 0), so this is the same result at ~half the work (2.5x faster on a 2048-token window on CPU).
             outs = []
-            for start in range(0, t, CAUSAL_BLOCK):
-                end = min(start + CAUSAL_BLOCK, t)
+            for start in range(0, t, block):
+                end = min(start + block, t)
                 outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], _causal(end - start, end, start), scale,
                                     act))
             return jnp.concatenate(outs, axis=1)

@@ -119,6 +119,24 @@ def test_block_causal_attention_matches_oracle(rng, quantize_probs):
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=1e-5 if not quantize_probs else tol)
 
 
+def test_causal_path_off_cpu_is_one_masked_pass(rng, monkeypatch):
+    """Off the CPU (``causal_block() is None``) mask=None runs one masked pass: same oracle, and no per-block
+    programs (the jaxpr has one scores and one output matmul, not two per block)."""
+    import models.common as common
+
+    t = 2 * CAUSAL_BLOCK + 19
+    q = rng.standard_normal((1, t, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, t, 2, 8)).astype(np.float32) for _ in range(2))
+    def matmuls():  # a fresh function each time: make_jaxpr caches traces by function
+        return str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, None))(q, k, v)).count("dot_general")
+
+    blocked_eqns = matmuls()
+    monkeypatch.setattr(common, "causal_block", lambda: None)
+    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None)
+    np.testing.assert_allclose(np.asarray(got), _attention_oracle(q, k, v, lambda p: p), atol=1e-5, rtol=0)
+    assert matmuls() == 2 < blocked_eqns
+
+
 def test_rope_scaling_changes_logits_in_both_implementations(tiny_llama, rel_err, rng):
     """Same weights, three RoPE configs: transformers gives three different results far past original_max, and ours
     follows each of them (so the parity above really exercised the scaling)."""
