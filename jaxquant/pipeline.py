@@ -510,11 +510,10 @@ def quantize_model(lm, calibration: Optional[np.ndarray], config: QuantConfig, m
                 before.append(dict(stored))
                 stored.update({name: spec(h0.shape[:-1] + (_get(work0, name)["kernel"].shape[0],))
                                for name in group})
-            # From the last group back: the collection that computes attention (o_proj's input, 16 causal blocks of
-            # different key lengths) compiles for ~9-10 s on a GPU and the first layer waits for it, the others take
-            # well under a second. Lowered here, in the pool, not by the caller before the set-up's device work: that
-            # started this compile sooner but beside the process's first device work, and both got slower (set-up
-            # 4.7 -> 8.5 s, this compile 10 -> 17.5 s on 2 H200s; bench/results/quant_pipeline.md).
+            # From the last group back: the collection that computes attention (o_proj's input) is the largest
+            # program (1.3-1.4 s on a GPU with attention as one masked pass). Lowered here, in the pool, not by the
+            # caller before the set-up's device work: that started the compiles sooner but beside the process's
+            # first device work, and both got slower (bench/results/quant_pipeline.md, a2cedae rows).
             for group, fed in reversed(list(zip(groups, before))):
                 sts = {name: state_spec(_get(work0, name)["kernel"].shape[0]) for name in group}
                 pool.submit(quiet(collectors[group].jitted.lower(work0, h0, positions_spec, sts, fed).compile))
