@@ -75,6 +75,7 @@ def bench_solves(args, emit):
 
     from jaxquant.config import QuantConfig
     from jaxquant.packing import unpack_qweight
+    from pallas_kernels import gptq_columns as C
 
     cfg = QuantConfig(bits=4, group_size=128, block_size=128)
     key = jax.random.PRNGKey(args.seed)
@@ -109,7 +110,8 @@ def bench_solves(args, emit):
                               act_order=cfg.act_order, reps=args.reps, hessian_tokens=args.tokens,
                               codes_equal_fraction=float(same.mean()), rows_all_codes_equal=float(same.all(1).mean()),
                               deq_max_abs_diff_rel=deq_rel,
-                              speedup=a["seconds"] / b["seconds"])
+                              speedup=a["seconds"] / b["seconds"],
+                              kernel_config=":".join(map(str, C.default_config(rows))))
                 if rows == N:
                     full_codes = {k: v["codes"] for k, v in res.items()}
                 for name, r in res.items():
@@ -124,6 +126,7 @@ def bench_solves(args, emit):
 
 
 def bench_kernel_configs(args, emit):
+    """Times the kernel alone on one 128-column block per config and N; returns {N: {config: us}}."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -137,28 +140,49 @@ def bench_kernel_configs(args, emit):
     Hb = X.T @ X / (4 * bs) + 0.05 * jnp.eye(bs)
     U1 = jnp.linalg.cholesky(jnp.linalg.inv(Hb)).T
     ref_fn = jax.jit(C.gptq_columns_reference, static_argnames="maxq")
-    for N in (22016, 2048):
+    timings = {}
+    for N in args.kernel_ns:
         W1 = jax.random.normal(k1, (N, bs), jnp.float32)
         xmin, xmax = jnp.minimum(W1.min(1), 0), jnp.maximum(W1.max(1), 0)
         scale = ((xmax - xmin) / maxq)[None]
         zero = jnp.round(-xmin / scale[0])[None]
         Qr, Dr, Er = ref_fn(W1, U1, scale, zero, maxq=maxq)
-        for block_rows, num_warps, contract in args.configs:
-            fn = jax.jit(lambda w, u, s, z: C.gptq_columns(w, u, s, z, maxq=maxq, block_rows=block_rows,
-                                                          num_warps=num_warps, contract=contract))
+        for layout, block_rows, num_warps, contract in args.configs:
+            cfg = f"{layout}:{block_rows}:{num_warps}:{int(contract)}"
+            fn = jax.jit(lambda w, u, s, z: C.gptq_columns(w, u, s, z, maxq=maxq, layout=layout,
+                                                          block_rows=block_rows, num_warps=num_warps,
+                                                          contract=contract))
             try:
                 med, _ = _timed(lambda: fn(W1, U1, scale, zero), 20)
             except Exception as e:  # a config Triton rejects: record and go on
-                print(f"kernel N={N} rows={block_rows} warps={num_warps} contract={contract}: {type(e).__name__}: "
-                      f"{str(e)[:300]}", flush=True)
+                print(f"kernel N={N} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             Q, D, E = fn(W1, U1, scale, zero)
             same = float((np.asarray(Q) == np.asarray(Qr)).mean())
             d_rel = float(jnp.abs(D - Dr).max() / jnp.abs(Dr).max())
-            print(f"kernel N={N} rows={block_rows} warps={num_warps} contract={contract}: {med * 1e6:.1f} us, "
-                  f"codes equal to XLA reference {same:.6f}, D diff {d_rel:.2e}", flush=True)
-            emit(dict(what="gptq_columns_kernel", N=N, bs=bs, block_rows=block_rows, num_warps=num_warps,
-                      contract=contract, us=med * 1e6, codes_equal_reference=same, deq_max_abs_diff_rel=d_rel))
+            e_rel = float(jnp.abs(E - Er).max() / jnp.abs(Er).max())
+            print(f"kernel N={N} {cfg}: {med * 1e6:.1f} us, codes equal to XLA reference {same:.6f}, "
+                  f"D diff {d_rel:.2e}, E diff {e_rel:.2e}", flush=True)
+            emit(dict(what="gptq_columns_kernel", N=N, bs=bs, layout=layout, block_rows=block_rows,
+                      num_warps=num_warps, contract=contract, us=med * 1e6, codes_equal_reference=same,
+                      deq_max_abs_diff_rel=d_rel, err_max_abs_diff_rel=e_rel))
+            if same == 1.0 and not contract:  # only exact configs are candidates for the default
+                timings.setdefault(N, {})[(layout, block_rows, num_warps)] = med * 1e6
+    return timings
+
+
+def pick_configs(timings):
+    """Fastest exact config at N >= LARGE_N ("large") and summed over the smaller N ("small"): set in-process as the
+    kernel's defaults for the solves that follow (and printed, to be written into pallas_kernels/gptq_columns.py)."""
+    from pallas_kernels import gptq_columns as C
+
+    for name, Ns in (("large", [n for n in timings if n >= C.LARGE_N]), ("small", [n for n in timings if n < C.LARGE_N])):
+        common = set.intersection(*(set(timings[n]) for n in Ns)) if Ns else set()
+        if common:
+            best = min(common, key=lambda c: sum(timings[n][c] for n in Ns))
+            C.CONFIGS[name] = best
+    print(f"kernel configs for the solves: {C.CONFIGS}", flush=True)
+    return dict(C.CONFIGS)
 
 
 def write_md(rows, path):
@@ -170,8 +194,8 @@ def write_md(rows, path):
              "(what each device of a 2-GPU run solves).", "",
              f"Command: `{solves[0]['command'] if solves else ''}` (rows: `gptq_solve.json`)", "",
              "| shape N x K | solve | XLA loop ms | kernel ms | speedup | codes equal | deq max diff (rel) | "
-             "half == full rows (XLA / kernel) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "half == full rows (XLA / kernel) | kernel config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_shape = {}
     for r in solves:
         by_shape.setdefault(r["shape"], {})[r["path"]] = r
@@ -183,14 +207,14 @@ def write_md(rows, path):
                 else "-")
         lines.append(f"| {shape} | {a['solve']} | {a['seconds'] * 1e3:.2f} | {b['seconds'] * 1e3:.2f} | "
                      f"{a['seconds'] / b['seconds']:.2f}x | {a['codes_equal_fraction']:.6f} | "
-                     f"{a['deq_max_abs_diff_rel']:.2e} | {half} |")
+                     f"{a['deq_max_abs_diff_rel']:.2e} | {half} | {a.get('kernel_config', '-')} |")
     kern = [r for r in rows if r.get("what") == "gptq_columns_kernel"]
     if kern:
         lines += ["", "Kernel alone, one 128-column block (codes vs the jnp reference run by XLA on the device):", "",
-                  "| N | block_rows | num_warps | contract | us | codes equal to reference |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['N']} | {r['block_rows']} | {r['num_warps']} | {r['contract']} | {r['us']:.1f} | "
-                  f"{r['codes_equal_reference']:.6f} |" for r in kern]
+                  "| N | layout | block_rows | num_warps | contract | us | codes equal to reference |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['N']} | {r.get('layout', 'rows')} | {r['block_rows']} | {r['num_warps']} | {r['contract']} | "
+                  f"{r['us']:.1f} | {r['codes_equal_reference']:.6f} |" for r in kern]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -202,13 +226,18 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="bench/results/gptq_solve.json")
     ap.add_argument("--md", default="bench/results/gptq_solve.md")
-    ap.add_argument("--kernel-configs", default="16:4:0,16:4:1,8:2:0,8:4:0,32:4:0,32:8:0,16:2:0",
-                    help="block_rows:num_warps:contract,... timed alone on one block ('' to skip)")
+    ap.add_argument("--kernel-configs", default="rows:16:4:0,rows:32:8:0,rows:8:2:0,cols:8:1:0,cols:16:1:0,cols:32:1:0,"
+                    "cols:32:2:0,cols:64:2:0,cols:64:4:0,cols:128:4:0,cols:32:1:1",
+                    help="layout:block_rows:num_warps:contract,... timed alone on one block ('' to skip); the fastest "
+                         "exact ones become the kernel's defaults for the solves")
+    ap.add_argument("--kernel-ns", default="22016,4096,2048")
     ap.add_argument("--skip-solves", action="store_true")
     ap.add_argument("--shapes", default="", help="K:N,N;K:N,... instead of the 7B layer shapes (smoke tests)")
     args = ap.parse_args()
-    args.configs = [tuple(int(x) for x in c.split(":")) for c in args.kernel_configs.split(",") if c]
-    args.configs = [(r, w, bool(c)) for r, w, c in args.configs]
+    args.configs = [c.split(":") for c in args.kernel_configs.split(",") if c]
+    args.configs = [(lay, int(r), int(w), bool(int(c))) for lay, r, w, c in args.configs]
+    args.kernel_ns = [int(n) for n in args.kernel_ns.split(",")]
+    args.picked = None
     args.shapes = ({int(k): [int(n) for n in ns.split(",")] for k, ns in (p.split(":") for p in args.shapes.split(";"))}
                    if args.shapes else FULL)
 
@@ -223,7 +252,7 @@ def main():
         write_md(rows, args.md)
 
     if args.configs:
-        bench_kernel_configs(args, emit)
+        args.picked = pick_configs(bench_kernel_configs(args, emit))
     if not args.skip_solves:
         bench_solves(args, emit)
     print(json.dumps([{k: r[k] for k in ("what", "shape", "path", "seconds") if k in r} for r in rows]))

@@ -50,10 +50,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEFAULT_BLOCK_ROWS = 16
-DEFAULT_NUM_WARPS = 4
-
-
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -115,7 +111,17 @@ class _Ops:
         return a * b if self.interpret else _ptx("mul.rn.f32 $0, $1, $2;", a, b)
 
 
-def _kernel(w_ref, u_ref, scale_ref, zero_ref, q_ref, d_ref, e_ref, *, bs, maxq, per_column, contract, interpret):
+def _quantize_column(ops, w, s, z, d, maxq):
+    """Codes (as float), dequantized values and scaled errors of one column's values w [rows]."""
+    q = jnp.minimum(jnp.maximum(ops.round(ops.div(w, s)) + z, 0.0), float(maxq))
+    dq = ops.mul(s, q - z)
+    err = ops.div(ops.sub(w, dq), jnp.broadcast_to(d, w.shape))
+    return q, dq, err
+
+
+def _kernel_rows(w_ref, u_ref, scale_ref, zero_ref, q_ref, d_ref, e_ref, *, bs, maxq, per_column, contract,
+                 interpret):
+    """layout "rows": tile W1 [block_rows, bs] as stored; outputs [N, bs], written a column at a time."""
     ops = _Ops(interpret)
     W = w_ref[...]  # [block_rows, bs], kept in registers across the loop
     cols = lax.broadcasted_iota(jnp.int32, W.shape, 1)
@@ -128,9 +134,7 @@ def _kernel(w_ref, u_ref, scale_ref, zero_ref, q_ref, d_ref, e_ref, *, bs, maxq,
         w = jnp.sum(jnp.where(cols == i, W, 0.0), axis=1)  # column i: exactly one non-zero term per row
         u = u_ref[i, :]  # [bs]
         d = jnp.sum(jnp.where(ucols == i, u, 0.0))  # U1[i, i]
-        q = jnp.minimum(jnp.maximum(ops.round(ops.div(w, s)) + z, 0.0), float(maxq))
-        dq = ops.mul(s, q - z)
-        err = ops.div(ops.sub(w, dq), jnp.broadcast_to(d, w.shape))
+        q, dq, err = _quantize_column(ops, w, s, z, d, maxq)
         q_ref[:, i] = q.astype(jnp.int32)
         d_ref[:, i] = dq
         e_ref[:, i] = err
@@ -140,19 +144,61 @@ def _kernel(w_ref, u_ref, scale_ref, zero_ref, q_ref, d_ref, e_ref, *, bs, maxq,
     lax.fori_loop(0, bs, column, W)
 
 
-@functools.partial(jax.jit, static_argnames=("maxq", "block_rows", "num_warps", "contract", "interpret"))
-def gptq_columns(W1, U1, scale, zero, *, maxq: int, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 num_warps: int = DEFAULT_NUM_WARPS, contract: bool = False, interpret: bool = False):
+def _kernel_cols(wt_ref, u_ref, scale_ref, zero_ref, qt_ref, dt_ref, et_ref, *, bs, maxq, per_column, contract,
+                 interpret):
+    """layout "cols": the transposed tile W1^T [bs, block_rows] (rows of W contiguous), so column i of W1 is row i of
+    the tile: the per-row quantities are spread over the lanes instead of repeated on each, and the outputs
+    [bs, N] are written a contiguous row at a time."""
+    ops = _Ops(interpret)
+    WT = wt_ref[...]  # [bs, block_rows]
+    rows = lax.broadcasted_iota(jnp.int32, WT.shape, 0)
+    if not per_column:
+        s0, z0 = scale_ref[0, :], zero_ref[0, :]
+
+    def column(i, WT):
+        s, z = (scale_ref[i, :], zero_ref[i, :]) if per_column else (s0, z0)
+        w = jnp.sum(jnp.where(rows == i, WT, 0.0), axis=0)  # row i of the tile: one non-zero term per column
+        u = u_ref[i, :]  # [bs]
+        d = u_ref[i, i]
+        q, dq, err = _quantize_column(ops, w, s, z, d, maxq)
+        qt_ref[i, :] = q.astype(jnp.int32)
+        dt_ref[i, :] = dq
+        et_ref[i, :] = err
+        u2, e2 = jnp.broadcast_to(u[:, None], WT.shape), jnp.broadcast_to(err[None, :], WT.shape)
+        return WT - u2 * e2 if contract else ops.sub(WT, ops.mul(u2, e2))
+
+    lax.fori_loop(0, bs, column, WT)
+
+
+LAYOUTS = ("rows", "cols")
+# (layout, block_rows, num_warps) for large and small N (row tiles per SM decide): see default_config.
+CONFIGS = {"large": ("cols", 32, 1), "small": ("cols", 16, 1)}
+LARGE_N = 8192
+
+
+def default_config(N: int) -> tuple[str, int, int]:
+    """(layout, block_rows, num_warps) used for N rows when not given: few rows -> smaller tiles, more programs."""
+    return CONFIGS["large" if N >= LARGE_N else "small"]
+
+
+@functools.partial(jax.jit, static_argnames=("maxq", "layout", "block_rows", "num_warps", "contract", "interpret"))
+def gptq_columns(W1, U1, scale, zero, *, maxq: int, layout: str | None = None, block_rows: int | None = None,
+                 num_warps: int | None = None, contract: bool = False, interpret: bool = False):
     """One GPTQ block: W1 [N, bs], U1 [bs, bs], scale/zero [S, N] (S in {1, bs}) -> (Q1 int32, D1, E1) [N, bs].
 
-    N is padded to a multiple of ``block_rows`` (a power of two) with zero rows (scale 1, zero 0), bs must satisfy
-    :func:`supported`. ``interpret=True`` runs the kernel body with jnp ops (any backend).
+    layout/block_rows/num_warps: None takes :func:`default_config`. N is padded to a multiple of ``block_rows`` (a
+    power of two) with zero rows (scale 1, zero 0); bs must satisfy :func:`supported`. Layout "cols" runs on W1^T
+    (an XLA transpose in, and out for the results). ``interpret=True`` runs the kernel body with jnp ops.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     N, bs = W1.shape
     S = scale.shape[0]
+    d_layout, d_rows, d_warps = default_config(N)
+    layout = d_layout if layout is None else layout
+    block_rows = d_rows if block_rows is None else block_rows
+    num_warps = d_warps if num_warps is None else num_warps
     if not supported(bs):
         raise ValueError(f"gptq_columns: block of {bs} columns; the kernel needs a power of two in [16, 256]")
     if U1.shape != (bs, bs):
@@ -161,6 +207,8 @@ def gptq_columns(W1, U1, scale, zero, *, maxq: int, block_rows: int = DEFAULT_BL
         raise ValueError(f"gptq_columns: scale/zero shapes {scale.shape}/{zero.shape}, expected (1 or {bs}, {N})")
     if not _is_pow2(block_rows):
         raise ValueError(f"gptq_columns: block_rows={block_rows} must be a power of two")
+    if layout not in LAYOUTS:
+        raise ValueError(f"gptq_columns: layout must be one of {LAYOUTS}, got {layout!r}")
     Np = -(-N // block_rows) * block_rows
     f32 = jnp.float32
     W1, U1, scale, zero = (jnp.asarray(a, f32) for a in (W1, U1, scale, zero))
@@ -168,18 +216,24 @@ def gptq_columns(W1, U1, scale, zero, *, maxq: int, block_rows: int = DEFAULT_BL
         W1 = jnp.pad(W1, ((0, Np - N), (0, 0)))
         scale = jnp.pad(scale, ((0, 0), (0, Np - N)), constant_values=1.0)
         zero = jnp.pad(zero, ((0, 0), (0, Np - N)))
-    tile = pl.BlockSpec((block_rows, bs), lambda r: (r, 0))
     params = pl.BlockSpec((S, block_rows), lambda r: (0, r))
-    kernel = functools.partial(_kernel, bs=bs, maxq=maxq, per_column=S != 1, contract=contract, interpret=interpret)
+    if layout == "rows":
+        tile, kernel, shape = pl.BlockSpec((block_rows, bs), lambda r: (r, 0)), _kernel_rows, (Np, bs)
+    else:
+        tile, kernel, shape = pl.BlockSpec((bs, block_rows), lambda r: (0, r)), _kernel_cols, (bs, Np)
+        W1 = W1.T
+    kernel = functools.partial(kernel, bs=bs, maxq=maxq, per_column=S != 1, contract=contract, interpret=interpret)
     Q1, D1, E1 = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((Np, bs), jnp.int32), jax.ShapeDtypeStruct((Np, bs), f32),
-                   jax.ShapeDtypeStruct((Np, bs), f32)),
+        out_shape=(jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, f32),
+                   jax.ShapeDtypeStruct(shape, f32)),
         grid=(Np // block_rows,),
         in_specs=[tile, pl.BlockSpec((bs, bs), lambda r: (0, 0)), params, params],
         out_specs=(tile, tile, tile),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name="gptq_columns",
+        name=f"gptq_columns_{layout}",
     )(W1, U1, scale, zero)
+    if layout == "cols":
+        Q1, D1, E1 = Q1.T, D1.T, E1.T
     return Q1[:N], D1[:N], E1[:N]

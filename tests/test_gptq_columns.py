@@ -62,11 +62,12 @@ def _oracle(W1, U1, scale, zero, maxq, codes_seen):
     return Q, D, E, ties
 
 
-@pytest.mark.parametrize("per_column", [False, True])
-def test_kernel_matches_reference_and_float64_oracle(rng, per_column):
+@pytest.mark.parametrize("layout,per_column", [("rows", False), ("cols", True), ("cols", False)])
+def test_kernel_matches_reference_and_float64_oracle(rng, layout, per_column):
     N, bs = 37, 32  # odd N: a padded last row tile
     W1, U1, scale, zero, maxq = _block_inputs(rng, N, bs, per_column)
-    Q, D, E = (np.asarray(a) for a in C.gptq_columns(W1, U1, scale, zero, maxq=maxq, block_rows=16, interpret=True))
+    Q, D, E = (np.asarray(a) for a in C.gptq_columns(W1, U1, scale, zero, maxq=maxq, layout=layout, block_rows=16,
+                                                     interpret=True))
     Qr, Dr, Er = (np.asarray(a) for a in C.gptq_columns_reference(W1, U1, scale, zero, maxq))
     # The kernel body in interpret mode performs the reference's float32 operations: identical results.
     np.testing.assert_array_equal(Q, Qr)
@@ -81,13 +82,16 @@ def test_kernel_matches_reference_and_float64_oracle(rng, per_column):
 
 
 def test_kernel_rows_are_independent(rng):
-    """A row's results do not depend on the other rows or on the row tiling (1-GPU vs row-split 2-GPU solves)."""
+    """A row's results do not depend on the other rows, the row tiling or the layout (1-GPU vs row-split 2-GPU
+    solves pick their tiles by N)."""
     N, bs = 45, 16
     W1, U1, scale, zero, maxq = _block_inputs(rng, N, bs, per_column=True)
-    full = C.gptq_columns(W1, U1, scale, zero, maxq=maxq, block_rows=16, interpret=True)
-    half = C.gptq_columns(W1[20:], U1, scale[:, 20:], zero[:, 20:], maxq=maxq, block_rows=8, interpret=True)
-    for a, b in zip(full, half):
-        np.testing.assert_array_equal(np.asarray(a)[20:], np.asarray(b))
+    full = C.gptq_columns(W1, U1, scale, zero, maxq=maxq, layout="cols", block_rows=16, interpret=True)
+    for layout in ("rows", "cols"):
+        half = C.gptq_columns(W1[20:], U1, scale[:, 20:], zero[:, 20:], maxq=maxq, layout=layout, block_rows=8,
+                              interpret=True)
+        for a, b in zip(full, half):
+            np.testing.assert_array_equal(np.asarray(a)[20:], np.asarray(b))
 
 
 def test_kernel_rejects_bad_shapes(rng):
@@ -97,6 +101,8 @@ def test_kernel_rejects_bad_shapes(rng):
     W1, U1, scale, zero, maxq = _block_inputs(rng, 8, 16, per_column=False)
     with pytest.raises(ValueError, match="scale/zero shapes"):
         C.gptq_columns(W1, U1, scale[:, :4], zero, maxq=maxq, interpret=True)
+    with pytest.raises(ValueError, match="layout"):
+        C.gptq_columns(W1, U1, scale, zero, maxq=maxq, layout="diagonal", interpret=True)
 
 
 # (group_size, static_groups, act_order, block_size): the configs the kernel covers, and one it leaves to XLA.
