@@ -103,13 +103,28 @@ _UNROLL = 8
 def _column_kernel_mode(column_kernel: str) -> str:
     """Resolve ``column_kernel`` ("auto", "on", "off", "interpret") at trace time to "gpu", "interpret" or "off".
     "auto": the Pallas kernel (pallas_kernels/gptq_columns.py) on a GPU backend unless JAXQUANT_GPTQ_COLUMN_KERNEL=0,
-    the XLA loop elsewhere. Read when a shape is first traced: set the variable before the first solve."""
+    the XLA loop elsewhere. Read when a shape is first traced: set the variable before the first solve. Measured
+    (H100, bench/results/gptq_solve.md): one w4 g128 solve 1.5-2.6x faster than the XLA loop at 7B shapes."""
     if column_kernel == "auto":
         on = os.environ.get("JAXQUANT_GPTQ_COLUMN_KERNEL", "1") != "0" and jax.default_backend() == "gpu"
         return "gpu" if on else "off"
     if column_kernel not in ("on", "off", "interpret"):
         raise ValueError(f"column_kernel must be 'auto', 'on', 'off' or 'interpret', got {column_kernel!r}")
     return "gpu" if column_kernel == "on" else column_kernel
+
+
+def _column_kernel_config() -> dict:
+    """JAXQUANT_GPTQ_COLUMN_KERNEL=layout:block_rows:num_warps (e.g. rows:16:4) pins the kernel's tiling for every
+    N; otherwise the kernel's ``default_config(N)``."""
+    value = os.environ.get("JAXQUANT_GPTQ_COLUMN_KERNEL", "")
+    if ":" not in value:
+        return {}
+    try:
+        layout, block_rows, num_warps = value.split(":")
+        return dict(layout=layout, block_rows=int(block_rows), num_warps=int(num_warps))
+    except ValueError:
+        raise ValueError(f"JAXQUANT_GPTQ_COLUMN_KERNEL={value!r}: expected 0, 1 or layout:block_rows:num_warps "
+                         "(e.g. cols:32:1)") from None
 
 
 @partial(jax.jit, static_argnames=("bits", "sym", "group_size", "block_size", "row_loss", "column_kernel"))
@@ -158,8 +173,8 @@ def _quantize_blocks(W, U, col_group, tables, *, bits, sym, group_size, block_si
 
     def kernel_columns(W1, U1, scale, zero):
         """The block's column loop as one kernel: scale/zero [1 or bs, N]. Returns (None, Q1, D1, E1)."""
-        return (None, *gptq_columns_kernel.gptq_columns(W1, U1, scale, zero, maxq=maxq,
-                                                         interpret=mode == "interpret"))
+        return (None, *gptq_columns_kernel.gptq_columns(W1, U1, scale, zero, maxq=maxq, interpret=mode == "interpret",
+                                                         **_column_kernel_config()))
 
     def columns(i1, i0, U1, scale_zero, tables, c):
         """Columns i0 .. i0+sub-1 of the block starting at i1 (fixed scale/zero, or table lookups)."""

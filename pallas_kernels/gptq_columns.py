@@ -171,8 +171,10 @@ def _kernel_cols(wt_ref, u_ref, scale_ref, zero_ref, qt_ref, dt_ref, et_ref, *, 
 
 
 LAYOUTS = ("rows", "cols")
-# (layout, block_rows, num_warps) for large and small N (row tiles per SM decide): see default_config.
-CONFIGS = {"large": ("cols", 32, 1), "small": ("cols", 16, 1)}
+# (layout, block_rows, num_warps) for large and small N: the fastest exact configs of the sweep in bench/gptq_solve.py
+# (H100, 2026-11-23, one 128-column block): N = 22016: cols:32:1 309 us (rows:16:4 620 us); N = 4096 and 2048:
+# cols:8:1 195 / 208 us (rows:16:4 453 / 259 us). Small N is latency bound (one chain of 128 dependent columns).
+CONFIGS = {"large": ("cols", 32, 1), "small": ("cols", 8, 1)}
 LARGE_N = 8192
 
 

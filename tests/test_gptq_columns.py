@@ -149,9 +149,15 @@ def test_quantize_blocks_kernel_path_equals_xla_loop(rng, monkeypatch, gs, stati
     assert len(np.unique(codes)) == 2**bits  # every level used: a real quantization, not a trivial one
 
 
-def test_column_kernel_mode(monkeypatch):
+def test_column_kernel_mode_and_config(monkeypatch):
     monkeypatch.setenv("JAXQUANT_GPTQ_COLUMN_KERNEL", "0")
     assert G._column_kernel_mode("auto") == "off"
     assert G._column_kernel_mode("interpret") == "interpret"
+    assert G._column_kernel_config() == {}
     with pytest.raises(ValueError, match="column_kernel"):
         G._column_kernel_mode("yes")
+    monkeypatch.setenv("JAXQUANT_GPTQ_COLUMN_KERNEL", "rows:16:4")
+    assert G._column_kernel_config() == dict(layout="rows", block_rows=16, num_warps=4)
+    monkeypatch.setenv("JAXQUANT_GPTQ_COLUMN_KERNEL", "rows:16")
+    with pytest.raises(ValueError, match="layout:block_rows:num_warps"):
+        G._column_kernel_config()
