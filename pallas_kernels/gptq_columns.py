@@ -21,11 +21,17 @@ The same rounding formula as ``jaxquant.grid.quantize_codes`` / ``dequantize_cod
 never imports jaxquant). Rows are independent: no reduction across rows, no atomics, so a row's results do not depend
 on how many rows are solved together (1-GPU and row-split 2-GPU solves give the same codes).
 
-Kernel: grid (N_pad / block_rows,); each program holds its [block_rows, bs] tile of W1 in registers and runs the
-sequential loop over the bs columns (one ``scf.for``): column i is taken out of the tile by a masked row sum (exact:
-one non-zero term), quantized, its q / dq / err written straight to column i of the output blocks, and the tile gets
-the rank-1 update with row i of U1 (read from global memory, L1/L2 resident). One launch per block instead of bs
-iterations of several small XLA kernels (the XLA loop is launch bound, ~8-12 us per column on an H100).
+Kernel: grid (N_pad / block_rows,); each program holds a tile of block_rows rows x bs columns in registers and runs
+the sequential loop over the bs columns (one ``scf.for``): column i is taken out of the tile by a masked sum (exact:
+one non-zero term), quantized, its q / dq / err stored, and the tile gets the rank-1 update with row i of U1 (read
+from global memory, L1/L2 resident). One launch per block instead of bs iterations of several small XLA kernels (the
+XLA loop is launch bound, ~8-12 us per column on an H100). Two layouts:
+  "cols" (default): the tile is W1^T [bs, block_rows] (XLA transposes W1 in and the results out), so the rows of W
+      lie across the lanes and each lane runs the per-row chain for its own rows; outputs are written a contiguous
+      row of [bs, N] per column; U1[i, i] is a scalar load.
+  "rows": the tile is W1 [block_rows, bs] as stored; columns lie across the lanes, so every lane repeats the
+      per-row chain; outputs written a strided column at a time. 1.2-2x slower per block (H100 sweep).
+Default tiling by N (:data:`CONFIGS`, :func:`default_config`); measured in bench/results/gptq_solve.md.
 
 Backend: the Triton lowering of Pallas (``jax.experimental.pallas.triton``; deprecated in JAX 0.11 but present). Why
 not Mosaic GPU: its programming model is a warpgroup operating on whole arrays in fixed register layouts (WGMMA /
@@ -33,6 +39,8 @@ strided fragments, 128-thread vectors); this loop needs a per-column extraction 
 a per-row vector against a per-column vector (rank-1 update) and scalar/dynamic-row loads, 128 times in a row with a
 dependency chain -- Triton expresses each of these directly (masked reductions, broadcasting, pointer loads), while
 Mosaic GPU would need the tile in shared memory and a scalar-times-vector inner loop over the remaining columns.
+A Mosaic GPU version was not written or measured (judgement from its programming model, under the time given).
+On JAX 0.11.2 each lowering emits a DeprecationWarning for the Triton backend; it still compiles and runs there.
 
 Exactness: Triton lowers float32 ``/`` to the approximate ``div.full.f32`` and has no round-half-even primitive, and
 LLVM/ptxas may contract ``w - scale * t`` into an FMA. On the GPU the per-column scalar chain therefore uses inline
