@@ -52,13 +52,15 @@ class Format:
         key = jax.random.PRNGKey(seed)
         if self.family == "gptq":
             bits = 4 if "w4" in self.name else 3
-            layout = "planes" if self.name.endswith("planes") else "halves"  # explicit: not the default
-            G = K // 128
+            layout = "planes" if "planes" in self.name else "halves"  # explicit: not the default
+            G = -(-K // 128)
             k1, k2, k3 = jax.random.split(key, 3)
             codes = jax.random.randint(k1, (K, N), 0, 2**bits, jnp.int32)
             scales = jax.random.uniform(k2, (G, N), jnp.float32, 0.5, 1.5) * 0.01
             zeros = jax.random.randint(k3, (G, N), 0, 2**bits, jnp.int32)
             g_idx = np.arange(K) // 128
+            if self.name.endswith("-act"):  # act-order: groups in a random column order (the kernel gathers x)
+                g_idx = np.random.RandomState(seed).permutation(g_idx)
             w_float = scales[g_idx] * (codes - zeros[g_idx]).astype(jnp.float32)
             return gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype=dtype, layout=layout), w_float
         if self.family == "lut":
@@ -177,6 +179,47 @@ def smoke_ws(seed):
     return ok
 
 
+def smoke_direct(seed):
+    """The unpadded-activation path (``KernelConfig(direct_x=True)``, M = 1..7) on odd shapes through both GPTQ
+    kernels: K_pad > K (TMA zero-fills the blocks past K), K not a multiple of 64 (column pad only), act-order,
+    3 / 4 bits, float16, tile_k 64..512, n_sub 2, k_splits (partials and cluster), the ws kernel with units split
+    between CTAs and fused; every output NaN-poisoned. The first config of a case runs every M, the others M[0]."""
+    ok = True
+    cases = [  # format, K, N, M list, configs, dtype
+        ("gptq-w4g128", 1024, 200, (1, 2, 3, 4, 5, 6, 7),
+         ({}, {"tile_k": 512, "k_splits": 1}, {"n_sub": 2, "tile_k": 256}, {"k_splits": 2, "fused": True, "tile_k": 128}),
+         jnp.bfloat16),
+        ("gptq-w3g128", 576, 136, (3, 1, 7), ({}, {"tile_k": 256, "k_splits": 1}, {"tile_k": 64, "k_splits": 4}),
+         jnp.bfloat16),
+        ("gptq-w4g128", 1000, 128, (2, 7), ({},), jnp.bfloat16),
+        ("gptq-w4g128-act", 1024, 192, (1, 6), ({}, {"tile_k": 512, "k_splits": 1}), jnp.bfloat16),
+        ("gptq-w3g128", 1024, 64, (5,), ({},), jnp.float16),
+        ("gptq-w4g128", 1024, 840, (1, 5), ({"variant": "ws", "tile_k": 128, "ctas": 4}, {"variant": "ws", "fused": True},
+                                           {"variant": "ws", "fused": True, "ctas": 1, "tile_k": 128}), jnp.bfloat16),
+        ("gptq-w3g128", 2048, 384, (3, 7), ({"variant": "ws"}, {"variant": "ws", "tile_k": 128, "ctas": 2}), jnp.bfloat16),
+        ("gptq-w4g128", 576, 256, (4,), ({"variant": "ws", "tile_k": 64, "ctas": 2}, {"variant": "ws", "fused": True}),
+         jnp.float16),
+    ]
+    for i, (name, K, N, ms, cfgs, dtype) in enumerate(cases):
+        fmt = Format(name)
+        kw, w_float = fmt.make(seed + i, K, N, dtype)
+        for ci, extra in enumerate(cfgs):
+            for M in (ms if ci == 0 else ms[:1]):
+                cfg = fmt.config(direct_x=True, **extra)
+                try:
+                    fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
+                    good = fro < TOL and not nan and same and rc.direct_x
+                except Exception:
+                    log(f"smoke-direct {name} {K}x{N} M={M} {extra} FAILED {traceback.format_exc()[-3000:]}")
+                    ok = False
+                    continue
+                ok &= good
+                log(f"smoke-direct {name} {dtype.__name__} {K}x{N} M={M} {rc.variant or 'wg1'} {rc.tile_k}/{rc.stages}/"
+                    f"{rc.k_splits} n_sub {rc.n_sub} fused {rc.fused}: err {fro:.2e} (max {mx:.2e}) nan={nan} "
+                    f"same={same} {'OK' if good else 'FAIL'}")
+    return ok
+
+
 def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=None):
     for si, (K, N) in enumerate(shapes):
         if time.time() > deadline:
@@ -229,6 +272,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                                    timing="cupti-rotating", gpu_kernels=names,
                                    config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits,
                                                n_sub=rc.n_sub, fused=rc.fused,
+                                               **({"direct_x": rc.direct_x} if hasattr(rc, "direct_x") else {}),
                                                **({"variant": rc.variant, "ctas": rc.ctas, "wgs": rc.wgs}
                                                   if getattr(rc, "variant", None) else {})))
                         emit(row)
@@ -240,9 +284,17 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
 
 
 # ------------------------------------------------------------------------------------------------------- merge
-def merge(paths, results_dir, note=""):
-    """Append the rows of the JSONL files to kernels.json (rows already there are skipped) and (re)write the launch
-    section of kernels.md from all of them."""
+MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
+    "launch": ("<!-- launch rows begin -->", "<!-- launch rows end -->",
+               "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)"),
+    "direct": ("<!-- direct-x rows begin -->", "<!-- direct-x rows end -->",
+               "## Unpadded activations at M < 8 (direct_x) vs the XLA pad (device time, CUPTI)"),
+}
+
+
+def merge(paths, results_dir, note="", section="launch"):
+    """Append the rows of the JSONL files to kernels.json (rows already there are skipped) and (re)write one
+    section of kernels.md (``MD_SECTIONS``) from all of them."""
     sys.path.insert(0, os.path.dirname(results_dir))
     from jaxquant import results
 
@@ -252,9 +304,9 @@ def merge(paths, results_dir, note=""):
     have = {ident(r) for r in json.load(open(json_path))} if os.path.exists(json_path) else set()
     results.append_rows(json_path, [r for r in rows if ident(r) not in have])  # the md section lists all given rows
     md_path = os.path.join(results_dir, "kernels.md")
-    begin, end = "<!-- launch rows begin -->", "<!-- launch rows end -->"
+    begin, end, heading = MD_SECTIONS[section]
     r0 = rows[0]
-    lines = [begin, "", "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)", "",
+    lines = [begin, "", heading, "",
              f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; command: "
              "commands (device tool, one per run_id): " +
              "; ".join(f"{rid}: `{cmd}`" for rid, cmd in sorted({(str(r.get('run_id', '?')), r.get('command', '?'))
@@ -265,15 +317,18 @@ def merge(paths, results_dir, note=""):
              "kernel = the Pallas kernel alone. bf16 XLA in the same run. Every row checked against x @ W_float "
              "with a NaN-poisoned output buffer.", "",
              "| run | format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
-             "| GB/s (path) | rel err | tile_k/stages/k_splits | ok |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| GB/s (path) | rel err | tile_k/stages/k_splits | " + ("variant | x | " if section == "direct" else "")
+             + "ok |",
+             "| --- " * (16 if section == "direct" else 14) + "|"]
     for r in rows:
         c = r["config"]
+        extra = (f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''} | "
+                 f"{'unpadded' if c.get('direct_x') else 'XLA pad'} | ") if section == "direct" else ""
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "
                      f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
-                     f"{c['tile_k']}/{c['stages']}/{c['k_splits']} | {'yes' if r['correct'] else 'NO'} |")
+                     f"{c['tile_k']}/{c['stages']}/{c['k_splits']} | {extra}{'yes' if r['correct'] else 'NO'} |")
     lines += ["", end]
     block = "\n".join(lines)
     results.replace_section(md_path, block, begin, end)
@@ -289,14 +344,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--smoke-ws", action="store_true", help="odd shapes through the warp-specialized GPTQ variant")
+    ap.add_argument("--smoke-direct", action="store_true", help="odd shapes through the unpadded-x (direct_x) path")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape / format after this many s")
     ap.add_argument("--out", default="launch.jsonl")
     ap.add_argument("--merge", nargs="*")
     ap.add_argument("--merge-note", default="")
+    ap.add_argument("--merge-section", default="launch", choices=sorted(MD_SECTIONS))
     args = ap.parse_args()
     if args.merge:
-        merge(args.merge, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), args.merge_note)
+        merge(args.merge, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), args.merge_note,
+              args.merge_section)
         return
     t_start = time.time()
     log(f"jax {jax.__version__}, devices {jax.devices()}")
@@ -306,6 +364,9 @@ def main():
     if args.smoke_ws:
         ok = smoke_ws(seed)
         log(f"smoke-ws: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
+    if args.smoke_direct:
+        ok = smoke_direct(seed) and ok
+        log(f"smoke-direct: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
     if args.smoke:
         ok = smoke(seed) and ok
         log(f"smoke: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")

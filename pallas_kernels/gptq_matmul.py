@@ -270,6 +270,18 @@ class GPTQKernelWeight(KernelWeightShape):
             return jnp.pad(x2d, ((0, m_pad - m), (0, 0)))
         return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
 
+    def direct_activations(self, x2d: jax.Array) -> jax.Array:
+        """x [M, K] -> the unpadded view [M, K_x/64, 64] the kernel's direct_x path reads (``_make_x_stage``): x
+        itself when K is a multiple of 64 (a bitcast; the kernel's TMA zero-fills the columns K..K_pad), else x
+        with its columns padded to K_pad; act-order weights gather x into kernel row order ([M, K_pad])."""
+        m, k = x2d.shape
+        x2d = x2d.astype(self.dtype)
+        if self.perm is not None:
+            x2d = jnp.concatenate([x2d, jnp.zeros((m, 1), x2d.dtype)], axis=1)[:, self.perm]
+        elif k % CHUNK:
+            x2d = jnp.pad(x2d, ((0, 0), (0, self.k_pad - k)))
+        return x2d.reshape(m, x2d.shape[1] // CHUNK, CHUNK)
+
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
@@ -425,7 +437,10 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     m = x2d.shape[0]
     m_pad = _m_pad(m)
     cfg = config.resolved(w, m)
-    xk = w.prepare_activations(x2d, m_pad)
+    if cfg.direct_x:
+        xk = staged_x_reference(w.direct_activations(x2d), w.k_pad, cfg.tile_k).astype(w.dtype)
+    else:
+        xk = w.prepare_activations(x2d, m_pad)
     if cfg.variant == "ws":
         return _reference_ws(xk, w, cfg, m, x2d.dtype)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
@@ -496,6 +511,33 @@ def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -
     return _finish(out, m, w.out_features, dtype)
 
 
+def staged_x_reference(xv: jax.Array, k_pad: int, tile_k: int) -> jax.Array:
+    """The direct_x path's activation tiles in numpy, built through the kernel's own plans: per step a [m, tile_k/64,
+    64] TMA box of the view xv [m, K_x/64, 64] (blocks past K_x zero, as TMA fills them), ``x_zero_coords`` and
+    ``x_stage_coords`` into a NaN-poisoned physical [tile_k/64, 8, 64] swizzled tile, read back in the wgmma's
+    logical order (chunk q of row r at physical chunk q ^ r). Returns the tiles side by side, [8, k_pad] (what the
+    padded path's x would be), NaN where the plans leave a hole."""
+    xv = np.asarray(xv.astype(jnp.float32))
+    m, kx_blocks, _ = xv.shape
+    blocks = np.zeros((m, k_pad // CHUNK, CHUNK), np.float32)
+    blocks[:, :kx_blocks] = xv[:, : k_pad // CHUNK]
+    ints = dict(div=lambda a, b: a // b, rem=lambda a, b: a % b)
+    out = []
+    for kb in range(k_pad // tile_k):
+        raw = blocks[:, kb * tile_k // CHUNK:(kb + 1) * tile_k // CHUNK]
+        phys = np.full((tile_k // CHUNK, 8, CHUNK), np.nan, np.float32)
+        for e in range((8 - m) * tile_k // X_VEC):
+            r, c, q = x_zero_coords(e, m, tile_k, **ints)
+            phys[c, r, q * X_VEC:(q + 1) * X_VEC] = 0.0
+        for e in range(m * tile_k // X_VEC):
+            r, c, q, qs = x_stage_coords(e, tile_k, xor=lambda a, b: a ^ b, **ints)
+            phys[c, r, qs * X_VEC:(qs + 1) * X_VEC] = raw[r, c, q * X_VEC:(q + 1) * X_VEC]
+        rows = np.arange(8)[:, None]
+        cols = np.arange(tile_k)[None, :]
+        out.append(phys[cols // CHUNK, rows, ((cols % CHUNK) // X_VEC ^ rows) * X_VEC + cols % X_VEC])
+    return jnp.asarray(np.concatenate(out, axis=1))
+
+
 def _finish(partials: jax.Array, m: int, n: int, dtype) -> jax.Array:
     return partials.sum(0)[:n, :m].T.astype(dtype)
 
@@ -511,6 +553,24 @@ def _scale_block_index(k_block, tile_k: int, group: int):
     return k_block
 
 
+# ------------------------------------------------------------------------------------------- unpadded activations
+# KernelConfig.direct_x: x [M < 8, K] goes to the GPTQ kernels unpadded (no XLA pad before every call). Its rows reach
+# SMEM as plain [M, tile_k/64, 64] TMA boxes and each compute warpgroup stages them per step into a zeroed, swizzled
+# [8, tile_k] tile (``_make_x_stage``): Mosaic GPU's tiled TMA cannot fill an 8-row swizzled tile from fewer gmem rows,
+# and jax 0.11.2's wgmma takes no untiling view of a (tile_k/64, 8, 64) TMA box (bench/NOTES_kernels.md).
+# JAXQUANT_GPTQ_DIRECT_X=0 turns the default off (the padded x everywhere; explicit configs still choose).
+DIRECT_X_DEFAULT = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "1") != "0"
+# Measurement knob (bench/NOTES_kernels.md): stage x before the dequantization (1) instead of between it and the
+# wgmma (default), read when a kernel is built.
+X_STAGE_FIRST = os.environ.get("JAXQUANT_GPTQ_X_STAGE_FIRST", "0") != "0"
+
+
+def direct_x_ok(w, m: int) -> bool:
+    """Whether x [m, K] can go to w's kernel unpadded: a GPTQ kernel weight in a 16-bit dtype (64-column rows =
+    one 128-byte swizzle span) and 1 <= m < 8 (one 8-row wgmma N tile)."""
+    return isinstance(w, GPTQKernelWeight) and 1 <= m < 8 and jnp.dtype(w.dtype).itemsize == 2
+
+
 # ------------------------------------------------------------------------------------- warp-specialized schedule
 KERNEL_VARIANTS = ("ws",)
 WS_COMPUTE_WGS = 2  # compute warpgroups per CTA, each owns one 64-row output tile of the CTA's 128-row unit
@@ -524,10 +584,11 @@ WS_DEFAULT_MIN_SM_SHARE = 0.8
 WS_SMEM_BYTES = 220 * 1024  # pipeline buffers + output staging (of the 227 KB a CTA may use)
 
 
-def ws_staging_bytes(m_pad: int, wgs: int = WS_COMPUTE_WGS) -> int:
+def ws_staging_bytes(m_pad: int, wgs: int = WS_COMPUTE_WGS, direct_tile_k: int = 0) -> int:
     """Output staging of the ws kernel: per compute warpgroup two float32 [64, m_pad] tiles (the accumulator and a
-    zero tile, or the accumulator and its transposed cast)."""
-    return 2 * wgs * CHUNK * m_pad * 4
+    zero tile, or the accumulator and its transposed cast); with unpadded x (``direct_tile_k`` = tile_k) also its
+    16-bit [8, tile_k] activation tile."""
+    return 2 * wgs * CHUNK * m_pad * 4 + wgs * 8 * direct_tile_k * 2
 
 
 def ws_stage_bytes(m_pad: int, tile_k: int, w, wgs: int = WS_COMPUTE_WGS) -> int:
@@ -638,6 +699,10 @@ class KernelConfig:
     variant: Optional[str] = None
     ctas: Optional[int] = None
     wgs: Optional[int] = None  # ws: compute warpgroups per CTA (2 or 4), each one 64-row output tile
+    # Unpadded activations at M < 8 (``direct_x_ok``; both GPTQ kernels): x [M, K] goes to the kernel as it is (no XLA
+    # pad) and each step stages its M rows into a zeroed [8, tile_k] SMEM tile (``_make_x_stage``). None = the
+    # default (DIRECT_X_DEFAULT where direct_x_ok), False = the padded x.
+    direct_x: Optional[bool] = None
 
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
@@ -685,11 +750,25 @@ class KernelConfig:
             raise ValueError(f"the fused ws launch needs ctas={self.ctas} dividing the {units} units and 16-byte "
                              f"output rows (N={w.out_features})")
         if (self.stages * ws_stage_bytes(_m_pad(m), self.tile_k, w, self.wgs)
-                + ws_staging_bytes(_m_pad(m), self.wgs) > WS_SMEM_BYTES):
+                + ws_staging_bytes(_m_pad(m), self.wgs, self.tile_k if self.direct_x else 0) > WS_SMEM_BYTES):
             raise ValueError(f"stages={self.stages} x tile_k={self.tile_k} exceed {WS_SMEM_BYTES} bytes of shared "
                              f"memory at M_pad={_m_pad(m)}")
 
     def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
+        """``_resolved_blocks`` (the block sizes, launch and variant) with ``direct_x`` filled in: None ->
+        DIRECT_X_DEFAULT where ``direct_x_ok``; True where it is not ok raises."""
+        cfg = self._resolved_blocks(w, m, num_sms)
+        direct = self.direct_x
+        if direct is None:
+            direct = DIRECT_X_DEFAULT and direct_x_ok(w, m)
+        elif direct and not direct_x_ok(w, m):
+            raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight in a 16-bit dtype and "
+                             f"M < 8, got {type(w).__name__} {jnp.dtype(w.dtype).name}, M = {m}")
+        cfg = dataclasses.replace(cfg, direct_x=bool(direct))
+        cfg.check(w, m)
+        return cfg
+
+    def _resolved_blocks(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """Fill in None fields as measured best on an H100 for 8192x28672 (bench/NOTES_kernels.md): M_pad <= 16:
         tile_k up to 512 with 3 stages; larger M: tile_k up to 256 with 2 stages (the activation tile grows with M);
         n_sub = 1 (2 sub-tiles ran slower at M = 64: register pressure). Among the valid tile_k / k_splits, the most
@@ -710,9 +789,9 @@ class KernelConfig:
         gptq = isinstance(w, GPTQKernelWeight)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
-        if (WS_DEFAULT and one_split and _m_pad(m) == 8 and self == KernelConfig()
+        if (WS_DEFAULT and one_split and _m_pad(m) == 8 and dataclasses.replace(self, direct_x=None) == KernelConfig()
                 and ws_default_ok(w, num_sms)):
-            return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3).resolved(w, m, num_sms)
+            return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
                 and self.fused is None and n_sub == 1):
@@ -788,7 +867,7 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     """
     m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
-    xk = w.prepare_activations(x2d, _m_pad(m))
+    xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
 
@@ -819,19 +898,21 @@ _jit_dequant_matmul = jax.jit(dequant_matmul)
 def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
                          out_init: Optional[jax.Array] = None, _variant: str = "full",
                          m: Optional[int] = None) -> jax.Array:
-    """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order) -> float32 partials
-    [k_splits, N_pad, M_pad], or with ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad);
-    cfg must be resolved."""
-    m_pad = xk.shape[0]
-    m = m_pad if m is None else m
+    """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order; with ``cfg.direct_x`` the
+    unpadded view [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with
+    ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad); cfg must be resolved."""
+    direct_m = xk.shape[0] if cfg.direct_x else 0
+    m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
+    m = (direct_m or m_pad) if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
-                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out)
+                              cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
+                              direct_m)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                           _variant, w.layout, fused_out)
+                           _variant, w.layout, fused_out, direct_m)
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
@@ -848,9 +929,11 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
-                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None):
+                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None, direct_m=0):
     """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
-    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``."""
+    memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``.
+    direct_m: 0 (x padded to [m_pad, K_pad]) or the rows m < 8 of the unpadded view of ``direct_activations``, staged
+    per step into a zeroed [8, tile_k] tile (``_make_x_stage``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -860,6 +943,8 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq",
                             layout=layout)
+    if direct_m:
+        zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name)
 
     def body(*refs):
         x_gmem, w_gmem, s_gmem = refs[:3]
@@ -873,27 +958,41 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             return (_scale_block_index(k0 + k, tile_k, group), n_idx)
 
         in_specs = [
-            x_block_spec(m_pad, tile_k, dtype, lambda k: k0 + k),
+            (direct_x_block_spec(direct_m, tile_k, lambda k: k0 + k) if direct_m
+             else x_block_spec(m_pad, tile_k, dtype, lambda k: k0 + k)),
             plgpu.BlockSpec((n_sub, tile_k // CHUNK, bits, 128), lambda k: (n_idx, k0 + k, 0, 0)),
             plgpu.BlockSpec((gps, rows), scale_index),
         ] + ([plgpu.BlockSpec((gps, rows), scale_index)] if has_bias else [])
 
-        def acc_scope(*acc_refs):
+        def acc_scope(*scoped):
+            acc_refs, x_pad = (scoped[:-1], scoped[-1]) if direct_m else (scoped, None)
+
             def step(_, x_smem, w_smem, s_smem, *b_smem):
+                if direct_m and X_STAGE_FIRST:
+                    stage_x(x_smem, x_pad)
                 # Dequantize every sub-tile first, then issue the wgmmas and wait once: the A registers of one step
                 # are never overwritten while a wgmma may still read them.
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
                 a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
+                if direct_m:  # the step's m rows -> the wgmma's [8, tile_k] tile (rows m..7 stay zero)
+                    if not X_STAGE_FIRST:
+                        stage_x(x_smem, x_pad)
+                    x_smem = x_pad
                 for j in range(n_sub):
                     plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
                 plgpu.wgmma_wait(0)
 
+            if direct_m:
+                zero_x(x_pad)
             gmem = [x_gmem, w_gmem, s_gmem] + ([b_gmem] if has_bias else [])
             plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=min(stages, steps))(*gmem)
             return [acc_ref[...] for acc_ref in acc_refs]
 
-        accs = pl.run_scoped(acc_scope, *[plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)])
+        scoped = [plgpu.ACC((CHUNK, m_pad), jnp.float32) for _ in range(n_sub)]
+        if direct_m:
+            scoped.append(plgpu.SMEM((m_pad, tile_k), dtype, transforms=x_smem_transforms(dtype)))
+        accs = pl.run_scoped(acc_scope, *scoped)
         store_output(accs, out_gmem, n_idx=n_idx, split=split, m_pad=m_pad, k_splits=k_splits, fused_out=fused_out)
 
     return launch_kernel(body, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_n{rows}", n_pad=n_pad, m_pad=m_pad,
@@ -902,14 +1001,15 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
-                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None):
+                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0):
     """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
     ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
     shared). Work is split stream-K (``ws_step``): every CTA runs the same number of (unit, k-step) pairs across
     unit boundaries; the accumulators go to float32 partial slots [2, n_pad, m_pad] that the wrapper sums. With
     ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores its y tile (transposed,
-    cast, TMA-clipped to [m, n]) itself: the call is one kernel."""
+    cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
+    warpgroup stages the shared raw activation rows into its own [8, tile_k] tile)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -919,6 +1019,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     spc = (n_pad // rows) * spu // ctas
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, layout=layout, wg_local=True)
+    if direct_m:
+        zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True)
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
     transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
 
@@ -942,20 +1044,27 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             return (_scale_block_index(k, tile_k, group), unit)
 
         in_specs = [
-            x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1]),
+            (direct_x_block_spec(direct_m, tile_k, lambda t: unit_k(t)[1]) if direct_m
+             else x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1])),
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
             plgpu.BlockSpec((gps, rows), s_map),
         ] + ([plgpu.BlockSpec((gps, rows), s_map)] if has_bias else [])
 
-        def scope(acc_smem, o_smem):
+        def scope(acc_smem, o_smem, *x_pad):
             wg = jax.lax.axis_index("wg")
 
             def step(idx, x_smem, w_smem, s_smem, *rest):
                 *b_smem, acc = rest
                 (t,) = idx
                 unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
+                if direct_m and X_STAGE_FIRST:
+                    stage_x(x_smem, x_pad[0])
                 cols = pl.ds(wg * CHUNK, CHUNK)
                 a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
+                if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
+                    if not X_STAGE_FIRST:
+                        stage_x(x_smem, x_pad[0])
+                    x_smem = x_pad[0].at[wg]
 
                 def mma(acc_ref):
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
@@ -984,6 +1093,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 return acc * jnp.where(flush, 0.0, 1.0).astype(jnp.float32)  # reset after a flush
 
             def compute(eval_pipeline):
+                if direct_m:
+                    zero_x(x_pad[0])
                 zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
                 if not fused_out:
                     o_smem.at[wg][...] = zeros  # the zero tile for slot 1 of whole units
@@ -997,7 +1108,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
                   else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
-        pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, collective_axes="wg")
+        x_pad_type = [plgpu.SMEM((wgs, m_pad, tile_k), dtype, transforms=x_smem_transforms(dtype))] if direct_m else []
+        pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
                 else jax.ShapeDtypeStruct((2, n_pad, m_pad), jnp.float32))
@@ -1006,15 +1118,131 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
 
 
+def x_smem_transforms(dtype):
+    """The SMEM layout of the wgmma's activation (N) operand: (8, 64)-tiled, 128-byte-swizzled."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return (plgpu.TilingTransform((8, X_SWIZZLE // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(X_SWIZZLE))
+
+
 def x_block_spec(m_pad: int, tile_k: int, dtype, k_block):
     """The activation BlockSpec of a pipeline step (``k_block(step)`` = its tile_k-column block): the padded x
     [m_pad, K_pad] as (8, 64)-tiled, 128-byte-swizzled [m_pad, tile_k] tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    swizzle = 128
-    return plgpu.BlockSpec((m_pad, tile_k), lambda s: (0, k_block(s)),
-                           transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
-                                       plgpu.SwizzleTransform(swizzle)))
+    return plgpu.BlockSpec((m_pad, tile_k), lambda s: (0, k_block(s)), transforms=x_smem_transforms(dtype))
+
+
+def direct_x_block_spec(m: int, tile_k: int, k_block):
+    """The unpadded activation BlockSpec (``direct_x``): plain [m, tile_k/64, 64] boxes of the [m, K_x/64, 64] view
+    (no tiling: any m; every box dimension <= 256 as TMA requires; blocks past K_x are zero-filled by TMA)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.BlockSpec((m, tile_k // CHUNK, CHUNK), lambda s: (0, k_block(s), 0))
+
+
+X_SWIZZLE = 128  # bytes: one 64-column row of a 16-bit (8, 64) tile
+X_VEC = 8  # 16-bit elements per 16-byte swizzle chunk (one vector load / store of the staging copy)
+
+
+def x_stage_coords(e, tile_k: int, div, rem, xor):
+    """Staging plan of the direct_x path for flat index e (python ints, or traced values through ``div`` / ``rem``
+    / ``xor``): e in [0, m * tile_k / 8) names the 16-byte chunk (row r, 64-column block c, chunk q) of the raw
+    [m, tile_k/64, 64] rows; it goes to chunk q ^ r of row r of tile c of the (8, 64)-tiled, 128-byte-swizzled
+    [8, tile_k] tile, whose physical memref is [tile_k/64, 8, 64]. Returns (r, c, q, q ^ r)."""
+    per_row = tile_k // X_VEC
+    r, rest = div(e, per_row), rem(e, per_row)
+    c, q = div(rest, CHUNK // X_VEC), rem(rest, CHUNK // X_VEC)
+    return r, c, q, xor(q, r)
+
+
+def x_zero_coords(e, m: int, tile_k: int, div, rem, add=lambda a, b: a + b):
+    """Zeroing plan of the direct_x tile: e in [0, (8 - m) * tile_k / 8) -> (row r >= m, tile c, physical chunk
+    q) of the [tile_k/64, 8, 64] memref (rows >= m hold no data; their chunk order does not matter)."""
+    per_row = tile_k // X_VEC
+    r, rest = div(e, per_row), rem(e, per_row)
+    return add(r, m), div(rest, CHUNK // X_VEC), rem(rest, CHUNK // X_VEC)
+
+
+def _make_x_stage(m: int, tile_k: int, dtype_name: str, wg_local: bool = False):
+    """inline_mgpu functions (zero, stage) of the direct_x path, run by a whole warpgroup. ``zero(x_pad)``: rows
+    m..7 of the (8, 64)-tiled, swizzled [8, tile_k] tile x_pad := 0 (once per CTA). ``stage(x_raw, x_pad)``: the
+    m rows of the step's raw [m, tile_k/64, 64] TMA buffer -> rows 0..m-1 of x_pad in the swizzled layout
+    (``x_stage_coords``: 16-byte loads / stores, at most ceil(m * tile_k / 1024) per thread), then the
+    generic-to-async proxy fence and a warpgroup barrier, so the wgmma that follows reads the whole tile (its own
+    wgmma_wait keeps the next step from overwriting it early). ``wg_local``: x_pad is [wgs, 8, tile_k], one tile
+    per compute warpgroup (thread index // 128)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not 1 <= m < 8:
+        raise ValueError(f"the direct_x staging takes 1..7 activation rows, got {m}")
+    n_copy, n_zero = m * tile_k // X_VEC, (8 - m) * tile_k // X_VEC
+    pad_type = plgpu.RefType(transforms=x_smem_transforms(jnp.dtype(dtype_name)))
+
+    def setup():
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith
+        import jax.experimental.mosaic.gpu as mgpu
+
+        index = ir.IndexType.get()
+        tid = arith.index_cast(index, mgpu.utils.thread_idx())
+        c128 = arith.constant(index, 128)
+        prefix = [arith.divui(tid, c128), arith.constant(index, 0)] if wg_local else [arith.constant(index, 0)]
+        ops = dict(div=lambda a, b: arith.divui(a, arith.constant(index, b)),
+                   rem=lambda a, b: arith.remui(a, arith.constant(index, b)))
+        return arith.remui(tid, c128), prefix, ops, index
+
+    def for_each(n, index, tid, body):
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, scf
+
+        for i in range(-(-n // 128)):
+            e = arith.addi(tid, arith.constant(index, 128 * i))
+            if 128 * (i + 1) <= n:
+                body(e)
+                continue
+            if_op = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, e, arith.constant(index, n)))
+            with ir.InsertionPoint(if_op.then_block):
+                body(e)
+                scf.yield_([])
+
+    @plgpu.inline_mgpu(arg_types=(pad_type,))
+    def zero(ctx, pad_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, vector
+
+        tid, prefix, ops, index = setup()
+        elt = ir.MemRefType(pad_ref.type).element_type
+        vec_ty = ir.VectorType.get((X_VEC,), elt)
+        zeros = arith.constant(vec_ty, ir.DenseElementsAttr.get_splat(vec_ty, ir.FloatAttr.get(elt, 0.0)))
+
+        def body(e):
+            r, c, q = x_zero_coords(e, m, tile_k, add=lambda a, b: arith.addi(a, arith.constant(index, b)), **ops)
+            vector.store(zeros, pad_ref, [*prefix, c, r, arith.muli(q, arith.constant(index, X_VEC))])
+
+        for_each(n_zero, index, tid, body)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), pad_type))
+    def stage(ctx, raw_ref, pad_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, vector
+        import jax.experimental.mosaic.gpu as mgpu
+
+        tid, prefix, ops, index = setup()
+        vec_ty = ir.VectorType.get((X_VEC,), ir.MemRefType(raw_ref.type).element_type)
+        cvec = arith.constant(index, X_VEC)
+
+        def body(e):
+            r, c, q, qs = x_stage_coords(e, tile_k, xor=arith.xori, **ops)
+            v = vector.load(vec_ty, raw_ref, [r, c, arith.muli(q, cvec)])
+            vector.store(v, pad_ref, [*prefix, c, r, arith.muli(qs, cvec)])
+
+        for_each(n_copy, index, tid, body)
+        mgpu.utils.commit_shared()
+
+    return zero, stage
 
 
 def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):
