@@ -323,7 +323,8 @@ def merge(paths, results_dir, note="", section="launch"):
     for r in rows:
         c = r["config"]
         extra = (f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''} | "
-                 f"{'unpadded' if c.get('direct_x') else 'XLA pad'} | ") if section == "direct" else ""
+                 f"{('unpadded, staged ' + c.get('x_stage', 'after') + ' dequant') if c.get('direct_x') else 'XLA pad'} | "
+                 ) if section == "direct" else ""
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "

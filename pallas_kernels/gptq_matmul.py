@@ -44,6 +44,13 @@ TMA-issuing warpgroup and two compute warpgroups (each one 64-row tile of a 128-
 tile); stream-K float32 partial slots, or (``fused``) whole units per CTA with y stored by the warpgroups. It is the
 default for GPTQ 4-bit at M_pad = 8 on shapes like 8192x28672 (``ws_default_ok``): 50.4 us path = 3.16x bf16 vs
 52.0 us = 3.06x for the one-warpgroup kernel in the same run (bench/NOTES_kernels.md, "Warp-specialized kernel").
+
+Activations at M < 8 (``KernelConfig.direct_x``): x [M, K] reaches the kernel unpadded (no XLA pad op before the
+call): each step's TMA copies plain [M, tile_k/64, 64] boxes and every compute warpgroup stages the M rows into a
+zeroed, swizzled [8, tile_k] SMEM tile for its wgmma (``_make_x_stage``). Default for the ws kernel and for the
+one-warpgroup kernel up to DIRECT_X_MAX_STEPS_PER_SM; H100, same run: 8192x28672 int4 M = 1 (ws fused) 47.4 us path
+= 3.34x bf16 vs 50.5 us = 3.14x with the pad; LLaMA-7B layer shapes -1.0..-1.8 us per call (bench/NOTES_kernels.md,
+"Unpadded activations").
 """
 
 from __future__ import annotations
@@ -560,9 +567,18 @@ def _scale_block_index(k_block, tile_k: int, group: int):
 # and jax 0.11.2's wgmma takes no untiling view of a (tile_k/64, 8, 64) TMA box (bench/NOTES_kernels.md).
 # JAXQUANT_GPTQ_DIRECT_X=0 turns the default off (the padded x everywhere; explicit configs still choose).
 DIRECT_X_DEFAULT = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "1") != "0"
-# Measurement knob (bench/NOTES_kernels.md): stage x before the dequantization (1) instead of between it and the
-# wgmma (default), read when a kernel is built.
-X_STAGE_FIRST = os.environ.get("JAXQUANT_GPTQ_X_STAGE_FIRST", "0") != "0"
+# The staging costs each compute warpgroup a fence and a barrier per pipeline step, so the one-warpgroup kernel takes
+# the unpadded x by default only up to this many CTA-steps per SM (output tiles x K steps / SMs). Measured (H100,
+# bench/NOTES_kernels.md "Unpadded activations"): the LLaMA-7B layer shapes (16-43 per SM) path -1.0..-1.8 us
+# (pad gone, kernel -0.3..+0.5 us); 8192x28672 3-bit (109 per SM) kernel +2.6 us, path +1.4 us. The ws kernel
+# (8192x28672 4-bit: 32 steps per CTA, 112 CTAs) takes it always (path 47.4 vs 50.5 us).
+DIRECT_X_MAX_STEPS_PER_SM = 64
+
+
+def direct_x_steps_per_sm(cfg, w, num_sms: int = 132) -> float:
+    """Pipeline steps per SM of the one-warpgroup kernel under a resolved cfg: output tiles x K steps / SMs (the
+    k_splits cancel). Each step of the direct_x path pays one staging fence + barrier."""
+    return (w.n_pad // (CHUNK * cfg.n_sub)) * (w.k_pad // cfg.tile_k) / num_sms
 
 
 def direct_x_ok(w, m: int) -> bool:
@@ -756,11 +772,13 @@ class KernelConfig:
 
     def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """``_resolved_blocks`` (the block sizes, launch and variant) with ``direct_x`` filled in: None ->
-        DIRECT_X_DEFAULT where ``direct_x_ok``; True where it is not ok raises."""
+        DIRECT_X_DEFAULT where ``direct_x_ok`` (the ws kernel; the one-warpgroup kernel up to
+        DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM); True where it is not ok raises."""
         cfg = self._resolved_blocks(w, m, num_sms)
         direct = self.direct_x
         if direct is None:
-            direct = DIRECT_X_DEFAULT and direct_x_ok(w, m)
+            direct = DIRECT_X_DEFAULT and direct_x_ok(w, m) and (
+                cfg.variant == "ws" or direct_x_steps_per_sm(cfg, w, num_sms) <= DIRECT_X_MAX_STEPS_PER_SM)
         elif direct and not direct_x_ok(w, m):
             raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight in a 16-bit dtype and "
                              f"M < 8, got {type(w).__name__} {jnp.dtype(w.dtype).name}, M = {m}")
@@ -968,16 +986,13 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             acc_refs, x_pad = (scoped[:-1], scoped[-1]) if direct_m else (scoped, None)
 
             def step(_, x_smem, w_smem, s_smem, *b_smem):
-                if direct_m and X_STAGE_FIRST:
-                    stage_x(x_smem, x_pad)
                 # Dequantize every sub-tile first, then issue the wgmmas and wait once: the A registers of one step
                 # are never overwritten while a wgmma may still read them.
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
                 a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
                 if direct_m:  # the step's m rows -> the wgmma's [8, tile_k] tile (rows m..7 stay zero)
-                    if not X_STAGE_FIRST:
-                        stage_x(x_smem, x_pad)
+                    stage_x(x_smem, x_pad)  # after the dequantization (measured faster than before it)
                     x_smem = x_pad
                 for j in range(n_sub):
                     plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
@@ -1057,13 +1072,10 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 *b_smem, acc = rest
                 (t,) = idx
                 unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
-                if direct_m and X_STAGE_FIRST:
-                    stage_x(x_smem, x_pad[0])
                 cols = pl.ds(wg * CHUNK, CHUNK)
                 a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
                 if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
-                    if not X_STAGE_FIRST:
-                        stage_x(x_smem, x_pad[0])
+                    stage_x(x_smem, x_pad[0])
                     x_smem = x_pad[0].at[wg]
 
                 def mma(acc_ref):
