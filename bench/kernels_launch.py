@@ -289,6 +289,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                "## Single-kernel launch and GPTQ 3-bit layouts (device time, CUPTI)"),
     "direct": ("<!-- direct-x rows begin -->", "<!-- direct-x rows end -->",
                "## Unpadded activations at M < 8 (direct_x) vs the XLA pad (device time, CUPTI)"),
+    "targets": ("<!-- targets rows begin -->", "<!-- targets rows end -->",
+                "## Issue targets at the current defaults, 8192x28672 (device time, CUPTI)"),
 }
 
 
