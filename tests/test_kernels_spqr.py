@@ -312,5 +312,8 @@ def test_csr_sparse_format_matches_ell(rng, m):
     xk = kw["ell"].prepare_activations(x, m)
     np.testing.assert_allclose(np.asarray(sm.sparse_product(xk, kw["csr"])),
                                np.asarray(sm.sparse_product(xk, kw["ell"])), rtol=1e-5, atol=1e-6)
+    # both against the dense outlier matrix (float64)
+    want = np.asarray(xk, np.float64) @ np.asarray(kw["ell"].sparse_dense(), np.float64)
+    np.testing.assert_allclose(np.asarray(sm.sparse_product(xk, kw["ell"])), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sparse_format"):
         sm.pack(*args, bits=3, group_size=16, qq_groupsize=16, sparse_format="coo")
