@@ -541,12 +541,9 @@ def sparse_product(xk: jax.Array, w: SpQRKernelWeight) -> Optional[jax.Array]:
         return (mat @ xk.T.astype(jnp.float32)).T
     if not w.sp_buckets:
         return None
-    # Gathered from x^T [K_pad, M], so each outlier's activations are M contiguous values: gathered from xk's columns
-    # ([M, n_b, L_b]) XLA transposed every bucket (input_transpose_fusion, 78-125 us each at M = 16 on an H100).
-    xt = xk.T.astype(jnp.float32)
-    parts = [jnp.sum(xt[cols.astype(jnp.int32)] * vals.astype(jnp.float32)[..., None], axis=1)
-             for cols, vals in w.sp_buckets]  # [n_b, M]
-    return jnp.concatenate(parts + [jnp.zeros((1, xk.shape[0]), jnp.float32)], axis=0)[w.sp_inv].T
+    parts = [jnp.sum(xk[:, cols.astype(jnp.int32)].astype(jnp.float32) * vals.astype(jnp.float32), axis=-1)
+             for cols, vals in w.sp_buckets]  # [M, n_b]
+    return jnp.concatenate(parts + [jnp.zeros((xk.shape[0], 1), jnp.float32)], axis=1)[:, w.sp_inv]
 
 
 def _finish(partials: jax.Array, sparse: Optional[jax.Array], m: int, n: int, dtype) -> jax.Array:
