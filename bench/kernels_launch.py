@@ -105,6 +105,19 @@ def check(fmt, kw, w_float, M, cfg, key):
 
 
 # ------------------------------------------------------------------------------------------------------- runs
+def smoke_one(tag, fmt, kw, w_float, M, cfg, key, describe, require=lambda rc: True) -> bool:
+    """One NaN-poisoned correctness check of a smoke case, logged; ``describe(rc)`` names the resolved config."""
+    try:
+        fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, key)
+    except Exception:
+        log(f"{tag} {fmt.name} {kw.in_features}x{kw.out_features} M={M} {cfg} FAILED {traceback.format_exc()[-3000:]}")
+        return False
+    good = fro < TOL and not nan and same and require(rc)
+    log(f"{tag} {fmt.name} {jnp.dtype(kw.dtype).name} {kw.in_features}x{kw.out_features} M={M} {describe(rc)}: "
+        f"err {fro:.2e} (max {mx:.2e}) nan={nan} same={same} {'OK' if good else 'FAIL'}")
+    return good
+
+
 def smoke(seed):
     """Odd shapes through the new paths on the GPU (fused launch with k_splits 1..8, M 1..64, N not a multiple of
     64, both 3-bit layouts, float16, LUT with a sparse part, SpQR): every output NaN-poisoned. Returns all ok."""
@@ -131,17 +144,8 @@ def smoke(seed):
                 for fused in (True, False) if ks == splits[0] and M == ms[0] else (True,):
                     tile_k = 256 if fmt.family == "spqr" else 128  # enough pipeline steps for 8 splits
                     cfg = fmt.config(k_splits=ks, fused=fused, tile_k=tile_k)
-                    try:
-                        fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
-                        good = fro < TOL and not nan and same
-                    except Exception:
-                        log(f"smoke {name} {K}x{N} M={M} k_splits={ks} fused={fused} FAILED "
-                            f"{traceback.format_exc()[-2500:]}")
-                        ok = False
-                        continue
-                    ok &= good
-                    log(f"smoke {name} {dtype.__name__} {K}x{N} M={M} k_splits={ks} fused={fused}: err {fro:.2e} "
-                        f"(max {mx:.2e}) nan={nan} same={same} {'OK' if good else 'FAIL'}")
+                    ok &= smoke_one("smoke", fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M),
+                                    lambda rc: f"k_splits={rc.k_splits} fused={rc.fused}")
     return ok
 
 
@@ -166,16 +170,8 @@ def smoke_ws(seed):
         for M in ms:
             for extra in cfgs:
                 cfg = fmt.config(variant="ws", **extra)
-                try:
-                    fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
-                    good = fro < TOL and not nan and same
-                except Exception:
-                    log(f"smoke-ws {name} {K}x{N} M={M} {extra} FAILED {traceback.format_exc()[-3000:]}")
-                    ok = False
-                    continue
-                ok &= good
-                log(f"smoke-ws {name} {dtype.__name__} {K}x{N} M={M} {rc.tile_k}/{rc.stages} ctas {rc.ctas}: err "
-                    f"{fro:.2e} (max {mx:.2e}) nan={nan} same={same} {'OK' if good else 'FAIL'}")
+                ok &= smoke_one("smoke-ws", fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M),
+                                lambda rc: f"{rc.tile_k}/{rc.stages} ctas {rc.ctas}")
     return ok
 
 
@@ -206,17 +202,9 @@ def smoke_direct(seed):
         for ci, extra in enumerate(cfgs):
             for M in (ms if ci == 0 else ms[:1]):
                 cfg = fmt.config(direct_x=True, **extra)
-                try:
-                    fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M))
-                    good = fro < TOL and not nan and same and rc.direct_x
-                except Exception:
-                    log(f"smoke-direct {name} {K}x{N} M={M} {extra} FAILED {traceback.format_exc()[-3000:]}")
-                    ok = False
-                    continue
-                ok &= good
-                log(f"smoke-direct {name} {dtype.__name__} {K}x{N} M={M} {rc.variant or 'wg1'} {rc.tile_k}/{rc.stages}/"
-                    f"{rc.k_splits} n_sub {rc.n_sub} fused {rc.fused}: err {fro:.2e} (max {mx:.2e}) nan={nan} "
-                    f"same={same} {'OK' if good else 'FAIL'}")
+                ok &= smoke_one("smoke-direct", fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M),
+                                lambda rc: f"{rc.variant or 'wg1'} {rc.tile_k}/{rc.stages}/{rc.k_splits} n_sub "
+                                           f"{rc.n_sub} fused {rc.fused}", require=lambda rc: rc.direct_x)
     return ok
 
 
@@ -309,7 +297,7 @@ def merge(paths, results_dir, note="", section="launch"):
     begin, end, heading = MD_SECTIONS[section]
     r0 = rows[0]
     lines = [begin, "", heading, "",
-             f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; command: "
+             f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; "
              "commands (device tool, one per run_id): " +
              "; ".join(f"{rid}: `{cmd}`" for rid, cmd in sorted({(str(r.get('run_id', '?')), r.get('command', '?'))
                                                                 for r in rows})) + ".", "", note, "",
