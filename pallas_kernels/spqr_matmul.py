@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -72,6 +73,7 @@ import numpy as np
 from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, resolve_fused, store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _MANTISSA, _extract_plan, call_with_output, check_kernel_input, pick_blocks
+from .spqr_outliers import outlier_product_add
 
 KERNEL_BITS = (2, 3, 4)
 GROUP = 16  # input columns per first-level group in the kernel layout (SpQR's beta1 must be a multiple)
@@ -80,6 +82,10 @@ STAT_BITS = 3  # first-level statistic codes are stored in 3-bit fields (qq bits
 STAT_CHUNKS = 4  # chunks of 64 columns whose statistics share one 3 x int16 block per thread
 K_ALIGN = CHUNK * STAT_CHUNKS  # 256
 MAX_BUCKETS = 4  # row-length buckets of the outlier ELL arrays
+OUTLIER_PATHS = ("kernel", "xla")
+# The outlier product on the GPU: the spqr_outliers kernel (default) or the XLA gathers of sparse_product
+# (JAXQUANT_SPQR_OUTLIERS=xla).
+OUTLIERS_DEFAULT = os.environ.get("JAXQUANT_SPQR_OUTLIERS", "kernel")
 ELL_ALIGN = 8  # bucket row lengths are multiples of this
 _F32_MAGIC = 0x4B000000  # float32 2**23: (magic | c << s) - 2**23 = c * 2**s exactly for s + 3 <= 23
 
@@ -605,6 +611,7 @@ class KernelConfig:
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (gptq_matmul.launch_kernel); None = its default
+    outliers: Optional[str] = None  # "kernel" (spqr_outliers, adds in place) or "xla" (sparse_product); None = default
 
     def resolved(self, w: SpQRKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """Fill in None fields: as gptq_matmul (tile_k up to 512 and 3 stages at M_pad <= 16, up to 256 and 2
@@ -623,11 +630,14 @@ class KernelConfig:
             raise ValueError(f"tile_k={self.tile_k} does not fit: it must be a multiple of {K_ALIGN} dividing "
                              f"K_pad={w.k_pad}")
         tile_k, k_splits = best
-        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused)
+        cfg = dataclasses.replace(self, tile_k=tile_k, k_splits=k_splits, n_sub=n_sub, stages=stages, fused=fused,
+                                  outliers=self.outliers or OUTLIERS_DEFAULT)
         cfg.check(w)
         return cfg
 
     def check(self, w: SpQRKernelWeight) -> None:
+        if self.outliers not in OUTLIER_PATHS:
+            raise ValueError(f"outliers={self.outliers!r}: expected one of {OUTLIER_PATHS}")
         if self.fused and not fused_output_ok(self.k_splits, w.out_features, jnp.float32):
             raise ValueError(f"the fused launch needs k_splits <= {MAX_CLUSTER} and N a multiple of 4, got "
                              f"k_splits={self.k_splits}, N={w.out_features}")
@@ -655,6 +665,11 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
+    if cfg.outliers == "kernel" and w.sp_buckets and _variant != "nosparse":
+        dense = out if cfg.fused else out.sum(0)[:w.out_features, :m].T  # float32 [m, N]
+        # M = 1: xk's first row as it is; larger M: x^T, so that one gathered column's M values are contiguous.
+        y = outlier_product_add(dense, xk[:m].T if m > 1 else xk, w.sp_buckets, w.sp_rows, kmajor=m > 1)
+        return y.astype(x2d.dtype)
     sparse = sparse_product(xk[:m], w) if _variant != "nosparse" else None
     if cfg.fused:
         return (out if sparse is None else out + sparse[:m, :w.out_features]).astype(x2d.dtype)

@@ -1,0 +1,155 @@
+"""SpQR's outlier product as one Pallas GPU kernel (Triton lowering) that adds into the dense product in place.
+
+Computation (the ELL row-length buckets of :class:`pallas_kernels.spqr_matmul.SpQRKernelWeight`):
+
+    y       [M, N] float32      the dense part x @ W_dense (updated in place: input 0 aliases the output)
+    x       [M_x, K_pad] (rows >= M ignored) or, ``kmajor``, [K_pad, M] (the transpose): the prepared activations
+                                in kernel column order; M = 1 takes the first form as it is (no copy), larger M the
+                                second (a column's M values are then contiguous for the gather)
+    buckets ((cols [n_b, L_b] int16/int32, vals [n_b, L_b] float16), ...): bucket row i holds up to L_b outliers of
+                                one output row, as (kernel column, value - dense value); padding has value 0
+    rows    [T] int32           the output row of each bucket row, buckets in order (T = sum n_b)
+
+    y[m, rows[t]] += sum_l vals[t, l] * x[m, cols[t, l]]        (float32 products and sums)
+
+One launch for all buckets: the grid enumerates blocks of ``block_rows`` bucket rows, bucket after bucket (a static
+branch per bucket on the program id). A program loads its block's columns / values a [block_rows, chunk] tile at a
+time (coalesced along each row), gathers the activations of those columns ([block_rows, chunk, Mp], Mp = M rounded
+up to a power of two, masked), multiplies, sums over the chunk, and finally adds the [block_rows, Mp] sums into
+y at its rows. Every output row belongs to one bucket row, so each element of y has one writer and a fixed order of
+additions: the result is deterministic (no atomics).
+
+Why a kernel: the XLA form of the same product (:func:`pallas_kernels.spqr_matmul.sparse_product`, gathers + row
+reductions + a gather back to output rows + the add) took ~21 us at M = 1 for 8192x28672 with 1 % outliers and
+~360 us at M = 16, where XLA transposes the gathered buckets (bench/NOTES_kernels.md). Here the outlier arrays are
+read once (4 bytes per slot), the activations come from L1/L2, and the add into y needs no extra pass.
+
+Backend: the Triton lowering of Pallas (deprecated in JAX 0.11 but present). Mosaic GPU has no per-lane gather from
+global or shared memory in its array programming model; Triton's pointer loads express one directly. Measured
+against the XLA form in bench/kernels_launch.py (format spqr3 vs spqr3-xla).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+CHUNK_SLOTS = 32  # ELL slots per row and loaded tile (a power of two)
+TILE_ELEMENTS = 4096  # block_rows * chunk * Mp per gathered tile (32 float32 values per thread at 4 warps)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def block_plan(buckets_shapes, mp: int, chunk: int = CHUNK_SLOTS, tile_elements: int = TILE_ELEMENTS):
+    """Per bucket (n_b, L_b): (block_rows, chunk, programs); block_rows and chunk are powers of two."""
+    plan = []
+    for n_b, l_b in buckets_shapes:
+        c = min(chunk, _pow2_ceil(l_b))
+        r = min(_pow2_ceil(n_b), max(1, _pow2_floor(tile_elements // (c * mp))))
+        plan.append((r, c, -(-n_b // r)))
+    return tuple(plan)
+
+
+def outlier_product_reference(y, x, buckets, rows, *, kmajor: bool = False):
+    """Pure jnp: same inputs and result as :func:`outlier_product_add` (float32 products, sums over each row)."""
+    m = y.shape[0]
+    xk = (x.T if kmajor else x)[:m].astype(jnp.float32)  # [m, K_pad]
+    sums = [jnp.einsum("tl,mtl->tm", vals.astype(jnp.float32), xk[:, cols.astype(jnp.int32)],
+                       precision=jax.lax.Precision.HIGHEST) for cols, vals in buckets]
+    sums = jnp.concatenate(sums, axis=0)  # [T, m]
+    return y.at[:, rows].add(sums.T)
+
+
+def _kernel(*refs, plan, n_buckets, m, n, mp, kmajor):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    y_in, x_ref, rows_ref = refs[:3]
+    bucket_refs = refs[3:3 + 2 * n_buckets]
+    y_out = refs[-1]
+    del y_in  # aliased with y_out
+    pid = pl.program_id(0)
+    first_program, first_row = 0, 0
+    m_ids = jax.lax.broadcasted_iota(jnp.int32, (mp,), 0)
+    m_ok = m_ids < m
+    for b, (block_rows, chunk, programs) in enumerate(plan):
+        cols_ref, vals_ref = bucket_refs[2 * b], bucket_refs[2 * b + 1]
+        n_b, l_b = cols_ref.shape
+
+        @pl.when((pid >= first_program) & (pid < first_program + programs))
+        def _(cols_ref=cols_ref, vals_ref=vals_ref, n_b=n_b, l_b=l_b, block_rows=block_rows, chunk=chunk,
+              first_program=first_program, first_row=first_row):
+            r0 = (pid - first_program) * block_rows
+            r_ids = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+            r_ok = r_ids < n_b
+            acc = jnp.zeros((block_rows, mp), jnp.float32)
+            for l0 in range(0, l_b, chunk):  # static: L_b <= a few hundred
+                l_ids = l0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+                ok = r_ok[:, None] & (l_ids < l_b)[None, :]
+                tile = (r_ids[:, None], l_ids[None, :])  # index arrays: the last chunk may pass L_b (masked)
+                cols = pltriton.load(cols_ref.at[tile], mask=ok, other=0).astype(jnp.int32)
+                vals = pltriton.load(vals_ref.at[tile], mask=ok, other=0).astype(jnp.float32)
+                # [block_rows, chunk, mp]; padding slots read column 0 (their value is 0)
+                c3, m3 = cols[:, :, None], m_ids[None, None, :]
+                xg = pltriton.load(x_ref.at[(c3, m3) if kmajor else (m3, c3)], mask=m_ok[None, None, :], other=0)
+                acc = acc + jnp.sum(vals[:, :, None] * xg.astype(jnp.float32), axis=1)
+            # Masked rows point past y (row N): the GPU skips masked lanes; interpret mode drops out-of-bounds
+            # writes but would let a masked duplicate of a real row overwrite it.
+            out_rows = pltriton.load(rows_ref.at[first_row + r_ids], mask=r_ok, other=n)
+            y_ok = m_ok[:, None] & r_ok[None, :]
+            idx = (m_ids[:, None], out_rows[None, :])  # y[m, rows] as an [mp, block_rows] tile
+            cur = pltriton.load(y_out.at[idx], mask=y_ok, other=0.0)
+            pltriton.store(y_out.at[idx], cur + acc.T, mask=y_ok)
+
+        first_program += programs
+        first_row += n_b
+
+
+@functools.partial(jax.jit, static_argnames=("kmajor", "chunk", "tile_elements", "num_warps", "interpret"))
+def outlier_product_add(y, x, buckets, rows, *, kmajor: bool = False, chunk: int = CHUNK_SLOTS,
+                        tile_elements: int = TILE_ELEMENTS, num_warps: int = 4, interpret: bool = False):
+    """y [M, N] float32 + the outlier product (see the module docstring) -> float32 [M, N] (y's buffer, updated).
+
+    x [M_x >= M, K_pad] or (``kmajor``) [K_pad, M]; buckets ((cols, vals), ...); rows [T] int32. ``chunk`` (a power of
+    two) slots per loaded tile; ``tile_elements`` bounds block_rows * chunk * Mp; ``interpret=True`` runs on the CPU."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    m, n = y.shape
+    x_m, k_pad = x.shape[::-1] if kmajor else x.shape
+    if y.dtype != jnp.float32:
+        raise ValueError(f"outlier_product_add: y must be float32, got {y.dtype}")
+    if x_m < m:
+        raise ValueError(f"outlier_product_add: y has {m} rows but x {x.shape} (kmajor={kmajor}) only {x_m}")
+    if sum(c.shape[0] for c, _ in buckets) != rows.shape[0]:
+        raise ValueError(f"outlier_product_add: rows has {rows.shape[0]} entries, the buckets hold "
+                         f"{sum(c.shape[0] for c, _ in buckets)} rows")
+    for cols, vals in buckets:
+        if cols.shape != vals.shape or cols.ndim != 2:
+            raise ValueError(f"outlier_product_add: bucket columns {cols.shape} and values {vals.shape} must be the "
+                             "same [n_b, L_b] shape")
+    if not _pow2_ceil(chunk) == chunk:
+        raise ValueError(f"outlier_product_add: chunk={chunk} must be a power of two")
+    if not buckets:
+        return y
+    mp = _pow2_ceil(m)
+    plan = block_plan([c.shape for c, _ in buckets], mp, chunk, tile_elements)
+    kernel = functools.partial(_kernel, plan=plan, n_buckets=len(buckets), m=m, n=n, mp=mp, kmajor=kmajor)
+    flat = [a for bucket in buckets for a in bucket]
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(y.shape, jnp.float32),
+        grid=(sum(p for _, _, p in plan),),
+        input_output_aliases={0: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="spqr_outliers",
+    )(y, x, rows, *flat)
