@@ -73,7 +73,7 @@ import numpy as np
 from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, resolve_fused, store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _MANTISSA, _extract_plan, call_with_output, check_kernel_input, pick_blocks
-from .spqr_outliers import outlier_product_add
+from .spqr_outliers import outlier_product_add, outlier_sums_mgpu
 
 KERNEL_BITS = (2, 3, 4)
 GROUP = 16  # input columns per first-level group in the kernel layout (SpQR's beta1 must be a multiple)
@@ -82,9 +82,10 @@ STAT_BITS = 3  # first-level statistic codes are stored in 3-bit fields (qq bits
 STAT_CHUNKS = 4  # chunks of 64 columns whose statistics share one 3 x int16 block per thread
 K_ALIGN = CHUNK * STAT_CHUNKS  # 256
 MAX_BUCKETS = 4  # row-length buckets of the outlier ELL arrays
-OUTLIER_PATHS = ("kernel", "xla")
-# The outlier product on the GPU: the spqr_outliers kernel (default) or the XLA gathers of sparse_product
-# (JAXQUANT_SPQR_OUTLIERS=xla).
+OUTLIER_PATHS = ("kernel", "mgpu", "xla")
+# The outlier product on the GPU: "kernel" = spqr_outliers.outlier_product_add (Triton lowering, any M, adds in
+# place), "mgpu" = spqr_outliers.outlier_sums_mgpu at M = 1 (Mosaic GPU, shared-memory gathers; larger M as
+# "kernel"), "xla" = the XLA gathers of sparse_product. JAXQUANT_SPQR_OUTLIERS overrides the default.
 OUTLIERS_DEFAULT = os.environ.get("JAXQUANT_SPQR_OUTLIERS", "kernel")
 ELL_ALIGN = 8  # bucket row lengths are multiples of this
 _F32_MAGIC = 0x4B000000  # float32 2**23: (magic | c << s) - 2**23 = c * 2**s exactly for s + 3 <= 23
@@ -611,7 +612,7 @@ class KernelConfig:
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (gptq_matmul.launch_kernel); None = its default
-    outliers: Optional[str] = None  # "kernel" (spqr_outliers, adds in place) or "xla" (sparse_product); None = default
+    outliers: Optional[str] = None  # one of OUTLIER_PATHS; None = OUTLIERS_DEFAULT
 
     def resolved(self, w: SpQRKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
         """Fill in None fields: as gptq_matmul (tile_k up to 512 and 3 stages at M_pad <= 16, up to 256 and 2
@@ -665,8 +666,11 @@ def spqr_matmul(x2d: jax.Array, w: SpQRKernelWeight, *, config: Optional[KernelC
     cfg = (config or KernelConfig()).resolved(w, m)
     xk = w.prepare_activations(x2d, _m_pad(m))
     out = spqr_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
-    if cfg.outliers == "kernel" and w.sp_buckets and _variant != "nosparse":
+    if cfg.outliers != "xla" and w.sp_buckets and _variant != "nosparse":
         dense = out if cfg.fused else out.sum(0)[:w.out_features, :m].T  # float32 [m, N]
+        if cfg.outliers == "mgpu" and m == 1:
+            sums = outlier_sums_mgpu(xk, w.sp_buckets)  # [T + 1], entry T = 0 (rows without outliers)
+            return (dense + sums[w.sp_inv[:w.out_features]][None]).astype(x2d.dtype)
         # M = 1: xk's first row as it is; larger M: x^T, so that one gathered column's M values are contiguous.
         y = outlier_product_add(dense, xk[:m].T if m > 1 else xk, w.sp_buckets, w.sp_rows, kmajor=m > 1)
         return y.astype(x2d.dtype)

@@ -153,3 +153,116 @@ def outlier_product_add(y, x, buckets, rows, *, kmajor: bool = False, chunk: int
         interpret=interpret,
         name="spqr_outliers",
     )(y, x, rows, *flat)
+
+
+# --------------------------------------------------------------------------------------- Mosaic GPU variant (M = 1)
+THREADS = 128  # one warpgroup per CTA, one bucket row per thread
+
+
+def sums_plan(bucket_shapes):
+    """Per bucket (first CTA, CTAs, first row): CTAs of THREADS bucket rows, bucket after bucket."""
+    plan, first_cta, first_row = [], 0, 0
+    for n_b, _ in bucket_shapes:
+        ctas = -(-n_b // THREADS)
+        plan.append((first_cta, ctas, first_row))
+        first_cta, first_row = first_cta + ctas, first_row + n_b
+    return tuple(plan), first_cta, first_row
+
+
+def outlier_sums_reference(x, buckets):
+    """Pure jnp: the per-bucket-row sums of :func:`outlier_sums_mgpu`, float32 [T + 1] (last entry 0)."""
+    xk = x[0].astype(jnp.float32)
+    sums = [jnp.sum(vals.astype(jnp.float32) * xk[cols.astype(jnp.int32)], axis=1) for cols, vals in buckets]
+    return jnp.concatenate(sums + [jnp.zeros((1,), jnp.float32)])
+
+
+@jax.jit
+def outlier_sums_mgpu(x, buckets):
+    """Mosaic GPU kernel, M = 1: x [M_x, K_pad] (row 0 used), buckets ((cols, vals), ...) -> float32 [T + 1]:
+    entry t = sum_l vals[t, l] * x[0, cols[t, l]] for bucket row t (buckets in order), entry T = 0, so that
+    ``sums[sp_inv]`` is each output row's correction.
+
+    Each CTA (one warpgroup) copies x's row into shared memory (16-byte vectors), then each thread runs one bucket
+    row: 16-byte loads of 8 columns and 8 values, 8 shared-memory gathers, float32 multiply-adds in slot order. The
+    gathers hit shared memory (a few bank conflicts per warp) instead of L1 lines (one per distinct 128-byte line)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    k_pad = x.shape[1]
+    if x.dtype not in (jnp.bfloat16, jnp.float16) or k_pad % 8:
+        raise ValueError(f"outlier_sums_mgpu: x must be bfloat16/float16 [M, K_pad], K_pad % 8 == 0; got {x.dtype} "
+                         f"{x.shape}")
+    for cols, vals in buckets:
+        if cols.shape != vals.shape or cols.shape[1] % 8 or vals.dtype != jnp.float16:
+            raise ValueError(f"outlier_sums_mgpu: buckets need float16 values and [n_b, L_b] with L_b % 8 == 0, got "
+                             f"{cols.shape} {cols.dtype} / {vals.shape} {vals.dtype}")
+    plan, ctas, total = sums_plan([c.shape for c, _ in buckets])
+    nb = len(buckets)
+    x_vecs = k_pad // 8
+
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in range(2 * nb + 3)))
+    def run(ctx, x_g, *refs):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, memref, scf, vector
+        import jax.experimental.mosaic.gpu as mgpu
+
+        bucket_refs, out_g, x_s = refs[:2 * nb], refs[2 * nb], refs[2 * nb + 1]
+        index, f32, i32 = ir.IndexType.get(), ir.F32Type.get(), ir.IntegerType.get_signless(32)
+        c = lambda v: arith.constant(index, v)
+        tid = arith.index_cast(index, mgpu.utils.thread_idx())
+        bid = arith.index_cast(index, mgpu.utils.block_idx())
+        x_elt = ir.MemRefType(x_g.type).element_type
+
+        def when(cond):
+            op = scf.IfOp(cond)
+            return op
+
+        # x row 0 -> shared memory
+        for i in range(-(-x_vecs // THREADS)):
+            e = arith.addi(tid, c(THREADS * i))
+            op = when(arith.cmpi(arith.CmpIPredicate.ult, e, c(x_vecs)))
+            with ir.InsertionPoint(op.then_block):
+                k = arith.muli(e, c(8))
+                v = vector.load(ir.VectorType.get((8,), x_elt), x_g, [c(0), k])
+                vector.store(v, x_s, [k])
+                scf.yield_([])
+        mgpu.utils.warpgroup_barrier()
+        for b, (first_cta, n_ctas, first_row) in enumerate(plan):
+            cols_g, vals_g = bucket_refs[2 * b], bucket_refs[2 * b + 1]
+            n_b, l_b = ir.MemRefType(cols_g.type).shape
+            col_elt = ir.MemRefType(cols_g.type).element_type
+            val_elt = ir.MemRefType(vals_g.type).element_type
+            t = arith.addi(arith.muli(arith.subi(bid, c(first_cta)), c(THREADS)), tid)
+            in_bucket = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, bid, c(first_cta)),
+                                   arith.cmpi(arith.CmpIPredicate.ult, bid, c(first_cta + n_ctas)))
+            op = when(arith.andi(in_bucket, arith.cmpi(arith.CmpIPredicate.ult, t, c(n_b))))
+            with ir.InsertionPoint(op.then_block):
+                zero = arith.constant(f32, 0.0)
+                loop = scf.ForOp(c(0), c(l_b), c(8), [zero])
+                with ir.InsertionPoint(loop.body):
+                    l0, acc = loop.induction_variable, loop.inner_iter_args[0]
+                    vc = vector.load(ir.VectorType.get((8,), col_elt), cols_g, [t, l0])
+                    vv = vector.load(ir.VectorType.get((8,), val_elt), vals_g, [t, l0])
+                    for j in range(8):
+                        col = vector.extract(vc, [], [j])
+                        if ir.IntegerType(col_elt).width < 32:
+                            col = arith.extui(i32, col)  # kernel columns < 2**15: the sign bit is 0
+                        xv = arith.extf(f32, memref.load(x_s, [arith.index_cast(index, col)]))
+                        acc = arith.addf(acc, arith.mulf(arith.extf(f32, vector.extract(vv, [], [j])), xv))
+                    scf.yield_([acc])
+                memref.store(loop.results[0], out_g, [arith.addi(t, c(first_row))])
+                scf.yield_([])
+        last = when(arith.andi(arith.cmpi(arith.CmpIPredicate.eq, bid, c(0)),
+                               arith.cmpi(arith.CmpIPredicate.eq, tid, c(0))))
+        with ir.InsertionPoint(last.then_block):
+            memref.store(arith.constant(f32, 0.0), out_g, [c(total)])
+            scf.yield_([])
+
+    def body(x_g, *refs):
+        pl.run_scoped(lambda x_s: run(x_g, *refs, x_s), plgpu.SMEM((k_pad,), x.dtype))
+
+    mesh = plgpu.Mesh(grid=(ctas,), grid_names=("rows",))
+    flat = [a for bucket in buckets for a in bucket]
+    return pl.kernel(body, out_type=jax.ShapeDtypeStruct((total + 1,), jnp.float32), mesh=mesh,
+                     compiler_params=plgpu.CompilerParams(), name="spqr_outlier_sums")(x, *flat)
