@@ -100,3 +100,26 @@ def test_errors(rng, packed):
     with pytest.raises(ValueError, match="outliers="):
         sm.KernelConfig(outliers="cusparse").resolved(kw, 1)
     assert sm.KernelConfig().resolved(kw, 1).outliers in sm.OUTLIER_PATHS
+
+
+def test_mosaic_sums_reference_and_plan(rng, packed):
+    """The Mosaic GPU variant (M = 1; its inline_mgpu body cannot run in interpret mode, it is checked against the
+    XLA form on the GPU by bench/spqr_outliers.py): its output contract through the jnp reference, and its CTA plan."""
+    w, kw, corrections = packed
+    x = jnp.asarray(rng.standard_normal((1, w.in_features)), jnp.bfloat16)
+    xk = kw.prepare_activations(x, 8)
+    sums = so.outlier_sums_reference(xk, kw.sp_buckets)
+    assert sums.shape == (kw.sp_rows.shape[0] + 1,) and float(sums[-1]) == 0.0
+    got = np.asarray(sums)[np.asarray(kw.sp_inv)[:w.out_features]]  # each output row's correction (0 if none)
+    want = np.asarray(xk[0], np.float64) @ corrections
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    plan, ctas, total = so.sums_plan([c.shape for c, _ in kw.sp_buckets])
+    assert total == kw.sp_rows.shape[0]
+    covered = np.zeros(total, np.int64)
+    for (first_cta, n_ctas, first_row), (cols, _) in zip(plan, kw.sp_buckets):
+        t = (np.arange(first_cta, first_cta + n_ctas)[:, None] - first_cta) * so.THREADS + np.arange(so.THREADS)
+        t = t[t < cols.shape[0]]
+        covered[first_row + t] += 1
+    assert ctas == plan[-1][0] + plan[-1][1] and np.all(covered == 1)
+    with pytest.raises(ValueError, match="L_b % 8"):
+        so.outlier_sums_mgpu(xk, ((kw.sp_buckets[0][0][:, :3], kw.sp_buckets[0][1][:, :3]),))
