@@ -261,6 +261,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                                    config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits,
                                                n_sub=rc.n_sub, fused=rc.fused,
                                                **({"direct_x": rc.direct_x} if hasattr(rc, "direct_x") else {}),
+                                               **({"outliers": rc.outliers} if hasattr(rc, "outliers") else {}),
                                                **({"variant": rc.variant, "ctas": rc.ctas, "wgs": rc.wgs}
                                                   if getattr(rc, "variant", None) else {})))
                         emit(row)
@@ -279,6 +280,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                "## Unpadded activations at M < 8 (direct_x) vs the XLA pad (device time, CUPTI)"),
     "targets": ("<!-- targets rows begin -->", "<!-- targets rows end -->",
                 "## Issue targets at the current defaults, 8192x28672 (device time, CUPTI)"),
+    "spqr-outliers": ("<!-- spqr-outliers rows begin -->", "<!-- spqr-outliers rows end -->",
+                      "## SpQR outlier product: Pallas kernels (default) vs the XLA gathers (device time, CUPTI)"),
 }
 
 
@@ -307,14 +310,15 @@ def merge(paths, results_dir, note="", section="launch"):
              "kernel = the Pallas kernel alone. bf16 XLA in the same run. Every row checked against x @ W_float "
              "with a NaN-poisoned output buffer.", "",
              "| run | format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
-             "| GB/s (path) | rel err | tile_k/stages/k_splits | " + ("variant | x | " if section == "direct" else "")
-             + "ok |",
-             "| --- " * (16 if section == "direct" else 14) + "|"]
+             "| GB/s (path) | rel err | tile_k/stages/k_splits | " + ("variant | x | " if section == "direct" else
+                                                                        "outliers | " if section == "spqr-outliers"
+                                                                        else "") + "ok |",
+             "| --- " * (16 if section == "direct" else 15 if section == "spqr-outliers" else 14) + "|"]
     for r in rows:
         c = r["config"]
         extra = (f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''} | "
                  f"{('unpadded, staged ' + c.get('x_stage', 'after') + ' dequant') if c.get('direct_x') else 'XLA pad'} | "
-                 ) if section == "direct" else ""
+                 ) if section == "direct" else f"{c.get('outliers')} | " if section == "spqr-outliers" else ""
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "

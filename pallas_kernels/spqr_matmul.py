@@ -40,9 +40,9 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`SpQRKernelWeig
   sp_buckets, sp_rows, sp_inv: the outliers as value - W_d (float16) at kernel columns (int16/int32), in up to
       4 row-length buckets: bucket b holds rows of up to L_b outliers as dense [n_b, L_b] column / value arrays
       (ELL, padding value 0); sp_rows [T] the output row of each bucket row (buckets in order), sp_inv [N_pad]
-      each output row's position among them (T = none). The XLA sparse product is then gathers and row
-      reductions only (no scatter: deterministic; on the H100 20 us instead of a segment sum's 90 us at M = 1 for
-      8192x28672 with 1% outliers; both are slow at M >= 16, see bench/NOTES_kernels.md).
+      each output row's position among them (T = none). On the GPU the product runs in pallas_kernels/spqr_outliers.py
+      (one writer per output row: deterministic); the XLA form (sparse_product: gathers and row reductions, no
+      scatter) is the CPU reference and the ``outliers="xla"`` option.
   sp_csr  (sparse_format="csr" instead of the buckets): (values float32 [nnz], kernel columns int32 [nnz],
       row_ptr int32 [N_pad+1]) for cuSPARSE through jax.experimental.sparse (which takes float32 only).
 
@@ -54,8 +54,9 @@ the same values in jnp (the last fma through a round-to-odd float32 sum, so it i
 the kernel's layout and register logic bit for bit. Against the float32 SpQR reconstruction the dense weights differ
 by ~1 unit of the activation dtype (nb carries the rounding of scale * zero): rel err ~3.5e-3 in bf16.
 
-Measured on an H100 (bench/NOTES_kernels.md, SpQR section): 8192x28672 with 1% outliers (3.95 stored bits) at M = 1:
-the kernel 50.9 us (3.1x the bf16 XLA GEMV), the whole path with the XLA outlier product 76 us (2.1x).
+Measured on an H100 (bench/results/kernels.md, section "SpQR outlier product"): 8192x28672 with 1% outliers (3.95
+stored bits) at M = 1: the dense kernel 50.3 us (3.1x the bf16 XLA GEMV); the whole path 62.8 us (2.5x) with the
+outlier kernels of spqr_outliers.py, 75.2 us (2.1x) with the XLA outlier product.
 """
 
 from __future__ import annotations
