@@ -87,8 +87,8 @@ OUTLIER_PATHS = ("kernel", "mgpu", "xla")
 # The outlier product on the GPU: "kernel" = spqr_outliers.outlier_product_add (Triton lowering, any M, adds in
 # place), "mgpu" = spqr_outliers.outlier_sums_mgpu at M = 1 (Mosaic GPU, shared-memory gathers; larger M as
 # "kernel"), "xla" = the XLA gathers of sparse_product. JAXQUANT_SPQR_OUTLIERS overrides the default.
-# Measured (H100, 8192x28672 3-bit, 1 % outliers, M = 1): path 61.5 us with "mgpu" vs 72.9 "kernel" vs 76.9 "xla"
-# (bench/results/spqr_outliers.md, kernels.md).
+# Measured (H100, 8192x28672 3-bit, 1 % outliers, M = 1, bench/kernels_launch.py): path 61.5 us "mgpu" vs 72.9
+# "kernel" in one run, 62.8 us "mgpu" vs 75.2 "xla" in another (kernels.md, NOTES_kernels.md).
 OUTLIERS_DEFAULT = os.environ.get("JAXQUANT_SPQR_OUTLIERS", "mgpu")
 ELL_ALIGN = 8  # bucket row lengths are multiples of this
 _F32_MAGIC = 0x4B000000  # float32 2**23: (magic | c << s) - 2**23 = c * 2**s exactly for s + 3 <= 23

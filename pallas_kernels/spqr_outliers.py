@@ -1,4 +1,5 @@
-"""SpQR's outlier product as one Pallas GPU kernel (Triton lowering) that adds into the dense product in place.
+"""SpQR's outlier product as Pallas GPU kernels: any M through the Triton lowering (adds into the dense product in
+place), M = 1 through Mosaic GPU (per-row sums, shared-memory gathers). Pure-jnp references next to each.
 
 Computation (the ELL row-length buckets of :class:`pallas_kernels.spqr_matmul.SpQRKernelWeight`):
 
@@ -12,21 +13,22 @@ Computation (the ELL row-length buckets of :class:`pallas_kernels.spqr_matmul.Sp
 
     y[m, rows[t]] += sum_l vals[t, l] * x[m, cols[t, l]]        (float32 products and sums)
 
-One launch for all buckets: the grid enumerates blocks of ``block_rows`` bucket rows, bucket after bucket (a static
-branch per bucket on the program id). A program loads its block's columns / values a [block_rows, chunk] tile at a
-time (coalesced along each row), gathers the activations of those columns ([block_rows, chunk, Mp], Mp = M rounded
-up to a power of two, masked), multiplies, sums over the chunk, and finally adds the [block_rows, Mp] sums into
-y at its rows. Every output row belongs to one bucket row, so each element of y has one writer and a fixed order of
-additions: the result is deterministic (no atomics).
+:func:`outlier_product_add` (Triton lowering, any M): one launch for all buckets; the grid enumerates blocks of
+``block_rows`` bucket rows, bucket after bucket (a static branch per bucket on the program id). A program loads its
+block's columns / values a [block_rows, chunk] tile at a time (coalesced along each row), gathers the activations of
+those columns from global memory ([block_rows, chunk, Mp], Mp = M rounded up to a power of two, masked), multiplies,
+sums over the chunk, and adds the [block_rows, Mp] sums into y at its rows. Each element of y has one writer and a
+fixed order of additions: deterministic (no atomics). Triton because Mosaic GPU's array model has no per-lane gather;
+its pointer loads express one directly.
 
-Why a kernel: the XLA form of the same product (:func:`pallas_kernels.spqr_matmul.sparse_product`, gathers + row
-reductions + a gather back to output rows + the add) took ~21 us at M = 1 for 8192x28672 with 1 % outliers and
-~360 us at M = 16, where XLA transposes the gathered buckets (bench/NOTES_kernels.md). Here the outlier arrays are
-read once (4 bytes per slot), the activations come from L1/L2, and the add into y needs no extra pass.
+:func:`outlier_sums_mgpu` (Mosaic GPU, M = 1): the same sums per bucket row, [T + 1] float32, written by one thread
+per bucket row from a copy of x in shared memory (raw loads in an ``inline_mgpu`` block); the caller adds
+``sums[sp_inv]``, which XLA fuses into the partial-sum / convert epilogue. At M = 1 the Triton kernel's gathers from
+global memory are its limit (its time does not move with occupancy), shared-memory gathers are ~2x faster.
 
-Backend: the Triton lowering of Pallas (deprecated in JAX 0.11 but present). Mosaic GPU has no per-lane gather from
-global or shared memory in its array programming model; Triton's pointer loads express one directly. Measured
-against the XLA form in bench/kernels_launch.py (format spqr3 vs spqr3-xla).
+Measured (H100, 8192x28672, 1 % outliers; bench/results/spqr_outliers.md and kernels.md): the XLA form
+(:func:`pallas_kernels.spqr_matmul.sparse_product`) 17-22 us at M = 1 and ~360 us at M = 16 (XLA transposes the
+gathered buckets), the Triton kernel 15.5-16 us at M = 1 and ~68 us at M = 16, the Mosaic GPU sums 7.5-8.3 us at M = 1.
 """
 
 from __future__ import annotations
@@ -214,14 +216,10 @@ def outlier_sums_mgpu(x, buckets):
         bid = arith.index_cast(index, mgpu.utils.block_idx())
         x_elt = ir.MemRefType(x_g.type).element_type
 
-        def when(cond):
-            op = scf.IfOp(cond)
-            return op
-
         # x row 0 -> shared memory
         for i in range(-(-x_vecs // THREADS)):
             e = arith.addi(tid, c(THREADS * i))
-            op = when(arith.cmpi(arith.CmpIPredicate.ult, e, c(x_vecs)))
+            op = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, e, c(x_vecs)))
             with ir.InsertionPoint(op.then_block):
                 k = arith.muli(e, c(8))
                 v = vector.load(ir.VectorType.get((8,), x_elt), x_g, [c(0), k])
@@ -236,7 +234,7 @@ def outlier_sums_mgpu(x, buckets):
             t = arith.addi(arith.muli(arith.subi(bid, c(first_cta)), c(THREADS)), tid)
             in_bucket = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, bid, c(first_cta)),
                                    arith.cmpi(arith.CmpIPredicate.ult, bid, c(first_cta + n_ctas)))
-            op = when(arith.andi(in_bucket, arith.cmpi(arith.CmpIPredicate.ult, t, c(n_b))))
+            op = scf.IfOp(arith.andi(in_bucket, arith.cmpi(arith.CmpIPredicate.ult, t, c(n_b))))
             with ir.InsertionPoint(op.then_block):
                 zero = arith.constant(f32, 0.0)
                 loop = scf.ForOp(c(0), c(l_b), c(8), [zero])
@@ -253,7 +251,7 @@ def outlier_sums_mgpu(x, buckets):
                     scf.yield_([acc])
                 memref.store(loop.results[0], out_g, [arith.addi(t, c(first_row))])
                 scf.yield_([])
-        last = when(arith.andi(arith.cmpi(arith.CmpIPredicate.eq, bid, c(0)),
+        last = scf.IfOp(arith.andi(arith.cmpi(arith.CmpIPredicate.eq, bid, c(0)),
                                arith.cmpi(arith.CmpIPredicate.eq, tid, c(0))))
         with ir.InsertionPoint(last.then_block):
             memref.store(arith.constant(f32, 0.0), out_g, [c(total)])
