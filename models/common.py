@@ -10,6 +10,7 @@ which ``kv_mask[b, j]`` is true (False for left padding).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -227,6 +228,8 @@ def causal_block() -> Optional[int]:
     return CAUSAL_BLOCK if jax.default_backend() == "cpu" else None
 
 
+DECODE_ATTENTION_BARRIER = os.environ.get("JAXQUANT_DECODE_ATTENTION_BARRIER", "1") != "0"
+
 def dot_product_attention(q, k, v, mask, scale: Optional[float] = None, act=None) -> jax.Array:
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; mask: [B|1, 1, T, S], or
     ``None`` for plain causal self-attention (``T == S``).
@@ -271,6 +274,10 @@ def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
         probs = act("probs", probs)
     probs = probs.astype(q.dtype).reshape(b, kv, g * t, -1)
     out = jnp.matmul(probs, v.astype(q.dtype).transpose(0, 2, 1, 3))  # [B, KV, G*T, D]
+    if t == 1 and DECODE_ATTENTION_BARRIER:
+        # A decode step's P @ V is a reduction over the cache; without the barrier XLA may fuse it into a consumer
+        # that gathers its input (act-order / SpQR o_proj), where every gathered element recomputes it serially.
+        out = jax.lax.optimization_barrier(out)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 

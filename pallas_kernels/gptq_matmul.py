@@ -273,8 +273,7 @@ class GPTQKernelWeight(KernelWeightShape):
         m, k = x2d.shape
         x2d = x2d.astype(self.dtype)
         if self.perm is not None:
-            x2d = jnp.concatenate([x2d, jnp.zeros((m, 1), x2d.dtype)], axis=1)[:, self.perm]
-            return jnp.pad(x2d, ((0, m_pad - m), (0, 0)))
+            return jnp.pad(gather_columns(x2d, self.perm), ((0, m_pad - m), (0, 0)))
         return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
 
     def direct_activations(self, x2d: jax.Array) -> jax.Array:
@@ -284,7 +283,7 @@ class GPTQKernelWeight(KernelWeightShape):
         m, k = x2d.shape
         x2d = x2d.astype(self.dtype)
         if self.perm is not None:
-            x2d = jnp.concatenate([x2d, jnp.zeros((m, 1), x2d.dtype)], axis=1)[:, self.perm]
+            x2d = gather_columns(x2d, self.perm)
         elif k % CHUNK:
             x2d = jnp.pad(x2d, ((0, 0), (0, self.k_pad - k)))
         return x2d.reshape(m, x2d.shape[1] // CHUNK, CHUNK)
@@ -405,6 +404,11 @@ def pack(codes_kn, scales, zeros, g_idx, *, bits: int, sym: bool, dtype=jnp.bflo
     nbias = None if drop_zeros else (-(by_group(zeros.astype(jnp.float32), sym_zero) + magic)).astype(dtype)
     return GPTQKernelWeight(qweight=qweight, scales=scales_k, nbias=nbias, perm=perm, bits=bits, group=group,
                             in_features=K, out_features=N, dtype_name=dtype_name, layout=layout)
+
+
+def gather_columns(x2d: jax.Array, index: jax.Array) -> jax.Array:
+    """x [M, K] -> x[:, index] [M, len(index)], where index == K selects a zero column (kernel padding)."""
+    return jnp.concatenate([x2d, jnp.zeros((x2d.shape[0], 1), x2d.dtype)], axis=1)[:, index]
 
 
 def _round_up(a: int, b: int) -> int:

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import MAX_CLUSTER, fused_output_ok, launch_kernel, resolve_fused, store_output
+from .gptq_matmul import MAX_CLUSTER, fused_output_ok, gather_columns, launch_kernel, resolve_fused, store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _MANTISSA, _extract_plan, call_with_output, check_kernel_input, pick_blocks
 from .spqr_outliers import outlier_product_add, outlier_sums_mgpu
@@ -313,9 +313,7 @@ class SpQRKernelWeight(KernelWeightShape):
 
     def prepare_activations(self, x2d: jax.Array, m_pad: int) -> jax.Array:
         """x [M, K] -> [m_pad, K_pad] in kernel column order (one gather over M x K, zero padding)."""
-        m = x2d.shape[0]
-        x2d = jnp.concatenate([x2d.astype(self.dtype), jnp.zeros((m, 1), self.dtype)], axis=1)[:, self.kidx]
-        return jnp.pad(x2d, ((0, m_pad - m), (0, 0)))
+        return jnp.pad(gather_columns(x2d.astype(self.dtype), self.kidx), ((0, m_pad - x2d.shape[0]), (0, 0)))
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
