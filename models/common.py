@@ -228,7 +228,9 @@ def causal_block() -> Optional[int]:
     return CAUSAL_BLOCK if jax.default_backend() == "cpu" else None
 
 
+# On by default; "0" turns it off (the same-run comparison in bench/results/decode.md).
 DECODE_ATTENTION_BARRIER = os.environ.get("JAXQUANT_DECODE_ATTENTION_BARRIER", "1") != "0"
+
 
 def dot_product_attention(q, k, v, mask, scale: Optional[float] = None, act=None) -> jax.Array:
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; mask: [B|1, 1, T, S], or
