@@ -147,3 +147,23 @@ def test_argument_checks(lm):
         generate(m.module, m.params, [[1, 2], []])
     with pytest.raises(ValueError, match="top_p"):
         generate(m.module, m.params, [[1, 2]], temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_attention_output_is_materialized(rng, t):
+    # A decode step (T = 1) puts an optimization barrier on P @ V, so that XLA cannot fuse that reduction into a
+    # gathering consumer (the SpQR / act-order o_proj; bench/results/decode.md); longer queries are left alone.
+    from models.common import dot_product_attention
+
+    q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.ones((1, 1, t, 5), bool)
+    text = jax.jit(dot_product_attention).lower(q, k, v, mask).as_text()
+    assert ("optimization_barrier" in text) == (t == 1)
+    # the barrier changes nothing numerically: plain softmax attention in float64
+    qg = np.asarray(q, np.float64).reshape(2, t, 2, 2, 8)
+    s = np.einsum("btkgd,bskd->bkgts", qg, np.asarray(k, np.float64)) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bkgts,bskd->btkgd", p, np.asarray(v, np.float64)).reshape(2, t, 4, 8)
+    np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask)), want, rtol=1e-5, atol=1e-5)
