@@ -18,7 +18,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
 from jaxquant import checkpoint, data, results, rptq  # noqa: E402
 from jaxquant.eval import perplexity  # noqa: E402
 
@@ -28,7 +27,6 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "rptq_
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "quality", "rptq-W4A16"))
-    ap.add_argument("--model", default="smollm2-135m", help="tokenizer source")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
@@ -36,7 +34,9 @@ def main():
     if getattr(lm, "rptq_state", None) is None or any(b < 16 for b in lm.rptq_state.bits.values()):
         raise SystemExit(f"{args.checkpoint} is not a W4A16 RPTQ checkpoint (no activation may be quantized)")
     module, params = lm.rptq_model
-    ids = data.tokenize(models.from_pretrained(args.model).tokenizer, data.eval_text("wikitext2"))
+    if lm.tokenizer is None:
+        raise SystemExit(f"{args.checkpoint} carries no tokenizer files")
+    ids = data.tokenize(lm.tokenizer, data.eval_text("wikitext2"))  # the checkpoint's own copy of the tokenizer
     rows = []
     for probs_bits in (16, 8):
         bits = {a: 16 for a in rptq.ACTIVATIONS}
