@@ -151,13 +151,16 @@ def smoke(seed):
 
 def smoke_ws(seed):
     """The warp-specialized GPTQ variant on odd shapes (N_pad a multiple of 128; forced grids so that units are
-    split between two CTAs; sym / asym, 3 / 4 bits, float16, M 1..64), every output NaN-poisoned."""
+    split between two or three CTAs, even and uneven; sym / asym, 3 / 4 bits, float16, M 1..64), every output NaN-poisoned."""
     ok = True
     cases = [  # format, K, N, M list, configs, dtype
         ("gptq-w4g128", 1024, 840, (1, 5), ({"tile_k": 128, "ctas": 4}, {"tile_k": 256, "ctas": 4}, {}), jnp.bfloat16),
         ("gptq-w4g128", 2048, 200, (1, 16, 64), ({}, {"tile_k": 256, "stages": 2}), jnp.bfloat16),
         ("gptq-w3g128", 2048, 384, (1, 9), ({}, {"tile_k": 128, "ctas": 2}), jnp.bfloat16),
         ("gptq-w4g128", 1024, 256, (3,), ({}, {"tile_k": 128, "ctas": 2}), jnp.float16),
+        # uneven stream-K grids: CTAs of q and q + 1 steps, units spread over up to 3 CTAs (3 partial slots)
+        ("gptq-w4g128", 1024, 256, (1, 7), ({"tile_k": 128, "ctas": 7}, {"tile_k": 64, "ctas": 5}), jnp.bfloat16),
+        ("gptq-w3g128", 2048, 640, (2,), ({"tile_k": 256, "ctas": 13},), jnp.bfloat16),
         # whole units per CTA, y stored by the warpgroups (fused). (wgs=4 hung on the H100 and is rejected.)
         ("gptq-w4g128", 1024, 840, (1, 5, 64), ({"fused": True}, {"fused": True, "ctas": 1, "tile_k": 128}),
          jnp.bfloat16),
@@ -171,7 +174,7 @@ def smoke_ws(seed):
             for extra in cfgs:
                 cfg = fmt.config(variant="ws", **extra)
                 ok &= smoke_one("smoke-ws", fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M),
-                                lambda rc: f"{rc.tile_k}/{rc.stages} ctas {rc.ctas}")
+                                lambda rc: f"{rc.tile_k}/{rc.stages} ctas {rc.ctas} slots {rc.k_splits}")
     return ok
 
 
@@ -282,6 +285,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                 "## Issue targets at the current defaults, 8192x28672 (device time, CUPTI)"),
     "spqr-outliers": ("<!-- spqr-outliers rows begin -->", "<!-- spqr-outliers rows end -->",
                       "## SpQR outlier product: Pallas kernels (default) vs the XLA gathers (device time, CUPTI)"),
+    "ws-stream": ("<!-- ws-stream rows begin -->", "<!-- ws-stream rows end -->",
+                  "## Stream-K ws launch (uneven grids) at the LLaMA-7B decode shapes (device time, CUPTI)"),
 }
 
 
@@ -312,13 +317,17 @@ def merge(paths, results_dir, note="", section="launch"):
              "| run | format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
              "| GB/s (path) | rel err | tile_k/stages/k_splits | " + ("variant | x | " if section == "direct" else
                                                                         "outliers | " if section == "spqr-outliers"
+                                                                        else "kernel (CTAs) | " if section == "ws-stream"
                                                                         else "") + "ok |",
-             "| --- " * (16 if section == "direct" else 15 if section == "spqr-outliers" else 14) + "|"]
+             "| --- " * (16 if section == "direct" else 15 if section in ("spqr-outliers", "ws-stream") else 14)
+             + "|"]
     for r in rows:
         c = r["config"]
         extra = (f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''} | "
                  f"{('unpadded, staged ' + c.get('x_stage', 'after') + ' dequant') if c.get('direct_x') else 'XLA pad'} | "
-                 ) if section == "direct" else f"{c.get('outliers')} | " if section == "spqr-outliers" else ""
+                 ) if section == "direct" else f"{c.get('outliers')} | " if section == "spqr-outliers" else (
+                     f"{'ws stream-K (' + str(c.get('ctas')) + ')' if c.get('variant') else 'one warpgroup'} | "
+                 ) if section == "ws-stream" else ""
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "

@@ -41,9 +41,12 @@ time, same-run bf16): 8192x28672 g128 at M = 1: int4 52.4 us path = 3.01x the bf
 
 Warp-specialized variant (``KernelConfig(variant="ws")``, ``_build_ws_call``): a persistent grid of CTAs with one
 TMA-issuing warpgroup and two compute warpgroups (each one 64-row tile of a 128-row unit, sharing the activation
-tile); stream-K float32 partial slots, or (``fused``) whole units per CTA with y stored by the warpgroups. It is the
-default for GPTQ 4-bit at M_pad = 8 on shapes like 8192x28672 (``ws_default_ok``): 50.4 us path = 3.16x bf16 vs
-52.0 us = 3.06x for the one-warpgroup kernel in the same run (bench/NOTES_kernels.md, "Warp-specialized kernel").
+tile); stream-K float32 partial slots (any grid: CTAs run q or q + 1 consecutive (unit, k-step) pairs, ``ws_plan``),
+or (``fused``) whole units per CTA with y stored by the warpgroups. Defaults for GPTQ 4-bit at M_pad = 8: fused on
+shapes like 8192x28672 (``ws_default_ok``: 50.4 us path = 3.16x bf16 vs 52.0 us = 3.06x for the one-warpgroup kernel
+in the same run, bench/NOTES_kernels.md, "Warp-specialized kernel"); stream-K on 132 CTAs where every SM gets >= 8
+steps (``ws_stream_ok``: the LLaMA-7B q/k/v, gate/up and down shapes, e.g. 4096x22016 22.5 vs 26.7 us path; decode
+step 2.40 vs 2.55 ms at batch 1, bench/results/decode.md).
 
 Activations at M < 8 (``KernelConfig.direct_x``): x [M, K] reaches the kernel unpadded (no XLA pad op before the
 call): each step's TMA copies plain [M, tile_k/64, 64] boxes and every compute warpgroup stages the M rows into a
@@ -497,27 +500,29 @@ def _decoded_block(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int) -> jax.
 
 
 def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -> jax.Array:
-    """The ws kernel's stream-K schedule in jnp (``ws_step``): per CTA and step the two warpgroups' 64-row tiles,
-    accumulators stored to their partial slot at each flush and then reset (multiplied by 0, as the kernel does),
-    zeros to slot 1 for whole units. Unwritten partials stay NaN, so a schedule gap fails the tests."""
+    """The ws kernel's stream-K schedule in jnp (``ws_step``): per CTA and grid step the two warpgroups' 64-row
+    tiles (a CTA's repeated last pair included, unstored), accumulators stored to their partial slot at each flush
+    and then reset (multiplied by 0, as the kernel does), zeros into the slots a unit's pieces do not fill. Unwritten
+    partials stay NaN, so a schedule gap fails the tests."""
     spu = w.k_pad // cfg.tile_k
     units = w.n_pad // (cfg.wgs * CHUNK)
-    spc = units * spu // cfg.ctas
-    out = jnp.full((2, w.n_pad, xk.shape[0]), jnp.nan, jnp.float32)
+    q, r, slots = ws_plan(units, spu, cfg.ctas)
+    out = jnp.full((slots, w.n_pad, xk.shape[0]), jnp.nan, jnp.float32)
     for cta in range(cfg.ctas):
         accs = [jnp.zeros((CHUNK, xk.shape[0]), jnp.float32) for _ in range(cfg.wgs)]
-        for t in range(spc):
-            unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
-            assert not cfg.fused or (slot == 0 and (whole or not flush))  # fused: whole units only
+        for t in range(q + (r > 0)):
+            unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, cfg.ctas)
+            assert not cfg.fused or (slot == 0 and pieces == 1)  # fused: whole units only
             x_blk = xk[:, k * cfg.tile_k:(k + 1) * cfg.tile_k]
             for wg in range(cfg.wgs):
                 tile = unit * cfg.wgs + wg
+                rows = slice(tile * CHUNK, (tile + 1) * CHUNK)
                 a = _decoded_block(w, tile, k, cfg.tile_k)
                 accs[wg] = accs[wg] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
                 if flush:
-                    out = out.at[slot, tile * CHUNK:(tile + 1) * CHUNK].set(accs[wg])
-                    if whole:
-                        out = out.at[1, tile * CHUNK:(tile + 1) * CHUNK].set(0.0)
+                    out = out.at[slot, rows].set(accs[wg])
+                    if slot == 0:
+                        out = out.at[pieces:, rows].set(0.0)
                     accs[wg] = accs[wg] * 0.0
     return _finish(out, m, w.out_features, dtype)
 
@@ -619,17 +624,6 @@ def ws_stage_bytes(m_pad: int, tile_k: int, w, wgs: int = WS_COMPUTE_WGS) -> int
             + (1 + (w.nbias is not None)) * gps * wgs * CHUNK * item)
 
 
-def ws_ctas(units: int, steps_per_unit: int, num_sms: int = 132) -> int:
-    """The ws grid: the most CTAs <= num_sms that split the units * steps_per_unit (unit, k-step) pairs evenly with
-    at least steps_per_unit pairs each (so a unit spans at most two CTAs). 8192x28672 at tile_k 512: 224 units x 16
-    steps over 128 CTAs (28 steps each)."""
-    total = units * steps_per_unit
-    for p in range(min(num_sms, total), 0, -1):
-        if total % p == 0 and total // p >= steps_per_unit:
-            return p
-    return 1
-
-
 def ws_default_ok(w, num_sms: int = 132) -> bool:
     """Whether the fused ws launch can be the default for w: N_pad in 128-row units, K_pad in 512-column steps,
     and the largest divisor of the unit count <= num_sms (whole units per CTA) fills >= WS_DEFAULT_MIN_SM_SHARE of
@@ -642,23 +636,75 @@ def ws_default_ok(w, num_sms: int = 132) -> bool:
     return ctas >= WS_DEFAULT_MIN_SM_SHARE * num_sms
 
 
-def ws_step(t, cta, steps_per_cta: int, steps_per_unit: int):
-    """Stream-K schedule of the ws kernel, for python ints (tests, reference) or traced int32 (the kernel): CTA
-    ``cta`` runs the flat pairs [cta * steps_per_cta, (cta + 1) * steps_per_cta) of (unit, k-step). Step t ->
-    (unit, k, flush, slot, whole): ``flush`` = the accumulator is stored after this step (unit end or CTA end) and
-    reset; ``slot`` = the partial slot it goes to (0 if this CTA's piece holds the unit's first step, else 1);
-    ``whole`` = the piece is the whole unit, so the CTA also writes zeros to slot 1."""
-    g = cta * steps_per_cta + t
-    if isinstance(g, int):
-        unit, k = divmod(g, steps_per_unit)
-    else:
-        spu = jnp.asarray(steps_per_unit, g.dtype)
-        unit, k = jax.lax.div(g, spu), jax.lax.rem(g, spu)
-    last = k == steps_per_unit - 1
-    flush = last | (t == steps_per_cta - 1)
-    head = t >= k  # the unit's first step lies inside this CTA's range
-    slot = (0 if head else 1) if isinstance(g, int) else jnp.where(head, 0, 1).astype(g.dtype)
-    return unit, k, flush, slot, head & last
+def _idiv(a, b: int):
+    """a // b for a >= 0: python ints (tests, reference) or traced int32 (the kernel)."""
+    return a // b if isinstance(a, (int, np.integer)) else jax.lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _select(c, a, b):
+    return (a if c else b) if isinstance(c, (bool, np.bool_)) else jnp.where(c, a, b)
+
+
+def _ws_cta_of(g, q: int, r: int):
+    """The CTA that runs flat step g when the first r CTAs run q + 1 steps and the others q."""
+    edge = r * (q + 1)
+    if isinstance(g, (int, np.integer)):
+        return g // (q + 1) if g < edge else r + (g - edge) // q
+    return jnp.where(g < edge, _idiv(g, q + 1), r + _idiv(jnp.maximum(g - edge, 0), max(q, 1)))
+
+
+def ws_plan(units: int, steps_per_unit: int, ctas: int) -> tuple[int, int, int]:
+    """The ws kernel's stream-K split of the units * steps_per_unit flat (unit, k-step) pairs over ``ctas`` CTAs:
+    the first r CTAs run q + 1 consecutive pairs, the others q (q, r = divmod(pairs, ctas)), so any grid up to the
+    SM count works, not only divisors (LLaMA-7B gate/up: 172 units x 8 steps on 132 CTAs, 10-11 steps each).
+    Returns (q, r, slots): ``slots`` = the most CTAs one unit is spread over = the float32 partial slots."""
+    total = units * steps_per_unit
+    if not 1 <= ctas <= total:
+        raise ValueError(f"ctas={ctas} must be in 1..{total} (the (unit, step) pairs)")
+    q, r = divmod(total, ctas)
+    slots = max(_ws_cta_of(u * steps_per_unit + steps_per_unit - 1, q, r) - _ws_cta_of(u * steps_per_unit, q, r) + 1
+                for u in range(units))
+    return q, r, slots
+
+
+# The stream-K ws launch (partial slots, one CTA per SM, tile_k 256) is the default for GPTQ 4-bit at M_pad = 8
+# where the fused one is not and the (unit, 256-column step) pairs give every SM at least this many steps. Measured
+# (H100, bench/kernels_launch.py, same run, M = 1, path / kernel us, stream-K vs the one-warpgroup kernel):
+# 4096x22016 22.53 / 20.83 vs 26.69 / 25.25, 4096x12288 15.04 / 13.78 vs 15.74 / 14.34, 11008x4096 13.70 / 12.45 vs
+# 14.18 / 12.83; 4096x4096 (3.9 steps per SM) 8.06 / 6.85 vs 7.36 / 6.02 (so it keeps the old kernel).
+WS_STREAM_TILE_K = 256
+WS_STREAM_MIN_STEPS_PER_SM = 8
+WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"  # "0": the one-warpgroup kernel there
+
+
+def ws_stream_ok(w, num_sms: int = 132) -> bool:
+    """Whether the stream-K ws launch can be the default for w (GPTQ 4-bit; see WS_STREAM_MIN_STEPS_PER_SM)."""
+    rows, t = WS_COMPUTE_WGS * CHUNK, WS_STREAM_TILE_K
+    if w.n_pad % rows or w.k_pad % t or (w.group % t and t % w.group):
+        return False
+    return (w.n_pad // rows) * (w.k_pad // t) >= WS_STREAM_MIN_STEPS_PER_SM * num_sms
+
+
+def ws_step(t, cta, units: int, steps_per_unit: int, ctas: int):
+    """Stream-K schedule of the ws kernel (``ws_plan``), for python ints (tests, reference) or traced int32 (the
+    kernel). The grid has q + (r > 0) steps; a CTA with only q pairs repeats its last pair at step q (an L2 hit; the
+    result is not stored). Step t of CTA ``cta`` -> (unit, k, flush, slot, pieces): ``flush`` = the accumulator is
+    stored after this step (unit end or the CTA's last pair) and reset; ``slot`` = the partial slot it goes to (the
+    CTA's index among the unit's CTAs: 0 holds the unit's first step); ``pieces`` = how many CTAs share the unit (the
+    slot-0 CTA also writes zeros into slots pieces..slots-1)."""
+    q, r = divmod(units * steps_per_unit, ctas)
+    n = _select(cta < r, q + 1, q)
+    start = cta * q + (min(cta, r) if isinstance(cta, (int, np.integer)) else jnp.minimum(cta, r))
+    valid = t < n
+    g = start + _select(valid, t, n - 1)
+    unit = _idiv(g, steps_per_unit)
+    k = g - unit * steps_per_unit
+    first = unit * steps_per_unit
+    head_cta = _ws_cta_of(first, q, r)
+    slot = cta - head_cta
+    pieces = _ws_cta_of(first + steps_per_unit - 1, q, r) - head_cta + 1
+    flush = valid & ((k == steps_per_unit - 1) | (t == n - 1))
+    return unit, k, flush, slot, pieces
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -715,7 +761,8 @@ class KernelConfig:
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (``launch_kernel``); None = FUSED_DEFAULT where it fits
     # "ws": the warp-specialized, persistent, stream-K kernel (``_build_ws_call``; GPTQ weights only); None: the
-    # one-warpgroup kernel. ``ctas``: the ws grid (None = ``ws_ctas``).
+    # one-warpgroup kernel. ``ctas``: the ws grid (None: the SM count, or with ``fused`` the most that divide the
+    # units).
     variant: Optional[str] = None
     ctas: Optional[int] = None
     wgs: Optional[int] = None  # ws: compute warpgroups per CTA (2 or 4), each one 64-row output tile
@@ -728,8 +775,9 @@ class KernelConfig:
         return max(1, self.tile_k // w.group)
 
     def _resolved_ws(self, w, m: int, num_sms: int) -> "KernelConfig":
-        """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, k_splits = 2
-        partial slots (stream-K: a 128-row unit is shared by at most two CTAs), ctas from ``ws_ctas``."""
+        """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, ctas = the
+        SM count (capped at the (unit, step) pairs), k_splits = the partial slots of that stream-K split
+        (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms dividing the units, k_splits = 1."""
         if not isinstance(w, GPTQKernelWeight):
             raise ValueError("the warp-specialized variant exists for GPTQ kernel weights only")
         wgs = self.wgs or WS_COMPUTE_WGS
@@ -754,18 +802,16 @@ class KernelConfig:
         if fused:  # whole units per CTA: each warpgroup stores its y tile itself (no partial slots, no XLA sum)
             ctas = self.ctas or max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
         else:
-            ctas = self.ctas or ws_ctas(units, spu, num_sms)
-        cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=1 if fused else 2, n_sub=1,
+            ctas = self.ctas or min(num_sms, units * spu)
+        slots = 1 if fused else ws_plan(units, spu, ctas)[2] if 1 <= ctas <= units * spu else 0  # 0: check() names it
+        cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=slots, n_sub=1,
                                   fused=fused, ctas=ctas, wgs=wgs)
         cfg.check(w, m)
         return cfg
 
     def _check_ws(self, w, m: int) -> None:
         units, spu = w.n_pad // (self.wgs * CHUNK), w.k_pad // self.tile_k
-        total = units * spu
-        if total % self.ctas or total // self.ctas < spu:
-            raise ValueError(f"ctas={self.ctas} must divide the {total} (unit, step) pairs with >= {spu} steps per "
-                             f"CTA (a unit is shared by at most two CTAs)")
+        ws_plan(units, spu, self.ctas)  # raises for a grid outside 1..pairs
         if self.fused and (units % self.ctas or not fused_output_ok(1, w.out_features, w.dtype)):
             raise ValueError(f"the fused ws launch needs ctas={self.ctas} dividing the {units} units and 16-byte "
                              f"output rows (N={w.out_features})")
@@ -797,7 +843,8 @@ class KernelConfig:
         CTAs up to ~3.5 per SM (small CTAs keep more TMA copies in flight and shorten the tail) with >= 4 pipeline
         steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
-        M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel);
+        M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel); at
+        M_pad = 8 the ws kernel where ``ws_default_ok`` (fused) or ``ws_stream_ok`` (stream-K partials);
         GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256; other GPTQ weights at M_pad <= 16 take ``decode_blocks``
         where it applies (the LLaMA-7B decode shapes). ``variant="ws"``: see ``_resolved_ws``."""
         if self.variant is not None:
@@ -811,9 +858,12 @@ class KernelConfig:
         gptq = isinstance(w, GPTQKernelWeight)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
-        if (WS_DEFAULT and one_split and _m_pad(m) == 8 and dataclasses.replace(self, direct_x=None) == KernelConfig()
-                and ws_default_ok(w, num_sms)):
+        plain = dataclasses.replace(self, direct_x=None) == KernelConfig()
+        if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
+        if (WS_STREAM_DEFAULT and gptq and w.bits == 4 and _m_pad(m) == 8 and plain and not ws_default_ok(w, num_sms)
+                and ws_stream_ok(w, num_sms)):
+            return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
                 and self.fused is None and n_sub == 1):
@@ -1024,8 +1074,9 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
     ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
-    shared). Work is split stream-K (``ws_step``): every CTA runs the same number of (unit, k-step) pairs across
-    unit boundaries; the accumulators go to float32 partial slots [2, n_pad, m_pad] that the wrapper sums. With
+    shared). Work is split stream-K (``ws_plan`` / ``ws_step``): each CTA runs q or q + 1 consecutive (unit,
+    k-step) pairs across unit boundaries; the accumulators go to float32 partial slots [slots, n_pad, m_pad] that
+    the wrapper sums. With
     ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores its y tile (transposed,
     cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
     warpgroup stages the shared raw activation rows into its own [8, tile_k] tile)."""
@@ -1035,7 +1086,9 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     dtype = jnp.dtype(dtype_name)
     rows = wgs * CHUNK
     spu = k_pad // tile_k
-    spc = (n_pad // rows) * spu // ctas
+    units = n_pad // rows
+    q, r, slots = ws_plan(units, spu, ctas)
+    grid = q + (r > 0)
     gps = max(1, tile_k // group)
     dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, layout=layout, wg_local=True)
     if direct_m:
@@ -1050,7 +1103,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
         cta = jax.lax.axis_index("n")
 
         def unit_k(t):
-            unit, k, *_ = ws_step(t, cta, spc, spu)
+            unit, k, *_ = ws_step(t, cta, units, spu, ctas)
             return unit, k
 
 
@@ -1075,7 +1128,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             def step(idx, x_smem, w_smem, s_smem, *rest):
                 *b_smem, acc = rest
                 (t,) = idx
-                unit, k, flush, slot, whole = ws_step(t, cta, spc, spu)
+                unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
                 a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
                 if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
@@ -1101,10 +1154,10 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                     else:
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(acc_smem.at[wg], out_gmem.at[slot, pl.ds(row0, CHUNK), :])
-
-                        @pl.when(whole)
-                        def _():
-                            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[1, pl.ds(row0, CHUNK), :])
+                        for extra in range(1, slots):  # the unit's head CTA zeros the slots its pieces leave
+                            @pl.when((slot == 0) & (pieces <= extra))
+                            def _():
+                                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[extra, pl.ds(row0, CHUNK), :])
 
                 return acc * jnp.where(flush, 0.0, 1.0).astype(jnp.float32)  # reset after a flush
 
@@ -1113,13 +1166,13 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                     zero_x(x_pad[0])
                 zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
                 if not fused_out:
-                    o_smem.at[wg][...] = zeros  # the zero tile for slot 1 of whole units
+                    o_smem.at[wg][...] = zeros  # the zero tile for the slots a unit's pieces leave
                 eval_pipeline(zeros)
                 plgpu.wait_smem_to_gmem(0)
 
             pipeline = plgpu.emit_pipeline_warp_specialized(
-                step, grid=(spc,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
-                max_concurrent_steps=min(stages, spc), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
+                step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
+                max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
             pipeline(x_gmem, w_gmem, s_gmem, *([b_gmem] if has_bias else []))
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
@@ -1128,7 +1181,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
         pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
-                else jax.ShapeDtypeStruct((2, n_pad, m_pad), jnp.float32))
+                else jax.ShapeDtypeStruct((slots, n_pad, m_pad), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
     name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}{'f' if fused_out else ''}"
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)

@@ -400,38 +400,49 @@ def test_k_padding_allows_four_splits(rng, group):
     assert gm.pack(*random_gptq(rng, 2048 + 256, N, 4, 128, False, False), bits=4, sym=False).k_pad == 2304
 
 
-@pytest.mark.parametrize("units,spu", [(7, 8), (224, 16), (3, 5), (2, 1)])
-def test_ws_schedule_covers_every_step_once(units, spu):
-    """The ws kernel's stream-K schedule (``ws_step``, shared by the kernel and its jnp emulation): every (unit,
-    k-step) pair runs exactly once, every (unit, slot) partial is written exactly once (slot 1 by the tail piece of
-    a split unit or as zeros for a whole one), and a flush ends every piece."""
-    for ctas in {gm.ws_ctas(units, spu), 1} | {p for p in (2, 3, 4, 7, 128) if units * spu % p == 0
-                                                  and units * spu // p >= spu}:
-        spc = units * spu // ctas
-        ran, written = np.zeros((units, spu), int), np.zeros((units, 2), int)
+@pytest.mark.parametrize("units,spu", [(7, 8), (224, 16), (3, 5), (2, 1), (172, 8), (32, 22)])
+def test_ws_schedule_covers_every_step_once(rng, units, spu):
+    """The ws kernel's stream-K schedule (``ws_plan`` / ``ws_step``, shared by the kernel and its jnp emulation),
+    for even and uneven grids: every (unit, k-step) pair runs exactly once in consecutive per-CTA ranges, every
+    (unit, slot) partial is written exactly once (by the unit's piece in that CTA, or as zeros by its head CTA), a
+    flush ends every piece, and a CTA's repeated last pair (grid padding) is never stored."""
+    total = units * spu
+    grids = {1, min(132, total), total} | {int(c) for c in rng.integers(1, total + 1, size=4)}
+    for ctas in sorted(grids):
+        q, r, slots = gm.ws_plan(units, spu, ctas)
+        ran, written = np.zeros((units, spu), int), np.zeros((units, slots), int)
         for cta in range(ctas):
-            piece = []
-            for t in range(spc):
-                unit, k, flush, slot, whole = gm.ws_step(t, cta, spc, spu)
+            piece, last_g = [], None
+            for t in range(q + (r > 0)):
+                unit, k, flush, slot, pieces = gm.ws_step(t, cta, units, spu, ctas)
+                g = unit * spu + k
+                if last_g is not None and g == last_g:  # the padding step repeats the last pair, unstored
+                    assert t == q and cta >= r and not flush and not piece
+                    continue
+                assert last_g is None or g == last_g + 1
+                last_g = g
                 ran[unit, k] += 1
                 piece.append((unit, k))
                 if flush:
                     assert {u for u, _ in piece} == {unit}  # one unit per piece
-                    assert slot == (0 if piece[0][1] == 0 else 1)
+                    assert (slot == 0) == (piece[0][1] == 0) and 0 <= slot < pieces <= slots
                     written[unit, slot] += 1
-                    written[unit, 1] += bool(whole)
-                    assert whole == (len(piece) == spu)
+                    if slot == 0:
+                        written[unit, pieces:] += 1
                     piece = []
             assert not piece
-        assert (ran == 1).all() and (written == 1).all(), (ctas, spc)
-    assert gm.ws_ctas(224, 16) == 128 and gm.ws_ctas(224, 32) == 128
+        assert (ran == 1).all() and (written == 1).all(), (ctas, q, r)
+    assert gm.ws_plan(172, 8, 132) == (10, 56, 2) and gm.ws_plan(224, 16, 112)[2] == 1
+    with pytest.raises(ValueError, match="ctas=0"):
+        gm.ws_plan(units, spu, 0)
 
 
 @pytest.mark.parametrize("K,N,bits,M,tile_k,ctas,fused", [(512, 840, 4, 3, 128, 4, False),
                                                          (512, 256, 3, 9, 128, None, False),
                                                          (1024, 200, 4, 1, None, None, False),
                                                          (1024, 840, 4, 5, None, None, True),
-                                                         (512, 384, 3, 2, 128, 1, True)])
+                                                         (512, 384, 3, 2, 128, 1, True),
+                                                         (1024, 256, 4, 2, 128, 7, False)])  # 3 CTAs per unit
 def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
     """The ws variant's decomposition (two 64-row tiles per CTA, units split between CTAs, partial slots, the
     accumulator reset by a multiply with 0; fused: whole units per CTA, y written directly) reproduces the oracle;
@@ -441,18 +452,19 @@ def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
     cfg = gm.KernelConfig(variant="ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
     rc = cfg.resolved(w, M)
-    assert rc.k_splits == (1 if fused else 2) and rc.fused == fused and rc.ctas >= 1 and rc.wgs == 2
+    assert rc.k_splits == (1 if fused else gm.ws_plan(w.n_pad // 128, w.k_pad // rc.tile_k, rc.ctas)[2])
+    assert rc.fused == fused and rc.ctas >= 1 and rc.wgs == 2
     if fused:
         assert (w.n_pad // 128) % rc.ctas == 0
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
     got = gm.reference_matmul_tiled(x, w, cfg)
     assert rel_err(got, want) < 8e-3
     assert gm.output_buffer_shape(rc, w.n_pad, N, M, jnp.bfloat16)[0] == ((M, N) if fused else
-                                                                          (2, w.n_pad, gm._m_pad(M)))
+                                                                          (rc.k_splits, w.n_pad, gm._m_pad(M)))
     with pytest.raises(ValueError, match="wgs"):
         gm.KernelConfig(variant="ws", wgs=4).resolved(w, M)
-    with pytest.raises(ValueError, match="ctas=5"):
-        gm.KernelConfig(variant="ws", tile_k=128, ctas=5).resolved(w, M)
+    with pytest.raises(ValueError, match="ctas=100000"):
+        gm.KernelConfig(variant="ws", tile_k=128, ctas=100000).resolved(w, M)
     with pytest.raises(ValueError, match="variant"):
         gm.KernelConfig(variant="wx").resolved(w, M)
     odd = gm.pack(*random_gptq(rng, 256, 136, 4, 128, False, False), bits=4, sym=False)  # N_pad = 192
@@ -462,7 +474,8 @@ def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
 
 def test_ws_default_rule(rng, monkeypatch):
     """The fused ws launch is the default only for GPTQ 4-bit at M_pad = 8 on shapes whose whole 128-row units fill
-    >= 80% of the SMs (8192x28672: 112 of 132); M = 16, 3-bit, smaller N and explicit configs keep the old kernel."""
+    >= 80% of the SMs (8192x28672: 112 of 132), the stream-K one where the (unit, step) pairs give every SM >= 8
+    steps; M = 16, 3-bit, smaller shapes and explicit configs keep the old kernel."""
     big = gm.pack(*random_gptq(rng, 512, 28672, 4, 128, False, False), bits=4, sym=False)
     assert gm.ws_default_ok(big)
     cfg = gm.KernelConfig().resolved(big, 1)
@@ -477,6 +490,17 @@ def test_ws_default_rule(rng, monkeypatch):
     assert gm.KernelConfig().resolved(int3, 1).variant is None
     odd = gm.pack(*random_gptq(rng, 512, 64 * 3 * 132, 4, 128, False, False), bits=4, sym=False)  # 198 units
     assert not gm.ws_default_ok(odd) and gm.KernelConfig().resolved(odd, 1).variant is None
+    # stream-K partials where every SM gets >= 8 (unit, 256-column step) pairs: 66 units x 16 steps = 8 x 132
+    wide = gm.pack(*random_gptq(rng, 4096, 66 * 128, 4, 128, False, False), bits=4, sym=False)
+    cfg = gm.KernelConfig().resolved(wide, 3)
+    assert gm.ws_stream_ok(wide) and not gm.ws_default_ok(wide)
+    assert cfg.variant == "ws" and not cfg.fused and cfg.ctas == 132 and cfg.tile_k == 256 and cfg.k_splits == 2
+    assert gm.KernelConfig().resolved(wide, 16).variant is None
+    assert gm.KernelConfig(k_splits=4).resolved(wide, 1).variant is None
+    monkeypatch.setattr(gm, "WS_STREAM_DEFAULT", False)
+    assert gm.KernelConfig().resolved(wide, 1).variant is None
+    narrow = gm.pack(*random_gptq(rng, 4096, 65 * 128, 4, 128, False, False), bits=4, sym=False)
+    assert not gm.ws_stream_ok(narrow) and gm.KernelConfig().resolved(narrow, 1).variant is None
 
 
 def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng):
