@@ -861,8 +861,8 @@ class KernelConfig:
         plain = dataclasses.replace(self, direct_x=None) == KernelConfig()
         if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
-        if (WS_STREAM_DEFAULT and gptq and w.bits == 4 and _m_pad(m) == 8 and plain and not ws_default_ok(w, num_sms)
-                and ws_stream_ok(w, num_sms)):
+        if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
+                and not ws_default_ok(w, num_sms) and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
             return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
