@@ -151,7 +151,8 @@ def smoke(seed):
 
 def smoke_ws(seed):
     """The warp-specialized GPTQ variant on odd shapes (N_pad a multiple of 128; forced grids so that units are
-    split between two or three CTAs, even and uneven; sym / asym, 3 / 4 bits, float16, M 1..64), every output NaN-poisoned."""
+    split between two or three CTAs, even and uneven; sym / asym, 3 / 4 bits, float16, M 1..64), every output
+    NaN-poisoned."""
     ok = True
     cases = [  # format, K, N, M list, configs, dtype
         ("gptq-w4g128", 1024, 840, (1, 5), ({"tile_k": 128, "ctas": 4}, {"tile_k": 256, "ctas": 4}, {}), jnp.bfloat16),

@@ -642,6 +642,7 @@ def _idiv(a, b: int):
 
 
 def _select(c, a, b):
+    """a if c else b, for a python bool or a traced one."""
     return (a if c else b) if isinstance(c, (bool, np.bool_)) else jnp.where(c, a, b)
 
 
@@ -803,7 +804,7 @@ class KernelConfig:
             ctas = self.ctas or max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
         else:
             ctas = self.ctas or min(num_sms, units * spu)
-        slots = 1 if fused else ws_plan(units, spu, ctas)[2] if 1 <= ctas <= units * spu else 0  # 0: check() names it
+        slots = 1 if fused else ws_plan(units, spu, ctas)[2]  # ws_plan names a grid outside 1..pairs
         cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=slots, n_sub=1,
                                   fused=fused, ctas=ctas, wgs=wgs)
         cfg.check(w, m)
@@ -1076,9 +1077,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
     shared). Work is split stream-K (``ws_plan`` / ``ws_step``): each CTA runs q or q + 1 consecutive (unit,
     k-step) pairs across unit boundaries; the accumulators go to float32 partial slots [slots, n_pad, m_pad] that
-    the wrapper sums. With
-    ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores its y tile (transposed,
-    cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
+    the wrapper sums. With ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores
+    its y tile (transposed, cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
     warpgroup stages the shared raw activation rows into its own [8, tile_k] tile)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
