@@ -291,6 +291,16 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
 }
 
 
+SECTION_COLUMNS = {  # section -> (extra column heads, config -> their cells)
+    "direct": (("variant", "x"), lambda c: (
+        f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''}",
+        f"unpadded, staged {c.get('x_stage', 'after')} dequant" if c.get("direct_x") else "XLA pad")),
+    "spqr-outliers": (("outliers",), lambda c: (f"{c.get('outliers')}",)),
+    "ws-stream": (("kernel (CTAs)",), lambda c: (
+        f"ws stream-K ({c.get('ctas')})" if c.get("variant") else "one warpgroup",)),
+}
+
+
 def merge(paths, results_dir, note="", section="launch"):
     """Append the rows of the JSONL files to kernels.json (rows already there are skipped) and (re)write one
     section of kernels.md (``MD_SECTIONS``) from all of them."""
@@ -304,6 +314,7 @@ def merge(paths, results_dir, note="", section="launch"):
     results.append_rows(json_path, [r for r in rows if ident(r) not in have])  # the md section lists all given rows
     md_path = os.path.join(results_dir, "kernels.md")
     begin, end, heading = MD_SECTIONS[section]
+    extra_heads, extra_cells = SECTION_COLUMNS.get(section, ((), lambda c: ()))
     r0 = rows[0]
     lines = [begin, "", heading, "",
              f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; "
@@ -316,19 +327,11 @@ def merge(paths, results_dir, note="", section="launch"):
              "kernel = the Pallas kernel alone. bf16 XLA in the same run. Every row checked against x @ W_float "
              "with a NaN-poisoned output buffer.", "",
              "| run | format | launch | K x N | M | path us | kernel us | bf16 XLA us | x bf16 (path) | x bf16 (kernel) "
-             "| GB/s (path) | rel err | tile_k/stages/k_splits | " + ("variant | x | " if section == "direct" else
-                                                                        "outliers | " if section == "spqr-outliers"
-                                                                        else "kernel (CTAs) | " if section == "ws-stream"
-                                                                        else "") + "ok |",
-             "| --- " * (16 if section == "direct" else 15 if section in ("spqr-outliers", "ws-stream") else 14)
-             + "|"]
+             "| GB/s (path) | rel err | tile_k/stages/k_splits | " + "".join(f"{h} | " for h in extra_heads) + "ok |",
+             "| --- " * (14 + len(extra_heads)) + "|"]
     for r in rows:
         c = r["config"]
-        extra = (f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''} | "
-                 f"{('unpadded, staged ' + c.get('x_stage', 'after') + ' dequant') if c.get('direct_x') else 'XLA pad'} | "
-                 ) if section == "direct" else f"{c.get('outliers')} | " if section == "spqr-outliers" else (
-                     f"{'ws stream-K (' + str(c.get('ctas')) + ')' if c.get('variant') else 'one warpgroup'} | "
-                 ) if section == "ws-stream" else ""
+        extra = "".join(f"{v} | " for v in extra_cells(c))
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "

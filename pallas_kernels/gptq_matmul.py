@@ -651,7 +651,7 @@ def _ws_cta_of(g, q: int, r: int):
     edge = r * (q + 1)
     if isinstance(g, (int, np.integer)):
         return g // (q + 1) if g < edge else r + (g - edge) // q
-    return jnp.where(g < edge, _idiv(g, q + 1), r + _idiv(jnp.maximum(g - edge, 0), max(q, 1)))
+    return jnp.where(g < edge, _idiv(g, q + 1), r + _idiv(jnp.maximum(g - edge, 0), q))  # q >= 1 (ws_plan)
 
 
 def ws_plan(units: int, steps_per_unit: int, ctas: int) -> tuple[int, int, int]:
@@ -669,7 +669,7 @@ def ws_plan(units: int, steps_per_unit: int, ctas: int) -> tuple[int, int, int]:
 
 
 # The stream-K ws launch (partial slots, one CTA per SM, tile_k 256) is the default for GPTQ 4-bit at M_pad = 8
-# where the fused one is not and the (unit, 256-column step) pairs give every SM at least this many steps. Measured
+# where the fused one does not apply and the (unit, 256-column step) pairs give every SM at least this many steps. Measured
 # (H100, bench/kernels_launch.py, same run, M = 1, path / kernel us, stream-K vs the one-warpgroup kernel):
 # 4096x22016 22.53 / 20.83 vs 26.69 / 25.25, 4096x12288 15.04 / 13.78 vs 15.74 / 14.34, 11008x4096 13.70 / 12.45 vs
 # 14.18 / 12.83; 4096x4096 (3.9 steps per SM) 8.06 / 6.85 vs 7.36 / 6.02 (so it keeps the old kernel).
@@ -863,7 +863,7 @@ class KernelConfig:
         if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
         if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
-                and not ws_default_ok(w, num_sms) and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
+                and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
             return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
