@@ -691,7 +691,9 @@ def summarize(rows):
     """Markdown tables (generation, guard, profile); ratios to the faster bf16 row (unfused or fused) of the same
     batch in the same run."""
     gen = [r for r in rows if r.get("what") == "generate"]
-    guards = {(r["format"], r.get("model_shape"), r.get("device")): r for r in rows if r.get("what") == "guard"}
+    # a run's guard (batch 1) vouches for that run's rows only
+    guards = {(r.get("run_id"), r["format"], r.get("model_shape"), r.get("device")): r
+              for r in rows if r.get("what") == "guard"}
     bf16 = {}
     for r in gen:
         if parse_format(r["format"])[0] == "bf16" and "tokens_per_s" in r:
@@ -702,7 +704,7 @@ def summarize(rows):
              "vs f32 (bf16 XLA's)) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in gen:
-        gtxt = _guard_text(guards.get((r["format"], r.get("model_shape"), r.get("device"))))
+        gtxt = _guard_text(guards.get((r.get("run_id"), r["format"], r.get("model_shape"), r.get("device"))))
         if "tokens_per_s" not in r:
             lines.append(f"| {r.get('run_id')} | {r['format']} | {r['path']} | | {r['batch']} | failed: "
                          f"{r.get('error', '')[:80]} | | | | | | | {gtxt} |")

@@ -76,9 +76,9 @@ class Format:
     def config(self, **kw):
         return (sm.KernelConfig if self.family == "spqr" else gm.KernelConfig)(**kw)
 
-    def call(self, x, w, cfg, out_init=None):
+    def call(self, x, w, cfg, out_init=None, variant="full"):
         fn = {"gptq": gm.gptq_matmul, "lut": lm.lut_matmul, "spqr": sm.spqr_matmul}[self.family]
-        return fn(x, w, config=cfg, out_init=out_init)
+        return fn(x, w, config=cfg, out_init=out_init, _variant=variant)
 
     def out_dtype(self, w):
         if self.family == "lut":
@@ -90,13 +90,13 @@ class Format:
         return {"gptq": "gptq_w", "lut": "lut_w", "spqr": "spqr_w"}[self.family]
 
 
-def check(fmt, kw, w_float, M, cfg, key):
+def check(fmt, kw, w_float, M, cfg, key, variant="full"):
     """(Frobenius rel err, max-abs rel err, any NaN, poisoned == plain output) of the kernel path vs x @ W_float."""
     x = jax.random.normal(key, (M, kw.in_features), jnp.float32).astype(kw.dtype)
     rc = cfg.resolved(kw, M)
     poison = gm.nan_output_buffer(rc, kw.n_pad, kw.out_features, M, fmt.out_dtype(kw))
-    y = jax.jit(lambda x, w, p: fmt.call(x, w, cfg, p))(x, kw, poison).astype(jnp.float32)
-    y2 = jax.jit(lambda x, w: fmt.call(x, w, cfg))(x, kw).astype(jnp.float32)
+    y = jax.jit(lambda x, w, p: fmt.call(x, w, cfg, p, variant))(x, kw, poison).astype(jnp.float32)
+    y2 = jax.jit(lambda x, w: fmt.call(x, w, cfg, variant=variant))(x, kw).astype(jnp.float32)
     ref = jnp.matmul(x.astype(jnp.float32), w_float, precision=jax.lax.Precision.HIGHEST)
     fro = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
     mx = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
@@ -245,16 +245,21 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                 xs = activations(jax.random.fold_in(kx, 7919 * fi + M), M, K, len(ws))
                 for launch in launches:
                     for extra in (configs or [{}]):
-                        cfg = fmt.config(**{"fused": None if launch == "auto" else launch == "fused", **extra})
+                        # "_variant=nodeq" (diagnostics): the kernel without its dequantization arithmetic (wrong y)
+                        variant = extra.get("_variant", "full")
+                        fields = {k: v for k, v in extra.items() if k != "_variant"}
+                        cfg = fmt.config(**{"fused": None if launch == "auto" else launch == "fused", **fields})
                         try:
-                            fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.fold_in(kx, M + 1))
-                            us, kern_us, names = cupti(lambda x, w: fmt.call(x, w, cfg), list(zip(xs, ws)), rounds,
-                                                       fmt.tag)
+                            fro, mx, nan, same, rc = check(fmt, kw, w_float, M, cfg, jax.random.fold_in(kx, M + 1),
+                                                           variant)
+                            us, kern_us, names = cupti(lambda x, w: fmt.call(x, w, cfg, variant=variant),
+                                                       list(zip(xs, ws)), rounds, fmt.tag)
                         except Exception:
                             log(f"{K}x{N} {name} M={M} {launch} {extra} FAILED: {traceback.format_exc()[-2000:]}")
                             continue
                         moved = kw.nbytes + M * K * 2 + M * N * 2
                         row = dict(format=name, launch=launch, K=K, N=N, M=M, us=round(us, 2),
+                                   **({"kernel_variant": variant} if variant != "full" else {}),
                                    kernel_only_us=round(kern_us, 2), bf16_xla_us=round(bf16_us[M], 2),
                                    speedup_vs_bf16=round(bf16_us[M] / us, 3),
                                    kernel_only_speedup_vs_bf16=round(bf16_us[M] / kern_us, 3),
@@ -267,7 +272,9 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                                                **({"direct_x": rc.direct_x} if hasattr(rc, "direct_x") else {}),
                                                **({"outliers": rc.outliers} if hasattr(rc, "outliers") else {}),
                                                **({"variant": rc.variant, "ctas": rc.ctas, "wgs": rc.wgs}
-                                                  if getattr(rc, "variant", None) else {})))
+                                                  if getattr(rc, "variant", None) else {}),
+                                               **({"post_scale": rc.post_scale} if getattr(rc, "post_scale", None)
+                                                  is not None else {})))
                         emit(row)
                         log(f"{K}x{N} {name} M={M} {launch}: path {us:.2f} us (kernel {kern_us:.2f}) bf16 "
                             f"{bf16_us[M]:.2f}: x{row['speedup_vs_bf16']} (kernel x"
@@ -288,16 +295,31 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                       "## SpQR outlier product: Pallas kernels (default) vs the XLA gathers (device time, CUPTI)"),
     "ws-stream": ("<!-- ws-stream rows begin -->", "<!-- ws-stream rows end -->",
                   "## Stream-K ws launch (uneven grids) at the LLaMA-7B decode shapes (device time, CUPTI)"),
+    "post-scale": ("<!-- post-scale rows begin -->", "<!-- post-scale rows end -->",
+                   "## GPTQ scales after the wgmma (post_scale) vs on the weights (device time, CUPTI)"),
+    "ws-diagnostics": ("<!-- ws-diagnostics rows begin -->", "<!-- ws-diagnostics rows end -->",
+                       "## ws kernel diagnostics: no-dequant variant, wgmma overlap attempt (device time, CUPTI)"),
 }
 
 
-SECTION_COLUMNS = {  # section -> (extra column heads, config -> their cells)
-    "direct": (("variant", "x"), lambda c: (
-        f"{c.get('variant') or 'wg1'}{'-f' if c.get('variant') and c.get('fused') else ''}",
-        f"unpadded, staged {c.get('x_stage', 'after')} dequant" if c.get("direct_x") else "XLA pad")),
-    "spqr-outliers": (("outliers",), lambda c: (f"{c.get('outliers')}",)),
-    "ws-stream": (("kernel (CTAs)",), lambda c: (
-        f"ws stream-K ({c.get('ctas')})" if c.get("variant") else "one warpgroup",)),
+def _ws_kind(c):
+    return (f"ws stream-K ({c.get('ctas')})" if not c.get("fused") else f"ws-f ({c.get('ctas')})") if c.get("variant") \
+        else "one warpgroup"
+
+
+SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
+    "direct": (("variant", "x"), lambda r: (
+        f"{r['config'].get('variant') or 'wg1'}{'-f' if r['config'].get('variant') and r['config'].get('fused') else ''}",
+        f"unpadded, staged {r['config'].get('x_stage', 'after')} dequant" if r["config"].get("direct_x")
+        else "XLA pad")),
+    "spqr-outliers": (("outliers",), lambda r: (f"{r['config'].get('outliers')}",)),
+    "ws-stream": (("kernel (CTAs)",), lambda r: (
+        f"ws stream-K ({r['config'].get('ctas')})" if r["config"].get("variant") else "one warpgroup",)),
+    "post-scale": (("kernel (CTAs)", "scales"), lambda r: (
+        _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
+    "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
+        _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
+        else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),
 }
 
 
@@ -314,7 +336,7 @@ def merge(paths, results_dir, note="", section="launch"):
     results.append_rows(json_path, [r for r in rows if ident(r) not in have])  # the md section lists all given rows
     md_path = os.path.join(results_dir, "kernels.md")
     begin, end, heading = MD_SECTIONS[section]
-    extra_heads, extra_cells = SECTION_COLUMNS.get(section, ((), lambda c: ()))
+    extra_heads, extra_cells = SECTION_COLUMNS.get(section, ((), lambda r: ()))
     r0 = rows[0]
     lines = [begin, "", heading, "",
              f"{r0.get('device', '?')}, jax {r0.get('jax', '?')}, {r0.get('date', '?')}; "
@@ -331,7 +353,7 @@ def merge(paths, results_dir, note="", section="launch"):
              "| --- " * (14 + len(extra_heads)) + "|"]
     for r in rows:
         c = r["config"]
-        extra = "".join(f"{v} | " for v in extra_cells(c))
+        extra = "".join(f"{v} | " for v in extra_cells(r))
         lines.append(f"| {str(r.get('run_id', '?'))[11:16]} | {r['format']} | {r['launch']} | {r['K']}x{r['N']} | "
                      f"{r['M']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['speedup_vs_bf16']} | "
@@ -391,7 +413,8 @@ def main():
     # "default" = the plain config (KernelConfig() with the launch's fused setting), e.g. "default;variant=ws"
     configs = [dict(kv.split("=") for kv in c.split(",")) if c != "default" else {}
                for c in args.configs.split(";") if c]
-    configs = [{k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in c.items()} for c in configs] or None
+    configs = [{k: (int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v))
+                for k, v in c.items()} for c in configs] or None
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     table(seed, shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), args.launches.split(","),
           args.rounds, emit, t_start + args.budget_s, configs)

@@ -28,7 +28,10 @@ float ``magic + code * 2**k`` (magic = 128 for bf16, 1024 for f16; ``_extract_pl
 needed to lie inside the mantissa, at bit k, so neighbouring codes share one shift and the first ones need none),
 then ``w = fma(fma(v, 2**-k, nbias_k), scale, -0)`` with nbias_k = -(magic * 2**-k + zero) (derived once per group):
 an exact ``code - zero`` and one rounding of ``scale * (code - zero)``, the same value as the reference's float32
-product rounded to the activation dtype.
+product rounded to the activation dtype. With ``KernelConfig.post_scale`` (the default of the one-warpgroup kernel)
+the second FMA is dropped: the wgmma multiplies the exact ``code - zero`` (one wgmma per group of the step) and
+``_make_scale_add`` applies each group's scales to the float32 product (one FMA per accumulator element instead of one
+per weight pair, and no rounding of the weights).
 
 Kernel grid: (N_pad/(64*n_sub) output tiles, k_splits); each CTA (one warpgroup) streams its K range through an
 ``emit_pipeline`` of TMA copies (``stages`` deep, ``tile_k`` columns a step). Launch (``launch_kernel``, shared with
@@ -458,35 +461,24 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     if cfg.variant == "ws":
         return _reference_ws(xk, w, cfg, m, x2d.dtype)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
-    magic = _MAGIC[w.dtype_name]
-    sym_nbias = -(magic + 2 ** (w.bits - 1))
     out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
-    rows, gps = CHUNK * cfg.n_sub, cfg.groups_per_step(w)
+    rows = CHUNK * cfg.n_sub
     for n_idx in range(w.n_pad // rows):  # CTA grid (n, split), as the kernel's mesh
         for split in range(cfg.k_splits):
             accs = [jnp.zeros((CHUNK, m_pad), jnp.float32) for _ in range(cfg.n_sub)]
             for step in range(steps):
                 kb = split * steps + step
                 x_blk = xk[:, kb * cfg.tile_k:(kb + 1) * cfg.tile_k]
-                w_blk = w.qweight[n_idx * cfg.n_sub:(n_idx + 1) * cfg.n_sub,
-                                  kb * cfg.tile_k // CHUNK:(kb + 1) * cfg.tile_k // CHUNK]
-                srow = _scale_block_index(kb, cfg.tile_k, w.group) * gps
-                s_blk = w.scales[srow:srow + gps, n_idx * rows:(n_idx + 1) * rows]
-                b_blk = None if w.nbias is None else w.nbias[srow:srow + gps, n_idx * rows:(n_idx + 1) * rows]
-                grp = (jnp.arange(cfg.tile_k) // CHUNK * CHUNK) // w.group if gps > 1 else \
-                    jnp.zeros(cfg.tile_k, jnp.int32)
                 for j in range(cfg.n_sub):
-                    cols = slice(j * CHUNK, (j + 1) * CHUNK)
-                    codes = _unpack_tiles(w_blk[j:j + 1], w.bits, w.layout).astype(jnp.float32)  # [64, tile_k]
-                    nb = (jnp.float32(sym_nbias) if b_blk is None else b_blk[:, cols].astype(jnp.float32).T[:, grp])
-                    a = ((codes + magic + nb) * s_blk[:, cols].astype(jnp.float32).T[:, grp]).astype(w.dtype)
-                    accs[j] = accs[j] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+                    accs[j] = accs[j] + _block_product(w, n_idx * cfg.n_sub + j, kb, cfg.tile_k, x_blk,
+                                                       cfg.post_scale)
             out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(jnp.concatenate(accs, axis=0))
     return _finish(out, m, w.out_features, x2d.dtype)
 
 
-def _decoded_block(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int) -> jax.Array:
-    """The dequantized A operand [64, tile_k] of output tile ``tile`` at pipeline step ``kb`` (kernel arithmetic)."""
+def _decoded_block(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int, scaled: bool = True) -> jax.Array:
+    """The dequantized A operand [64, tile_k] of output tile ``tile`` at pipeline step ``kb`` (kernel arithmetic:
+    the float32 product rounded once to w's dtype); ``scaled=False``: the exact integers code - zero."""
     gps = max(1, tile_k // w.group)
     magic = _MAGIC[w.dtype_name]
     srow = _scale_block_index(kb, tile_k, w.group) * gps
@@ -496,7 +488,27 @@ def _decoded_block(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int) -> jax.
                           w.bits, w.layout).astype(jnp.float32)
     nb = (jnp.float32(-(magic + 2 ** (w.bits - 1))) if w.nbias is None
           else w.nbias[srow:srow + gps, cols].astype(jnp.float32).T[:, grp])
+    if not scaled:
+        return (codes + magic + nb).astype(w.dtype)
     return ((codes + magic + nb) * w.scales[srow:srow + gps, cols].astype(jnp.float32).T[:, grp]).astype(w.dtype)
+
+
+def _block_product(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int, x_blk: jax.Array,
+                   post_scale: bool) -> jax.Array:
+    """One pipeline step of one 64-row output tile, float32 [64, M_pad], as the kernel computes it: the dequantized
+    block times x_blk^T, or (``post_scale``) per group the exact integers code - zero times x_blk^T, scaled by the
+    group's scales in float32 and summed."""
+    if not post_scale:
+        return jnp.matmul(_decoded_block(w, tile, kb, tile_k), x_blk.T, preferred_element_type=jnp.float32)
+    d = _decoded_block(w, tile, kb, tile_k, scaled=False)
+    gps, gk = max(1, tile_k // w.group), min(tile_k, w.group)
+    srow = _scale_block_index(kb, tile_k, w.group) * gps
+    acc = jnp.zeros((CHUNK, x_blk.shape[0]), jnp.float32)
+    for g in range(gps):
+        part = slice(g * gk, (g + 1) * gk)
+        prod = jnp.matmul(d[:, part], x_blk[:, part].T, preferred_element_type=jnp.float32)
+        acc = acc + prod * w.scales[srow + g, tile * CHUNK:(tile + 1) * CHUNK].astype(jnp.float32)[:, None]
+    return acc
 
 
 def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -> jax.Array:
@@ -517,8 +529,7 @@ def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -
             for wg in range(cfg.wgs):
                 tile = unit * cfg.wgs + wg
                 rows = slice(tile * CHUNK, (tile + 1) * CHUNK)
-                a = _decoded_block(w, tile, k, cfg.tile_k)
-                accs[wg] = accs[wg] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+                accs[wg] = accs[wg] + _block_product(w, tile, k, cfg.tile_k, x_blk, cfg.post_scale)
                 if flush:
                     out = out.at[slot, rows].set(accs[wg])
                     if slot == 0:
@@ -576,6 +587,11 @@ def _scale_block_index(k_block, tile_k: int, group: int):
 # and jax 0.11.2's wgmma takes no untiling view of a (tile_k/64, 8, 64) TMA box (bench/NOTES_kernels.md).
 # JAXQUANT_GPTQ_DIRECT_X=0 turns the default off (the padded x everywhere; explicit configs still choose).
 DIRECT_X_DEFAULT = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "1") != "0"
+# KernelConfig.post_scale default for the one-warpgroup GPTQ kernel: on. H100, same runs, M = 1 path us (post_scale
+# vs scaled weights; bench/NOTES_kernels.md, "Scales after the wgmma"): int3 8192x28672 45.52 vs 46.02, 4096x22016
+# 21.14 vs 22.72, 11008x4096 13.89 vs 14.27; int4 M = 16 52.18 vs 52.72; rel err 2.2e-3 vs 2.7e-3. The ws kernel keeps
+# the scaled weights: 48.42 vs 47.30 us (ws-f, tile_k 512), stream-K tile_k 256 within +-1%.
+POST_SCALE = os.environ.get("JAXQUANT_GPTQ_POST_SCALE", "1") != "0"
 # The staging costs each compute warpgroup a fence and a barrier per pipeline step, so the one-warpgroup kernel takes
 # the unpadded x by default only up to this many CTA-steps per SM (output tiles x K steps / SMs). Measured (H100,
 # bench/NOTES_kernels.md "Unpadded activations"): the LLaMA-7B layer shapes (16-43 per SM) path -1.0..-1.8 us
@@ -771,6 +787,10 @@ class KernelConfig:
     # pad) and each step stages its M rows into a zeroed [8, tile_k] SMEM tile (``_make_x_stage``). None = the
     # default (DIRECT_X_DEFAULT where direct_x_ok), False = the padded x.
     direct_x: Optional[bool] = None
+    # GPTQ: the wgmma multiplies the exact integers code - zero and the group scales are applied to its float32
+    # product (``_make_scale_add``) instead of to every weight before it. None = POST_SCALE for the one-warpgroup
+    # kernel, off for the ws kernel.
+    post_scale: Optional[bool] = None
 
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
@@ -833,7 +853,11 @@ class KernelConfig:
         elif direct and not direct_x_ok(w, m):
             raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight in a 16-bit dtype and "
                              f"M < 8, got {type(w).__name__} {jnp.dtype(w.dtype).name}, M = {m}")
-        cfg = dataclasses.replace(cfg, direct_x=bool(direct))
+        post_scale = self.post_scale
+        if post_scale is None:  # the ws kernel keeps the scaled weights (measured slower / even with post_scale)
+            post_scale = POST_SCALE and cfg.variant != "ws"
+        post_scale = isinstance(w, GPTQKernelWeight) and post_scale
+        cfg = dataclasses.replace(cfg, direct_x=bool(direct), post_scale=post_scale)
         cfg.check(w, m)
         return cfg
 
@@ -859,7 +883,7 @@ class KernelConfig:
         gptq = isinstance(w, GPTQKernelWeight)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
-        plain = dataclasses.replace(self, direct_x=None) == KernelConfig()
+        plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
         if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
         if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
@@ -981,11 +1005,11 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
                               cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
-                              direct_m)
+                              direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale))
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
-                           _variant, w.layout, fused_out, direct_m)
+                           _variant, w.layout, fused_out, direct_m=direct_m, post_scale=bool(cfg.post_scale))
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
     return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
@@ -1002,7 +1026,7 @@ def _half_bits(value: float, dtype_name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, tile_k, stages, k_splits, n_sub,
-                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None, direct_m=0):
+                aliased, variant="full", layout=DEFAULT_LAYOUT, fused_out=None, direct_m=0, post_scale=False):
     """variant (measurements only): "full"; "nodeq" skips the dequantization arithmetic (wrong results; isolates
     memory + wgmma time). fused_out: None (float32 partials) or (m, n, out dtype name): see ``launch_kernel``.
     direct_m: 0 (x padded to [m_pad, K_pad]) or the rows m < 8 of the unpadded view of ``direct_activations``, staged
@@ -1014,8 +1038,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     rows = CHUNK * n_sub
     steps = k_pad // tile_k // k_splits
     gps = max(1, tile_k // group)
-    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=variant == "nodeq",
-                            layout=layout)
+    products = _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale)
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name)
 
@@ -1044,14 +1067,18 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
                 # Dequantize every sub-tile first, then issue the wgmmas and wait once: the A registers of one step
                 # are never overwritten while a wgmma may still read them.
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
-                a = [dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
+                a = [products.dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
                 if direct_m:  # the step's m rows -> the wgmma's [8, tile_k] tile (rows m..7 stay zero)
                     stage_x(x_smem, x_pad)  # after the dequantization (measured faster than before it)
                     x_smem = x_pad
+                if not post_scale:
+                    for j in range(n_sub):
+                        plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return
                 for j in range(n_sub):
-                    plgpu.wgmma(acc_refs[j], a[j], x_smem.transpose((1, 0)))
-                plgpu.wgmma_wait(0)
+                    acc_refs[j][...] = products.accumulate(acc_refs[j][...], a[j], x_smem, s_smem.at[:, cols[j]])
 
             if direct_m:
                 zero_x(x_pad)
@@ -1071,15 +1098,17 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
-                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0):
+                   layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0, variant="full",
+                   post_scale=False):
     """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
     ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
     ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
     shared). Work is split stream-K (``ws_plan`` / ``ws_step``): each CTA runs q or q + 1 consecutive (unit,
     k-step) pairs across unit boundaries; the accumulators go to float32 partial slots [slots, n_pad, m_pad] that
     the wrapper sums. With ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores
-    its y tile (transposed, cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
-    warpgroup stages the shared raw activation rows into its own [8, tile_k] tile)."""
+    its y tile (transposed, cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in
+    ``_build_call`` (each compute warpgroup stages the shared raw activation rows into its own [8, tile_k] tile).
+    ``variant``, ``post_scale``: as in ``_build_call``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1090,7 +1119,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     q, r, slots = ws_plan(units, spu, ctas)
     grid = q + (r > 0)
     gps = max(1, tile_k // group)
-    dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, layout=layout, wg_local=True)
+    products = _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
+                              wg_local=True)
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True)
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
@@ -1130,15 +1160,17 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                 (t,) = idx
                 unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
-                a = dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
+                a = products.dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
                 if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
                     stage_x(x_smem, x_pad[0])
                     x_smem = x_pad[0].at[wg]
+                if post_scale:
+                    acc = products.accumulate(acc, a, x_smem, s_smem.at[:, cols])
+                else:
+                    def mma(acc_ref):
+                        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
 
-                def mma(acc_ref):
-                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-
-                acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                    acc = pl.run_state(mma)(plgpu.ACC.init(acc))
                 row0 = (unit * wgs + wg) * CHUNK
 
                 @pl.when(flush)
@@ -1511,11 +1543,65 @@ def _make_cluster_reduce(rows: int, m_pad: int, k_splits: int, out_dtype_name: s
     return reduce
 
 
+class _Products:
+    """A GPTQ kernel step's arithmetic for one 64-row output tile. ``dequant(w_smem, scales, *nbias)`` -> the A
+    operand: [64, tile_k] scaled weights, or with post_scale one [64, group] block of exact integers code - zero per
+    group of the step; ``accumulate(acc, a, x_smem, scales)`` (post_scale only) -> acc + per group
+    scale * (block @ x_block^T), float32 [64, M_pad] (one wgmma per group, one wait)."""
+
+    def __init__(self, bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
+                 wg_local=False):
+        self.post_scale = post_scale
+        self.gk = min(tile_k, group)  # columns per group within a step
+        self.m_pad = m_pad
+        skip = variant == "nodeq"
+        if post_scale:
+            self._dequant = _make_dequant(bits, self.gk, group, 1, dtype_name, has_bias, skip_arithmetic=skip,
+                                          layout=layout, wg_local=wg_local, scaled=False)
+            self._scale_add = _make_scale_add(m_pad, wg_local)
+            self.groups = tile_k // self.gk
+        else:
+            self._dequant = _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=skip,
+                                          layout=layout, wg_local=wg_local)
+
+    def dequant(self, w_ref, s_ref, *b_ref):
+        if not self.post_scale:
+            return self._dequant(w_ref, s_ref, *b_ref)
+        from jax.experimental import pallas as pl
+
+        chunks = self.gk // CHUNK
+        return [self._dequant(w_ref.at[pl.ds(g * chunks, chunks)], s_ref.at[pl.ds(g, 1)],
+                              *(b.at[pl.ds(g, 1)] for b in b_ref)) for g in range(self.groups)]
+
+    def accumulate(self, acc, a, x_smem, s_ref):
+        from jax.experimental import pallas as pl
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        xs = [x_smem.at[:, pl.ds(g * self.gk, self.gk)].transpose((1, 0)) for g in range(self.groups)]
+
+        def mma(refs):
+            for g in range(self.groups):
+                plgpu.wgmma(refs[g], a[g], xs[g])
+
+        zero = plgpu.layout_cast(jnp.full((CHUNK, self.m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
+        prods = pl.run_state(mma)(tuple(plgpu.ACC.init(zero) for _ in range(self.groups)))
+        for g in range(self.groups):
+            acc = self._scale_add(acc, prods[g], s_ref.at[g])
+        return acc
+
+
+def _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
+                   wg_local=False) -> _Products:
+    return _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale, wg_local)
+
+
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
-                  wg_local=False):
+                  wg_local=False, scaled=True):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
     dequantized A operand [64, tile_k] in the WGMMA register layout. ``wg_local``: the thread index is taken modulo
-    128 (kernels with several warpgroups per CTA, e.g. the warp-specialized variant)."""
+    128 (kernels with several warpgroups per CTA, e.g. the warp-specialized variant). ``scaled=False``: the exact
+    integers code - zero (the scales are applied to the wgmma's float32 product instead, ``_make_scale_add``; the
+    scales argument is then not read)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dtype = jnp.dtype(dtype_name)
@@ -1570,7 +1656,7 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
             words = [memref.load(w_ref, [cidx(c), cidx(p), tid_idx]) for p in range(bits)]
             gr = (c * CHUNK) // group if gps > 1 else 0
             if gr not in scale_cache:
-                s2 = [splat2(s_ref, cidx(gr), r) for r in rows]
+                s2 = [splat2(s_ref, cidx(gr), r) for r in rows] if scaled else None
                 nb2 = [splat2(b_ref[0], cidx(gr), r) for r in rows] if has_bias else [ci(sym_nbias2)] * 2
                 scale_cache[gr] = (s2, nb2)
             s2, nb2 = scale_cache[gr]
@@ -1599,9 +1685,47 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
                         nbk_cache[key] = fma2(nb2[h], one, ci(_half_bits(magic - magic * 2.0**-k, dtype_name)
                                                               * 0x00010001))
                     d = fma2(v, ci(_half_bits(2.0**-k, dtype_name) * 0x00010001), nbk_cache[key])
-                v = fma2(d, s2[h], negzero)
+                v = fma2(d, s2[h], negzero) if scaled else d
                 regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(
                     vec_ty, vector.broadcast(ir.VectorType.get((1,), i32), v))
         return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
     return dequant
+
+
+def _make_scale_add(m_pad: int, wg_local: bool = False):
+    """inline_mgpu function (acc, prod, s_ref [64] scales of one group, 16-bit) -> acc + prod * s per output row,
+    float32, both [64, m_pad] in the WGMMA accumulator layout (a thread holds rows r and r + 8, r = 16 * warp +
+    lane // 4: the rows whose scales it loads, as the dequantization does)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layout = plgpu.Layout.WGMMA
+    ret = plgpu.ShapeDtypeStruct((CHUNK, m_pad), jnp.float32, layout=layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout, layout, plgpu.RefType()), return_type=ret)
+    def scale_add(ctx, acc, prod, s_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, math as math_dialect, memref, vector
+        import jax.experimental.mosaic.gpu as mgpu
+
+        i32 = ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        index = ir.IndexType.get()
+        tid = mgpu.utils.thread_idx()
+        if wg_local:
+            tid = arith.remui(tid, arith.constant(i32, 128))
+        lane = arith.remui(tid, arith.constant(i32, 32))
+        row0 = arith.addi(arith.muli(arith.divui(tid, arith.constant(i32, 32)), arith.constant(i32, 16)),
+                          arith.divui(lane, arith.constant(i32, 4)))
+        scales = []
+        for h in range(2):
+            r = arith.index_cast(index, arith.addi(row0, arith.constant(i32, 8 * h)))
+            scales.append(arith.extf(f32, memref.load(s_ref, [r])))
+        regs = np.empty(prod.registers.shape, dtype=object)
+        for idx, p in np.ndenumerate(prod.registers):
+            sv = vector.broadcast(ir.VectorType(p.type), scales[idx[4]])  # idx[4]: row r (0) or r + 8 (1)
+            regs[idx] = math_dialect.fma(p, sv, acc.registers[idx])
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return scale_add

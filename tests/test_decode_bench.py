@@ -165,10 +165,16 @@ def test_summary_ratios_are_same_run_or_flagged():
             dict(base, format="bf16+fused", batch=1, tokens_per_s=100.0, run_id="a"),  # the faster bf16 is the base
             dict(base, format="gptq-w4g128", batch=1, tokens_per_s=250.0, run_id="a", avg_bits=4.25),
             dict(base, format="gptq-w3g128", batch=1, tokens_per_s=300.0, run_id="b", avg_bits=3.25)]
+    guard = dict(what="guard", batch=1, guard_ok=True, linear_max_rel_err=0.003, decode_step_rel_err_vs_f32=0.05,
+                 bf16_xla_decode_step_rel_err_vs_f32=0.04)
+    rows += [dict(guard, format="gptq-w4g128", run_id="a"), dict(guard, format="gptq-w3g128", run_id="c")]
     lines = decode.summarize(rows)
     assert rows[2]["speedup_vs_bf16"] == 2.5
     assert rows[3]["speedup_vs_bf16"] is None  # another run's bf16: not written to the row
     assert any("3.00 (other run)" in line for line in lines)
+    # a guard vouches for its own run's rows only
+    assert any(line.startswith("| a | gptq-w4g128 |") and line.endswith("| ok (0.003 / 0.05 (0.04)) |") for line in lines)
+    assert any(line.startswith("| b | gptq-w3g128 |") and line.endswith("| - |") for line in lines)
 
 
 def test_merge_replaces_rows_but_keeps_the_bf16_a_kept_row_is_compared_to():

@@ -2,7 +2,8 @@
 its in-register dequantization is an ``inline_mgpu`` block, which Pallas' GPU interpreter cannot run).
 
 Oracles are float64 numpy: W[k, n] = round_dtype(round_dtype(scale[g, n]) * (code[k, n] - zero[g, n])), the value
-the kernel's two fused multiply-adds produce, and y = x @ W.
+the kernel's two fused multiply-adds produce with scaled weights (the ws kernel), and y = x @ W; the one-warpgroup
+kernel's default (post_scale) leaves out the outer rounding (test_post_scale_block_product).
 """
 from __future__ import annotations
 
@@ -142,6 +143,29 @@ def test_tiled_reference_matches(rng, tile_k, stages, k_splits):
     got = gm.reference_matmul_tiled(x, w, cfg)
     assert rel_err(got, want) < 8e-3
     assert rel_err(got, gm.reference_matmul(x, w)) < 8e-3
+
+
+@pytest.mark.parametrize("tile_k", [64, 128, 256, 512])
+def test_post_scale_block_product(rng, tile_k):
+    """One pipeline step of one output tile as the kernel computes it. post_scale: the wgmma's exact code - zero
+    integers times x per group, the group scales applied to the float32 product: equal to the float64 oracle with the
+    unrounded scale * (code - zero) weights up to float32 accumulation. Scaled weights (the ws default): the weights
+    rounded once to bf16, so their error is that rounding's (>= 100x larger)."""
+    K, N, bits = 1024, 128, int(rng.choice([3, 4]))  # (2-bit: scale * (code - zero) is exact in bf16)
+    group = int(rng.choice([64, 128, 256, 1024]))
+    codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, group, bool(rng.integers(2)), False)
+    w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=bool(np.all(zeros == 2 ** (bits - 1))), dtype="bfloat16")
+    tile, kb = int(rng.integers(0, N // 64)), int(rng.integers(0, K // tile_k))
+    x = jnp.asarray(rng.standard_normal((8, tile_k)), jnp.bfloat16)
+    rows, ks = slice(tile * 64, (tile + 1) * 64), slice(kb * tile_k, (kb + 1) * tile_k)
+    s64 = scales.astype(ml_dtypes.bfloat16).astype(np.float64)[g_idx][ks, rows]  # the stored (bf16) scales
+    w_exact = s64 * (codes - zeros[g_idx])[ks, rows]  # [tile_k, 64]
+    want = (np.asarray(x.astype(jnp.float32), np.float64) @ w_exact).T  # [64, 8]
+    post = gm._block_product(w, tile, kb, tile_k, x, post_scale=True)
+    scaled = gm._block_product(w, tile, kb, tile_k, x, post_scale=False)
+    assert post.shape == scaled.shape == (64, 8) and post.dtype == jnp.float32
+    assert rel_err(post, want) < 2e-6
+    assert 1e-4 < rel_err(scaled, want) < 8e-3
 
 
 def test_config_heuristic_and_errors(rng):

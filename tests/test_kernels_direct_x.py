@@ -137,7 +137,7 @@ def test_kernel_gets_the_unpadded_view(rng, monkeypatch):
 
     def fake_builder(*args, **kwargs):
         def call(x, *rest):
-            seen.append((x.shape, args[-1]))
+            seen.append((x.shape, kwargs["direct_m"]))
             cfg = gm.KernelConfig().resolved(w, m)
             shape, dt = gm.output_buffer_shape(cfg, w.n_pad, N, m, w.dtype)
             return jnp.zeros(shape, dt)
