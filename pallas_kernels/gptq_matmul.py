@@ -854,7 +854,7 @@ class KernelConfig:
             raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight in a 16-bit dtype and "
                              f"M < 8, got {type(w).__name__} {jnp.dtype(w.dtype).name}, M = {m}")
         post_scale = self.post_scale
-        if post_scale is None:  # the ws kernel keeps the scaled weights (measured slower / even with post_scale)
+        if post_scale is None:  # the ws kernel keeps the scaled weights (post_scale measured slower at tile_k 512)
             post_scale = POST_SCALE and cfg.variant != "ws"
         post_scale = isinstance(w, GPTQKernelWeight) and post_scale
         cfg = dataclasses.replace(cfg, direct_x=bool(direct), post_scale=post_scale)
@@ -1038,7 +1038,7 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
     rows = CHUNK * n_sub
     steps = k_pad // tile_k // k_splits
     gps = max(1, tile_k // group)
-    products = _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale)
+    products = _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale)
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name)
 
@@ -1064,8 +1064,8 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
             acc_refs, x_pad = (scoped[:-1], scoped[-1]) if direct_m else (scoped, None)
 
             def step(_, x_smem, w_smem, s_smem, *b_smem):
-                # Dequantize every sub-tile first, then issue the wgmmas and wait once: the A registers of one step
-                # are never overwritten while a wgmma may still read them.
+                # Dequantize every sub-tile first, then issue the wgmmas and wait (once; with post_scale once per
+                # sub-tile): the A registers of one step are never overwritten while a wgmma may still read them.
                 cols = [pl.ds(j * CHUNK, CHUNK) for j in range(n_sub)]
                 a = [products.dequant(w_smem.at[j], s_smem.at[:, cols[j]], *(b.at[:, cols[j]] for b in b_smem))
                      for j in range(n_sub)]
@@ -1119,8 +1119,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     q, r, slots = ws_plan(units, spu, ctas)
     grid = q + (r > 0)
     gps = max(1, tile_k // group)
-    products = _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
-                              wg_local=True)
+    products = _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
+                         wg_local=True)
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True)
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
@@ -1590,9 +1590,20 @@ class _Products:
         return acc
 
 
-def _make_products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
-                   wg_local=False) -> _Products:
-    return _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale, wg_local)
+def _fragment_rows(wg_local: bool):
+    """(thread index within the warpgroup (i32), [row r, row r + 8] (index)): the two rows of a 64-row WGMMA tile (A
+    operand or accumulator) one thread holds, r = 16 * warp + lane // 4. Inside an inline_mgpu function."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    import jax.experimental.mosaic.gpu as mgpu
+
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    c = lambda v: arith.constant(i32, v)  # noqa: E731
+    tid = mgpu.utils.thread_idx()
+    if wg_local:
+        tid = arith.remui(tid, c(128))
+    row0 = arith.addi(arith.muli(arith.divui(tid, c(32)), c(16)), arith.divui(arith.remui(tid, c(32)), c(4)))
+    return tid, [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, c(8)))]
 
 
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
@@ -1641,12 +1652,7 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
             v = arith.extui(i32, half)
             return arith.ori(v, arith.shli(v, ci(16)))
 
-        tid = mgpu.utils.thread_idx()
-        if wg_local:
-            tid = arith.remui(tid, ci(128))
-        lane = arith.remui(tid, ci(32))
-        row0 = arith.addi(arith.muli(arith.divui(tid, ci(32)), ci(16)), arith.divui(lane, ci(4)))
-        rows = [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, ci(8)))]
+        tid, rows = _fragment_rows(wg_local)
         tid_idx = arith.index_cast(index, tid)
 
         one, base, negzero = ci(one2), ci(base2), ci(negzero2)
@@ -1709,19 +1715,8 @@ def _make_scale_add(m_pad: int, wg_local: bool = False):
         from jax._src.lib.mlir.dialects import arith, math as math_dialect, memref, vector
         import jax.experimental.mosaic.gpu as mgpu
 
-        i32 = ir.IntegerType.get_signless(32)
-        f32 = ir.F32Type.get()
-        index = ir.IndexType.get()
-        tid = mgpu.utils.thread_idx()
-        if wg_local:
-            tid = arith.remui(tid, arith.constant(i32, 128))
-        lane = arith.remui(tid, arith.constant(i32, 32))
-        row0 = arith.addi(arith.muli(arith.divui(tid, arith.constant(i32, 32)), arith.constant(i32, 16)),
-                          arith.divui(lane, arith.constant(i32, 4)))
-        scales = []
-        for h in range(2):
-            r = arith.index_cast(index, arith.addi(row0, arith.constant(i32, 8 * h)))
-            scales.append(arith.extf(f32, memref.load(s_ref, [r])))
+        _, rows = _fragment_rows(wg_local)
+        scales = [arith.extf(ir.F32Type.get(), memref.load(s_ref, [r])) for r in rows]
         regs = np.empty(prod.registers.shape, dtype=object)
         for idx, p in np.ndenumerate(prod.registers):
             sv = vector.broadcast(ir.VectorType(p.type), scales[idx[4]])  # idx[4]: row r (0) or r + 8 (1)
