@@ -548,3 +548,24 @@ def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng)
         with pytest.raises(ValueError, match="out_init must be"):
             gm.call_with_output(call, [x], poison.astype(jnp.float16), cfg, w, m, jnp.bfloat16)
     assert len(seen) == 4  # the rejected buffers never reached the kernel
+
+
+@pytest.mark.parametrize("bits,M,fields", [
+    (3, 1, dict()),  # one warpgroup, scales after the wgmma (default), unpadded x
+    (4, 16, dict(tile_k=256, k_splits=2)),  # two groups per step, padded x
+    (4, 1, dict(post_scale=False)),
+    (4, 5, dict(variant="ws", tile_k=256)),  # ws stream-K, scaled weights (its default)
+    (3, 2, dict(variant="ws", tile_k=128, post_scale=True, fused=True)),
+])
+def test_kernels_lower_for_cuda(rng, bits, M, fields):
+    """The Mosaic GPU kernel builders trace and lower for CUDA on the CPU (the PTX compile and the run need the GPU:
+    bench/kernels_launch.py --smoke*): a builder change that no longer traces fails here, in CI."""
+    K, N = 1024, 384
+    w = gm.pack(*random_gptq(rng, K, N, bits, 128, False, False), bits=bits, sym=False)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    config = gm.KernelConfig(**fields)
+    rc = config.resolved(w, M)
+    assert rc.post_scale == fields.get("post_scale", rc.variant != "ws")
+    text = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=config)).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert f"gptq_w{bits}_m" in text and "mosaic_gpu" in text
