@@ -309,7 +309,8 @@ def _ws_kind(c):
 
 SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "direct": (("variant", "x"), lambda r: (
-        f"{r['config'].get('variant') or 'wg1'}{'-f' if r['config'].get('variant') and r['config'].get('fused') else ''}",
+        f"{r['config'].get('variant') or 'wg1'}"
+        f"{'-f' if r['config'].get('variant') and r['config'].get('fused') else ''}",
         f"unpadded, staged {r['config'].get('x_stage', 'after')} dequant" if r["config"].get("direct_x")
         else "XLA pad")),
     "spqr-outliers": (("outliers",), lambda r: (f"{r['config'].get('outliers')}",)),

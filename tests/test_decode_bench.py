@@ -173,7 +173,8 @@ def test_summary_ratios_are_same_run_or_flagged():
     assert rows[3]["speedup_vs_bf16"] is None  # another run's bf16: not written to the row
     assert any("3.00 (other run)" in line for line in lines)
     # a guard vouches for its own run's rows only
-    assert any(line.startswith("| a | gptq-w4g128 |") and line.endswith("| ok (0.003 / 0.05 (0.04)) |") for line in lines)
+    assert any(line.startswith("| a | gptq-w4g128 |") and line.endswith("| ok (0.003 / 0.05 (0.04)) |")
+               for line in lines)
     assert any(line.startswith("| b | gptq-w3g128 |") and line.endswith("| - |") for line in lines)
 
 
