@@ -303,8 +303,10 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
 
 
 def _ws_kind(c):
-    return (f"ws stream-K ({c.get('ctas')})" if not c.get("fused") else f"ws-f ({c.get('ctas')})") if c.get("variant") \
-        else "one warpgroup"
+    """The kernel a row's config ran: one warpgroup, ws stream-K or the fused ws launch (with its grid)."""
+    if not c.get("variant"):
+        return "one warpgroup"
+    return f"{'ws-f' if c.get('fused') else 'ws stream-K'} ({c.get('ctas')})"
 
 
 SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
@@ -314,8 +316,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         f"unpadded, staged {r['config'].get('x_stage', 'after')} dequant" if r["config"].get("direct_x")
         else "XLA pad")),
     "spqr-outliers": (("outliers",), lambda r: (f"{r['config'].get('outliers')}",)),
-    "ws-stream": (("kernel (CTAs)",), lambda r: (
-        f"ws stream-K ({r['config'].get('ctas')})" if r["config"].get("variant") else "one warpgroup",)),
+    "ws-stream": (("kernel (CTAs)",), lambda r: (_ws_kind(r["config"]),)),
     "post-scale": (("kernel (CTAs)", "scales"), lambda r: (
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
