@@ -63,10 +63,10 @@ class Format:
                 g_idx = np.random.RandomState(seed).permutation(g_idx)
             w_float = scales[g_idx] * (codes - zeros[g_idx]).astype(jnp.float32)
             return gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype=dtype, layout=layout), w_float
-        if self.family == "lut":
+        if self.family == "lut":  # "lut4", "lut3"; "-sp": with 0.5% kept (sparse) weights
             from bench.kernels_lut import make_weight
-            bits = int(self.name[-1])
-            _, kw, w_float = make_weight(seed, K, N, bits, 0.0, dtype)
+            _, kw, w_float = make_weight(seed, K, N, int(self.name[3]), 0.005 if self.name.endswith("-sp") else 0.0,
+                                         dtype)
             return kw, w_float
         from bench.kernels_spqr import make_spqr
         from jaxquant.kernel_layout import spqr_to_kernel_weight
@@ -149,10 +149,10 @@ def smoke(seed):
     return ok
 
 
-def smoke_ws(seed):
-    """The warp-specialized GPTQ variant on odd shapes (N_pad a multiple of 128; forced grids so that units are
-    split between two or three CTAs, even and uneven; sym / asym, 3 / 4 bits, float16, M 1..64), every output
-    NaN-poisoned."""
+def smoke_ws(seed, families=("gptq", "lut")):
+    """The warp-specialized variant (GPTQ and LUT weights) on odd shapes (N_pad a multiple of 128; forced grids so
+    that units are split between two or three CTAs, even and uneven; sym / asym, 3 / 4 bits, float16, M 1..64, LUT
+    with a sparse part), every output NaN-poisoned. ``families``: the weight formats to run."""
     ok = True
     cases = [  # format, K, N, M list, configs, dtype
         ("gptq-w4g128", 1024, 840, (1, 5), ({"tile_k": 128, "ctas": 4}, {"tile_k": 256, "ctas": 4}, {}), jnp.bfloat16),
@@ -167,9 +167,17 @@ def smoke_ws(seed):
          jnp.bfloat16),
         ("gptq-w3g128", 1024, 512, (1, 33), ({"fused": True, "tile_k": 128},), jnp.bfloat16),
         ("gptq-w4g128", 1024, 512, (2,), ({"fused": True},), jnp.float16),
+        # LUT: each warpgroup looks up its own 64 rows' tables (the unit's tables change across unit boundaries)
+        ("lut4", 1024, 840, (1, 5), ({"tile_k": 128, "ctas": 4}, {"tile_k": 256, "ctas": 7}, {}), jnp.bfloat16),
+        ("lut3", 2048, 384, (1, 16, 64), ({}, {"tile_k": 128, "ctas": 5}), jnp.bfloat16),
+        ("lut4", 1024, 512, (1, 33), ({"fused": True}, {"fused": True, "ctas": 1, "tile_k": 128}), jnp.bfloat16),
+        ("lut3", 1024, 256, (3,), ({"fused": True, "tile_k": 128}, {"tile_k": 64, "ctas": 5}), jnp.float16),
+        ("lut4-sp", 1024, 200, (1, 9), ({"tile_k": 128, "ctas": 3}, {"fused": True}), jnp.bfloat16),
     ]
     for i, (name, K, N, ms, cfgs, dtype) in enumerate(cases):
         fmt = Format(name)
+        if fmt.family not in families:
+            continue
         kw, w_float = fmt.make(seed + i, K, N, dtype)
         for M in ms:
             for extra in cfgs:
@@ -299,6 +307,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                    "## GPTQ scales after the wgmma (post_scale) vs on the weights (device time, CUPTI)"),
     "ws-diagnostics": ("<!-- ws-diagnostics rows begin -->", "<!-- ws-diagnostics rows end -->",
                        "## ws kernel diagnostics: no-dequant variant, wgmma overlap attempt (device time, CUPTI)"),
+    "lut-ws": ("<!-- lut-ws rows begin -->", "<!-- lut-ws rows end -->",
+               "## SqueezeLLM (LUT) weights in the warp-specialized kernel (device time, CUPTI)"),
 }
 
 
@@ -319,6 +329,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "ws-stream": (("kernel (CTAs)",), lambda r: (_ws_kind(r["config"]),)),
     "post-scale": (("kernel (CTAs)", "scales"), lambda r: (
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
+    "lut-ws": (("kernel (CTAs)",), lambda r: (_ws_kind(r["config"]),)),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),
@@ -375,7 +386,8 @@ def main():
     ap.add_argument("--configs", default="", help="extra config fields per timed row, e.g. 'k_splits=2;k_splits=4'")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--smoke-ws", action="store_true", help="odd shapes through the warp-specialized GPTQ variant")
+    ap.add_argument("--smoke-ws", action="store_true", help="odd shapes through the warp-specialized variant")
+    ap.add_argument("--smoke-families", default="gptq,lut", help="--smoke-ws: weight formats (gptq, lut)")
     ap.add_argument("--smoke-direct", action="store_true", help="odd shapes through the unpadded-x (direct_x) path")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape / format after this many s")
@@ -394,7 +406,7 @@ def main():
     log(f"seed {seed}")
     ok = True
     if args.smoke_ws:
-        ok = smoke_ws(seed)
+        ok = smoke_ws(seed, tuple(args.smoke_families.split(",")))
         log(f"smoke-ws: {'all OK' if ok else 'FAILURES'} ({time.time() - t_start:.0f} s)")
     if args.smoke_direct:
         ok = smoke_direct(seed) and ok

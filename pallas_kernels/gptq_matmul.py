@@ -459,7 +459,9 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
     else:
         xk = w.prepare_activations(x2d, m_pad)
     if cfg.variant == "ws":
-        return _reference_ws(xk, w, cfg, m, x2d.dtype)
+        partials = reference_ws_partials(xk, w, cfg, lambda tile, k, x_blk: _block_product(
+            w, tile, k, cfg.tile_k, x_blk, cfg.post_scale))
+        return _finish(partials, m, w.out_features, x2d.dtype)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
     out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
     rows = CHUNK * cfg.n_sub
@@ -511,11 +513,12 @@ def _block_product(w: GPTQKernelWeight, tile: int, kb: int, tile_k: int, x_blk: 
     return acc
 
 
-def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -> jax.Array:
-    """The ws kernel's stream-K schedule in jnp (``ws_step``): per CTA and grid step the two warpgroups' 64-row
-    tiles (a CTA's repeated last pair included, unstored), accumulators stored to their partial slot at each flush
-    and then reset (multiplied by 0, as the kernel does), zeros into the slots a unit's pieces do not fill. Unwritten
-    partials stay NaN, so a schedule gap fails the tests."""
+def reference_ws_partials(xk, w, cfg: "KernelConfig", block_product) -> jax.Array:
+    """The ws kernel's stream-K schedule in jnp (``ws_step``) -> float32 partial slots [slots, N_pad, M_pad]: per CTA
+    and grid step the warpgroups' 64-row tiles (``block_product(tile, k_block, x_blk)`` -> float32 [64, M_pad], as
+    the kernel computes it; a CTA's repeated last pair included, unstored), accumulators stored to their partial slot
+    at each flush and then reset (multiplied by 0, as the kernel does), zeros into the slots a unit's pieces do not
+    fill. Unwritten partials stay NaN, so a schedule gap fails the tests. Shared by the GPTQ and LUT references."""
     spu = w.k_pad // cfg.tile_k
     units = w.n_pad // (cfg.wgs * CHUNK)
     q, r, slots = ws_plan(units, spu, cfg.ctas)
@@ -529,13 +532,13 @@ def _reference_ws(xk, w: GPTQKernelWeight, cfg: "KernelConfig", m: int, dtype) -
             for wg in range(cfg.wgs):
                 tile = unit * cfg.wgs + wg
                 rows = slice(tile * CHUNK, (tile + 1) * CHUNK)
-                accs[wg] = accs[wg] + _block_product(w, tile, k, cfg.tile_k, x_blk, cfg.post_scale)
+                accs[wg] = accs[wg] + block_product(tile, k, x_blk)
                 if flush:
                     out = out.at[slot, rows].set(accs[wg])
                     if slot == 0:
                         out = out.at[pieces:, rows].set(0.0)
                     accs[wg] = accs[wg] * 0.0
-    return _finish(out, m, w.out_features, dtype)
+    return out
 
 
 def staged_x_reference(xv: jax.Array, k_pad: int, tile_k: int) -> jax.Array:
@@ -633,11 +636,14 @@ def ws_staging_bytes(m_pad: int, wgs: int = WS_COMPUTE_WGS, direct_tile_k: int =
 
 
 def ws_stage_bytes(m_pad: int, tile_k: int, w, wgs: int = WS_COMPUTE_WGS) -> int:
-    """Shared memory of one ws pipeline stage: the activation tile, wgs 64-row weight tiles, scales (+ nbias)."""
+    """Shared memory of one ws pipeline stage: the activation tile, wgs 64-row weight tiles, and the side inputs:
+    GPTQ scales (+ nbias), or the unit's LUT tables (int32 [wgs * 64, 2**bits / 2])."""
     item = jnp.dtype(w.dtype).itemsize
-    gps = max(1, tile_k // w.group)
-    return (m_pad * tile_k * item + wgs * (tile_k // CHUNK) * w.bits * 128 * 4
-            + (1 + (w.nbias is not None)) * gps * wgs * CHUNK * item)
+    if hasattr(w, "lutw"):  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
+        side = wgs * CHUNK * w.lutw.shape[1] * 4
+    else:
+        side = (1 + (w.nbias is not None)) * max(1, tile_k // w.group) * wgs * CHUNK * item
+    return m_pad * tile_k * item + wgs * (tile_k // CHUNK) * w.bits * 128 * 4 + side
 
 
 def ws_default_ok(w, num_sms: int = 132) -> bool:
@@ -777,7 +783,7 @@ class KernelConfig:
     k_splits: Optional[int] = None
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (``launch_kernel``); None = FUSED_DEFAULT where it fits
-    # "ws": the warp-specialized, persistent, stream-K kernel (``_build_ws_call``; GPTQ weights only); None: the
+    # "ws": the warp-specialized, persistent, stream-K kernel (``build_ws_kernel``; GPTQ and LUT weights); None: the
     # one-warpgroup kernel. ``ctas``: the ws grid (None: the SM count, or with ``fused`` the most that divide the
     # units).
     variant: Optional[str] = None
@@ -799,8 +805,8 @@ class KernelConfig:
         """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, ctas = the
         SM count (capped at the (unit, step) pairs), k_splits = the partial slots of that stream-K split
         (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms dividing the units, k_splits = 1."""
-        if not isinstance(w, GPTQKernelWeight):
-            raise ValueError("the warp-specialized variant exists for GPTQ kernel weights only")
+        if not (isinstance(w, GPTQKernelWeight) or hasattr(w, "lutw")):
+            raise ValueError("the warp-specialized variant exists for GPTQ and LUT kernel weights only")
         wgs = self.wgs or WS_COMPUTE_WGS
         if wgs not in WS_WGS:
             # 4 compute warpgroups hung on the H100 (jax 0.11.2; likely setmaxnreg: 4 x 112 registers for the
@@ -1100,15 +1106,64 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
                    layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0, variant="full",
                    post_scale=False):
-    """The warp-specialized variant (``KernelConfig(variant="ws")``): a persistent grid of ``ctas`` CTAs of
-    ``wgs`` + 1 warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the
-    ``wgs`` others dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is
-    shared). Work is split stream-K (``ws_plan`` / ``ws_step``): each CTA runs q or q + 1 consecutive (unit,
-    k-step) pairs across unit boundaries; the accumulators go to float32 partial slots [slots, n_pad, m_pad] that
-    the wrapper sums. With ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores
-    its y tile (transposed, cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in
-    ``_build_call`` (each compute warpgroup stages the shared raw activation rows into its own [8, tile_k] tile).
-    ``variant``, ``post_scale``: as in ``_build_call``."""
+    """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, ``build_ws_kernel``): per step the scales
+    (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows = wgs * CHUNK
+    gps = max(1, tile_k // group)
+    products = _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
+                         wg_local=True)
+
+    def side_specs(unit_k):
+        def s_map(t):
+            unit, k = unit_k(t)
+            return (_scale_block_index(k, tile_k, group), unit)
+
+        return [plgpu.BlockSpec((gps, rows), s_map) for _ in range(1 + has_bias)]
+
+    def dequant(w_ref, side, cols):
+        s_smem, *b_smem = side
+        return products.dequant(w_ref, s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
+
+    def product(acc, a, x_smem, side, cols):
+        if post_scale:
+            return products.accumulate(acc, a, x_smem, side[0].at[:, cols])
+        return ws_wgmma(acc, a, x_smem)
+
+    return build_ws_kernel(
+        m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
+        ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
+        dequant=dequant, product=product, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
+
+
+def ws_wgmma(acc, a, x_smem):
+    """acc + a @ x_tile^T through one wgmma (float32 [64, M_pad], WGMMA layout) and its wait."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+
+    return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+
+def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out,
+                    direct_m, side_specs, dequant, product, name):
+    """The warp-specialized kernel of every weight format: a persistent grid of ``ctas`` CTAs of ``wgs`` + 1
+    warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the ``wgs`` others
+    dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is shared). Work is
+    split stream-K (``ws_plan`` / ``ws_step``): each CTA runs q or q + 1 consecutive (unit, k-step) pairs across unit
+    boundaries; the accumulators go to float32 partial slots [slots, n_pad, m_pad] that the wrapper sums. With
+    ``fused_out`` (m, n, out dtype name) every CTA runs whole units and each warpgroup stores its y tile (transposed,
+    cast, TMA-clipped to [m, n]) itself: the call is one kernel. ``direct_m``: as in ``_build_call`` (each compute
+    warpgroup stages the shared raw activation rows into its own [8, tile_k] tile).
+
+    The format enters through three functions: ``side_specs(unit_k)`` -> the BlockSpecs of the inputs after x and
+    the codes [wgs, tile_k/64, bits, 128] (``unit_k(t)`` -> the step's (unit, k block)); ``dequant(w_ref, side_refs,
+    cols)`` -> the A operand(s) of the warpgroup whose 64 rows of the unit are ``cols``; ``product(acc, a, x_smem,
+    side_refs, cols)`` -> the new float32 accumulator (``ws_wgmma`` for a plain product)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1118,59 +1173,43 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     units = n_pad // rows
     q, r, slots = ws_plan(units, spu, ctas)
     grid = q + (r > 0)
-    gps = max(1, tile_k // group)
-    products = _Products(bits, tile_k, group, gps, dtype_name, has_bias, m_pad, variant, layout, post_scale,
-                         wg_local=True)
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True)
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
     transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
 
-    def body(*refs):
-        x_gmem, w_gmem, s_gmem = refs[:3]
-        b_gmem = refs[3] if has_bias else None
-        out_gmem = refs[-1]
+    def body(x_gmem, w_gmem, *refs):
+        side_gmem, out_gmem = refs[:-1], refs[-1]
         cta = jax.lax.axis_index("n")
 
         def unit_k(t):
             unit, k, *_ = ws_step(t, cta, units, spu, ctas)
             return unit, k
 
-
         def w_map(t):
             unit, k = unit_k(t)
             return (unit, k, 0, 0)
-
-        def s_map(t):
-            unit, k = unit_k(t)
-            return (_scale_block_index(k, tile_k, group), unit)
 
         in_specs = [
             (direct_x_block_spec(direct_m, tile_k, lambda t: unit_k(t)[1]) if direct_m
              else x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1])),
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
-            plgpu.BlockSpec((gps, rows), s_map),
-        ] + ([plgpu.BlockSpec((gps, rows), s_map)] if has_bias else [])
+            *side_specs(unit_k),
+        ]
 
         def scope(acc_smem, o_smem, *x_pad):
             wg = jax.lax.axis_index("wg")
 
-            def step(idx, x_smem, w_smem, s_smem, *rest):
-                *b_smem, acc = rest
+            def step(idx, x_smem, w_smem, *rest):
+                *side, acc = rest
                 (t,) = idx
                 unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
-                a = products.dequant(w_smem.at[wg], s_smem.at[:, cols], *(b.at[:, cols] for b in b_smem))
+                a = dequant(w_smem.at[wg], side, cols)
                 if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
                     stage_x(x_smem, x_pad[0])
                     x_smem = x_pad[0].at[wg]
-                if post_scale:
-                    acc = products.accumulate(acc, a, x_smem, s_smem.at[:, cols])
-                else:
-                    def mma(acc_ref):
-                        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-
-                    acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                acc = product(acc, a, x_smem, side, cols)
                 row0 = (unit * wgs + wg) * CHUNK
 
                 @pl.when(flush)
@@ -1205,7 +1244,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
             pipeline = plgpu.emit_pipeline_warp_specialized(
                 step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
                 max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
-            pipeline(x_gmem, w_gmem, s_gmem, *([b_gmem] if has_bias else []))
+            pipeline(x_gmem, w_gmem, *side_gmem)
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
                   else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
@@ -1215,8 +1254,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
                 else jax.ShapeDtypeStruct((slots, n_pad, m_pad), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
-    name = f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}{'f' if fused_out else ''}"
-    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name, aliased=aliased)
+    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased)
 
 
 def x_smem_transforms(dtype):

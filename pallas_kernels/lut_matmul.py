@@ -54,8 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import KernelWeightShape, launch_kernel, store_output
+from .gptq_matmul import KernelWeightShape, build_ws_kernel, launch_kernel, store_output, ws_wgmma
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
+from .gptq_matmul import _fragment_rows, reference_ws_partials
 from .gptq_matmul import call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
@@ -348,24 +349,32 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
     m_pad = _m_pad(m)
     cfg = config.resolved(w, m)
     xk = w.prepare_activations(x2d, m_pad)
+    if cfg.variant == "ws":
+        return _finish(reference_ws_partials(xk, w, cfg, functools.partial(_block_product, w, cfg.tile_k)),
+                       m, w, x2d)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
     out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
     rows = CHUNK * cfg.n_sub
     for n_idx in range(w.n_pad // rows):
-        table = _table_values(w.lutw[n_idx * rows:(n_idx + 1) * rows], w.dtype_name)  # the CTA's one-time copy
         for split in range(cfg.k_splits):
             accs = [jnp.zeros((CHUNK, m_pad), jnp.float32) for _ in range(cfg.n_sub)]
             for step in range(steps):
                 kb = split * steps + step
                 x_blk = xk[:, kb * cfg.tile_k:(kb + 1) * cfg.tile_k]
-                w_blk = w.qweight[n_idx * cfg.n_sub:(n_idx + 1) * cfg.n_sub,
-                                  kb * cfg.tile_k // CHUNK:(kb + 1) * cfg.tile_k // CHUNK]
                 for j in range(cfg.n_sub):
-                    codes = _unpack_tiles(w_blk[j:j + 1], w.bits)  # [64, tile_k]
-                    a = jnp.take_along_axis(table[j * CHUNK:(j + 1) * CHUNK], codes, axis=1)
-                    accs[j] = accs[j] + jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
+                    accs[j] = accs[j] + _block_product(w, cfg.tile_k, n_idx * cfg.n_sub + j, kb, x_blk)
             out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(jnp.concatenate(accs, axis=0))
     return _finish(out, m, w, x2d)
+
+
+def _block_product(w: LUTKernelWeight, tile_k: int, tile: int, kb: int, x_blk: jax.Array) -> jax.Array:
+    """One pipeline step of 64-row output tile ``tile``, float32 [64, M_pad], as the kernel computes it: the codes
+    block at k block ``kb`` decoded through the kernel layout, looked up in the tile's tables (in the kernel
+    dtype), times x_blk^T."""
+    table = _table_values(w.lutw[tile * CHUNK:(tile + 1) * CHUNK], w.dtype_name)
+    codes = _unpack_tiles(w.qweight[tile:tile + 1, kb * tile_k // CHUNK:(kb + 1) * tile_k // CHUNK], w.bits)
+    a = jnp.take_along_axis(table, codes, axis=1)  # [64, tile_k]
+    return jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
 
 
 def _finish(partials: jax.Array, m: int, w: LUTKernelWeight, x2d: jax.Array) -> jax.Array:
@@ -420,8 +429,12 @@ def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
     m = m_pad if m is None else m
     out_dtype = kernel_out_dtype(w)
     fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
-    call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
-                       cfg.n_sub, out_init is not None, _variant, fused_out)
+    if cfg.variant == "ws":
+        call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.ctas,
+                              out_init is not None, cfg.wgs, fused_out, _variant)
+    else:
+        call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
+                           cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.lutw]
     return call_with_output(call, args, out_init, cfg, w, m, out_dtype)
 
@@ -478,9 +491,32 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
                          rows=rows, k_splits=k_splits, aliased=aliased, fused_out=fused_out)
 
 
-def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False):
+@functools.lru_cache(maxsize=None)
+def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out=None,
+                   variant="full"):
+    """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
+    step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
+    warpgroup looking up its 64 rows' tables."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dequant = _make_dequant(bits, tile_k, dtype_name, skip_lookup=variant == "nolookup", wg_local=True)
+
+    def side_specs(unit_k):
+        return [plgpu.BlockSpec((wgs * CHUNK, 2**bits // 2), lambda t: (unit_k(t)[0], 0))]
+
+    return build_ws_kernel(
+        m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
+        ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=0, side_specs=side_specs,
+        dequant=lambda w_ref, side, cols: dequant(w_ref, side[0].at[cols]),
+        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem),
+        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
+
+
+def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, tables [64, 2**bits/2] i32) -> the dequantized A
-    operand [64, tile_k] in the WGMMA register layout (module docstring: prmt lookups)."""
+    operand [64, tile_k] in the WGMMA register layout (module docstring: prmt lookups). ``wg_local``: as in
+    ``gptq_matmul._make_dequant`` (several warpgroups per CTA)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dtype = jnp.dtype(dtype_name)
@@ -510,10 +546,7 @@ def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False):
         def select(a, b, mask):  # bytes of b where mask is 0xFF, else a
             return llvm.inline_asm(i32, [a, b, mask], f"lop3.b32 $0, $1, $2, $3, {_LOP3_SELECT};", "=r,r,r,r")
 
-        tid = mgpu.utils.thread_idx()
-        lane = arith.remui(tid, ci(32))
-        row0 = arith.addi(arith.muli(arith.divui(tid, ci(32)), ci(16)), arith.divui(lane, ci(4)))
-        row_idx = [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, ci(8)))]
+        tid, row_idx = _fragment_rows(wg_local)
         tid_idx = arith.index_cast(index, tid)
         # Both rows' tables (byte planes) in registers: the same for every k chunk of the step.
         tables = [[memref.load(t_ref, [r, cidx(q)]) for q in range(table_words)] for r in row_idx]

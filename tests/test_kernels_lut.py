@@ -278,3 +278,43 @@ def test_prefill_dispatch(rng, monkeypatch, M, frac):
     chunked = M <= lm.PREFILL_CHUNKED_MAX_M and not w.nnz
     assert calls == ([64] * (M // 64) + ([M % 64] if M % 64 else []) if chunked else [])
     assert got.shape == (M, N) and rel_err(got, want) < 8e-3
+
+
+@pytest.mark.parametrize("N,bits,M,tile_k,ctas,fused,frac", [
+    (250, 4, 1, 128, 7, False, 0.0),  # stream-K: units split between CTAs, partial slots
+    (250, 3, 5, 64, 3, False, 0.004),  # sparse part added by the wrapper
+    (248, 4, 9, 256, None, True, 0.0),  # fused: whole units per CTA (16-byte output rows)
+])
+def test_ws_tiled_reference_matches(rng, N, bits, M, tile_k, ctas, fused, frac):
+    """The ws variant for LUT weights (two 64-row tiles per CTA, each with its own 64 rows' tables, stream-K units,
+    NaN-poisoned partial slots) reproduces the float64 oracle."""
+    K = 700  # K and N not multiples of the block sizes (N_pad 256: two 128-row units)
+    codes, lut, sparse = random_lut(rng, K, N, bits, frac)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
+    cfg = lm.KernelConfig(variant="ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
+    rc = cfg.resolved(w, M)
+    assert rc.variant == "ws" and rc.n_sub == 1 and not rc.direct_x and not rc.post_scale
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, "bfloat16")
+    got = lm.reference_matmul_tiled(x, w, cfg)
+    assert got.shape == (M, N) and rel_err(got, want) < 8e-3
+
+
+@pytest.mark.parametrize("bits,M,fields,frac", [
+    (4, 1, dict(), 0.0),  # the one-warpgroup kernel
+    (4, 3, dict(variant="ws", tile_k=256), 0.0),  # ws stream-K
+    (3, 1, dict(variant="ws", tile_k=128, fused=True), 0.0),  # ws fused (y in bf16)
+    (3, 16, dict(variant="ws", fused=True), 0.01),  # ws fused, float32 y + the XLA sparse part
+])
+def test_kernels_lower_for_cuda(rng, bits, M, fields, frac):
+    """The Mosaic GPU LUT kernel builders trace and lower for CUDA on the CPU (compiling and running need the GPU:
+    bench/kernels_launch.py --smoke*)."""
+    K, N = 1024, 384
+    codes, lut, sparse = random_lut(rng, K, N, bits, frac)
+    w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    config = lm.KernelConfig(**fields)
+    text = jax.jit(lambda x, w: lm.lut_matmul(x, w, config=config)).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert f"lut_w{bits}_m" in text and "mosaic_gpu" in text
+    assert ("_ws" in text) == ("variant" in fields)
