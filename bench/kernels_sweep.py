@@ -40,8 +40,8 @@ def log(*a):
 
 
 def cfg_key(c: gm.KernelConfig) -> str:
-    if c.variant in gm.KERNEL_VARIANTS:
-        return f"{c.variant}{'f' if c.fused else 'p'} {c.tile_k}/{c.stages} ctas {c.ctas}"
+    if c.variant == "ws":
+        return f"ws{'f' if c.fused else 'p'} {c.tile_k}/{c.stages} ctas {c.ctas}"
     return f"{c.tile_k}/{c.stages}/{c.k_splits}{' fused' if c.fused else ''}"
 
 

@@ -458,7 +458,7 @@ def reference_matmul_tiled(x2d: jax.Array, w: GPTQKernelWeight, config: "KernelC
         xk = staged_x_reference(w.direct_activations(x2d), w.k_pad, cfg.tile_k).astype(w.dtype)
     else:
         xk = w.prepare_activations(x2d, m_pad)
-    if cfg.variant in KERNEL_VARIANTS:
+    if cfg.variant == "ws":
         partials = reference_ws_partials(xk, w, cfg, lambda tile, k, x_blk: _block_product(
             w, tile, k, cfg.tile_k, x_blk, cfg.post_scale))
         return _finish(partials, m, w.out_features, x2d.dtype)
@@ -616,7 +616,7 @@ def direct_x_ok(w, m: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------- warp-specialized schedule
-KERNEL_VARIANTS = ("ws", "stream")
+KERNEL_VARIANTS = ("ws",)
 WS_COMPUTE_WGS = 2  # compute warpgroups per CTA, each owns one 64-row output tile of the CTA's 128-row unit
 WS_WGS = (2,)  # compute warpgroup counts the builder takes (4 compiled but hung on the H100: ``_resolved_ws``)
 WS_MEMORY_REGISTERS = 40  # registers per thread of the TMA-issuing warpgroup (setmaxnreg)
@@ -626,10 +626,6 @@ WS_MEMORY_REGISTERS = 40  # registers per thread of the TMA-issuing warpgroup (s
 WS_DEFAULT = True
 WS_DEFAULT_MIN_SM_SHARE = 0.8
 WS_SMEM_BYTES = 220 * 1024  # pipeline buffers + output staging (of the 227 KB a CTA may use)
-# The one-warpgroup stream-K variant (``KernelConfig(variant="stream")``): CTAs per SM it is sized for (grid =
-# STREAM_CTAS_PER_SM x SMs, stages within that share of the SM's shared memory).
-STREAM_CTAS_PER_SM = 3
-SM_SMEM_BYTES = 228 * 1024  # shared memory per SM (H100), 1 KB of it reserved per CTA
 
 
 def ws_staging_bytes(m_pad: int, wgs: int = WS_COMPUTE_WGS, direct_tile_k: int = 0) -> int:
@@ -810,12 +806,9 @@ class KernelConfig:
         SM count (capped at the (unit, step) pairs), k_splits = the partial slots of that stream-K split
         (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms dividing the units, k_splits = 1."""
         if not (isinstance(w, GPTQKernelWeight) or hasattr(w, "lutw")):
-            raise ValueError(f"the {self.variant} variant exists for GPTQ and LUT kernel weights only")
-        stream = self.variant == "stream"
-        if stream and self.wgs not in (None, 1):
-            raise ValueError(f"the stream variant runs one warpgroup per CTA, got wgs={self.wgs}")
-        wgs = 1 if stream else self.wgs or WS_COMPUTE_WGS
-        if not stream and wgs not in WS_WGS:
+            raise ValueError("the warp-specialized variant exists for GPTQ and LUT kernel weights only")
+        wgs = self.wgs or WS_COMPUTE_WGS
+        if wgs not in WS_WGS:
             # 4 compute warpgroups hung on the H100 (jax 0.11.2; likely setmaxnreg: 4 x 112 registers for the
             # compute warpgroups + 40 for the memory one do not fit the register pool of a 640-thread launch)
             raise ValueError(f"the warp-specialized variant takes wgs in {WS_WGS} compute warpgroups, got wgs={wgs}")
@@ -830,14 +823,13 @@ class KernelConfig:
             raise ValueError(f"tile_k={self.tile_k} does not fit K_pad={w.k_pad} / group {w.group}")
         tile_k = tiles[0]
         per_stage = ws_stage_bytes(m_pad, tile_k, w, wgs)
-        smem = SM_SMEM_BYTES // STREAM_CTAS_PER_SM - 1024 if stream else WS_SMEM_BYTES
-        stages = self.stages or max(2, min(4, (smem - ws_staging_bytes(m_pad, wgs)) // per_stage))
+        stages = self.stages or max(2, min(4, (WS_SMEM_BYTES - ws_staging_bytes(m_pad, wgs)) // per_stage))
         units, spu = w.n_pad // (wgs * CHUNK), w.k_pad // tile_k
         fused = bool(self.fused)
         if fused:  # whole units per CTA: each warpgroup stores its y tile itself (no partial slots, no XLA sum)
             ctas = self.ctas or max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
         else:
-            ctas = self.ctas or min(num_sms * (STREAM_CTAS_PER_SM if stream else 1), units * spu)
+            ctas = self.ctas or min(num_sms, units * spu)
         slots = 1 if fused else ws_plan(units, spu, ctas)[2]  # ws_plan names a grid outside 1..pairs
         cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=slots, n_sub=1,
                                   fused=fused, ctas=ctas, wgs=wgs)
@@ -942,7 +934,7 @@ class KernelConfig:
         return cfg
 
     def check(self, w: GPTQKernelWeight, m: int = 1) -> None:
-        if self.variant in KERNEL_VARIANTS:
+        if self.variant == "ws":
             return self._check_ws(w, m)
         if self.tile_k % CHUNK or w.k_pad % self.tile_k:
             raise ValueError(f"tile_k={self.tile_k} must be a multiple of {CHUNK} dividing K_pad={w.k_pad}")
@@ -1016,11 +1008,10 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
     m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
     m = (direct_m or m_pad) if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
-    if cfg.variant in KERNEL_VARIANTS:
+    if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
                               cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
-                              direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale),
-                              specialized=cfg.variant == "ws")
+                              direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale))
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
@@ -1114,10 +1105,9 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
                    layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0, variant="full",
-                   post_scale=False, specialized=True):
-    """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, or with ``specialized=False`` the
-    one-warpgroup stream-K variant "stream"; ``build_ws_kernel``): per step the scales (+ nbias) blocks of the
-    CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``."""
+                   post_scale=False):
+    """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, ``build_ws_kernel``): per step the scales
+    (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1145,8 +1135,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return build_ws_kernel(
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
-        dequant=dequant, product=product, specialized=specialized,
-        name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_{'ws' if specialized else 'st'}{ctas}x{wgs}")
+        dequant=dequant, product=product, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
 
 
 def ws_wgmma(acc, a, x_smem):
@@ -1161,7 +1150,7 @@ def ws_wgmma(acc, a, x_smem):
 
 
 def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out,
-                    direct_m, side_specs, dequant, product, name, specialized=True):
+                    direct_m, side_specs, dequant, product, name):
     """The warp-specialized kernel of every weight format: a persistent grid of ``ctas`` CTAs of ``wgs`` + 1
     warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the ``wgs`` others
     dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is shared). Work is
@@ -1174,12 +1163,7 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     The format enters through three functions: ``side_specs(unit_k)`` -> the BlockSpecs of the inputs after x and
     the codes [wgs, tile_k/64, bits, 128] (``unit_k(t)`` -> the step's (unit, k block)); ``dequant(w_ref, side_refs,
     cols)`` -> the A operand(s) of the warpgroup whose 64 rows of the unit are ``cols``; ``product(acc, a, x_smem,
-    side_refs, cols)`` -> the new float32 accumulator (``ws_wgmma`` for a plain product).
-
-    ``specialized=False`` (``KernelConfig(variant="stream")``, wgs = 1): the same stream-K schedule over 64-row units
-    without the TMA warpgroup: CTAs of one warpgroup that issue their own copies (``emit_pipeline``), so that
-    ``ctas`` = several per SM (the one-warpgroup kernels' occupancy) with every CTA busy to the end (no partial last
-    wave of CTAs)."""
+    side_refs, cols)`` -> the new float32 accumulator (``ws_wgmma`` for a plain product)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1214,7 +1198,7 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
         ]
 
         def scope(acc_smem, o_smem, *x_pad):
-            wg = jax.lax.axis_index("wg") if specialized else 0
+            wg = jax.lax.axis_index("wg")
 
             def step(idx, x_smem, w_smem, *rest):
                 *side, acc = rest
@@ -1257,30 +1241,19 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
                 eval_pipeline(zeros)
                 plgpu.wait_smem_to_gmem(0)
 
-            if specialized:
-                plgpu.emit_pipeline_warp_specialized(
-                    step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
-                    max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs,
-                    compute_context=compute)(x_gmem, w_gmem, *side_gmem)
-            else:
-                compute(lambda init: plgpu.emit_pipeline(
-                    step, grid=(grid,), in_specs=in_specs, max_concurrent_steps=min(stages, grid),
-                    init_carry=init)(x_gmem, w_gmem, *side_gmem))
+            pipeline = plgpu.emit_pipeline_warp_specialized(
+                step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
+                max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
+            pipeline(x_gmem, w_gmem, *side_gmem)
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
                   else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
         x_pad_type = [plgpu.SMEM((wgs, m_pad, tile_k), dtype, transforms=x_smem_transforms(dtype))] if direct_m else []
-        pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type,
-                      **({"collective_axes": "wg"} if specialized else {}))
+        pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
                 else jax.ShapeDtypeStruct((slots, n_pad, m_pad), jnp.float32))
-    if specialized:
-        mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
-    else:
-        if wgs != 1:
-            raise ValueError(f"the stream variant runs one warpgroup per CTA, got wgs={wgs}")
-        mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",))
+    mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased)
 
 

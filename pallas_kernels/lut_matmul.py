@@ -349,7 +349,7 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
     m_pad = _m_pad(m)
     cfg = config.resolved(w, m)
     xk = w.prepare_activations(x2d, m_pad)
-    if cfg.variant in ("ws", "stream"):
+    if cfg.variant == "ws":
         return _finish(reference_ws_partials(xk, w, cfg, functools.partial(_block_product, w, cfg.tile_k)),
                        m, w, x2d)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
@@ -429,9 +429,9 @@ def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
     m = m_pad if m is None else m
     out_dtype = kernel_out_dtype(w)
     fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
-    if cfg.variant in ("ws", "stream"):
+    if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.ctas,
-                              out_init is not None, cfg.wgs, fused_out, _variant, cfg.variant == "ws")
+                              out_init is not None, cfg.wgs, fused_out, _variant)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                            cfg.n_sub, out_init is not None, _variant, fused_out)
@@ -493,10 +493,10 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out=None,
-                   variant="full", specialized=True):
-    """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``; ``specialized=False``: the one-warpgroup
-    stream-K variant) for LUT weights: per step the tables of the step's unit (one [wgs * 64, 2**bits / 2] TMA
-    copy, an L2 hit after the unit's first step), each compute warpgroup looking up its 64 rows' tables."""
+                   variant="full"):
+    """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
+    step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
+    warpgroup looking up its 64 rows' tables."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -509,8 +509,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, 
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=0, side_specs=side_specs,
         dequant=lambda w_ref, side, cols: dequant(w_ref, side[0].at[cols]),
-        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem), specialized=specialized,
-        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_{'ws' if specialized else 'st'}{ctas}x{wgs}")
+        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem),
+        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):

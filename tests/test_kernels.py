@@ -466,26 +466,18 @@ def test_ws_schedule_covers_every_step_once(rng, units, spu):
                                                          (1024, 200, 4, 1, None, None, False),
                                                          (1024, 840, 4, 5, None, None, True),
                                                          (512, 384, 3, 2, 128, 1, True),
-                                                         (1024, 256, 4, 2, 128, 7, False),  # 3 CTAs per unit
-                                                         (1024, 200, 3, 1, 256, 5, "stream"),
-                                                         (512, 840, 4, 9, None, None, "stream")])
+                                                         (1024, 256, 4, 2, 128, 7, False)])  # 3 CTAs per unit
 def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
     """The ws variant's decomposition (two 64-row tiles per CTA, units split between CTAs, partial slots, the
-    accumulator reset by a multiply with 0; fused: whole units per CTA, y written directly) and the one-warpgroup
-    stream variant's (64-row units, several CTAs per SM, post_scale products) reproduce the oracle; bad grids /
-    shapes / warpgroup counts are rejected by name."""
+    accumulator reset by a multiply with 0; fused: whole units per CTA, y written directly) reproduces the oracle;
+    bad grids / shapes / warpgroup counts are rejected by name."""
     codes, scales, zeros, g_idx = random_gptq(rng, K, N, bits, 128, bool(rng.integers(2)), False)
     w = gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype="bfloat16")
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-    stream = fused == "stream"
-    fused = False if stream else fused
-    cfg = gm.KernelConfig(variant="stream" if stream else "ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
+    cfg = gm.KernelConfig(variant="ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
     rc = cfg.resolved(w, M)
-    wgs = 1 if stream else 2
-    assert rc.k_splits == (1 if fused else gm.ws_plan(w.n_pad // (64 * wgs), w.k_pad // rc.tile_k, rc.ctas)[2])
-    assert rc.fused == fused and rc.ctas >= 1 and rc.wgs == wgs and rc.post_scale == stream
-    if stream and ctas is None:
-        assert rc.ctas == min(132 * gm.STREAM_CTAS_PER_SM, (w.n_pad // 64) * (w.k_pad // rc.tile_k))
+    assert rc.k_splits == (1 if fused else gm.ws_plan(w.n_pad // 128, w.k_pad // rc.tile_k, rc.ctas)[2])
+    assert rc.fused == fused and rc.ctas >= 1 and rc.wgs == 2
     if fused:
         assert (w.n_pad // 128) % rc.ctas == 0
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, scales, zeros, g_idx, "bfloat16")
@@ -499,8 +491,6 @@ def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
         gm.KernelConfig(variant="ws", tile_k=128, ctas=100000).resolved(w, M)
     with pytest.raises(ValueError, match="variant"):
         gm.KernelConfig(variant="wx").resolved(w, M)
-    with pytest.raises(ValueError, match="one warpgroup per CTA"):
-        gm.KernelConfig(variant="stream", wgs=2).resolved(w, M)
     odd = gm.pack(*random_gptq(rng, 256, 136, 4, 128, False, False), bits=4, sym=False)  # N_pad = 192
     with pytest.raises(ValueError, match="multiple of 128"):
         gm.KernelConfig(variant="ws").resolved(odd, 1)
@@ -566,8 +556,6 @@ def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng)
     (4, 1, dict(post_scale=False)),
     (4, 5, dict(variant="ws", tile_k=256)),  # ws stream-K, scaled weights (its default)
     (3, 2, dict(variant="ws", tile_k=128, post_scale=True, fused=True)),
-    (3, 1, dict(variant="stream", tile_k=256)),  # one-warpgroup stream-K, post_scale, unpadded x
-    (4, 16, dict(variant="stream", post_scale=False)),
 ])
 def test_kernels_lower_for_cuda(rng, bits, M, fields):
     """The Mosaic GPU kernel builders trace and lower for CUDA on the CPU (the PTX compile and the run need the GPU:
