@@ -700,8 +700,28 @@ WS_STREAM_MIN_STEPS_PER_SM = 8
 WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"  # "0": the one-warpgroup kernel there
 
 
+# LUT 4-bit weights at M_pad <= 16 take the same stream-K ws launch where ``ws_stream_ok`` (its 16-entry lookup keeps
+# the one-warpgroup kernel issue-bound; two compute warpgroups per SM measured faster at most of these shapes): at
+# tile_k 512 where the (unit, 512-column step) pairs give every SM >= LUT_WS_512_MIN_STEPS_PER_SM, else 256. Measured
+# (H100, bench/kernels_launch.py, same runs, lut4 path us, one warpgroup / ws 512 / ws 256; NOTES_kernels.md "LUT
+# weights in the ws kernel"): 8192x28672 M = 1 59.01 / 58.50 / -, M = 16 61.33 / 58.75 / -; 4096x22016 M = 1
+# 30.82 / 28.99 / 27.68, M = 16 29.41 / 27.84 / 28.13; 4096x12288 19.94 / 20.10 / 18.72, M = 16 18.35 / 18.59 / 18.51;
+# 11008x4096 18.37 / 19.81 / 18.31, M = 16 20.38 / 20.13 / 18.85. lut3 stays on the one-warpgroup kernel (ws slower).
+LUT_WS_512_MIN_STEPS_PER_SM = 24
+
+
+def lut_ws_tile_k(w, num_sms: int = 132) -> Optional[int]:
+    """The stream-K ws tile_k for a LUT 4-bit weight at M_pad <= 16, or None where it keeps the one-warpgroup kernel
+    (``ws_stream_ok`` fails)."""
+    if w.bits != 4 or not ws_stream_ok(w, num_sms):
+        return None
+    rows = WS_COMPUTE_WGS * CHUNK
+    big = w.k_pad % 512 == 0 and (w.n_pad // rows) * (w.k_pad // 512) >= LUT_WS_512_MIN_STEPS_PER_SM * num_sms
+    return 512 if big else 256
+
+
 def ws_stream_ok(w, num_sms: int = 132) -> bool:
-    """Whether the stream-K ws launch can be the default for w (GPTQ 4-bit; see WS_STREAM_MIN_STEPS_PER_SM)."""
+    """Whether the stream-K ws launch can be the default for w (GPTQ / LUT 4-bit; see WS_STREAM_MIN_STEPS_PER_SM)."""
     rows, t = WS_COMPUTE_WGS * CHUNK, WS_STREAM_TILE_K
     if w.n_pad % rows or w.k_pad % t or (w.group % t and t % w.group):
         return False
@@ -875,7 +895,8 @@ class KernelConfig:
         steps per split, then the largest tile_k, then the fewest splits. ``fused`` (None: FUSED_DEFAULT where the
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
         M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel); at
-        M_pad = 8 the ws kernel where ``ws_default_ok`` (fused) or ``ws_stream_ok`` (stream-K partials);
+        M_pad = 8 the ws kernel where ``ws_default_ok`` (fused) or ``ws_stream_ok`` (stream-K partials); LUT
+        4-bit at M_pad <= 16 the stream-K ws kernel where ``lut_ws_tile_k`` names a tile;
         GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256; other GPTQ weights at M_pad <= 16 take ``decode_blocks``
         where it applies (the LLaMA-7B decode shapes). ``variant="ws"``: see ``_resolved_ws``."""
         if self.variant is not None:
@@ -887,6 +908,7 @@ class KernelConfig:
         n_sub = self.n_sub or 1
         ctas_n = w.n_pad // CHUNK // n_sub
         gptq = isinstance(w, GPTQKernelWeight)
+        lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
         plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
@@ -895,6 +917,8 @@ class KernelConfig:
         if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
                 and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
             return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
+        if WS_STREAM_DEFAULT and lut and small_m and plain and lut_ws_tile_k(w, num_sms):
+            return KernelConfig(variant="ws", tile_k=lut_ws_tile_k(w, num_sms))._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
                 and self.fused is None and n_sub == 1):
@@ -909,7 +933,6 @@ class KernelConfig:
             return cfg
         fused = True if one_split else resolve_fused(self.fused, self.k_splits, w.out_features)
         max_splits = 1 if one_split else MAX_CLUSTER if fused else 16
-        lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
         # tile_k 256 where measured faster than 512 (H100, 8192x28672): 3-bit GPTQ codes at M_pad <= 16 (M = 1
         # kernel 42.7 vs 45.3 us), LUT codes at M_pad = 16 (lut3 path 43.6 vs 47.1 us, lut4 61.5 vs 64.2)
         tiles = [512, 256, 128, 64] if small_m else [256, 128, 64]

@@ -386,7 +386,8 @@ def test_decode_blocks_rule(rng, bits, monkeypatch):
 
 def test_lut_measured_exceptions(rng):
     """Dense 3-bit LUT at M_pad = 8 where the heuristic takes 2 splits: the cluster launch at tile_k 256; LUT at
-    M_pad = 16: tile_k <= 256; 4-bit LUT at M = 1 unchanged."""
+    M_pad = 16: tile_k <= 256; 4-bit LUT at M_pad <= 16: the stream-K ws kernel at tile_k 512 on this shape (the
+    configs measured), the one-warpgroup kernel's blocks unchanged where a config field rules the ws kernel out."""
     from pallas_kernels import lut_matmul as lm
     K, N = 8192, 28672  # for the block-size logic only: shapes without arrays
 
@@ -402,8 +403,13 @@ def test_lut_measured_exceptions(rng):
     assert not gm.KernelConfig().resolved(lut3, 9).fused and gm.KernelConfig().resolved(lut3, 9).tile_k == 256
     assert gm.KernelConfig(fused=False).resolved(lut3, 1).fused is False
     cfg4 = gm.KernelConfig().resolved(lut4, 1)
-    assert (cfg4.tile_k, cfg4.k_splits, cfg4.fused) == (512, 2, False)
-    assert gm.KernelConfig().resolved(lut4, 16).tile_k == 256
+    assert (cfg4.variant, cfg4.tile_k, cfg4.stages, cfg4.ctas, cfg4.k_splits) == ("ws", 512, 4, 132, 2)
+    assert not cfg4.fused
+    cfg4 = gm.KernelConfig().resolved(lut4, 16)
+    assert (cfg4.variant, cfg4.tile_k, cfg4.stages) == ("ws", 512, 3)
+    cfg4 = gm.KernelConfig(fused=False).resolved(lut4, 1)
+    assert (cfg4.variant, cfg4.tile_k, cfg4.k_splits, cfg4.fused) == (None, 512, 2, False)
+    assert gm.KernelConfig(fused=False).resolved(lut4, 16).tile_k == 256
 
 
 @pytest.mark.parametrize("group", [128, -1])

@@ -318,3 +318,26 @@ def test_kernels_lower_for_cuda(rng, bits, M, fields, frac):
         lowering_platforms=("cuda",)).as_text()
     assert f"lut_w{bits}_m" in text and "mosaic_gpu" in text
     assert ("_ws" in text) == ("variant" in fields)
+
+
+def test_ws_default_rule(rng, monkeypatch):
+    """LUT 4-bit weights at M_pad <= 16 default to the stream-K ws kernel where every SM gets >= 8 (unit, 256-column
+    step) pairs, at tile_k 512 where the 512-column pairs give >= LUT_WS_512_MIN_STEPS_PER_SM per SM; 3-bit weights,
+    larger M, smaller shapes and explicit configs keep the one-warpgroup kernel."""
+    from pallas_kernels import gptq_matmul as gm
+
+    K, N = 4096, 66 * 128  # 66 units x 16 steps of 256 = 8 x 132 pairs; 66 x 8 steps of 512 = 528 pairs
+    codes, lut, _ = random_lut(rng, K, N, 4)
+    w = lm.pack(codes, lut, bits=4)
+    for m in (1, 16):
+        cfg = lm.KernelConfig().resolved(w, m)
+        assert cfg.variant == "ws" and not cfg.fused and cfg.ctas == 132 and cfg.tile_k == 256
+    assert lm.KernelConfig().resolved(w, 1, num_sms=20).tile_k == 512  # 528 >= 24 x 20
+    assert lm.KernelConfig().resolved(w, 17).variant is None
+    assert lm.KernelConfig(tile_k=256).resolved(w, 1).variant is None
+    w3 = lm.pack(codes % 8, lut[:, :8], bits=3)
+    assert lm.KernelConfig().resolved(w3, 1).variant is None
+    narrow = lm.pack(codes[:, :65 * 128], lut[:65 * 128], bits=4)
+    assert gm.lut_ws_tile_k(narrow) is None and lm.KernelConfig().resolved(narrow, 1).variant is None
+    monkeypatch.setattr(gm, "WS_STREAM_DEFAULT", False)
+    assert lm.KernelConfig().resolved(w, 1).variant is None
