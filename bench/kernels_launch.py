@@ -331,7 +331,9 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "ws-stream": (("kernel (CTAs)",), lambda r: (_ws_kind(r["config"]),)),
     "post-scale": (("kernel (CTAs)", "scales"), lambda r: (
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
-    "lut-ws": (("kernel (CTAs)",), lambda r: (_ws_kind(r["config"]),)),
+    "lut-ws": (("kernel (CTAs)", "variant"), lambda r: (
+        _ws_kind(r["config"]), "lookup + wgmma per 64-column chunk (abandoned)"
+        if r.get("kernel_variant") == "chunked" else "default")),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

@@ -42,7 +42,8 @@ variant for k_splits > 1 exists but measured slower). Measured on an H100 (bench
 time, same-run bf16): 8192x28672 g128 at M = 1: int4 52.4 us path = 3.01x the bf16 XLA GEMV (kernel 50.9 us,
 2.45 TB/s), int3 46.1 us = 3.42x (kernel 42.7 us).
 
-Warp-specialized variant (``KernelConfig(variant="ws")``, ``_build_ws_call``): a persistent grid of CTAs with one
+Warp-specialized variant (``KernelConfig(variant="ws")``, ``build_ws_kernel``, the GPTQ and LUT formats entering
+through their side inputs, dequantization and product; ``_build_ws_call`` here): a persistent grid of CTAs with one
 TMA-issuing warpgroup and two compute warpgroups (each one 64-row tile of a 128-row unit, sharing the activation
 tile); stream-K float32 partial slots (any grid: CTAs run q or q + 1 consecutive (unit, k-step) pairs, ``ws_plan``),
 or (``fused``) whole units per CTA with y stored by the warpgroups. Defaults for GPTQ 4-bit at M_pad = 8: fused on
@@ -697,7 +698,8 @@ def ws_plan(units: int, steps_per_unit: int, ctas: int) -> tuple[int, int, int]:
 # 14.18 / 12.83; 4096x4096 (3.9 steps per SM) 8.06 / 6.85 vs 7.36 / 6.02 (so it keeps the old kernel).
 WS_STREAM_TILE_K = 256
 WS_STREAM_MIN_STEPS_PER_SM = 8
-WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"  # "0": the one-warpgroup kernel there
+# "0": the one-warpgroup kernel where the stream-K ws defaults (GPTQ 4-bit, LUT 4-bit) would apply
+WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 
 
 # LUT 4-bit weights at M_pad <= 16 take the same stream-K ws launch where ``ws_stream_ok`` (its 16-entry lookup keeps

@@ -9,7 +9,10 @@ Same structure as ``gptq_matmul`` (transposed product: the dequantized weight is
 the activation rows its 8..64-wide N operand; TMA ``emit_pipeline`` over K; grid (N_pad/64, k_splits); float32
 partials summed by one small XLA fusion, or, for dense 3-bit weights at M_pad = 8 with 2 splits, the cluster launch
 that reduces in the kernel, ``gptq_matmul.launch_kernel``) and its block-size logic (``gptq_matmul.KernelConfig``).
-What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``.
+What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``. 4-bit weights
+at M_pad <= 16 default to the warp-specialized stream-K kernel (``gptq_matmul.build_ws_kernel``, ``_build_ws_call``
+here: two compute warpgroups, each looking up its own 64 rows' tables, which arrive with every step's TMA copies;
+``gptq_matmul.lut_ws_tile_k``); 3-bit weights and larger M keep the one-warpgroup kernel.
 
 The lookup (register-resident tables, byte permutes). In the wgmma A fragment a thread holds weights of only two
 output rows (r and r + 8), so it keeps both rows' tables in registers as byte planes: the low bytes of the 2**bits
