@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
-from bench.timing import activations, bf16_matmul, copies, cupti  # noqa: E402
+from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -396,8 +396,7 @@ def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
                            kernel_only_gbps=round(moved / kern_us / 1e3, 1), bytes_moved=moved,
                            max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"),
                            correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu",
-                           timing="cupti-rotating", gpu_kernels=names,
-                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
+                           timing="cupti-rotating", gpu_kernels=names, config=config_fields(rc))
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -752,7 +751,7 @@ def merge_cupti(jsonl, out_dir, note=""):
         lines.append(f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | {r['kernel_only_us']} | "
                      f"{r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
                      f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
-                     f"{c.get('tile_k')}/{c.get('stages')}/{c.get('k_splits')} |")
+                     f"{config_cell(c)} |")
     if pre:
         lines += ["", "### Prefill-sized M (int4 g128, device time, 4 rotating weight copies)", "",
                   f"The Pallas kernel takes M <= {gm.MAX_KERNEL_M} only, so at these M `GPTQKernelWeight.matmul` "

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
-from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
+from bench.timing import activations, bf16_matmul, config_fields, copies, cupti, rotation_sets  # noqa: E402
 
 TOL = 1e-2
 FORMATS = ("gptq-w4g128", "gptq-w3g128", "gptq-w3g128-planes", "lut4", "lut3", "spqr3")
@@ -275,14 +275,7 @@ def table(seed, shapes, ms, formats, launches, rounds, emit, deadline, configs=N
                                    bytes_moved=moved, fro_rel_err=float(f"{fro:.3g}"), max_rel_err=float(f"{mx:.3g}"),
                                    correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu",
                                    timing="cupti-rotating", gpu_kernels=names,
-                                   config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits,
-                                               n_sub=rc.n_sub, fused=rc.fused,
-                                               **({"direct_x": rc.direct_x} if hasattr(rc, "direct_x") else {}),
-                                               **({"outliers": rc.outliers} if hasattr(rc, "outliers") else {}),
-                                               **({"variant": rc.variant, "ctas": rc.ctas, "wgs": rc.wgs}
-                                                  if getattr(rc, "variant", None) else {}),
-                                               **({"post_scale": rc.post_scale} if getattr(rc, "post_scale", None)
-                                                  is not None else {})))
+                                   config=config_fields(rc))
                         emit(row)
                         log(f"{K}x{N} {name} M={M} {launch}: path {us:.2f} us (kernel {kern_us:.2f}) bf16 "
                             f"{bf16_us[M]:.2f}: x{row['speedup_vs_bf16']} (kernel x"

@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
-from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
+from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
+from bench.timing import rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -268,7 +269,7 @@ def full_table(seed, shapes, ms, formats, rounds, calls, tuned, on_row):
                            max_rel_err=float(f"{mx:.3g}"), fro_rel_err=float(f"{fro:.3g}"),
                            correct=bool(fro < TOL and not nan and same), kernel="pallas-mosaic-gpu-lut",
                            timing="cupti-rotating", gpu_kernels=names,
-                           config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
+                           config=config_fields(rc))
                 rows.append(row)
                 on_row(row)
                 log(f"{K}x{N} {fmt} M={M}: path {us:.1f} us (kernel {kern_us:.1f}), bf16 {bf16_us[M]:.1f}, "
@@ -319,7 +320,7 @@ def write_markdown(results_dir):
     lines = [f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | {r['kernel_only_us']} | "
              f"{r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
              f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
-             f"{r['config']['tile_k']}/{r['config']['stages']}/{r['config']['k_splits']} |" for r in rows]
+             f"{config_cell(r['config'])} |" for r in rows]
     section = MD_BEGIN + "\n\n" + MD_INTRO + "\n".join(lines) + "\n\n" + MD_END
     path = os.path.join(results_dir, "kernels.md")
     text = open(path).read() if os.path.exists(path) else ""

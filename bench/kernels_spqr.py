@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
-from bench.timing import activations, bf16_matmul, copies, cupti, rotation_sets  # noqa: E402
+from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
+from bench.timing import rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -189,7 +190,7 @@ def _table_weight(seed, K, N, ms, rounds, max_copies, emit, configs, variants, s
                                                          "cusparse (CSR f32)"),
                        timing="cupti-rotating", gpu_kernels=names,
                        bf16_gpu_kernels=bf16_names[M], xla_dequant_gpu_kernels=deq_names[:8],
-                       config=dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub))
+                       config=config_fields(rc))
             emit(row)
             log(f"{K}x{N} {row['format']} M={M}: path {us:.1f} us (kernel {kern_us:.1f}), bf16 {bf16_us[M]:.1f}, "
                 f"xla-dequant {deq_us:.1f}: x{row['speedup_vs_bf16']} vs bf16 (kernel alone "
@@ -233,7 +234,7 @@ def merge(jsonl, out_dir, note=""):
                      f"{r['avg_bits_kernel_layout']} | {r['us']} | "
                      f"{r['kernel_only_us']} | {r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
                      f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
-                     f"{'yes' if r['correct'] else 'NO'} | {c.get('tile_k')}/{c.get('stages')}/{c.get('k_splits')} |")
+                     f"{'yes' if r['correct'] else 'NO'} | {config_cell(c)} |")
     lines += ["", MD_END]
     md_path = os.path.join(out_dir, "kernels.md")
     text = open(md_path).read() if os.path.exists(md_path) else ""

@@ -62,3 +62,22 @@ def cupti(fn, arg_sets, rounds=3, match=""):
     per_kernel = [(n[:40], round(statistics.median(c[i][1] for c in chunks) * 1e3, 2))
                   for i, (n, _) in enumerate(chunks[0])]
     return total, (part or float("nan")), per_kernel
+
+
+def config_fields(rc) -> dict:
+    """A resolved kernel config as a benchmark row records it: block sizes, the launch, and where the config class
+    has them and they are set, the kernel variant / grid / warpgroups, unpadded x, post_scale, the outlier path."""
+    c = dict(tile_k=rc.tile_k, stages=rc.stages, k_splits=rc.k_splits, n_sub=rc.n_sub, fused=rc.fused)
+    for name in ("direct_x", "outliers", "variant", "ctas", "wgs", "post_scale"):
+        if getattr(rc, name, None) is not None:
+            c[name] = getattr(rc, name)
+    return c
+
+
+def config_cell(c: dict) -> str:
+    """A row's config for a markdown cell: tile_k/stages/k_splits, then the kernel where it is not the one-warpgroup
+    kernel with float32 partials: "ws (132 CTAs)", "ws-f (112 CTAs)", "fused" (the cluster launch)."""
+    cell = f"{c.get('tile_k')}/{c.get('stages')}/{c.get('k_splits')}"
+    if c.get("variant"):
+        return cell + f" {c['variant']}{'-f' if c.get('fused') else ''} ({c.get('ctas')} CTAs)"
+    return cell + (" fused" if c.get("fused") else "")
