@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
-from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
+from bench.timing import TABLE_ROW_KEY, activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402,E501
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -592,8 +592,7 @@ def merge_prefill(jsonl, out_dir, note=""):
     results = _results_module()
     with open(jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    results.append_rows(os.path.join(out_dir, "kernels.json"), rows,
-                        key=("format", "M", "K", "N", "kernel", "timing"))
+    results.append_rows(os.path.join(out_dir, "kernels.json"), rows, key=TABLE_ROW_KEY)
     env = rows[0]
     lines = [PREFILL_MD_BEGIN, "", "## Prefill (M > 64), GPTQ int4 g128 and dense SqueezeLLM 4-bit: path per M, "
              "device time", "",
@@ -698,7 +697,7 @@ def write_outputs(rows, out_dir, bw, fresh=False):
     path = os.path.join(out_dir, "kernels.json")
     if fresh and os.path.exists(path):
         os.remove(path)
-    append_rows(path, full, key=("format", "M", "K", "N", "kernel"))
+    append_rows(path, full, key=TABLE_ROW_KEY)
     dev = full[0]["device"] if full else "?"
     lines = [f"# GPTQ kernel benchmark ({dev}, jax {full[0]['jax'] if full else '?'})", "",
              f"Device-to-device copy: {bw:.0f} GB/s (read + write). Times are medians per call (us); speedup = bf16 "
@@ -717,15 +716,14 @@ CUPTI_MD_BEGIN, CUPTI_MD_END = "<!-- gptq cupti rows begin -->", "<!-- gptq cupt
 
 
 def merge_cupti(jsonl, out_dir, note=""):
-    """Rows of a --cupti run (JSON lines) -> kernels.json (appended; key format, M, K, N, kernel, timing, so the
-    chain rows and other formats' rows stay) and the GPTQ device-time section of kernels.md (replaced between its
+    """Rows of a --cupti run (JSON lines) -> kernels.json (appended; ``TABLE_ROW_KEY``, so the chain rows, other
+    dates' rows and other benchmarks' rows stay) and the GPTQ device-time section of kernels.md (replaced between its
     markers; the rest of the file is left as it is)."""
     import json
     results = _results_module()
     with open(jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    results.append_rows(os.path.join(out_dir, "kernels.json"), rows,
-                        key=("format", "M", "K", "N", "kernel", "timing"))
+    results.append_rows(os.path.join(out_dir, "kernels.json"), rows, key=TABLE_ROW_KEY)
     dec = [r for r in rows if r["M"] <= gm.MAX_KERNEL_M]
     pre = [r for r in rows if r["M"] > gm.MAX_KERNEL_M]
     env = rows[0]

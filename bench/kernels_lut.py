@@ -11,7 +11,7 @@ every GPU kernel, a call's time is the sum of its kernels (host dispatch and lau
 x @ W_float (W from the stored SqueezeLLM arrays: float16 table values and kept weights, float32, HIGHEST precision)
 with its output buffer NaN-poisoned; rows fail at relative error (Frobenius) >= 1e-2 or any NaN.
 Rows: JSON lines in --out-dir/kernels_lut.jsonl (written as they are measured), merged into
-bench/results/kernels.json with jaxquant.results.append_rows (key format, M, K, N, kernel).
+bench/results/kernels.json with jaxquant.results.append_rows (key ``bench.timing.TABLE_ROW_KEY``).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
 from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
-from bench.timing import rotation_sets  # noqa: E402
+from bench.timing import TABLE_ROW_KEY, latest_rows, rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -313,8 +313,8 @@ Notes: bench/NOTES_kernels.md (SqueezeLLM section).
 def write_markdown(results_dir):
     """Regenerate the LUT section of results_dir/kernels.md (between its markers; appended if absent) from the LUT
     rows of results_dir/kernels.json; other sections are left as they are."""
-    rows = [r for r in json.load(open(os.path.join(results_dir, "kernels.json")))
-            if r.get("kernel") == "pallas-mosaic-gpu-lut"]
+    rows = latest_rows([r for r in json.load(open(os.path.join(results_dir, "kernels.json")))
+                        if r.get("kernel") == "pallas-mosaic-gpu-lut"])
     order = {fmt: i for i, fmt in enumerate(FORMATS)}
     rows.sort(key=lambda r: (r["K"] * r["N"], r["K"], order.get(r["format"], 99), r["M"]))
     lines = [f"| {r['format']} | {r['K']}x{r['N']} | {r['M']} | {r['us']} | {r['kernel_only_us']} | "
@@ -333,11 +333,11 @@ def write_markdown(results_dir):
 
 
 def merge(jsonl_paths, results_dir):
-    """Append the rows of bench runs (JSON lines) to results_dir/kernels.json (same format / M / K / N / kernel
-    replaced) and regenerate the LUT section of kernels.md."""
+    """Append the rows of bench runs (JSON lines) to results_dir/kernels.json (``TABLE_ROW_KEY``: same-date rows
+    replaced) and regenerate the LUT section of kernels.md (the latest date's rows)."""
     results = _results_module()
     rows = [json.loads(line) for p in jsonl_paths for line in open(p) if line.strip()]
-    results.append_rows(os.path.join(results_dir, "kernels.json"), rows, key=("format", "M", "K", "N", "kernel"))
+    results.append_rows(os.path.join(results_dir, "kernels.json"), rows, key=TABLE_ROW_KEY)
     write_markdown(results_dir)
 
 

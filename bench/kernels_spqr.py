@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import spqr_matmul as sm  # noqa: E402
 from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
-from bench.timing import rotation_sets  # noqa: E402
+from bench.timing import TABLE_ROW_KEY, rotation_sets  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -213,11 +213,11 @@ MD_BEGIN, MD_END = "<!-- spqr rows begin -->", "<!-- spqr rows end -->"
 
 
 def merge(jsonl, out_dir, note=""):
-    """Append the rows of a device run to out_dir/kernels.json (replacing only rows with the same format, M, K, N,
-    kernel) and (re)write the SpQR section of kernels.md, leaving the other sections as they are."""
+    """Append the rows of a device run to out_dir/kernels.json (replacing only rows with the same
+    ``TABLE_ROW_KEY``: same date) and (re)write the SpQR section of kernels.md, leaving the other sections as they are."""
     results = _results_module()
     rows = [json.loads(line) for line in open(jsonl) if line.strip()]
-    results.append_rows(os.path.join(out_dir, "kernels.json"), rows, key=("format", "M", "K", "N", "kernel"))
+    results.append_rows(os.path.join(out_dir, "kernels.json"), rows, key=TABLE_ROW_KEY)
     r0 = rows[0]
     lines = [MD_BEGIN, "", f"## SpQR (spqr3) dequant + sparse matmul ({r0['device']}, jax {r0['jax']}, {r0['date']})",
              "", f"Command: `{r0['command']}`. {note}", "",

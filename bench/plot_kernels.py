@@ -16,11 +16,12 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def pick_rows(rows, K, N, max_m=64):
-    """{format: {M: row}}: device-time rows preferred over chain rows, later rows over earlier ones."""
+def pick_rows(rows, K, N, ms=(1, 4, 16, 64)):
+    """{format: {M: row}} for the benchmark's M values: device-time rows preferred over chain rows, later rows over
+    earlier ones."""
     best = {}
     for r in rows:
-        if r.get("K") != K or r.get("N") != N or r.get("M", 0) > max_m or r.get("speedup_vs_bf16") is None:
+        if r.get("K") != K or r.get("N") != N or r.get("M") not in ms or r.get("speedup_vs_bf16") is None:
             continue
         if r.get("correct") is False:
             continue

@@ -81,3 +81,19 @@ def config_cell(c: dict) -> str:
     if c.get("variant"):
         return cell + f" {c['variant']}{'-f' if c.get('fused') else ''} ({c.get('ctas')} CTAs)"
     return cell + (" fused" if c.get("fused") else "")
+
+
+# The key under which a benchmark table's rows replace earlier ones in bench/results/kernels.json: the same op, shape,
+# M, timing and launch on the same date. Rows of other dates and of other benchmarks (the launch / sweep rows carry a
+# "launch" or "run_id") stay as the history the other sections of kernels.md are built from.
+TABLE_ROW_KEY = ("format", "M", "K", "N", "kernel", "timing", "launch", "run_id", "date")
+
+
+def latest_rows(rows: list) -> list:
+    """Per (format, M, K, N, kernel) the rows of the latest date (a table section built from the whole history)."""
+    last = {}
+    for r in rows:
+        k = (r.get("format"), r.get("M"), r.get("K"), r.get("N"), r.get("kernel"))
+        last[k] = max(last.get(k, ""), str(r.get("date", "")))
+    return [r for r in rows if str(r.get("date", "")) == last[(r.get("format"), r.get("M"), r.get("K"), r.get("N"),
+                                                                 r.get("kernel"))]]

@@ -59,6 +59,25 @@ def test_merge_keeps_other_rows_and_sections_and_replaces_its_own(tmp_path, rng)
     assert "| 8192x28672 | 512 |" in md  # the prefill row lands in its own table
 
 
+def test_merge_keeps_launch_rows_and_other_dates(tmp_path, rng):
+    """A table rerun replaces only its own same-date rows: rows of the launch benchmark (same format, shape, M,
+    kernel and timing, plus a launch and a run id) and of earlier dates stay as the history other sections are
+    built from; the LUT section shows each row's latest date only."""
+    from bench.timing import latest_rows
+
+    launch_row = dict(_decode_row(rng, "gptq-w4g128", 1), launch="auto", run_id="2026-01-01T00:00:00Z")
+    older = dict(_decode_row(rng, "gptq-w4g128", 1), date="2025-12-31")
+    (tmp_path / "kernels.json").write_text(json.dumps([launch_row, older]))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps(_decode_row(rng, "gptq-w4g128", 1)) + "\n")
+    kernels.merge_cupti(str(jsonl), str(tmp_path))
+    kernels.merge_cupti(str(jsonl), str(tmp_path))  # the same date again: replaced
+    rows = json.loads((tmp_path / "kernels.json").read_text())
+    assert len(rows) == 3 and launch_row in rows and older in rows
+    assert latest_rows([older, rows[-1]]) == [rows[-1]]
+    assert len(latest_rows([older, dict(older, M=16)])) == 2  # different M: both are the latest of their key
+
+
 def test_plot_prefers_device_time_rows(rng):
     chain = _decode_row(rng, "gptq-w4g128", 1, timing="chain")
     device = _decode_row(rng, "gptq-w4g128", 1)
