@@ -1133,7 +1133,6 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
                    post_scale=False):
     """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, ``build_ws_kernel``): per step the scales
     (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``."""
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows = wgs * CHUNK

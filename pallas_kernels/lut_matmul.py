@@ -500,7 +500,6 @@ def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, 
     """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
     step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
     warpgroup looking up its 64 rows' tables."""
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dequant = _make_dequant(bits, tile_k, dtype_name, skip_lookup=variant == "nolookup", wg_local=True)
