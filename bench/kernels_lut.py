@@ -293,11 +293,10 @@ def _results_module():
 MD_BEGIN, MD_END = "<!-- lut rows begin -->", "<!-- lut rows end -->"
 MD_INTRO = """## SqueezeLLM (LUT, lut4 / lut3) dequant-matmul: device time (CUPTI, rotating inputs)
 
-NVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-22, via the device tool (`$OUT` = its output folder). Dense rows:
-`python bench/kernels_lut.py --sweep-ms 1,64 --sweep-configs 'full:auto,auto,auto;full:512,3,auto;full:256,4,auto;full:256,2,auto;nolookup:auto,auto,auto' --out-dir $OUT`
-(one run: NaN-poisoned check matrix, block-size sweep on 8192x28672, then the table with the swept block sizes).
-Sparse rows (`-sp0.45`: 0.45% kept float16 weights, as SqueezeLLM's dense-and-sparse 0.45% setting) from a later run
-of the same code (`--no-check-matrix --no-sweep --tuned '4:1:512,3;3:1:256,2' --formats lut3-sp0.45,lut4-sp0.45`).
+{runs}
+
+Rows: each (format, shape, M)'s latest date in kernels.json. `-sp0.45`: 0.45% kept float16 weights (SqueezeLLM's
+dense-and-sparse 0.45% setting).
 `path` = what `LUTKernelWeight.matmul` runs (activation pad + Pallas kernel + partial-sum reduction (+ the XLA sparse
 product)); `kernel` = the Pallas kernel alone. bf16 XLA and XLA dequant (`LUTQuantizedWeight.matmul`: unpack +
 table gather under jit, then matmul) in the same run. Every row checked against x @ W_float (stored float16 values,
@@ -321,7 +320,10 @@ def write_markdown(results_dir):
              f"{r['bf16_xla_us']} | {r['xla_dequant_us']} | {r['speedup_vs_bf16']} | "
              f"{r['kernel_only_speedup_vs_bf16']} | {r['gbps']} | {r['fro_rel_err']} | "
              f"{config_cell(r['config'])} |" for r in rows]
-    section = MD_BEGIN + "\n\n" + MD_INTRO + "\n".join(lines) + "\n\n" + MD_END
+    runs = "\n".join(f"- {date}: {device}, jax {jax_v}; command (device tool, `$OUT` its output folder): `{cmd}`"
+                     for date, device, jax_v, cmd in sorted({(r.get("date"), r.get("device"), r.get("jax"),
+                                                              r.get("command", "?")) for r in rows}))
+    section = MD_BEGIN + "\n\n" + MD_INTRO.format(runs=runs) + "\n".join(lines) + "\n\n" + MD_END
     path = os.path.join(results_dir, "kernels.md")
     text = open(path).read() if os.path.exists(path) else ""
     if MD_BEGIN in text and MD_END in text:
