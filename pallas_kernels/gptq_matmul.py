@@ -218,6 +218,19 @@ class KernelWeightShape:
     def n_pad(self) -> int:
         return self.qweight.shape[0] * CHUNK
 
+    def direct_activations(self, x2d: jax.Array) -> jax.Array:
+        """x [M, K] -> the unpadded view [M, K_x/64, 64] the kernels' direct_x path reads (``_make_x_stage``): x
+        itself when K is a multiple of 64 (a bitcast; the kernel's TMA zero-fills the columns K..K_pad), else x
+        with its columns padded to K_pad; act-order GPTQ weights gather x into kernel row order ([M, K_pad])."""
+        m, k = x2d.shape
+        x2d = x2d.astype(self.dtype)
+        perm = getattr(self, "perm", None)
+        if perm is not None:
+            x2d = gather_columns(x2d, perm)
+        elif k % CHUNK:
+            x2d = jnp.pad(x2d, ((0, 0), (0, self.k_pad - k)))
+        return x2d.reshape(m, x2d.shape[1] // CHUNK, CHUNK)
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -282,18 +295,6 @@ class GPTQKernelWeight(KernelWeightShape):
         if self.perm is not None:
             return jnp.pad(gather_columns(x2d, self.perm), ((0, m_pad - m), (0, 0)))
         return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
-
-    def direct_activations(self, x2d: jax.Array) -> jax.Array:
-        """x [M, K] -> the unpadded view [M, K_x/64, 64] the kernel's direct_x path reads (``_make_x_stage``): x
-        itself when K is a multiple of 64 (a bitcast; the kernel's TMA zero-fills the columns K..K_pad), else x
-        with its columns padded to K_pad; act-order weights gather x into kernel row order ([M, K_pad])."""
-        m, k = x2d.shape
-        x2d = x2d.astype(self.dtype)
-        if self.perm is not None:
-            x2d = gather_columns(x2d, self.perm)
-        elif k % CHUNK:
-            x2d = jnp.pad(x2d, ((0, 0), (0, self.k_pad - k)))
-        return x2d.reshape(m, x2d.shape[1] // CHUNK, CHUNK)
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
@@ -610,10 +611,11 @@ def direct_x_steps_per_sm(cfg, w, num_sms: int = 132) -> float:
     return (w.n_pad // (CHUNK * cfg.n_sub)) * (w.k_pad // cfg.tile_k) / num_sms
 
 
-def direct_x_ok(w, m: int) -> bool:
-    """Whether x [m, K] can go to w's kernel unpadded: a GPTQ kernel weight in a 16-bit dtype (64-column rows =
-    one 128-byte swizzle span) and 1 <= m < 8 (one 8-row wgmma N tile)."""
-    return isinstance(w, GPTQKernelWeight) and 1 <= m < 8 and jnp.dtype(w.dtype).itemsize == 2
+def direct_x_ok(w, m: int, variant: Optional[str] = None) -> bool:
+    """Whether x [m, K] can go to w's kernel unpadded: 1 <= m < 8 (one 8-row wgmma N tile), a 16-bit dtype (64-column
+    rows = one 128-byte swizzle span), and a kernel that stages x: both GPTQ kernels, the ws kernel of LUT weights."""
+    kernel_ok = isinstance(w, GPTQKernelWeight) or (hasattr(w, "lutw") and variant == "ws")
+    return kernel_ok and 1 <= m < 8 and jnp.dtype(w.dtype).itemsize == 2
 
 
 # ------------------------------------------------------------------------------------- warp-specialized schedule
@@ -876,11 +878,12 @@ class KernelConfig:
         cfg = self._resolved_blocks(w, m, num_sms)
         direct = self.direct_x
         if direct is None:
-            direct = DIRECT_X_DEFAULT and direct_x_ok(w, m) and (
+            direct = DIRECT_X_DEFAULT and direct_x_ok(w, m, cfg.variant) and (
                 cfg.variant == "ws" or direct_x_steps_per_sm(cfg, w, num_sms) <= DIRECT_X_MAX_STEPS_PER_SM)
-        elif direct and not direct_x_ok(w, m):
-            raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight in a 16-bit dtype and "
-                             f"M < 8, got {type(w).__name__} {jnp.dtype(w.dtype).name}, M = {m}")
+        elif direct and not direct_x_ok(w, m, cfg.variant):
+            raise ValueError(f"direct_x (unpadded activations) needs a GPTQ kernel weight (or a LUT one in the ws "
+                             f"kernel) in a 16-bit dtype and M < 8, got {type(w).__name__} "
+                             f"{jnp.dtype(w.dtype).name}, variant {cfg.variant}, M = {m}")
         post_scale = self.post_scale
         if post_scale is None:  # the ws kernel keeps the scaled weights (post_scale measured slower at tile_k 512)
             post_scale = POST_SCALE and cfg.variant != "ws"

@@ -59,7 +59,7 @@ import numpy as np
 
 from .gptq_matmul import KernelWeightShape, build_ws_kernel, launch_kernel, store_output, ws_wgmma
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
-from .gptq_matmul import _fragment_rows, reference_ws_partials
+from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_reference
 from .gptq_matmul import call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
@@ -351,7 +351,10 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
     m = x2d.shape[0]
     m_pad = _m_pad(m)
     cfg = config.resolved(w, m)
-    xk = w.prepare_activations(x2d, m_pad)
+    if cfg.direct_x:  # the ws kernel's staged [8, tile_k] tiles of the unpadded x
+        xk = staged_x_reference(w.direct_activations(x2d), w.k_pad, cfg.tile_k).astype(w.dtype)
+    else:
+        xk = w.prepare_activations(x2d, m_pad)
     if cfg.variant == "ws":
         return _finish(reference_ws_partials(xk, w, cfg, functools.partial(_block_product, w, cfg.tile_k)),
                        m, w, x2d)
@@ -400,7 +403,7 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     """
     m = check_kernel_input(x2d, w, "LUT")
     cfg = (config or KernelConfig()).resolved(w, m)
-    xk = w.prepare_activations(x2d, _m_pad(m))
+    xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
     if not cfg.fused:
         return _finish(out, m, w, x2d)
@@ -425,16 +428,18 @@ _jit_reference_matmul = jax.jit(reference_matmul)
 def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
                         out_init: Optional[jax.Array] = None, _variant: str = "full",
                         m: Optional[int] = None) -> jax.Array:
-    """The bare kernel: prepared activations xk [M_pad, K_pad] -> float32 partials [k_splits, N_pad, M_pad], or
-    with ``cfg.fused`` y [m, N] in ``kernel_out_dtype(w)`` (m = the real rows, default M_pad); cfg must be
-    resolved; the sparse part is not included."""
-    m_pad = xk.shape[0]
-    m = m_pad if m is None else m
+    """The bare kernel: prepared activations xk [M_pad, K_pad] (with ``cfg.direct_x``, the ws kernel's unpadded view
+    [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with ``cfg.fused``
+    y [m, N] in ``kernel_out_dtype(w)`` (m = the real rows, default M_pad); cfg must be resolved; the sparse part is
+    not included."""
+    direct_m = xk.shape[0] if cfg.direct_x else 0
+    m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
+    m = (direct_m or m_pad) if m is None else m
     out_dtype = kernel_out_dtype(w)
     fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.ctas,
-                              out_init is not None, cfg.wgs, fused_out, _variant)
+                              out_init is not None, cfg.wgs, fused_out, _variant, direct_m)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                            cfg.n_sub, out_init is not None, _variant, fused_out)
@@ -496,10 +501,10 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out=None,
-                   variant="full"):
+                   variant="full", direct_m=0):
     """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
     step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
-    warpgroup looking up its 64 rows' tables."""
+    warpgroup looking up its 64 rows' tables. ``direct_m``: the unpadded x rows (as in the GPTQ kernels)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dequant = _make_dequant(bits, tile_k, dtype_name, skip_lookup=variant == "nolookup", wg_local=True)
@@ -509,7 +514,7 @@ def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, 
 
     return build_ws_kernel(
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
-        ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=0, side_specs=side_specs,
+        ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
         dequant=lambda w_ref, side, cols: dequant(w_ref, side[0].at[cols]),
         product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem),
         name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")

@@ -7,6 +7,8 @@ emulated per thread with an independent numpy implementation of PTX ``prmt`` / `
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -284,20 +286,28 @@ def test_prefill_dispatch(rng, monkeypatch, M, frac):
     (250, 4, 1, 128, 7, False, 0.0),  # stream-K: units split between CTAs, partial slots
     (250, 3, 5, 64, 3, False, 0.004),  # sparse part added by the wrapper
     (248, 4, 9, 256, None, True, 0.0),  # fused: whole units per CTA (16-byte output rows)
+    (248, 3, 3, 128, 1, True, 0.0),  # fused, one CTA, unpadded x
 ])
 def test_ws_tiled_reference_matches(rng, N, bits, M, tile_k, ctas, fused, frac):
     """The ws variant for LUT weights (two 64-row tiles per CTA, each with its own 64 rows' tables, stream-K units,
-    NaN-poisoned partial slots) reproduces the float64 oracle."""
+    NaN-poisoned partial slots; x unpadded and staged at M < 8, padded with direct_x=False) reproduces the float64
+    oracle; the one-warpgroup LUT kernel has no unpadded path."""
     K = 700  # K and N not multiples of the block sizes (N_pad 256: two 128-row units)
     codes, lut, sparse = random_lut(rng, K, N, bits, frac)
     w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
     cfg = lm.KernelConfig(variant="ws", tile_k=tile_k, ctas=ctas, fused=fused or None)
     rc = cfg.resolved(w, M)
-    assert rc.variant == "ws" and rc.n_sub == 1 and not rc.direct_x and not rc.post_scale
+    assert rc.variant == "ws" and rc.n_sub == 1 and rc.direct_x == (M < 8) and not rc.post_scale
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
     want = np.asarray(x.astype(jnp.float32), np.float64) @ oracle_weight(codes, lut, sparse, "bfloat16")
     got = lm.reference_matmul_tiled(x, w, cfg)
     assert got.shape == (M, N) and rel_err(got, want) < 8e-3
+    if M < 8:
+        padded = dataclasses.replace(cfg, direct_x=False)
+        assert not padded.resolved(w, M).direct_x
+        assert rel_err(lm.reference_matmul_tiled(x, w, padded), want) < 8e-3
+        with pytest.raises(ValueError, match="direct_x"):
+            lm.KernelConfig(direct_x=True, tile_k=tile_k).resolved(w, M)  # the one-warpgroup kernel
 
 
 @pytest.mark.parametrize("bits,M,fields,frac", [
@@ -332,6 +342,7 @@ def test_ws_default_rule(rng, monkeypatch):
     for m in (1, 16):
         cfg = lm.KernelConfig().resolved(w, m)
         assert cfg.variant == "ws" and not cfg.fused and cfg.ctas == 132 and cfg.tile_k == 256
+        assert cfg.direct_x == (m < 8)
     assert lm.KernelConfig().resolved(w, 1, num_sms=20).tile_k == 512  # 528 >= 24 x 20
     assert lm.KernelConfig().resolved(w, 17).variant is None
     assert lm.KernelConfig(tile_k=256).resolved(w, 1).variant is None
