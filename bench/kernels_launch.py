@@ -326,7 +326,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
     "lut-ws": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "lookup + wgmma per 64-column chunk (abandoned)"
-        if r.get("kernel_variant") == "chunked" else "default")),
+        if r.get("kernel_variant") == "chunked" else "unpadded x" if r["config"].get("direct_x") else "padded x")),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

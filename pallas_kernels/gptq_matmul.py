@@ -711,6 +711,8 @@ WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 # weights in the ws kernel"): 8192x28672 M = 1 59.01 / 58.50 / -, M = 16 61.33 / 58.75 / -; 4096x22016 M = 1
 # 30.82 / 28.99 / 27.68, M = 16 29.41 / 27.84 / 28.13; 4096x12288 19.94 / 20.10 / 18.72, M = 16 18.35 / 18.59 / 18.51;
 # 11008x4096 18.37 / 19.81 / 18.31, M = 16 20.38 / 20.13 / 18.85. lut3 stays on the one-warpgroup kernel (ws slower).
+# With the unpadded x at M < 8 (direct_x, default in the ws kernel), same run, lut4 M = 1 path us unpadded vs padded:
+# 8192x28672 58.34 vs 58.62, 4096x22016 26.56 vs 27.78, 4096x12288 17.14 vs 18.66, 11008x4096 16.00 vs 18.43.
 LUT_WS_512_MIN_STEPS_PER_SM = 24
 
 

@@ -12,7 +12,8 @@ that reduces in the kernel, ``gptq_matmul.launch_kernel``) and its block-size lo
 What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``. 4-bit weights
 at M_pad <= 16 default to the warp-specialized stream-K kernel (``gptq_matmul.build_ws_kernel``, ``_build_ws_call``
 here: two compute warpgroups, each looking up its own 64 rows' tables, which arrive with every step's TMA copies;
-``gptq_matmul.lut_ws_tile_k``); 3-bit weights and larger M keep the one-warpgroup kernel.
+``gptq_matmul.lut_ws_tile_k``), with x unpadded at M < 8 (``KernelConfig.direct_x``, as the GPTQ kernels); 3-bit
+weights and larger M keep the one-warpgroup kernel.
 
 The lookup (register-resident tables, byte permutes). In the wgmma A fragment a thread holds weights of only two
 output rows (r and r + 8), so it keeps both rows' tables in registers as byte planes: the low bytes of the 2**bits
