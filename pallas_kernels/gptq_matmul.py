@@ -815,9 +815,9 @@ class KernelConfig:
     variant: Optional[str] = None
     ctas: Optional[int] = None
     wgs: Optional[int] = None  # ws: compute warpgroups per CTA (2 or 4), each one 64-row output tile
-    # Unpadded activations at M < 8 (``direct_x_ok``; both GPTQ kernels): x [M, K] goes to the kernel as it is (no XLA
-    # pad) and each step stages its M rows into a zeroed [8, tile_k] SMEM tile (``_make_x_stage``). None = the
-    # default (DIRECT_X_DEFAULT where direct_x_ok), False = the padded x.
+    # Unpadded activations at M < 8 (``direct_x_ok``; both GPTQ kernels, the LUT ws kernel): x [M, K] goes to the
+    # kernel as it is (no XLA pad) and each step stages its M rows into a zeroed [8, tile_k] SMEM tile
+    # (``_make_x_stage``). None = the default (DIRECT_X_DEFAULT where direct_x_ok), False = the padded x.
     direct_x: Optional[bool] = None
     # GPTQ: the wgmma multiplies the exact integers code - zero and the group scales are applied to its float32
     # product (``_make_scale_add``) instead of to every weight before it. None = POST_SCALE for the one-warpgroup
