@@ -183,7 +183,8 @@ def smoke_ws(seed, families=("gptq", "lut")):
             for extra in cfgs:
                 cfg = fmt.config(variant="ws", **extra)
                 ok &= smoke_one("smoke-ws", fmt, kw, w_float, M, cfg, jax.random.PRNGKey(seed + 100 * i + M),
-                                lambda rc: f"{rc.tile_k}/{rc.stages} ctas {rc.ctas} slots {rc.k_splits}")
+                                lambda rc: f"{rc.tile_k}/{rc.stages} ctas {rc.ctas} slots {rc.k_splits}"
+                                f"{' unpadded x' if rc.direct_x else ''}")
     return ok
 
 

@@ -611,10 +611,15 @@ def direct_x_steps_per_sm(cfg, w, num_sms: int = 132) -> float:
     return (w.n_pad // (CHUNK * cfg.n_sub)) * (w.k_pad // cfg.tile_k) / num_sms
 
 
+def _is_lut(w) -> bool:
+    """Whether w is a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)."""
+    return hasattr(w, "lutw")
+
+
 def direct_x_ok(w, m: int, variant: Optional[str] = None) -> bool:
     """Whether x [m, K] can go to w's kernel unpadded: 1 <= m < 8 (one 8-row wgmma N tile), a 16-bit dtype (64-column
     rows = one 128-byte swizzle span), and a kernel that stages x: both GPTQ kernels, the ws kernel of LUT weights."""
-    kernel_ok = isinstance(w, GPTQKernelWeight) or (hasattr(w, "lutw") and variant == "ws")
+    kernel_ok = isinstance(w, GPTQKernelWeight) or (_is_lut(w) and variant == "ws")
     return kernel_ok and 1 <= m < 8 and jnp.dtype(w.dtype).itemsize == 2
 
 
@@ -642,7 +647,7 @@ def ws_stage_bytes(m_pad: int, tile_k: int, w, wgs: int = WS_COMPUTE_WGS) -> int
     """Shared memory of one ws pipeline stage: the activation tile, wgs 64-row weight tiles, and the side inputs:
     GPTQ scales (+ nbias), or the unit's LUT tables (int32 [wgs * 64, 2**bits / 2])."""
     item = jnp.dtype(w.dtype).itemsize
-    if hasattr(w, "lutw"):  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
+    if _is_lut(w):
         side = wgs * CHUNK * w.lutw.shape[1] * 4
     else:
         side = (1 + (w.nbias is not None)) * max(1, tile_k // w.group) * wgs * CHUNK * item
@@ -831,7 +836,7 @@ class KernelConfig:
         """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, ctas = the
         SM count (capped at the (unit, step) pairs), k_splits = the partial slots of that stream-K split
         (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms dividing the units, k_splits = 1."""
-        if not (isinstance(w, GPTQKernelWeight) or hasattr(w, "lutw")):
+        if not (isinstance(w, GPTQKernelWeight) or _is_lut(w)):
             raise ValueError("the warp-specialized variant exists for GPTQ and LUT kernel weights only")
         wgs = self.wgs or WS_COMPUTE_WGS
         if wgs not in WS_WGS:
@@ -915,7 +920,7 @@ class KernelConfig:
         n_sub = self.n_sub or 1
         ctas_n = w.n_pad // CHUNK // n_sub
         gptq = isinstance(w, GPTQKernelWeight)
-        lut = hasattr(w, "lutw")  # a lut_matmul.LUTKernelWeight (no import: lut_matmul imports this module)
+        lut = _is_lut(w)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
         plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
@@ -924,8 +929,8 @@ class KernelConfig:
         if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
                 and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
             return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
-        if WS_STREAM_DEFAULT and lut and small_m and plain and lut_ws_tile_k(w, num_sms):
-            return KernelConfig(variant="ws", tile_k=lut_ws_tile_k(w, num_sms))._resolved_blocks(w, m, num_sms)
+        if WS_STREAM_DEFAULT and lut and small_m and plain and (lut_tile_k := lut_ws_tile_k(w, num_sms)):
+            return KernelConfig(variant="ws", tile_k=lut_tile_k)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
                 and self.fused is None and n_sub == 1):

@@ -356,8 +356,9 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
         xk = staged_x_reference(w.direct_activations(x2d), w.k_pad, cfg.tile_k).astype(w.dtype)
     else:
         xk = w.prepare_activations(x2d, m_pad)
+    table = _table_values(w.lutw, w.dtype_name)  # every row's table in the kernel dtype, decoded once
     if cfg.variant == "ws":
-        return _finish(reference_ws_partials(xk, w, cfg, functools.partial(_block_product, w, cfg.tile_k)),
+        return _finish(reference_ws_partials(xk, w, cfg, functools.partial(_block_product, w, table, cfg.tile_k)),
                        m, w, x2d)
     steps = w.k_pad // cfg.tile_k // cfg.k_splits
     out = jnp.zeros((cfg.k_splits, w.n_pad, m_pad), jnp.float32)
@@ -369,18 +370,18 @@ def reference_matmul_tiled(x2d: jax.Array, w: LUTKernelWeight, config: KernelCon
                 kb = split * steps + step
                 x_blk = xk[:, kb * cfg.tile_k:(kb + 1) * cfg.tile_k]
                 for j in range(cfg.n_sub):
-                    accs[j] = accs[j] + _block_product(w, cfg.tile_k, n_idx * cfg.n_sub + j, kb, x_blk)
+                    accs[j] = accs[j] + _block_product(w, table, cfg.tile_k, n_idx * cfg.n_sub + j, kb, x_blk)
             out = out.at[split, n_idx * rows:(n_idx + 1) * rows].set(jnp.concatenate(accs, axis=0))
     return _finish(out, m, w, x2d)
 
 
-def _block_product(w: LUTKernelWeight, tile_k: int, tile: int, kb: int, x_blk: jax.Array) -> jax.Array:
+def _block_product(w: LUTKernelWeight, table: jax.Array, tile_k: int, tile: int, kb: int,
+                   x_blk: jax.Array) -> jax.Array:
     """One pipeline step of 64-row output tile ``tile``, float32 [64, M_pad], as the kernel computes it: the codes
-    block at k block ``kb`` decoded through the kernel layout, looked up in the tile's tables (in the kernel
-    dtype), times x_blk^T."""
-    table = _table_values(w.lutw[tile * CHUNK:(tile + 1) * CHUNK], w.dtype_name)
+    block at k block ``kb`` decoded through the kernel layout, looked up in the tile's rows of ``table`` ([N_pad,
+    2**bits] in the kernel dtype), times x_blk^T."""
     codes = _unpack_tiles(w.qweight[tile:tile + 1, kb * tile_k // CHUNK:(kb + 1) * tile_k // CHUNK], w.bits)
-    a = jnp.take_along_axis(table, codes, axis=1)  # [64, tile_k]
+    a = jnp.take_along_axis(table[tile * CHUNK:(tile + 1) * CHUNK], codes, axis=1)  # [64, tile_k]
     return jnp.matmul(a, x_blk.T, preferred_element_type=jnp.float32)
 
 
