@@ -303,6 +303,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                        "## ws kernel diagnostics: no-dequant variant, wgmma overlap attempt (device time, CUPTI)"),
     "lut-ws": ("<!-- lut-ws rows begin -->", "<!-- lut-ws rows end -->",
                "## SqueezeLLM (LUT) weights in the warp-specialized kernel (device time, CUPTI)"),
+    "ws-3bit": ("<!-- ws-3bit rows begin -->", "<!-- ws-3bit rows end -->",
+                "## 3-bit weights (GPTQ, LUT) in the warp-specialized kernel (device time, CUPTI)"),
 }
 
 
@@ -328,6 +330,10 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "lut-ws": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "lookup + wgmma per 64-column chunk (abandoned)"
         if r.get("kernel_variant") == "chunked" else "unpadded x" if r["config"].get("direct_x") else "padded x")),
+    "ws-3bit": (("kernel (CTAs)", "x", "scales"), lambda r: (
+        _ws_kind(r["config"]), "unpadded" if r["config"].get("direct_x") else "XLA pad",
+        "-" if r["format"].startswith("lut") else "after the wgmma" if r["config"].get("post_scale")
+        else "on the weights")),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

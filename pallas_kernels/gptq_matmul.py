@@ -50,7 +50,8 @@ or (``fused``) whole units per CTA with y stored by the warpgroups. Defaults for
 shapes like 8192x28672 (``ws_default_ok``: 50.4 us path = 3.16x bf16 vs 52.0 us = 3.06x for the one-warpgroup kernel
 in the same run, bench/NOTES_kernels.md, "Warp-specialized kernel"); stream-K on 132 CTAs where every SM gets >= 8
 steps (``ws_stream_ok``: the LLaMA-7B q/k/v, gate/up and down shapes, e.g. 4096x22016 22.5 vs 26.7 us path; decode
-step 2.40 vs 2.55 ms at batch 1, bench/results/decode.md).
+step 2.40 vs 2.55 ms at batch 1, bench/results/decode.md). GPTQ 3-bit at M < 8 on shapes like 8192x28672: stream-K
+at tile_k 512 with the scales after the wgmma (``ws_stream_tile_k``: 42.5 vs 45.2 us path at M = 1).
 
 Activations at M < 8 (``KernelConfig.direct_x``): x [M, K] reaches the kernel unpadded (no XLA pad op before the
 call): each step's TMA copies plain [M, tile_k/64, 64] boxes and every compute warpgroup stages the M rows into a
@@ -709,34 +710,55 @@ WS_STREAM_MIN_STEPS_PER_SM = 8
 WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 
 
-# LUT 4-bit weights at M_pad <= 16 take the same stream-K ws launch where ``ws_stream_ok`` (its 16-entry lookup keeps
-# the one-warpgroup kernel issue-bound; two compute warpgroups per SM measured faster at most of these shapes): at
-# tile_k 512 where the (unit, 512-column step) pairs give every SM >= LUT_WS_512_MIN_STEPS_PER_SM, else 256. Measured
-# (H100, bench/kernels_launch.py, same runs, lut4 path us, one warpgroup / ws 512 / ws 256; NOTES_kernels.md "LUT
-# weights in the ws kernel"): 8192x28672 M = 1 59.01 / 58.50 / -, M = 16 61.33 / 58.75 / -; 4096x22016 M = 1
-# 30.82 / 28.99 / 27.68, M = 16 29.41 / 27.84 / 28.13; 4096x12288 19.94 / 20.10 / 18.72, M = 16 18.35 / 18.59 / 18.51;
-# 11008x4096 18.37 / 19.81 / 18.31, M = 16 20.38 / 20.13 / 18.85. lut3 stays on the one-warpgroup kernel (ws slower).
-# With the unpadded x at M < 8 (direct_x, default in the ws kernel), same run, lut4 M = 1 path us unpadded vs padded:
-# 8192x28672 58.34 vs 58.62, 4096x22016 26.56 vs 27.78, 4096x12288 17.14 vs 18.66, 11008x4096 16.00 vs 18.43.
-LUT_WS_512_MIN_STEPS_PER_SM = 24
+# The same stream-K ws launch is the default for three more weight kinds (``ws_stream_tile_k``); H100,
+# bench/kernels_launch.py, same runs, path us (NOTES_kernels.md "LUT weights in the ws kernel" and "3-bit weights in
+# the ws kernel"):
+# - LUT 4-bit at M_pad <= 16 where ``ws_stream_ok`` (its 16-entry lookup keeps the one-warpgroup kernel issue-bound;
+#   two compute warpgroups per SM measured faster at most of these shapes), one warpgroup / ws 512 / ws 256:
+#   8192x28672 M = 1 59.01 / 58.50 / -, M = 16 61.33 / 58.75 / -; 4096x22016 M = 1 30.82 / 28.99 / 27.68, M = 16
+#   29.41 / 27.84 / 28.13; 4096x12288 19.94 / 20.10 / 18.72, M = 16 18.35 / 18.59 / 18.51; 11008x4096 18.37 / 19.81 /
+#   18.31, M = 16 20.38 / 20.13 / 18.85. With the unpadded x at M < 8, lut4 M = 1 unpadded vs padded: 8192x28672
+#   58.34 vs 58.62, 4096x22016 26.56 vs 27.78, 4096x12288 17.14 vs 18.66, 11008x4096 16.00 vs 18.43.
+# - LUT 3-bit at M < 8 (x unpadded) where the (unit, 256-column step) pairs give every SM >= LUT3_WS_MIN_STEPS_PER_SM,
+#   M = 1 one warpgroup / ws 512 / ws 256: 8192x28672 41.49 / 39.15 / 42.42; 4096x22016 23.34 / 19.66 / 19.25;
+#   4096x12288 15.43 / 13.66 / 12.96; 11008x4096 14.56 / 13.74 / 12.50; 4096x4096 8.83 / 8.00 / 7.42 (M = 4 alike;
+#   sparse lut3 8192x28672 54.29 / 51.54 / 54.50). At M = 16 (padded x) the one-warpgroup kernel stays faster
+#   (8192x28672 43.71 vs 45.47).
+# - GPTQ 3-bit at M < 8 where tile_k 512 applies (below), with the scales after the wgmma (post_scale, the default of
+#   3-bit weights in the ws kernel): 8192x28672 M = 1 45.22 (one warpgroup) vs 42.54 (ws 512) / 46.10 (ws 256),
+#   M = 4 45.58 vs 42.30. The 7B decode shapes keep the one-warpgroup kernel (within +-1 us either way).
+# tile_k 512 where the (unit, 512-column step) pairs give every SM >= WS_STREAM_512_MIN_STEPS_PER_SM, else 256.
+WS_STREAM_512_MIN_STEPS_PER_SM = 24
+LUT3_WS_MIN_STEPS_PER_SM = 3  # 4096x4096 (3.9 per SM) measured faster in the ws kernel for lut3 (not for int4)
 
 
-def lut_ws_tile_k(w, num_sms: int = 132) -> Optional[int]:
-    """The stream-K ws tile_k for a LUT 4-bit weight at M_pad <= 16, or None where it keeps the one-warpgroup kernel
-    (``ws_stream_ok`` fails)."""
-    if w.bits != 4 or not ws_stream_ok(w, num_sms):
-        return None
+def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = None) -> Optional[int]:
+    """The tile_k of the stream-K ws launch where it is w's default at M rows (the rules above), or None where w
+    keeps the one-warpgroup kernel (or the fused ws launch, ``ws_default_ok``, decided before). ``direct_x``: the
+    config's field (False: the 3-bit rules, measured with the unpadded x only, do not apply)."""
+    gptq, lut, m_pad = isinstance(w, GPTQKernelWeight) and not DECODE_RULE, _is_lut(w), _m_pad(m)  # opt-in rule wins
     rows = WS_COMPUTE_WGS * CHUNK
-    big = w.k_pad % 512 == 0 and (w.n_pad // rows) * (w.k_pad // 512) >= LUT_WS_512_MIN_STEPS_PER_SM * num_sms
-    return 512 if big else 256
+    tile_512 = (w.k_pad % 512 == 0 and (w.group % 512 == 0 or 512 % w.group == 0)
+                and (w.n_pad // rows) * (w.k_pad // 512) >= WS_STREAM_512_MIN_STEPS_PER_SM * num_sms)
+    unpadded = (DIRECT_X_DEFAULT if direct_x is None else direct_x) and direct_x_ok(w, m, "ws")
+    if w.bits == 4 and gptq and m_pad == 8 and ws_stream_ok(w, num_sms):
+        return WS_STREAM_TILE_K
+    if w.bits == 4 and lut and m_pad <= 16 and ws_stream_ok(w, num_sms):
+        return 512 if tile_512 else 256
+    if w.bits == 3 and lut and unpadded and ws_stream_ok(w, num_sms, LUT3_WS_MIN_STEPS_PER_SM):
+        return 512 if tile_512 else 256
+    if w.bits == 3 and gptq and unpadded and tile_512 and ws_stream_ok(w, num_sms):
+        return 512
+    return None
 
 
-def ws_stream_ok(w, num_sms: int = 132) -> bool:
-    """Whether the stream-K ws launch can be the default for w (GPTQ / LUT 4-bit; see WS_STREAM_MIN_STEPS_PER_SM)."""
+def ws_stream_ok(w, num_sms: int = 132, min_steps_per_sm: float = WS_STREAM_MIN_STEPS_PER_SM) -> bool:
+    """Whether the stream-K ws launch fits w at tile_k 256 with every SM getting >= ``min_steps_per_sm`` (unit,
+    step) pairs (see WS_STREAM_MIN_STEPS_PER_SM)."""
     rows, t = WS_COMPUTE_WGS * CHUNK, WS_STREAM_TILE_K
     if w.n_pad % rows or w.k_pad % t or (w.group % t and t % w.group):
         return False
-    return (w.n_pad // rows) * (w.k_pad // t) >= WS_STREAM_MIN_STEPS_PER_SM * num_sms
+    return (w.n_pad // rows) * (w.k_pad // t) >= min_steps_per_sm * num_sms
 
 
 def ws_step(t, cta, units: int, steps_per_unit: int, ctas: int):
@@ -892,8 +914,9 @@ class KernelConfig:
                              f"kernel) in a 16-bit dtype and M < 8, got {type(w).__name__} "
                              f"{jnp.dtype(w.dtype).name}, variant {cfg.variant}, M = {m}")
         post_scale = self.post_scale
-        if post_scale is None:  # the ws kernel keeps the scaled weights (post_scale measured slower at tile_k 512)
-            post_scale = POST_SCALE and cfg.variant != "ws"
+        if post_scale is None:  # the ws kernel keeps the scaled weights of 4-bit codes (post_scale measured slower
+            # there at tile_k 512); 3-bit codes measured faster with it in both kernels
+            post_scale = POST_SCALE and (cfg.variant != "ws" or w.bits == 3)
         post_scale = isinstance(w, GPTQKernelWeight) and post_scale
         cfg = dataclasses.replace(cfg, direct_x=bool(direct), post_scale=post_scale)
         cfg.check(w, m)
@@ -908,7 +931,7 @@ class KernelConfig:
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
         M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel); at
         M_pad = 8 the ws kernel where ``ws_default_ok`` (fused) or ``ws_stream_ok`` (stream-K partials); LUT
-        4-bit at M_pad <= 16 the stream-K ws kernel where ``lut_ws_tile_k`` names a tile;
+        4-bit at M_pad <= 16, LUT and GPTQ 3-bit at M < 8 the stream-K ws kernel where ``ws_stream_tile_k`` names a tile;
         GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256; other GPTQ weights at M_pad <= 16 take ``decode_blocks``
         where it applies (the LLaMA-7B decode shapes). ``variant="ws"``: see ``_resolved_ws``."""
         if self.variant is not None:
@@ -926,11 +949,8 @@ class KernelConfig:
         plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
         if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
-        if (WS_STREAM_DEFAULT and not DECODE_RULE and gptq and w.bits == 4 and _m_pad(m) == 8 and plain
-                and ws_stream_ok(w, num_sms)):  # the opt-in decode rule wins
-            return KernelConfig(variant="ws", tile_k=WS_STREAM_TILE_K)._resolved_blocks(w, m, num_sms)
-        if WS_STREAM_DEFAULT and lut and small_m and plain and (lut_tile_k := lut_ws_tile_k(w, num_sms)):
-            return KernelConfig(variant="ws", tile_k=lut_tile_k)._resolved_blocks(w, m, num_sms)
+        if WS_STREAM_DEFAULT and plain and (stream_tile_k := ws_stream_tile_k(w, m, num_sms, self.direct_x)):
+            return KernelConfig(variant="ws", tile_k=stream_tile_k)._resolved_blocks(w, m, num_sms)
         decode = None
         if (DECODE_RULE and gptq and small_m and not one_split and self.tile_k is None and self.k_splits is None
                 and self.fused is None and n_sub == 1):

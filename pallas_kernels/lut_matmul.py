@@ -10,10 +10,10 @@ the activation rows its 8..64-wide N operand; TMA ``emit_pipeline`` over K; grid
 partials summed by one small XLA fusion, or, for dense 3-bit weights at M_pad = 8 with 2 splits, the cluster launch
 that reduces in the kernel, ``gptq_matmul.launch_kernel``) and its block-size logic (``gptq_matmul.KernelConfig``).
 What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``. 4-bit weights
-at M_pad <= 16 default to the warp-specialized stream-K kernel (``gptq_matmul.build_ws_kernel``, ``_build_ws_call``
-here: two compute warpgroups, each looking up its own 64 rows' tables, which arrive with every step's TMA copies;
-``gptq_matmul.lut_ws_tile_k``), with x unpadded at M < 8 (``KernelConfig.direct_x``, as the GPTQ kernels); 3-bit
-weights and larger M keep the one-warpgroup kernel.
+at M_pad <= 16 and 3-bit weights at M < 8 default to the warp-specialized stream-K kernel
+(``gptq_matmul.build_ws_kernel``, ``_build_ws_call`` here: two compute warpgroups, each looking up its own 64 rows'
+tables, which arrive with every step's TMA copies; ``gptq_matmul.ws_stream_tile_k``), with x unpadded at M < 8
+(``KernelConfig.direct_x``, as the GPTQ kernels); larger M keeps the one-warpgroup kernel.
 
 The lookup (register-resident tables, byte permutes). In the wgmma A fragment a thread holds weights of only two
 output rows (r and r + 8), so it keeps both rows' tables in registers as byte planes: the low bytes of the 2**bits
@@ -41,10 +41,10 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`LUTKernelWeigh
       gather-multiply-reduce fusion without a scatter; entries beyond R in the fullest rows as COO (sp_rows /
       sp_cols int32, sp_delta float32), added by a segment sum.
 
-Measured on an H100 (bench/NOTES_kernels.md, SqueezeLLM and "Launch" sections), 8192x28672 at M = 1, device time:
-lut3 41.6 us with the cluster launch (3.78-3.81x the bf16 XLA GEMV; 42.3 us = 3.72-3.77x with partials, kernel alone
-39.0 us, 2.27 TB/s), lut4 58.8-59.1 us (2.66-2.70x; kernel 55.2 us: the 16-entry lookup costs about as much integer
-issue time as the weight stream costs memory time).
+Measured on an H100 (bench/NOTES_kernels.md, SqueezeLLM, "Launch" and "3-bit weights in the ws kernel" sections),
+8192x28672 at M = 1, device time: lut3 39.15 us in the ws kernel with the unpadded x (4.05x the bf16 XLA GEMV of the
+same run; the one-warpgroup cluster launch 41.49 us = 3.82x), lut4 58.8-59.1 us in the one-warpgroup kernel (2.66-2.70x;
+kernel 55.2 us: the 16-entry lookup costs about as much integer issue time as the weight stream costs memory time).
 """
 
 from __future__ import annotations

@@ -385,9 +385,10 @@ def test_decode_blocks_rule(rng, bits, monkeypatch):
 
 
 def test_lut_measured_exceptions(rng):
-    """Dense 3-bit LUT at M_pad = 8 where the heuristic takes 2 splits: the cluster launch at tile_k 256; LUT at
-    M_pad = 16: tile_k <= 256; 4-bit LUT at M_pad <= 16: the stream-K ws kernel at tile_k 512 on this shape (the
-    configs measured), the one-warpgroup kernel's blocks unchanged where a config field rules the ws kernel out."""
+    """Dense 3-bit LUT at M = 8 (padded x) where the heuristic takes 2 splits: the cluster launch at tile_k 256; at
+    M < 8 the stream-K ws kernel at tile_k 512; LUT at M_pad = 16: tile_k <= 256; 4-bit LUT at M_pad <= 16: the
+    stream-K ws kernel at tile_k 512 on this shape (the configs measured), the one-warpgroup kernel's blocks
+    unchanged where a config field rules the ws kernel out."""
     from pallas_kernels import lut_matmul as lm
     K, N = 8192, 28672  # for the block-size logic only: shapes without arrays
 
@@ -398,10 +399,12 @@ def test_lut_measured_exceptions(rng):
                                    in_features=K, out_features=N)
 
     lut3, lut4 = shaped(3), shaped(4)
+    cfg = gm.KernelConfig().resolved(lut3, 8)
+    assert (cfg.variant, cfg.tile_k, cfg.k_splits, cfg.fused) == (None, 256, 2, True)
     cfg = gm.KernelConfig().resolved(lut3, 1)
-    assert (cfg.tile_k, cfg.k_splits, cfg.fused) == (256, 2, True)
+    assert (cfg.variant, cfg.tile_k, cfg.ctas, cfg.k_splits, cfg.fused, cfg.direct_x) == ("ws", 512, 132, 2, False, True)
     assert not gm.KernelConfig().resolved(lut3, 9).fused and gm.KernelConfig().resolved(lut3, 9).tile_k == 256
-    assert gm.KernelConfig(fused=False).resolved(lut3, 1).fused is False
+    assert gm.KernelConfig(fused=False).resolved(lut3, 8).fused is False
     cfg4 = gm.KernelConfig().resolved(lut4, 1)
     assert (cfg4.variant, cfg4.tile_k, cfg4.stages, cfg4.ctas, cfg4.k_splits) == ("ws", 512, 4, 132, 2)
     assert not cfg4.fused
@@ -517,7 +520,14 @@ def test_ws_default_rule(rng, monkeypatch):
     assert gm.KernelConfig().resolved(big, 1).variant is None
     monkeypatch.setattr(gm, "WS_DEFAULT", True)
     int3 = gm.pack(*random_gptq(rng, 512, 28672, 3, 128, False, False), bits=3, sym=False)
-    assert gm.KernelConfig().resolved(int3, 1).variant is None
+    assert gm.KernelConfig().resolved(int3, 1).variant is None  # 224 (unit, 512-column step) pairs: too few
+    # 3-bit at M < 8 where the 512-column pairs give every SM >= 24: stream-K at tile_k 512, scales after the wgmma
+    int3 = gm.pack(*random_gptq(rng, 4096, 66 * 128, 3, 128, False, False), bits=3, sym=False)  # 528 pairs
+    cfg = gm.KernelConfig().resolved(int3, 3, num_sms=22)
+    assert cfg.variant == "ws" and cfg.tile_k == 512 and cfg.post_scale and cfg.direct_x and cfg.ctas == 22
+    assert gm.KernelConfig().resolved(int3, 3, num_sms=23).variant is None  # 528 < 24 x 23
+    assert gm.KernelConfig().resolved(int3, 8, num_sms=22).variant is None  # padded x
+    assert gm.KernelConfig(direct_x=False).resolved(int3, 3, num_sms=22).variant is None
     odd = gm.pack(*random_gptq(rng, 512, 64 * 3 * 132, 4, 128, False, False), bits=4, sym=False)  # 198 units
     assert not gm.ws_default_ok(odd) and gm.KernelConfig().resolved(odd, 1).variant is None
     # stream-K partials where every SM gets >= 8 (unit, 256-column step) pairs: 66 units x 16 steps = 8 x 132
@@ -571,7 +581,7 @@ def test_kernels_lower_for_cuda(rng, bits, M, fields):
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
     config = gm.KernelConfig(**fields)
     rc = config.resolved(w, M)
-    assert rc.post_scale == fields.get("post_scale", rc.variant != "ws")
+    assert rc.post_scale == fields.get("post_scale", rc.variant != "ws" or bits == 3)
     text = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=config)).trace(x, w).lower(
         lowering_platforms=("cuda",)).as_text()
     assert f"gptq_w{bits}_m" in text and "mosaic_gpu" in text
