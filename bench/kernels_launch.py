@@ -304,7 +304,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
     "lut-ws": ("<!-- lut-ws rows begin -->", "<!-- lut-ws rows end -->",
                "## SqueezeLLM (LUT) weights in the warp-specialized kernel (device time, CUPTI)"),
     "ws-3bit": ("<!-- ws-3bit rows begin -->", "<!-- ws-3bit rows end -->",
-                "## 3-bit weights (GPTQ, LUT) in the warp-specialized kernel (device time, CUPTI)"),
+                "## 3-bit weights (GPTQ, LUT) and small LUT shapes in the warp-specialized kernel (device time, "
+                "CUPTI)"),
 }
 
 

@@ -719,17 +719,18 @@ WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 #   29.41 / 27.84 / 28.13; 4096x12288 19.94 / 20.10 / 18.72, M = 16 18.35 / 18.59 / 18.51; 11008x4096 18.37 / 19.81 /
 #   18.31, M = 16 20.38 / 20.13 / 18.85. With the unpadded x at M < 8, lut4 M = 1 unpadded vs padded: 8192x28672
 #   58.34 vs 58.62, 4096x22016 26.56 vs 27.78, 4096x12288 17.14 vs 18.66, 11008x4096 16.00 vs 18.43.
-# - LUT 3-bit at M < 8 (x unpadded) where the (unit, 256-column step) pairs give every SM >= LUT3_WS_MIN_STEPS_PER_SM,
-#   M = 1 one warpgroup / ws 512 / ws 256: 8192x28672 41.49 / 39.15 / 42.42; 4096x22016 23.34 / 19.66 / 19.25;
-#   4096x12288 15.43 / 13.66 / 12.96; 11008x4096 14.56 / 13.74 / 12.50; 4096x4096 8.83 / 8.00 / 7.42 (M = 4 alike;
-#   sparse lut3 8192x28672 54.29 / 51.54 / 54.50). At M = 16 (padded x) the one-warpgroup kernel stays faster
-#   (8192x28672 43.71 vs 45.47).
+# - LUT 3-bit (and 4-bit below 8 pairs per SM) at M < 8 (x unpadded) where the (unit, 256-column step) pairs give
+#   every SM >= LUT_WS_UNPADDED_MIN_STEPS_PER_SM, lut3 M = 1 one warpgroup / ws 512 / ws 256: 8192x28672 41.49 / 39.15
+#   / 42.42; 4096x22016 23.34 / 19.66 / 19.25; 4096x12288 15.43 / 13.66 / 12.96; 11008x4096 14.56 / 13.74 / 12.50;
+#   4096x4096 8.83 / 8.00 / 7.42 (M = 4 alike; sparse lut3 8192x28672 54.29 / 51.54 / 54.50); lut4 4096x4096 M = 1
+#   10.53 / - / 8.90, M = 4 10.62 / - / 9.18. At M = 16 (padded x) lut3 stays faster in the one-warpgroup kernel
+#   (8192x28672 43.71 vs 45.47; lut4 4096x4096 9.65 vs 9.60).
 # - GPTQ 3-bit at M < 8 where tile_k 512 applies (below), with the scales after the wgmma (post_scale, the default of
 #   3-bit weights in the ws kernel): 8192x28672 M = 1 45.22 (one warpgroup) vs 42.54 (ws 512) / 46.10 (ws 256),
 #   M = 4 45.58 vs 42.30. The 7B decode shapes keep the one-warpgroup kernel (within +-1 us either way).
 # tile_k 512 where the (unit, 512-column step) pairs give every SM >= WS_STREAM_512_MIN_STEPS_PER_SM, else 256.
 WS_STREAM_512_MIN_STEPS_PER_SM = 24
-LUT3_WS_MIN_STEPS_PER_SM = 3  # 4096x4096 (3.9 per SM) measured faster in the ws kernel for lut3 (not for int4)
+LUT_WS_UNPADDED_MIN_STEPS_PER_SM = 3  # 4096x4096 (3.9 per SM) measured faster in the ws kernel for LUT (not int4)
 
 
 def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = None) -> Optional[int]:
@@ -743,9 +744,8 @@ def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = N
     unpadded = (DIRECT_X_DEFAULT if direct_x is None else direct_x) and direct_x_ok(w, m, "ws")
     if w.bits == 4 and gptq and m_pad == 8 and ws_stream_ok(w, num_sms):
         return WS_STREAM_TILE_K
-    if w.bits == 4 and lut and m_pad <= 16 and ws_stream_ok(w, num_sms):
-        return 512 if tile_512 else 256
-    if w.bits == 3 and lut and unpadded and ws_stream_ok(w, num_sms, LUT3_WS_MIN_STEPS_PER_SM):
+    if lut and ((unpadded and ws_stream_ok(w, num_sms, LUT_WS_UNPADDED_MIN_STEPS_PER_SM))
+                or (w.bits == 4 and m_pad <= 16 and ws_stream_ok(w, num_sms))):
         return 512 if tile_512 else 256
     if w.bits == 3 and gptq and unpadded and tile_512 and ws_stream_ok(w, num_sms):
         return 512
@@ -931,7 +931,8 @@ class KernelConfig:
         output allows it) limits k_splits to MAX_CLUSTER. Measured exceptions (bench/NOTES_kernels.md): GPTQ 4-bit at
         M_pad <= 16 with >= ONE_SPLIT_MIN_TILES_PER_SM output tiles per SM runs one split, fused (one kernel); at
         M_pad = 8 the ws kernel where ``ws_default_ok`` (fused) or ``ws_stream_ok`` (stream-K partials); LUT
-        4-bit at M_pad <= 16, LUT and GPTQ 3-bit at M < 8 the stream-K ws kernel where ``ws_stream_tile_k`` names a tile;
+        weights at M < 8 (4-bit ones at M_pad <= 16), GPTQ 3-bit at M < 8 the stream-K ws kernel where
+        ``ws_stream_tile_k`` names a tile;
         GPTQ 3-bit at M_pad <= 16 takes tile_k <= 256; other GPTQ weights at M_pad <= 16 take ``decode_blocks``
         where it applies (the LLaMA-7B decode shapes). ``variant="ws"``: see ``_resolved_ws``."""
         if self.variant is not None:

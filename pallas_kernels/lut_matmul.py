@@ -10,7 +10,7 @@ the activation rows its 8..64-wide N operand; TMA ``emit_pipeline`` over K; grid
 partials summed by one small XLA fusion, or, for dense 3-bit weights at M_pad = 8 with 2 splits, the cluster launch
 that reduces in the kernel, ``gptq_matmul.launch_kernel``) and its block-size logic (``gptq_matmul.KernelConfig``).
 What differs is the dequantization: a table lookup per weight instead of ``scale * (code - zero)``. 4-bit weights
-at M_pad <= 16 and 3-bit weights at M < 8 default to the warp-specialized stream-K kernel
+at M_pad <= 16 and every LUT weight at M < 8 default to the warp-specialized stream-K kernel
 (``gptq_matmul.build_ws_kernel``, ``_build_ws_call`` here: two compute warpgroups, each looking up its own 64 rows'
 tables, which arrive with every step's TMA copies; ``gptq_matmul.ws_stream_tile_k``), with x unpadded at M < 8
 (``KernelConfig.direct_x``, as the GPTQ kernels); larger M keeps the one-warpgroup kernel.

@@ -331,10 +331,10 @@ def test_kernels_lower_for_cuda(rng, bits, M, fields, frac):
 
 
 def test_ws_default_rule(rng, monkeypatch):
-    """LUT 4-bit weights at M_pad <= 16 default to the stream-K ws kernel where every SM gets >= 8 (unit, 256-column
-    step) pairs, at tile_k 512 where the 512-column pairs give >= WS_STREAM_512_MIN_STEPS_PER_SM per SM; 3-bit
-    weights only at M < 8 (x unpadded) and from LUT3_WS_MIN_STEPS_PER_SM pairs per SM; larger M, smaller shapes and
-    explicit configs keep the one-warpgroup kernel."""
+    """LUT weights default to the stream-K ws kernel at M < 8 (x unpadded) where every SM gets >=
+    LUT_WS_UNPADDED_MIN_STEPS_PER_SM (unit, 256-column step) pairs, 4-bit ones also at M_pad <= 16 from 8 pairs per SM;
+    tile_k 512 where the 512-column pairs give >= WS_STREAM_512_MIN_STEPS_PER_SM per SM. Larger M, smaller shapes
+    and explicit configs keep the one-warpgroup kernel."""
     from pallas_kernels import gptq_matmul as gm
 
     K, N = 4096, 66 * 128  # 66 units x 16 steps of 256 = 8 x 132 pairs; 66 x 8 steps of 512 = 528 pairs
@@ -356,7 +356,10 @@ def test_ws_default_rule(rng, monkeypatch):
     assert lm.KernelConfig(direct_x=False).resolved(w3, 1).variant is None
     small3 = lm.pack(codes[:, :24 * 128] % 8, lut[:24 * 128, :8], bits=3)  # 24 x 16 = 384 pairs < 3 x 132
     assert gm.ws_stream_tile_k(small3, 1) is None and lm.KernelConfig().resolved(small3, 1).variant is None
-    narrow = lm.pack(codes[:, :65 * 128], lut[:65 * 128], bits=4)
-    assert gm.ws_stream_tile_k(narrow, 1) is None and lm.KernelConfig().resolved(narrow, 1).variant is None
+    narrow = lm.pack(codes[:, :65 * 128], lut[:65 * 128], bits=4)  # 65 x 16 pairs: 7.9 per SM
+    assert lm.KernelConfig().resolved(narrow, 1).variant == "ws"  # unpadded x: from 3 per SM
+    assert gm.ws_stream_tile_k(narrow, 8) is None and lm.KernelConfig().resolved(narrow, 8).variant is None
+    small4 = lm.pack(codes[:, :24 * 128], lut[:24 * 128], bits=4)
+    assert gm.ws_stream_tile_k(small4, 1) is None
     monkeypatch.setattr(gm, "WS_STREAM_DEFAULT", False)
     assert lm.KernelConfig().resolved(w, 1).variant is None
