@@ -173,6 +173,10 @@ def smoke_ws(seed, families=("gptq", "lut")):
         ("lut4", 1024, 512, (1, 33), ({"fused": True}, {"fused": True, "ctas": 1, "tile_k": 128}), jnp.bfloat16),
         ("lut3", 1024, 256, (3,), ({"fused": True, "tile_k": 128}, {"tile_k": 64, "ctas": 5}), jnp.float16),
         ("lut4-sp", 1024, 200, (1, 9), ({"tile_k": 128, "ctas": 3}, {"fused": True}), jnp.bfloat16),
+        # 3-bit at M < 8 (defaults since 2026-11-24): sparse lut3; GPTQ 3-bit with the scales after the wgmma (the ws
+        # default of 3-bit codes) in float16, uneven grids and fused
+        ("lut3-sp", 1024, 200, (1, 5), ({"tile_k": 128, "ctas": 3}, {}), jnp.bfloat16),
+        ("gptq-w3g128", 1024, 840, (1, 5, 64), ({"tile_k": 128, "ctas": 7}, {"fused": True}), jnp.float16),
     ]
     for i, (name, K, N, ms, cfgs, dtype) in enumerate(cases):
         fmt = Format(name)
