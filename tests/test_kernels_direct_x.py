@@ -96,8 +96,9 @@ def shaped(small, K, N):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_direct_x_default_rule(rng, bits, monkeypatch):
     """Default: unpadded x at M < 8 for the ws kernel and for the one-warpgroup kernel up to
-    DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM (the LLaMA-7B shapes, not 3-bit 8192x28672); the padded x at
-    M >= 8, for LUT weights, with direct_x=False or JAXQUANT_GPTQ_DIRECT_X=0 (DIRECT_X_DEFAULT)."""
+    DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM (the LLaMA-7B shapes, not 3-bit 8192x28672 with 2 splits); the padded
+    x at M >= 8, for LUT weights in the one-warpgroup kernel, with direct_x=False or JAXQUANT_GPTQ_DIRECT_X=0
+    (DIRECT_X_DEFAULT)."""
     from pallas_kernels import lut_matmul as lm
     small = gm.pack(*random_gptq(rng, 256, 64, bits, 128, False, False), bits=bits, sym=False)
     for K, N in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016)):
@@ -112,9 +113,13 @@ def test_direct_x_default_rule(rng, bits, monkeypatch):
         assert cfg.variant == "ws" and cfg.fused and cfg.direct_x
         off = gm.KernelConfig(direct_x=False).resolved(big, 1)
         assert off.variant == "ws" and off.fused and not off.direct_x
-    else:  # one-warpgroup kernel at 256 / 2 splits: 448 tiles x 32 steps / 132 SMs = 109 > 64
-        assert cfg.variant is None and not cfg.direct_x and gm.direct_x_steps_per_sm(cfg, big) > 64
-        assert gm.KernelConfig(direct_x=True).resolved(big, 1).direct_x
+    else:  # the stream-K ws default of 3-bit codes at M < 8 (measured with the unpadded x only)
+        assert cfg.variant == "ws" and cfg.direct_x and cfg.post_scale
+        # without it: the one-warpgroup kernel at 256 / 2 splits, 448 tiles x 32 steps / 132 SMs = 109 > 64
+        off = gm.KernelConfig(direct_x=False).resolved(big, 1)
+        assert off.variant is None and not off.direct_x and gm.direct_x_steps_per_sm(off, big) > 64
+        assert gm.KernelConfig(k_splits=2).resolved(big, 1).variant is None
+        assert not gm.KernelConfig(k_splits=2).resolved(big, 1).direct_x
     monkeypatch.setattr(gm, "DIRECT_X_DEFAULT", False)
     assert not gm.KernelConfig().resolved(shaped(small, 4096, 4096), 1).direct_x
     assert gm.KernelConfig(direct_x=True).resolved(shaped(small, 4096, 4096), 1).direct_x
