@@ -3,8 +3,9 @@
     python bench/plot_kernels.py                  # 8192x28672 -> bench/results/kernels.png
     python bench/plot_kernels.py --shape 4096x11008 --out /tmp/k.png
 
-Per (format, M) it takes the device-time row (``timing`` containing "cupti") when there is one, else the wall-clock
-chain row (hatched bars: they include ~20-30 us of host dispatch per call and understate the speedup), the last such
+Per (format, M) it takes the main tables' rows (bench/kernels.py, kernels_lut.py, kernels_spqr.py; not the config
+comparisons of bench/kernels_launch.py): the device-time row (``timing`` containing "cupti") when there is one, else
+the wall-clock chain row (hatched bars: they include ~20-30 us of host dispatch per call and understate the speedup), the last such
 row in the file; rows marked ``correct: false`` are left out. Needs matplotlib (not a project dependency).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def pick_rows(rows, K, N, ms=(1, 4, 16, 64)):
             continue
         if r.get("correct") is False:
             continue
-        if r.get("launch") not in (None, "auto"):  # bench/kernels_launch.py comparisons: only the default launch
+        if r.get("launch") is not None:  # bench/kernels_launch.py rows (config comparisons): only the main tables
             continue
         device = "cupti" in str(r.get("timing", ""))
         slot = best.setdefault(r["format"], {})

@@ -85,7 +85,9 @@ def test_plot_prefers_device_time_rows(rng):
     only_chain = _decode_row(rng, "gptq-w4g128-sym", 4, timing="chain")
     wrong = dict(_decode_row(rng, "gptq-w3g128", 1), correct=False)
     other_shape = dict(_decode_row(rng, "gptq-w3g128", 1), K=4096)
-    best = plot_kernels.pick_rows([chain, device, later_chain, only_chain, wrong, other_shape], 8192, 28672)
+    config_comparison = dict(_decode_row(rng, "gptq-w4g128", 1), launch="auto")  # bench/kernels_launch.py row
+    best = plot_kernels.pick_rows([chain, device, later_chain, only_chain, wrong, other_shape, config_comparison],
+                                  8192, 28672)
     assert best["gptq-w4g128"][1] is device
     assert best["gptq-w4g128-sym"][4] is only_chain
     assert "gptq-w3g128" not in best  # an incorrect row is never plotted; another shape is not this plot
