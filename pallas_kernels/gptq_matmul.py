@@ -737,7 +737,8 @@ def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = N
     """The tile_k of the stream-K ws launch where it is w's default at M rows (the rules above), or None where w
     keeps the one-warpgroup kernel (or the fused ws launch, ``ws_default_ok``, decided before). ``direct_x``: the
     config's field (False: the 3-bit rules, measured with the unpadded x only, do not apply)."""
-    gptq, lut, m_pad = isinstance(w, GPTQKernelWeight) and not DECODE_RULE, _is_lut(w), _m_pad(m)  # opt-in rule wins
+    gptq = isinstance(w, GPTQKernelWeight) and not DECODE_RULE  # the opt-in decode rule wins for GPTQ weights
+    lut, m_pad = _is_lut(w), _m_pad(m)
     rows = WS_COMPUTE_WGS * CHUNK
     tile_512 = (w.k_pad % 512 == 0 and (w.group % 512 == 0 or 512 % w.group == 0)
                 and (w.n_pad // rows) * (w.k_pad // 512) >= WS_STREAM_512_MIN_STEPS_PER_SM * num_sms)

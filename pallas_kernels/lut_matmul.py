@@ -43,8 +43,9 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`LUTKernelWeigh
 
 Measured on an H100 (bench/NOTES_kernels.md, SqueezeLLM, "Launch" and "3-bit weights in the ws kernel" sections),
 8192x28672 at M = 1, device time: lut3 39.15 us in the ws kernel with the unpadded x (4.05x the bf16 XLA GEMV of the
-same run; the one-warpgroup cluster launch 41.49 us = 3.82x), lut4 58.8-59.1 us in the one-warpgroup kernel (2.66-2.70x;
-kernel 55.2 us: the 16-entry lookup costs about as much integer issue time as the weight stream costs memory time).
+same run; the one-warpgroup cluster launch 41.49 us = 3.82x), lut4 57.7-58.0 us in the ws kernel (2.73-2.74x; kernel
+alone 56.0-56.2 us: the 16-entry lookup costs about as much integer issue time as the weight stream costs memory
+time, see bench/NOTES_kernels.md for the instruction counts and the profile).
 """
 
 from __future__ import annotations
