@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -30,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
-from bench.timing import TABLE_ROW_KEY, activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402,E501
+from bench.timing import activations, bf16_matmul, config_cell, config_fields, copies, cupti  # noqa: E402
+from bench.timing import TABLE_ROW_KEY  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 MS = [1, 4, 16, 64]
@@ -383,7 +385,7 @@ def cupti_table(key, shapes, ms, formats, rounds, calls, on_row=None):
                                          "gptq")
                     deq_us = (cupti(lambda x, w: w.matmul(x), list(zip(xs, uqws)), rounds)[0]
                               if uqws is not None else float("nan"))
-                except Exception as e:
+                except Exception:
                     log(f"cupti {K}x{N} {fmt} M={M} FAILED: {traceback.format_exc()[-1500:]}")
                     continue
                 moved = kw.nbytes + M * K * 2 + M * N * 2
@@ -586,9 +588,8 @@ PREFILL_MD_BEGIN, PREFILL_MD_END = "<!-- gptq prefill paths begin -->", "<!-- gp
 
 
 def merge_prefill(jsonl, out_dir, note=""):
-    """Rows of a --prefill-paths run -> kernels.json (appended by format, M, K, N, kernel, timing: other rows stay)
+    """Rows of a --prefill-paths run -> kernels.json (appended, key ``TABLE_ROW_KEY``: other rows stay)
     and their own section of kernels.md (replaced between its markers; the rest of the file is left as it is)."""
-    import json
     results = _results_module()
     with open(jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -719,7 +720,6 @@ def merge_cupti(jsonl, out_dir, note=""):
     """Rows of a --cupti run (JSON lines) -> kernels.json (appended; ``TABLE_ROW_KEY``, so the chain rows, other
     dates' rows and other benchmarks' rows stay) and the GPTQ device-time section of kernels.md (replaced between its
     markers; the rest of the file is left as it is)."""
-    import json
     results = _results_module()
     with open(jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -853,7 +853,6 @@ def main():
               [parse_config(c) for c in args.sweep_configs.split(";")], args.reps, args.calls)
     rows = []
     if args.prefill_paths:
-        import json
         os.makedirs(args.out_dir, exist_ok=True)
         path = os.path.join(args.out_dir, "kernels_prefill.jsonl")
         results = _results_module()
@@ -876,7 +875,6 @@ def main():
                 f"{r['fastest_path']:<13} {r['speedup_vs_bf16']:>6} {r['correct']}")
         sys.exit(0 if ok and all(r["correct"] for r in pre) else 1)
     if args.cupti:
-        import json
         os.makedirs(args.out_dir, exist_ok=True)
         path = os.path.join(args.out_dir, "kernels_cupti.jsonl")
         results = _results_module()

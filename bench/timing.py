@@ -91,9 +91,8 @@ TABLE_ROW_KEY = ("format", "M", "K", "N", "kernel", "timing", "launch", "run_id"
 
 def latest_rows(rows: list) -> list:
     """Per (format, M, K, N, kernel) the rows of the latest date (a table section built from the whole history)."""
+    key = lambda r: tuple(r.get(k) for k in ("format", "M", "K", "N", "kernel"))  # noqa: E731
     last = {}
     for r in rows:
-        k = (r.get("format"), r.get("M"), r.get("K"), r.get("N"), r.get("kernel"))
-        last[k] = max(last.get(k, ""), str(r.get("date", "")))
-    return [r for r in rows if str(r.get("date", "")) == last[(r.get("format"), r.get("M"), r.get("K"), r.get("N"),
-                                                                 r.get("kernel"))]]
+        last[key(r)] = max(last.get(key(r), ""), str(r.get("date", "")))
+    return [r for r in rows if str(r.get("date", "")) == last[key(r)]]

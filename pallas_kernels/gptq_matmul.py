@@ -739,9 +739,7 @@ def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = N
     config's field (False: the 3-bit rules, measured with the unpadded x only, do not apply)."""
     gptq = isinstance(w, GPTQKernelWeight) and not DECODE_RULE  # the opt-in decode rule wins for GPTQ weights
     lut, m_pad = _is_lut(w), _m_pad(m)
-    rows = WS_COMPUTE_WGS * CHUNK
-    tile_512 = (w.k_pad % 512 == 0 and (w.group % 512 == 0 or 512 % w.group == 0)
-                and (w.n_pad // rows) * (w.k_pad // 512) >= WS_STREAM_512_MIN_STEPS_PER_SM * num_sms)
+    tile_512 = ws_pairs(w, 512) >= WS_STREAM_512_MIN_STEPS_PER_SM * num_sms
     unpadded = (DIRECT_X_DEFAULT if direct_x is None else direct_x) and direct_x_ok(w, m, "ws")
     if w.bits == 4 and gptq and m_pad == 8 and ws_stream_ok(w, num_sms):
         return WS_STREAM_TILE_K
@@ -753,13 +751,18 @@ def ws_stream_tile_k(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = N
     return None
 
 
+def ws_pairs(w, tile_k: int) -> int:
+    """The (128-row unit, tile_k-column step) pairs of w in the ws kernel, or 0 where tile_k does not fit w."""
+    rows = WS_COMPUTE_WGS * CHUNK
+    if w.n_pad % rows or w.k_pad % tile_k or (w.group % tile_k and tile_k % w.group):
+        return 0
+    return (w.n_pad // rows) * (w.k_pad // tile_k)
+
+
 def ws_stream_ok(w, num_sms: int = 132, min_steps_per_sm: float = WS_STREAM_MIN_STEPS_PER_SM) -> bool:
     """Whether the stream-K ws launch fits w at tile_k 256 with every SM getting >= ``min_steps_per_sm`` (unit,
     step) pairs (see WS_STREAM_MIN_STEPS_PER_SM)."""
-    rows, t = WS_COMPUTE_WGS * CHUNK, WS_STREAM_TILE_K
-    if w.n_pad % rows or w.k_pad % t or (w.group % t and t % w.group):
-        return False
-    return (w.n_pad // rows) * (w.k_pad // t) >= min_steps_per_sm * num_sms
+    return ws_pairs(w, WS_STREAM_TILE_K) >= max(1, min_steps_per_sm * num_sms)
 
 
 def ws_step(t, cta, units: int, steps_per_unit: int, ctas: int):
