@@ -96,3 +96,35 @@ def latest_rows(rows: list) -> list:
     for r in rows:
         last[key(r)] = max(last.get(key(r), ""), str(r.get("date", "")))
     return [r for r in rows if str(r.get("date", "")) == last[key(r)]]
+
+
+def run_meta(benchmark: str) -> dict:
+    """The common keys of a probe's rows (../shared/RESULTS.md), the date to the UTC minute (several runs a day)."""
+    import datetime
+
+    import jaxlib
+
+    from jaxquant.results import command_line
+
+    return dict(benchmark=benchmark, command=command_line(), device=jax.devices()[0].device_kind,
+                jax=jax.__version__, jaxlib=jaxlib.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
+
+
+def save_rows(rows: list, path: str, write_table) -> None:
+    """rows -> ``path`` (JSON list) and ``write_table(rows, md_path)`` -> the markdown next to it."""
+    import json
+    import os
+
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    write_table(rows, os.path.splitext(path)[0] + ".md")
+
+
+def rewrite_table(path: str, write_table) -> None:
+    """``--table``: the markdown of the JSON rows in ``path``, rewritten without a run."""
+    import json
+    import os
+
+    with open(path) as f:
+        write_table(json.load(f), os.path.splitext(path)[0] + ".md")

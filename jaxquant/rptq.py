@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.kmeans import kmeans
+from models.common import as_array
 
 REORDER_POINTS = ("R1", "R2", "R3", "R4", "R5")
 DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
@@ -604,7 +605,7 @@ def quantized_linear_inputs(quantizers: Dict[str, Tuple[ActQuantizer, int]]):
             name = "/".join(context.module.path)
             if name in quantizers:
                 quantizer, bits = quantizers[name]
-                return next_fun(fake_quant(args[0], quantizer, bits=bits), *args[1:], **kwargs)
+                return next_fun(fake_quant(as_array(args[0]), quantizer, bits=bits), *args[1:], **kwargs)
         return next_fun(*args, **kwargs)
 
     return nn.intercept_methods(interceptor)

@@ -9,8 +9,10 @@ which ``kv_mask[b, j]`` is true (False for left padding).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -28,11 +30,48 @@ def resolve_dtype(dtype) -> Any:
     return jnp.dtype(dtype).type if dtype is not None else jnp.float32
 
 
-def matmul(x: jax.Array, kernel) -> jax.Array:
-    """``x @ kernel`` for a dense kernel, or the quantized weight's own matmul (reference path or Pallas kernel)."""
+@partial(jax.tree_util.register_dataclass, data_fields=["x", "scale"], meta_fields=["eps"])
+@dataclasses.dataclass(frozen=True)
+class NormedInput:
+    """An RMSNorm not applied yet: its input ``x [..., C]``, ``scale [C]`` and ``eps``. A norm hands this to a
+    linear whose quantized kernel applies the norm itself while it stages its activations (``fuses_rms_norm``, the
+    GPTQ kernel weight): at decode that saves the norm's two XLA kernels. Everything else takes ``as_array``."""
+
+    x: jax.Array
+    scale: jax.Array
+    eps: float
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    def value(self) -> jax.Array:
+        return rms_norm(self.x, self.scale, self.eps)
+
+
+def as_array(x):
+    """x itself, or a NormedInput's normalised value."""
+    return x.value() if isinstance(x, NormedInput) else x
+
+
+def matmul(x, kernel) -> jax.Array:
+    """``x @ kernel`` for a dense kernel, or the quantized weight's own matmul (reference path or Pallas kernel);
+    x may be a NormedInput (the kernel applies the norm where it can)."""
+    if isinstance(x, NormedInput) and getattr(kernel, "fuses_rms_norm", False):
+        return kernel.matmul(x.x, rms_norm=(x.scale, x.eps))
+    x = as_array(x)
     if hasattr(kernel, "matmul"):
         return kernel.matmul(x)
     return jnp.matmul(x, kernel.astype(x.dtype))
+
+
+def fuses_rms_norm(module: nn.Module, *path: str) -> bool:
+    """Whether the linear at ``path`` below ``module`` holds a kernel that applies an RMSNorm itself
+    (``fuses_rms_norm``): only then does the norm before it pass a NormedInput."""
+    tree = module.variables.get("params", {})
+    for name in path:
+        tree = tree.get(name, {}) if hasattr(tree, "get") else {}
+    return bool(getattr(tree.get("kernel") if hasattr(tree, "get") else None, "fuses_rms_norm", False))
 
 
 class Linear(nn.Module):
@@ -47,14 +86,14 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x) -> jax.Array:
         if self.has_variable("params", "kernel"):
             # get_variable, not param: flax checks a param's shape against its initializer, and a quantized kernel is
             # a pytree of packed arrays whose leaves have other shapes.
             kernel = self.get_variable("params", "kernel")
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
-        self.sow("intermediates", "inputs", x)
+        self.sow("intermediates", "inputs", as_array(x))  # dropped by XLA unless intermediates is mutable
         y = matmul(x, kernel)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
@@ -70,18 +109,27 @@ def permuted_input(norm: nn.Module, x: jax.Array) -> jax.Array:
     return x
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # HF LLaMA casts back to the input dtype before multiplying by the weight.
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deferred: bool = False):
+        """The normalised x, or with ``deferred`` (the consumer's kernel applies it, ``fuses_rms_norm``) a
+        NormedInput; a norm with an ``input_perm`` is always applied here."""
+        permuted = self.has_variable("params", "input_perm")
         x = permuted_input(self, x)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF LLaMA casts back to the input dtype before multiplying by the weight.
-        return scale.astype(x.dtype) * x32.astype(x.dtype)
+        if deferred and not permuted:
+            return NormedInput(x, scale, self.eps)
+        return rms_norm(x, scale, self.eps)
 
 
 class LayerNorm(nn.Module):

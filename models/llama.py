@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, apply_rope, attention_mask,
-                           dot_product_attention, rope_inverse_frequencies, rope_parameters, update_cache)
+from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, apply_rope, as_array, attention_mask,
+                           dot_product_attention, fuses_rms_norm, rope_inverse_frequencies, rope_parameters,
+                           update_cache)
 from models.weights import Rule
 
 
@@ -106,6 +107,7 @@ class Attention(AttentionModule):
             qkv = self.qkv_proj(x)
             q, k, v = qkv[..., :q_n], qkv[..., q_n:q_n + kv_n], qkv[..., q_n + kv_n:]
         else:
+            x = as_array(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -137,6 +139,7 @@ class MLP(nn.Module):
             gate_up = self.gate_up_proj(x)
             gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
         else:
+            x = as_array(x)
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(jax.nn.silu(gate) * up)
 
@@ -153,9 +156,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c, self.dtype)
 
     def __call__(self, h, positions, cache=None, cache_index=None, kv_mask=None):
-        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, cache_index, kv_mask)
+        # a norm whose linear's kernel applies it (fuses_rms_norm) hands that linear its input and scale instead
+        x = self.input_layernorm(h, deferred=fuses_rms_norm(self, "self_attn", "qkv_proj"))
+        attn, cache = self.self_attn(x, positions, cache, cache_index, kv_mask)
         h = h + attn
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h, deferred=fuses_rms_norm(self, "mlp", "gate_up_proj"))
+        h = h + self.mlp(x)
         return h, cache
 
 

@@ -203,6 +203,14 @@ class KernelWeightShape:
     """Shape properties shared by the kernel-layout weights (GPTQ, LUT, SpQR): qweight [N_pad/64, K_pad/64, ...],
     ``in_features`` / ``out_features`` (K, N) and the activation dtype's name."""
 
+    takes_rms_norm = False  # ``matmul`` has the ``rms_norm`` argument (the ws kernel can fuse the norm: GPTQ, LUT)
+
+    @property
+    def fuses_rms_norm(self) -> bool:
+        """Whether models hand this weight's ``matmul`` an RMSNorm's input and scale (models.common.NormedInput)
+        instead of the normalised x: ``takes_rms_norm`` and FUSED_NORM_DEFAULT."""
+        return self.takes_rms_norm and FUSED_NORM_DEFAULT
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.in_features, self.out_features)
@@ -256,6 +264,7 @@ class GPTQKernelWeight(KernelWeightShape):
     out_features: int
     dtype_name: str
     layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
+    takes_rms_norm = True
 
     @property
     def nbytes(self) -> int:
@@ -297,13 +306,15 @@ class GPTQKernelWeight(KernelWeightShape):
             return jnp.pad(gather_columns(x2d, self.perm), ((0, m_pad - m), (0, 0)))
         return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
 
-    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None):
+    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None,
+               rms_norm=None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
         With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
         prod(leading dims) rows go to: M <= MAX_KERNEL_M: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M: the kernel
         over 64-row chunks; larger M: dequantize once + one XLA matmul (``dequant_matmul``). Without: the XLA
-        reference (the same dequantize-once computation).
+        reference (the same dequantize-once computation). ``rms_norm`` = (scale [K], eps): rms_norm_rows(x) @ W,
+        the norm inside the kernel where ``fused_norm_ok`` (M <= MAX_KERNEL_M), else applied to x first.
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
@@ -312,10 +323,12 @@ class GPTQKernelWeight(KernelWeightShape):
         if use_kernel is None:
             use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype
         x2d = x.reshape(m, k)
+        if rms_norm is not None and not (use_kernel and 1 <= m <= MAX_KERNEL_M):
+            x2d, rms_norm = rms_norm_rows(x2d, *rms_norm), None
         if not use_kernel or m == 0:
             y = reference_matmul(x2d, self)
         elif m <= MAX_KERNEL_M:
-            y = _jit_gptq_matmul(x2d, self, config)
+            y = _jit_gptq_matmul(x2d, self, config, *(rms_norm or ()))
         elif m <= PREFILL_CHUNKED_MAX_M:
             y = chunked_matmul(x2d, self, functools.partial(_jit_gptq_matmul, config=config))
         else:
@@ -598,6 +611,9 @@ DIRECT_X_DEFAULT = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "1") != "0"
 # 21.14 vs 22.72, 11008x4096 13.89 vs 14.27; int4 M = 16 52.18 vs 52.72; rel err 2.2e-3 vs 2.7e-3. The ws kernel keeps
 # the scaled weights: 48.42 vs 47.30 us (ws-f, tile_k 512), stream-K tile_k 256 within +-1%.
 POST_SCALE = os.environ.get("JAXQUANT_GPTQ_POST_SCALE", "1") != "0"
+# "0": the models apply their RMSNorms in XLA before GPTQ kernel weights (``fuses_rms_norm``) instead of handing the
+# kernel the norm's input and scale (``kernel_norm``)
+FUSED_NORM_DEFAULT = os.environ.get("JAXQUANT_FUSED_NORM", "1") != "0"
 # The staging costs each compute warpgroup a fence and a barrier per pipeline step, so the one-warpgroup kernel takes
 # the unpadded x by default only up to this many CTA-steps per SM (output tiles x K steps / SMs). Measured (H100,
 # bench/NOTES_kernels.md "Unpadded activations"): the LLaMA-7B layer shapes (16-43 per SM) path -1.0..-1.8 us
@@ -1022,17 +1038,60 @@ def resolve_fused(fused: Optional[bool], k_splits: Optional[int], n: int) -> boo
 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelConfig] = None,
-                out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+                out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None) -> jax.Array:
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype.
 
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``output_buffer_shape`` (float32 partials, or y itself with the fused launch).
+    ``rms_norm`` = (scale [K], eps): computes ``rms_norm_rows(x, scale, eps) @ W``; the norm runs inside the kernel
+    where ``fused_norm_ok`` (else in XLA before it).
     """
     m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
+    x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
-    out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
+    out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
     return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
+
+
+def rms_norm_rows(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF LLaMA's RMSNorm over the last axis, in x's dtype: bf16(bf16(x * rsqrt(mean(x^2) + eps)) * scale), the
+    mean and rsqrt in float32 (the reference of the kernels' fused norm)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+WS_SMEM_LIMIT = 227 * 1024  # shared memory one CTA may use on the H100
+FUSED_NORM_MAX_M = 1  # rows up to which the ws kernel fuses an RMSNorm (bench/NOTES_kernels.md, "Fused RMSNorm")
+
+
+def fused_norm_ok(cfg, w, m: int) -> bool:
+    """Whether a resolved config's kernel applies an RMSNorm to x while staging it (``build_ws_kernel``'s
+    ``norm``): the ws kernel on the unpadded x, at most FUSED_NORM_MAX_M rows, w in input order (no act-order gather
+    of x) without a sparse part (an XLA product that needs the normalised x), and room in shared memory for the
+    norm's per-step scale blocks and scratch."""
+    if (cfg.variant != "ws" or not cfg.direct_x or getattr(w, "perm", None) is not None or getattr(w, "nnz", 0)
+            or m > FUSED_NORM_MAX_M):
+        return False
+    m_pad = _m_pad(m)
+    smem = (cfg.stages * ws_stage_bytes(m_pad, cfg.tile_k, w, cfg.wgs) + ws_staging_bytes(m_pad, cfg.wgs, cfg.tile_k)
+            + cfg.stages * cfg.tile_k * w.dtype.itemsize + cfg.wgs * NORM_SCRATCH * 4)
+    return smem <= WS_SMEM_LIMIT
+
+
+def kernel_norm(x2d: jax.Array, w, cfg, m: int, rms_norm):
+    """(x, norm) for a kernel call with an optional RMSNorm = (scale [K], eps) on x: where ``fused_norm_ok``, x
+    unchanged and the kernel's ``norm`` = (scale as [K_x/64, 64], K, eps); else the norm applied here (XLA) and
+    None."""
+    if rms_norm is None:
+        return x2d, None
+    scale, eps = rms_norm
+    if jnp.shape(scale) != (w.in_features,):
+        raise ValueError(f"the RMSNorm scale must be [{w.in_features}] (the input features), got {jnp.shape(scale)}")
+    if not fused_norm_ok(cfg, w, m):
+        return rms_norm_rows(x2d, scale, eps), None
+    return x2d, (w.direct_activations(jnp.reshape(scale, (1, -1)))[0], w.in_features, float(eps))
 
 
 def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype) -> jax.Array:
@@ -1049,10 +1108,11 @@ def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype) -> tuple[tuple[i
     return (cfg.k_splits, n_pad, _m_pad(m)), jnp.dtype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _jit_gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig] = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("config", "norm_eps"))
+def _jit_gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig] = None,
+                     norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None) -> jax.Array:
     """gptq_matmul under jit: the layer's call sites (and the prefill chunks) share one lowering of the kernel."""
-    return gptq_matmul(x2d, w, config=config)
+    return gptq_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps))
 
 
 _jit_dequant_matmul = jax.jit(dequant_matmul)
@@ -1060,23 +1120,27 @@ _jit_dequant_matmul = jax.jit(dequant_matmul)
 
 def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
                          out_init: Optional[jax.Array] = None, _variant: str = "full",
-                         m: Optional[int] = None) -> jax.Array:
+                         m: Optional[int] = None, norm=None) -> jax.Array:
     """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order; with ``cfg.direct_x`` the
     unpadded view [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with
-    ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad); cfg must be resolved."""
+    ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad); cfg must be resolved. ``norm``: the
+    fused RMSNorm of ``kernel_norm``."""
     direct_m = xk.shape[0] if cfg.direct_x else 0
     m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
     m = (direct_m or m_pad) if m is None else m
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
+    if norm and not fused_norm_ok(cfg, w, m):
+        raise ValueError("the fused RMSNorm needs the ws kernel on the unpadded x (fused_norm_ok)")
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
                               cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
-                              direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale))
+                              direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale),
+                              norm=norm and norm[1:])
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
                            _variant, w.layout, fused_out, direct_m=direct_m, post_scale=bool(cfg.post_scale))
-    args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else [])
+    args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else []) + ([norm[0]] if norm else [])
     return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
 
 
@@ -1165,9 +1229,10 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
                    layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0, variant="full",
-                   post_scale=False):
+                   post_scale=False, norm=None):
     """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, ``build_ws_kernel``): per step the scales
-    (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``."""
+    (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``; ``norm``: the fused
+    RMSNorm's (K, eps) (``build_ws_kernel``)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows = wgs * CHUNK
@@ -1194,7 +1259,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return build_ws_kernel(
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
-        dequant=dequant, product=product, name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
+        dequant=dequant, product=product, norm=norm,
+        name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ("_rmsnorm" if norm else ""))
 
 
 def ws_wgmma(acc, a, x_smem):
@@ -1209,7 +1275,7 @@ def ws_wgmma(acc, a, x_smem):
 
 
 def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out,
-                    direct_m, side_specs, dequant, product, name):
+                    direct_m, side_specs, dequant, product, name, norm=None):
     """The warp-specialized kernel of every weight format: a persistent grid of ``ctas`` CTAs of ``wgs`` + 1
     warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the ``wgs`` others
     dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is shared). Work is
@@ -1222,7 +1288,13 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     The format enters through three functions: ``side_specs(unit_k)`` -> the BlockSpecs of the inputs after x and
     the codes [wgs, tile_k/64, bits, 128] (``unit_k(t)`` -> the step's (unit, k block)); ``dequant(w_ref, side_refs,
     cols)`` -> the A operand(s) of the warpgroup whose 64 rows of the unit are ``cols``; ``product(acc, a, x_smem,
-    side_refs, cols)`` -> the new float32 accumulator (``ws_wgmma`` for a plain product)."""
+    side_refs, cols)`` -> the new float32 accumulator (``ws_wgmma`` for a plain product).
+
+    ``norm`` = (K, eps) (with ``direct_m``): x is the input of an RMSNorm whose scale [K_x/64, 64] comes as one more
+    input after the side inputs (one [tile_k/64, 64] block per step); before its pipeline each compute warpgroup sums
+    the squares of x's rows (``_make_row_rms``) and every step's staging normalises the step's block
+    (``_make_x_stage``), so the normalised x never goes through global memory (the norm's two XLA kernels fewer per
+    decode step)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1232,13 +1304,20 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     units = n_pad // rows
     q, r, slots = ws_plan(units, spu, ctas)
     grid = q + (r > 0)
+    if norm and not direct_m:
+        raise ValueError("the fused RMSNorm needs the unpadded activations (direct_x)")
     if direct_m:
-        zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True)
+        zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True, norm=bool(norm))
+    if norm:
+        row_rms = _make_row_rms(direct_m, k_true=norm[0], eps=norm[1])
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
     transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
 
     def body(x_gmem, w_gmem, *refs):
         side_gmem, out_gmem = refs[:-1], refs[-1]
+        norm_gmem = []
+        if norm:
+            side_gmem, norm_gmem = side_gmem[:-1], side_gmem[-1:]
         cta = jax.lax.axis_index("n")
 
         def unit_k(t):
@@ -1254,19 +1333,22 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
              else x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1])),
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
             *side_specs(unit_k),
-        ]
+        ] + ([plgpu.BlockSpec((tile_k // CHUNK, CHUNK), lambda t: (unit_k(t)[1], 0))] if norm else [])
 
         def scope(acc_smem, o_smem, *x_pad):
             wg = jax.lax.axis_index("wg")
 
             def step(idx, x_smem, w_smem, *rest):
                 *side, acc = rest
+                norm_smem = []
+                if norm:  # the step's block of the norm's scale
+                    side, norm_smem = side[:-1], side[-1:]
                 (t,) = idx
                 unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
                 a = dequant(w_smem.at[wg], side, cols)
                 if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
-                    stage_x(x_smem, x_pad[0])
+                    stage_x(x_smem, *norm_smem, x_pad[0], *x_pad[1:])
                     x_smem = x_pad[0].at[wg]
                 acc = product(acc, a, x_smem, side, cols)
                 row0 = (unit * wgs + wg) * CHUNK
@@ -1294,6 +1376,8 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
             def compute(eval_pipeline):
                 if direct_m:
                     zero_x(x_pad[0])
+                if norm:  # 1 / rms of x's rows -> x_pad[1], read by every step's staging
+                    row_rms(x_gmem, x_pad[1])
                 zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
                 if not fused_out:
                     o_smem.at[wg][...] = zeros  # the zero tile for the slots a unit's pieces leave
@@ -1303,11 +1387,13 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
             pipeline = plgpu.emit_pipeline_warp_specialized(
                 step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
                 max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
-            pipeline(x_gmem, w_gmem, *side_gmem)
+            pipeline(x_gmem, w_gmem, *side_gmem, *norm_gmem)
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
                   else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
         x_pad_type = [plgpu.SMEM((wgs, m_pad, tile_k), dtype, transforms=x_smem_transforms(dtype))] if direct_m else []
+        if norm:  # per warpgroup: 4 warps x 8 rows of partial sums, then the rows' 1 / rms
+            x_pad_type.append(plgpu.SMEM((wgs, NORM_SCRATCH), jnp.float32))
         pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
@@ -1362,14 +1448,17 @@ def x_zero_coords(e, m: int, tile_k: int, div, rem, add=lambda a, b: a + b):
     return add(r, m), div(rest, CHUNK // X_VEC), rem(rest, CHUNK // X_VEC)
 
 
-def _make_x_stage(m: int, tile_k: int, dtype_name: str, wg_local: bool = False):
+def _make_x_stage(m: int, tile_k: int, dtype_name: str, wg_local: bool = False, norm: bool = False):
     """inline_mgpu functions (zero, stage) of the direct_x path, run by a whole warpgroup. ``zero(x_pad)``: rows
     m..7 of the (8, 64)-tiled, swizzled [8, tile_k] tile x_pad := 0 (once per CTA). ``stage(x_raw, x_pad)``: the
     m rows of the step's raw [m, tile_k/64, 64] TMA buffer -> rows 0..m-1 of x_pad in the swizzled layout
     (``x_stage_coords``: 16-byte loads / stores, at most ceil(m * tile_k / 1024) per thread), then the
     generic-to-async proxy fence and a warpgroup barrier, so the wgmma that follows reads the whole tile (its own
     wgmma_wait keeps the next step from overwriting it early). ``wg_local``: x_pad is [wgs, 8, tile_k], one tile
-    per compute warpgroup (thread index // 128)."""
+    per compute warpgroup (thread index // 128). ``norm`` (the ws kernel's fused RMSNorm, wg_local):
+    ``stage(x_raw, scale, x_pad, scratch)`` also normalises on the way, bf16(bf16(x * r) * scale) as
+    ``rms_norm_rows``, with r = ``scratch[wg, NORM_R + row]`` (``_make_row_rms``) and the step's [tile_k/64, 64]
+    block of the norm's scale."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if not 1 <= m < 8:
@@ -1421,26 +1510,111 @@ def _make_x_stage(m: int, tile_k: int, dtype_name: str, wg_local: bool = False):
 
         for_each(n_zero, index, tid, body)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), pad_type))
-    def stage(ctx, raw_ref, pad_ref):
-        del ctx
+    def stage_body(raw_ref, pad_ref, scale_ref=None, rms_ref=None):
         from jax._src.lib.mlir import ir
-        from jax._src.lib.mlir.dialects import arith, vector
+        from jax._src.lib.mlir.dialects import arith, memref, vector
         import jax.experimental.mosaic.gpu as mgpu
 
         tid, prefix, ops, index = setup()
         vec_ty = ir.VectorType.get((X_VEC,), ir.MemRefType(raw_ref.type).element_type)
+        f32_vec = ir.VectorType.get((X_VEC,), ir.F32Type.get())
         cvec = arith.constant(index, X_VEC)
 
         def body(e):
             r, c, q, qs = x_stage_coords(e, tile_k, xor=arith.xori, **ops)
             v = vector.load(vec_ty, raw_ref, [r, c, arith.muli(q, cvec)])
+            if scale_ref is not None:  # bf16(bf16(x * r) * scale), as rms_norm_rows
+                inv = memref.load(rms_ref, [prefix[0], arith.addi(r, arith.constant(index, NORM_R))])
+                v = arith.truncf(vec_ty, arith.mulf(arith.extf(f32_vec, v), vector.broadcast(f32_vec, inv)))
+                g = arith.extf(f32_vec, vector.load(vec_ty, scale_ref, [c, arith.muli(q, cvec)]))
+                v = arith.truncf(vec_ty, arith.mulf(arith.extf(f32_vec, v), g))
             vector.store(v, pad_ref, [*prefix, c, r, arith.muli(qs, cvec)])
 
         for_each(n_copy, index, tid, body)
         mgpu.utils.commit_shared()
 
+    if norm:
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), pad_type, plgpu.RefType()))
+        def stage(ctx, raw_ref, scale_ref, pad_ref, rms_ref):
+            del ctx
+            stage_body(raw_ref, pad_ref, scale_ref, rms_ref)
+    else:
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), pad_type))
+        def stage(ctx, raw_ref, pad_ref):
+            del ctx
+            stage_body(raw_ref, pad_ref)
+
     return zero, stage
+
+
+NORM_R = 32  # the fused RMSNorm's scratch [wgs, NORM_SCRATCH] float32: 4 warps x 8 rows of partial sums, then 1 / rms
+NORM_SCRATCH = NORM_R + 8
+
+
+def _make_row_rms(m: int, k_true: int, eps: float):
+    """inline_mgpu ``row_rms(x_gmem, scratch)`` of the fused RMSNorm (ws kernel, run by each compute warpgroup
+    before its pipeline): the squares of the m raw rows of x [m, K_x/64, 64] (global memory, 16-byte vectors,
+    float32) summed over the thread, the warp (shuffles) and the warpgroup's 4 warps (``scratch[wg, 8 * warp +
+    row]``), then ``scratch[wg, NORM_R + row]`` = rsqrt(sum / K + eps) as ``rms_norm_rows`` computes it (K = the real
+    input features: the zero columns K..K_x add nothing)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+    def row_rms(ctx, x_ref, scratch_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, memref, scf, vector
+        from jax._src.lib.mlir.dialects import math as mlir_math
+        import jax.experimental.mosaic.gpu as mgpu
+
+        index, f32 = ir.IndexType.get(), ir.F32Type.get()
+        idx = lambda v: arith.constant(index, v)  # noqa: E731
+        tid_all = arith.index_cast(index, mgpu.utils.thread_idx())
+        tid, wg = arith.remui(tid_all, idx(128)), arith.divui(tid_all, idx(128))
+        lane, warp = arith.remui(tid, idx(32)), arith.divui(tid, idx(32))
+        n_vec = ir.MemRefType(x_ref.type).shape[1] * CHUNK // X_VEC  # 16-byte vectors per row
+        vec_ty = ir.VectorType.get((X_VEC,), ir.MemRefType(x_ref.type).element_type)
+        f32_vec = ir.VectorType.get((X_VEC,), f32)
+        zero = arith.constant(f32, 0.0)
+
+        def when(cond, fn):
+            if_op = scf.IfOp(cond)
+            with ir.InsertionPoint(if_op.then_block):
+                fn()
+                scf.yield_([])
+
+        for row in range(m):
+            total = zero
+            for i in range(-(-n_vec // 128)):  # this thread's vectors e = tid + 128 i of the row
+                e = arith.addi(tid, idx(128 * i))
+                inside = arith.cmpi(arith.CmpIPredicate.ult, e, idx(n_vec))
+                e = arith.select(inside, e, idx(0))
+                v = arith.extf(f32_vec, vector.load(vec_ty, x_ref, [idx(row), arith.divui(e, idx(CHUNK // X_VEC)),
+                                                                     arith.muli(arith.remui(e, idx(CHUNK // X_VEC)),
+                                                                                idx(X_VEC))]))
+                sq = arith.mulf(v, v)
+                part = vector.extract(sq, [], [0])
+                for j in range(1, X_VEC):
+                    part = arith.addf(part, vector.extract(sq, [], [j]))
+                total = arith.addf(total, part if 128 * (i + 1) <= n_vec else arith.select(inside, part, zero))
+            total = mgpu.utils.warp_tree_reduce(total, arith.addf, 32)
+            when(arith.cmpi(arith.CmpIPredicate.eq, lane, idx(0)),
+                 lambda row=row, total=total: memref.store(
+                     total, scratch_ref, [wg, arith.addi(arith.muli(warp, idx(8)), idx(row))]))
+        mgpu.utils.warpgroup_barrier()
+
+        def rms():
+            total = memref.load(scratch_ref, [wg, tid])
+            for w in range(1, 4):
+                total = arith.addf(total, memref.load(scratch_ref, [wg, arith.addi(tid, idx(8 * w))]))
+            inv = mlir_math.rsqrt(arith.addf(arith.divf(total, arith.constant(f32, float(k_true))),
+                                             arith.constant(f32, float(eps))))
+            memref.store(inv, scratch_ref, [wg, arith.addi(tid, idx(NORM_R))])
+
+        when(arith.cmpi(arith.CmpIPredicate.ult, tid, idx(m)), rms)
+        mgpu.utils.warpgroup_barrier()
+
+    return row_rms
 
 
 def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):

@@ -63,6 +63,7 @@ from .gptq_matmul import KernelWeightShape, build_ws_kernel, launch_kernel, stor
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_reference
 from .gptq_matmul import call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
+from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -240,12 +241,16 @@ class LUTKernelWeight(KernelWeightShape):
             y = extra if y is None else y + extra
         return y
 
-    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None):
+    takes_rms_norm = True
+
+    def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None,
+               rms_norm=None):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
         With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
         prod(leading dims) rows go to: M <= 64: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M and no sparse part: the
-        kernel over 64-row chunks; otherwise the XLA dequantize-then-matmul reference (jitted).
+        kernel over 64-row chunks; otherwise the XLA dequantize-then-matmul reference (jitted). ``rms_norm``: as
+        in ``gptq_matmul.GPTQKernelWeight.matmul``.
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
@@ -254,10 +259,12 @@ class LUTKernelWeight(KernelWeightShape):
         if use_kernel is None:
             use_kernel = jax.default_backend() == "gpu" and x.dtype == self.dtype
         x2d = x.reshape(m, k)
+        if rms_norm is not None and not (use_kernel and 1 <= m <= MAX_KERNEL_M):
+            x2d, rms_norm = rms_norm_rows(x2d, *rms_norm), None
         if not use_kernel or m == 0:
             y = reference_matmul(x2d, self)
         elif m <= MAX_KERNEL_M:
-            y = _jit_lut_matmul(x2d, self, config)
+            y = _jit_lut_matmul(x2d, self, config, *(rms_norm or ()))
         elif m <= PREFILL_CHUNKED_MAX_M and not self.nnz:
             y = chunked_matmul(x2d, self, functools.partial(_jit_lut_matmul, config=config))
         else:
@@ -397,17 +404,18 @@ def _finish(partials: jax.Array, m: int, w: LUTKernelWeight, x2d: jax.Array) -> 
 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelConfig] = None,
-               out_init: Optional[jax.Array] = None, _variant: str = "full") -> jax.Array:
+               out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None) -> jax.Array:
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (sparse part by XLA).
 
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``gptq_matmul.output_buffer_shape`` for ``kernel_out_dtype(w)`` (float32 partials
-    [k_splits, N_pad, M_pad], or the fused launch's y [M, N]).
+    [k_splits, N_pad, M_pad], or the fused launch's y [M, N]). ``rms_norm``: as in ``gptq_matmul.gptq_matmul``.
     """
     m = check_kernel_input(x2d, w, "LUT")
     cfg = (config or KernelConfig()).resolved(w, m)
+    x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)  # (fused only without a sparse part, which needs the norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
-    out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m)
+    out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
     if not cfg.fused:
         return _finish(out, m, w, x2d)
     sparse = w.sparse_product(x2d)
@@ -419,10 +427,11 @@ def kernel_out_dtype(w: LUTKernelWeight):
     return jnp.dtype(jnp.float32) if w.nnz else w.dtype
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _jit_lut_matmul(x2d: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig] = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("config", "norm_eps"))
+def _jit_lut_matmul(x2d: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig] = None,
+                    norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None) -> jax.Array:
     """lut_matmul under jit: call sites (and prefill chunks) share one lowering of the kernel."""
-    return lut_matmul(x2d, w, config=config)
+    return lut_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps))
 
 
 _jit_reference_matmul = jax.jit(reference_matmul)
@@ -430,23 +439,25 @@ _jit_reference_matmul = jax.jit(reference_matmul)
 
 def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
                         out_init: Optional[jax.Array] = None, _variant: str = "full",
-                        m: Optional[int] = None) -> jax.Array:
+                        m: Optional[int] = None, norm=None) -> jax.Array:
     """The bare kernel: prepared activations xk [M_pad, K_pad] (with ``cfg.direct_x``, the ws kernel's unpadded view
     [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with ``cfg.fused``
     y [m, N] in ``kernel_out_dtype(w)`` (m = the real rows, default M_pad); cfg must be resolved; the sparse part is
-    not included."""
+    not included. ``norm``: the fused RMSNorm of ``gptq_matmul.kernel_norm``."""
     direct_m = xk.shape[0] if cfg.direct_x else 0
     m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
     m = (direct_m or m_pad) if m is None else m
     out_dtype = kernel_out_dtype(w)
     fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
+    if norm and not fused_norm_ok(cfg, w, m):
+        raise ValueError("the fused RMSNorm needs the ws kernel on the unpadded x (fused_norm_ok)")
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.ctas,
-                              out_init is not None, cfg.wgs, fused_out, _variant, direct_m)
+                              out_init is not None, cfg.wgs, fused_out, _variant, direct_m, norm and norm[1:])
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                            cfg.n_sub, out_init is not None, _variant, fused_out)
-    args = [xk, w.qweight, w.lutw]
+    args = [xk, w.qweight, w.lutw] + ([norm[0]] if norm else [])
     return call_with_output(call, args, out_init, cfg, w, m, out_dtype)
 
 
@@ -504,10 +515,11 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out=None,
-                   variant="full", direct_m=0):
+                   variant="full", direct_m=0, norm=None):
     """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
     step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
-    warpgroup looking up its 64 rows' tables. ``direct_m``: the unpadded x rows (as in the GPTQ kernels)."""
+    warpgroup looking up its 64 rows' tables. ``direct_m``: the unpadded x rows (as in the GPTQ kernels); ``norm``:
+    the fused RMSNorm's (K, eps)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dequant = _make_dequant(bits, tile_k, dtype_name, skip_lookup=variant == "nolookup", wg_local=True)
@@ -519,8 +531,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, 
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
         dequant=lambda w_ref, side, cols: dequant(w_ref, side[0].at[cols]),
-        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem),
-        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}")
+        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem), norm=norm,
+        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ("_rmsnorm" if norm else ""))
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):
