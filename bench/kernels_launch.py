@@ -310,6 +310,9 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
     "ws-3bit": ("<!-- ws-3bit rows begin -->", "<!-- ws-3bit rows end -->",
                 "## 3-bit weights (GPTQ, LUT) and small LUT shapes in the warp-specialized kernel (device time, "
                 "CUPTI)"),
+    "ws-step": ("<!-- ws-step rows begin -->", "<!-- ws-step rows end -->",
+                "## ws step probes: dequantization / wgmma interleave, pipeline stages, one warpgroup with the scales "
+                "after the wgmma at the decode shapes (device time, CUPTI)"),
 }
 
 
@@ -339,6 +342,11 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         _ws_kind(r["config"]), "unpadded" if r["config"].get("direct_x") else "XLA pad",
         "-" if r["format"].startswith("lut") else "after the wgmma" if r["config"].get("post_scale")
         else "on the weights")),
+    "ws-step": (("kernel (CTAs)", "scales", "variant"), lambda r: (
+        _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights",
+        "dequantize group g + 1 during group g's wgmma (removed: slower)" if r.get("kernel_variant") == "ilv"
+        else "warp mma.sync from the unpadded x (removed: not faster)" if r.get("kernel_variant") == "mma"
+        and r["config"].get("variant") else "default")),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

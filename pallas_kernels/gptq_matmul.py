@@ -1343,6 +1343,10 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
                 norm_smem = []
                 if norm:  # the step's block of the norm's scale
                     side, norm_smem = side[:-1], side[-1:]
+                with jax.named_scope("step"):
+                    return ws_pipeline_step(idx, x_smem, w_smem, side, norm_smem, acc)
+
+            def ws_pipeline_step(idx, x_smem, w_smem, side, norm_smem, acc):
                 (t,) = idx
                 unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
@@ -1374,15 +1378,17 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
                 return acc * jnp.where(flush, 0.0, 1.0).astype(jnp.float32)  # reset after a flush
 
             def compute(eval_pipeline):
-                if direct_m:
-                    zero_x(x_pad[0])
-                if norm:  # 1 / rms of x's rows -> x_pad[1], read by every step's staging
-                    row_rms(x_gmem, x_pad[1])
-                zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
-                if not fused_out:
-                    o_smem.at[wg][...] = zeros  # the zero tile for the slots a unit's pieces leave
+                with jax.named_scope("prologue"):
+                    if direct_m:
+                        zero_x(x_pad[0])
+                    if norm:  # 1 / rms of x's rows -> x_pad[1], read by every step's staging
+                        row_rms(x_gmem, x_pad[1])
+                    zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
+                    if not fused_out:
+                        o_smem.at[wg][...] = zeros  # the zero tile for the slots a unit's pieces leave
                 eval_pipeline(zeros)
-                plgpu.wait_smem_to_gmem(0)
+                with jax.named_scope("epilogue"):
+                    plgpu.wait_smem_to_gmem(0)
 
             pipeline = plgpu.emit_pipeline_warp_specialized(
                 step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
@@ -1399,7 +1405,8 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
                 else jax.ShapeDtypeStruct((slots, n_pad, m_pad), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
-    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased)
+    return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased,
+                       trace_ranges=6 * grid + 8)  # scope ranges per warpgroup (a step's conds re-enter "step")
 
 
 def x_smem_transforms(dtype):
@@ -1617,14 +1624,21 @@ def _make_row_rms(m: int, k_true: int, eps: float):
     return row_rms
 
 
-def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool):
+KERNEL_TRACE_DIR = os.environ.get("JAXQUANT_KERNEL_TRACE_DIR", "")  # diagnostics only: slows every kernel
+
+
+def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool, trace_ranges: int = 0):
     """``pl.kernel`` of ``body`` over ``mesh`` (Mosaic GPU). ``aliased``: the poisoned-output variant (tests /
     benchmarks): the kernel writes into a Ref made from the call's last argument instead of a fresh ``out_type``
-    buffer, so any output element it leaves unwritten keeps the caller's poison."""
+    buffer, so any output element it leaves unwritten keeps the caller's poison. ``trace_ranges``: with
+    ``JAXQUANT_KERNEL_TRACE_DIR`` set, Mosaic GPU's on-device profiler records up to this many named-scope ranges
+    per warpgroup and writes a trace there after every call (``bench/ws_trace.py``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     params = plgpu.CompilerParams()
+    if KERNEL_TRACE_DIR and trace_ranges:  # bench/ws_trace.py: per-warpgroup timelines of the named scopes
+        params = plgpu.CompilerParams(profile_space=trace_ranges, profile_dir=KERNEL_TRACE_DIR)
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
     in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
