@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import copies, cupti, rewrite_table, rotation_sets, run_meta, save_rows  # noqa: E402
+from bench.timing import copies, cupti, gap_ops, rewrite_table, rotation_sets, run_meta, save_rows  # noqa: E402
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
@@ -65,13 +65,6 @@ def prefetch_call(w, tile_k: int, steps: int, ctas: int = 132):
         return y.reshape(x.shape)
 
     return run
-
-
-def gap_ops(x, n: int):
-    """n small XLA fusions on x (a barrier between them keeps them apart, as the norms / attention ops are)."""
-    for _ in range(n):
-        x = jax.lax.optimization_barrier(jnp.tanh(x * 1.5 + 0.25).astype(x.dtype))
-    return x
 
 
 def main():

@@ -6,8 +6,9 @@
 Each case is one jitted call of kernels that do (almost) no work on a [1, 4096] bf16 activation: CTA 0 passes x
 through shared memory, every other CTA exits. CUPTI device time per kernel, median over rotating inputs. The Mosaic
 cases vary what the GPTQ ws kernel carries: the grid (132 CTAs), warpgroups per CTA (1 or 3), and the dynamic shared
-memory a CTA asks for (up to the ws kernel's ~200 KB). ``xla`` is one elementwise XLA fusion of the same x; ``xla+mosaic``
-runs an XLA fusion before and after each Mosaic kernel (a decode step's pattern), for the kernel's time there."""
+memory a CTA asks for (up to the ws kernel's ~200 KB). "xla fusion" is one elementwise XLA fusion of the same x
+(``bench.timing.gap_ops``); the "xla, kernel, xla" pattern runs one before and one after each Mosaic kernel (a
+decode step's pattern), for the kernel's time there."""
 import argparse
 import os
 import sys
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.timing import cupti, gap_ops, rewrite_table, run_meta, save_rows  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
 X_SHAPE = (16, 256)  # the [1, 4096] activation as a TMA-friendly 2D block
@@ -56,10 +57,6 @@ def passthrough(ctas: int, warpgroups: int, smem_kb: int):
                           name=f"probe_{ctas}x{warpgroups}_{smem_kb}kb", aliased=False)
 
 
-def xla_op(x):
-    return jax.lax.optimization_barrier(jnp.tanh(x * 1.5 + 0.25).astype(x.dtype))
-
-
 CASES = [  # name, ctas, warpgroups, smem KB
     ("mosaic 1 CTA, 1 wg, 1 KB", 1, 1, 1),
     ("mosaic 132 CTAs, 1 wg, 1 KB", 132, 1, 1),
@@ -79,12 +76,12 @@ def main():
         return rewrite_table(args.table, write_table)
     xs = [(jax.random.normal(jax.random.PRNGKey(i), X_SHAPE, jnp.float32).astype(jnp.bfloat16),) for i in range(8)]
     rows = []
-    total, _, per = cupti(xla_op, xs, rounds=args.rounds)
+    total, _, per = cupti(lambda x: gap_ops(x, 1), xs, rounds=args.rounds)
     rows.append(dict(case="xla fusion", pattern="alone", kernels=per, call_us=round(total, 2)))
     print(rows[-1], flush=True)
     for name, ctas, wgs, kb in CASES:
         k = passthrough(ctas, wgs, kb)
-        for pattern, fn in (("alone", k), ("xla, kernel, xla", lambda x, k=k: xla_op(k(xla_op(x))))):
+        for pattern, fn in (("alone", k), ("xla, kernel, xla", lambda x, k=k: gap_ops(k(gap_ops(x, 1)), 1))):
             try:
                 total, _, per = cupti(fn, xs, rounds=args.rounds)
             except Exception as e:  # noqa: BLE001

@@ -37,6 +37,14 @@ def bf16_matmul(x, w):
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def gap_ops(x, n: int):
+    """n small XLA fusions on x (a barrier between them keeps them apart, as a decode step's norms / attention ops
+    are): the XLA work the probes put around a kernel."""
+    for _ in range(n):
+        x = jax.lax.optimization_barrier(jnp.tanh(x * 1.5 + 0.25).astype(x.dtype))
+    return x
+
+
 def cupti(fn, arg_sets, rounds=3, match=""):
     """(median us of one call, median us of its kernels whose name contains ``match``, [(kernel, median us)] of
     one call). The second value is the whole call when ``match`` is empty and NaN when no kernel matches."""

@@ -129,7 +129,6 @@ def run_cases(cases: str, calls: int, ghz: float, raw_path: str | None, rounds: 
         xs = [jax.random.normal(k, (1, K), jnp.float32).astype(jnp.bfloat16) for k in jax.random.split(key, 4)]
         sets = list(zip(xs, copies(w, 4)))
         f = jax.jit(lambda x, w: w.matmul(x))
-        cfg = None
         if trace_dir:
             done = os.path.join(trace_dir, "done")
             os.makedirs(done, exist_ok=True)
@@ -149,14 +148,11 @@ def run_cases(cases: str, calls: int, ghz: float, raw_path: str | None, rounds: 
         else:
             row = {}
         try:
-            total, kern, per = cupti(lambda x, w: w.matmul(x), sets, rounds=rounds)
+            total, _, per = cupti(lambda x, w: w.matmul(x), sets, rounds=rounds)
             row.update(cupti_call_us=round(total, 2), cupti_kernels=[(n, round(t, 2)) for n, t in per])
         except Exception as e:  # noqa: BLE001
             row.update(cupti_error=f"{type(e).__name__}: {str(e)[:200]}")
-        try:
-            cfg = repr(gm.KernelConfig().resolved(w, 1))
-        except Exception:  # noqa: BLE001 - LUT weights resolve through their own module
-            cfg = None
+        cfg = repr(gm.KernelConfig().resolved(w, 1))  # GPTQ and LUT weights resolve through the same config
         rows.append(dict(case=case, format=fmt, K=K, N=N, M=1, traced=bool(trace_dir), config=cfg, **row))
         print(json.dumps(rows[-1]), flush=True)
     if raw_path and raw:
