@@ -313,6 +313,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
     "ws-step": ("<!-- ws-step rows begin -->", "<!-- ws-step rows end -->",
                 "## ws step probes: dequantization / wgmma interleave, pipeline stages, one warpgroup with the scales "
                 "after the wgmma at the decode shapes (device time, CUPTI)"),
+    "ws-grid": ("<!-- ws-grid rows begin -->", "<!-- ws-grid rows end -->",
+                "## Even stream-K grids: fewer CTAs where the (unit, step) pairs split evenly (device time, CUPTI)"),
 }
 
 
@@ -347,6 +349,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         "dequantize group g + 1 during group g's wgmma (removed: slower)" if r.get("kernel_variant") == "ilv"
         else "warp mma.sync from the unpadded x (removed: not faster)" if r.get("kernel_variant") == "mma"
         and r["config"].get("variant") else "default")),
+    "ws-grid": (("kernel (CTAs)", "slots"), lambda r: (_ws_kind(r["config"]), r["config"].get("k_splits"))),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

@@ -23,14 +23,17 @@ from pallas_kernels import gptq_matmul as gm  # noqa: E402
 X_SHAPE = (16, 256)  # the [1, 4096] activation as a TMA-friendly 2D block
 
 
-def passthrough(ctas: int, warpgroups: int, smem_kb: int):
-    """x -> x by CTA 0 (warpgroup 0) through shared memory; the CTA asks for ``smem_kb`` KB of shared memory."""
+def passthrough(ctas: int, warpgroups: int, smem_kb: int, wait: bool = False):
+    """x -> x by CTA 0 (warpgroup 0) through shared memory; the CTA asks for ``smem_kb`` KB of shared memory.
+    ``wait``: every thread first executes ``griddepcontrol.wait`` (``bench/pdl_probe.py``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     pad_elems = max(1, smem_kb * 1024 // 4 - X_SHAPE[0] * X_SHAPE[1] // 2)
 
     def body(x_gmem, out_gmem):
+        if wait:
+            plgpu.griddepcontrol_wait()
         cta = jax.lax.axis_index("n")
         first = cta == 0
         if warpgroups > 1:
@@ -54,7 +57,7 @@ def passthrough(ctas: int, warpgroups: int, smem_kb: int):
     kw = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), **kw)
     return gm.mesh_kernel(body, out_type=jax.ShapeDtypeStruct(X_SHAPE, jnp.bfloat16), mesh=mesh,
-                          name=f"probe_{ctas}x{warpgroups}_{smem_kb}kb", aliased=False)
+                          name=f"probe_{ctas}x{warpgroups}_{smem_kb}kb" + ("_wait" if wait else ""), aliased=False)
 
 
 CASES = [  # name, ctas, warpgroups, smem KB

@@ -683,6 +683,26 @@ def ws_default_ok(w, num_sms: int = 132) -> bool:
     return ctas >= WS_DEFAULT_MIN_SM_SHARE * num_sms
 
 
+WS_EVEN_GRID = os.environ.get("JAXQUANT_WS_EVEN_GRID", "1") != "0"  # "0": ``ws_stream_ctas`` = the SM count
+WS_EVEN_GRID_MIN_STEPS = 24  # steps per CTA from which the default stream-K grid may shrink to an even split
+
+
+def ws_stream_ctas(pairs: int, num_sms: int = 132) -> int:
+    """The default grid of the stream-K ws kernel for ``pairs`` (unit, k-step) pairs: the SM count (at most the
+    pairs); where that gives every CTA >= WS_EVEN_GRID_MIN_STEPS steps and the pairs split evenly over fewer CTAs at
+    the same steps per CTA, that smaller grid, so no CTA runs a padding step (``ws_plan``). Measured (H100, M = 1,
+    path us, same call, bench/NOTES_kernels.md "Even stream-K grids"): 8192x28672 (3584 pairs at tile_k 512, 28
+    steps) on 128 vs 132 CTAs: GPTQ 3-bit 41.66 vs 42.77, lut4 57.57 vs 58.26, lut3 39.02 vs 39.47. At the LLaMA-7B
+    q/k/v shape (1536 pairs at tile_k 256, 12 steps) the 128-CTA grid was faster alone (GPTQ 4-bit 14.35 vs 14.85)
+    but the decode step slower (2.475 / 2.499 vs 2.363 / 2.416 ms, SqueezeLLM 3-bit 2.332 / 2.368 vs 2.147 /
+    2.160), hence the step floor. ``JAXQUANT_WS_EVEN_GRID=0``: the SM count always."""
+    ctas = min(num_sms, pairs)
+    steps = -(-pairs // ctas)
+    if WS_EVEN_GRID and steps >= WS_EVEN_GRID_MIN_STEPS and pairs % steps == 0:
+        return pairs // steps
+    return ctas
+
+
 def _idiv(a, b: int):
     """a // b for a >= 0: python ints (tests, reference) or traced int32 (the kernel)."""
     return a // b if isinstance(a, (int, np.integer)) else jax.lax.div(a, jnp.asarray(b, a.dtype))
@@ -857,7 +877,7 @@ class KernelConfig:
     n_sub: Optional[int] = None
     fused: Optional[bool] = None  # the single-kernel launch (``launch_kernel``); None = FUSED_DEFAULT where it fits
     # "ws": the warp-specialized, persistent, stream-K kernel (``build_ws_kernel``; GPTQ and LUT weights); None: the
-    # one-warpgroup kernel. ``ctas``: the ws grid (None: the SM count, or with ``fused`` the most that divide the
+    # one-warpgroup kernel. ``ctas``: the ws grid (None: ``ws_stream_ctas``, or with ``fused`` the most that divide the
     # units).
     variant: Optional[str] = None
     ctas: Optional[int] = None
@@ -875,9 +895,10 @@ class KernelConfig:
         return max(1, self.tile_k // w.group)
 
     def _resolved_ws(self, w, m: int, num_sms: int) -> "KernelConfig":
-        """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, ctas = the
-        SM count (capped at the (unit, step) pairs), k_splits = the partial slots of that stream-K split
-        (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms dividing the units, k_splits = 1."""
+        """The ws variant: tile_k up to 512 (M_pad <= 16) / 256, stages up to 4 within WS_SMEM_BYTES, ctas =
+        ``ws_stream_ctas`` (the SM count, or an even split of the (unit, step) pairs over fewer), k_splits = the
+        partial slots of that stream-K split (``ws_plan``); fused: whole units per CTA, ctas the most <= num_sms
+        dividing the units, k_splits = 1."""
         if not (isinstance(w, GPTQKernelWeight) or _is_lut(w)):
             raise ValueError("the warp-specialized variant exists for GPTQ and LUT kernel weights only")
         wgs = self.wgs or WS_COMPUTE_WGS
@@ -902,7 +923,7 @@ class KernelConfig:
         if fused:  # whole units per CTA: each warpgroup stores its y tile itself (no partial slots, no XLA sum)
             ctas = self.ctas or max(p for p in range(1, min(num_sms, units) + 1) if units % p == 0)
         else:
-            ctas = self.ctas or min(num_sms, units * spu)
+            ctas = self.ctas or ws_stream_ctas(units * spu, num_sms)
         slots = 1 if fused else ws_plan(units, spu, ctas)[2]  # ws_plan names a grid outside 1..pairs
         cfg = dataclasses.replace(self, tile_k=tile_k, stages=stages, k_splits=slots, n_sub=1,
                                   fused=fused, ctas=ctas, wgs=wgs)

@@ -402,11 +402,11 @@ def test_lut_measured_exceptions(rng):
     cfg = gm.KernelConfig().resolved(lut3, 8)
     assert (cfg.variant, cfg.tile_k, cfg.k_splits, cfg.fused) == (None, 256, 2, True)
     cfg = gm.KernelConfig().resolved(lut3, 1)
-    assert (cfg.variant, cfg.tile_k, cfg.ctas, cfg.k_splits) == ("ws", 512, 132, 2) and cfg.direct_x and not cfg.fused
+    assert (cfg.variant, cfg.tile_k, cfg.ctas, cfg.k_splits) == ("ws", 512, 128, 2) and cfg.direct_x and not cfg.fused
     assert not gm.KernelConfig().resolved(lut3, 9).fused and gm.KernelConfig().resolved(lut3, 9).tile_k == 256
     assert gm.KernelConfig(fused=False).resolved(lut3, 8).fused is False
     cfg4 = gm.KernelConfig().resolved(lut4, 1)
-    assert (cfg4.variant, cfg4.tile_k, cfg4.stages, cfg4.ctas, cfg4.k_splits) == ("ws", 512, 4, 132, 2)
+    assert (cfg4.variant, cfg4.tile_k, cfg4.stages, cfg4.ctas, cfg4.k_splits) == ("ws", 512, 4, 128, 2)
     assert not cfg4.fused
     cfg4 = gm.KernelConfig().resolved(lut4, 16)
     assert (cfg4.variant, cfg4.tile_k, cfg4.stages) == ("ws", 512, 3)
@@ -503,6 +503,22 @@ def test_ws_tiled_reference_matches(rng, K, N, bits, M, tile_k, ctas, fused):
     odd = gm.pack(*random_gptq(rng, 256, 136, 4, 128, False, False), bits=4, sym=False)  # N_pad = 192
     with pytest.raises(ValueError, match="multiple of 128"):
         gm.KernelConfig(variant="ws").resolved(odd, 1)
+
+
+def test_ws_stream_ctas(rng):
+    """The default stream-K grid keeps the longest CTA's step count of the SM-count grid and shrinks only to an even
+    split (no padding steps) of >= WS_EVEN_GRID_MIN_STEPS steps per CTA; other pair counts keep the SM count."""
+    for pairs in [int(p) for p in rng.integers(1, 20000, size=200)] + [1, 131, 132, 133, 264]:
+        for sms in (132, int(rng.integers(1, 200))):
+            full = min(sms, pairs)
+            ctas = gm.ws_stream_ctas(pairs, sms)
+            assert 1 <= ctas <= full and -(-pairs // ctas) == -(-pairs // full)
+            q, r, _ = gm.ws_plan(pairs, 1, ctas)
+            assert ctas == full or (r == 0 and pairs == q * ctas and q >= gm.WS_EVEN_GRID_MIN_STEPS)
+    # 8192x28672 at tile_k 512 (224 units x 16): 28 steps on 128 CTAs; 4096x12288 at 256 (96 x 16, 12 steps): 132
+    assert gm.ws_stream_ctas(224 * 16) == 128 and gm.ws_stream_ctas(96 * 16) == 132
+    assert gm.ws_stream_ctas(32 * 43) == 132 and gm.ws_stream_ctas(172 * 16) == 132  # 11008x4096, 4096x22016
+    assert gm.ws_stream_ctas(66 * 16) == 132 and gm.ws_stream_ctas(100) == 100
 
 
 def test_ws_default_rule(rng, monkeypatch):
