@@ -858,16 +858,31 @@ def main():
 NOTES_MARK = "<!-- notes (kept when the table is rewritten) -->"
 
 
+ROW_KEY = ("run_id", "format", "batch", "what", "model_shape", "device")  # one row of decode.json
+
+
 def write_outputs(rows, out_dir):
-    """decode.json (all rows) and decode.md (one line per run, the table; text after NOTES_MARK is kept)."""
+    """decode.json (all rows) and decode.md (one line per run, the table; text after NOTES_MARK is kept). Rows of the
+    previous decode.json that ``rows`` no longer holds (replaced by a later run of the same configuration,
+    ``merge_rows``) go to decode_superseded.json, so the figures notes quote from them stay on record."""
+    from jaxquant.results import append_rows
+
+    path = os.path.join(out_dir, "decode.json")
+    if os.path.exists(path):
+        keep = {tuple(r.get(k) for k in ROW_KEY) for r in rows}
+        with open(path) as f:
+            gone = [r for r in json.load(f) if tuple(r.get(k) for k in ROW_KEY) not in keep]
+        if gone:
+            append_rows(os.path.join(out_dir, "decode_superseded.json"), gone, key=ROW_KEY)
     lines = summarize(rows)  # also fills speedup_vs_bf16
-    with open(os.path.join(out_dir, "decode.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     runs = {}
     for r in rows:
         runs.setdefault(r.get("run_id"), r)
     head = ["# Decode: LLaMA-7B-shaped model, random weights, jitted generation with a KV cache", "",
-            "Method: `bench/decode.py` docstring. Runs (each row's `run_id`):", ""]
+            "Method: `bench/decode.py` docstring. Rows replaced by a later run of the same configuration are kept in "
+            "`decode_superseded.json`. Runs (each row's `run_id`):", ""]
     head += [f"- {rid}: {r.get('device', '?')}, jax {r.get('jax', '?')}, {r.get('date', '?')}; command: "
              f"`{r.get('command', '?')}`" for rid, r in runs.items()] + [""]
     md = os.path.join(out_dir, "decode.md")

@@ -57,12 +57,14 @@ class Format:
             k1, k2, k3 = jax.random.split(key, 3)
             codes = jax.random.randint(k1, (K, N), 0, 2**bits, jnp.int32)
             scales = jax.random.uniform(k2, (G, N), jnp.float32, 0.5, 1.5) * 0.01
-            zeros = jax.random.randint(k3, (G, N), 0, 2**bits, jnp.int32)
+            sym = self.name.endswith("-sym")  # symmetric: zero = 2**(bits-1), no nbias array in the kernel layout
+            zeros = (jnp.full((G, N), 2 ** (bits - 1), jnp.int32) if sym
+                     else jax.random.randint(k3, (G, N), 0, 2**bits, jnp.int32))
             g_idx = np.arange(K) // 128
             if self.name.endswith("-act"):  # act-order: groups in a random column order (the kernel gathers x)
                 g_idx = np.random.RandomState(seed).permutation(g_idx)
             w_float = scales[g_idx] * (codes - zeros[g_idx]).astype(jnp.float32)
-            return gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=False, dtype=dtype, layout=layout), w_float
+            return gm.pack(codes, scales, zeros, g_idx, bits=bits, sym=sym, dtype=dtype, layout=layout), w_float
         if self.family == "lut":  # "lut4", "lut3"; "-sp": with 0.5% kept (sparse) weights
             from bench.kernels_lut import make_weight
             _, kw, w_float = make_weight(seed, K, N, int(self.name[3]), 0.005 if self.name.endswith("-sp") else 0.0,
@@ -315,6 +317,9 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                 "after the wgmma at the decode shapes (device time, CUPTI)"),
     "ws-grid": ("<!-- ws-grid rows begin -->", "<!-- ws-grid rows end -->",
                 "## Even stream-K grids: fewer CTAs where the (unit, step) pairs split evenly (device time, CUPTI)"),
+    "ws-fixup": ("<!-- ws-fixup rows begin -->", "<!-- ws-fixup rows end -->",
+                 "## Slot-sum probes: stream-K fix-up in clusters, transposed partial slots, symmetric 3-bit (device "
+                 "time, CUPTI; not kept)"),
 }
 
 
@@ -350,6 +355,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         else "warp mma.sync from the unpadded x (removed: not faster)" if r.get("kernel_variant") == "mma"
         and r["config"].get("variant") else "default")),
     "ws-grid": (("kernel (CTAs)", "slots"), lambda r: (_ws_kind(r["config"]), r["config"].get("k_splits"))),
+    "ws-fixup": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

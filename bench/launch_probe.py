@@ -26,6 +26,17 @@ X_SHAPE = (16, 256)  # the [1, 4096] activation as a TMA-friendly 2D block
 def passthrough(ctas: int, warpgroups: int, smem_kb: int, wait: bool = False):
     """x -> x by CTA 0 (warpgroup 0) through shared memory; the CTA asks for ``smem_kb`` KB of shared memory.
     ``wait``: every thread first executes ``griddepcontrol.wait`` (``bench/pdl_probe.py``)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kw = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
+    mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), **kw)
+    return gm.mesh_kernel(passthrough_body(warpgroups, smem_kb, wait),
+                          out_type=jax.ShapeDtypeStruct(X_SHAPE, jnp.bfloat16), mesh=mesh,
+                          name=f"probe_{ctas}x{warpgroups}_{smem_kb}kb" + ("_wait" if wait else ""), aliased=False)
+
+
+def passthrough_body(warpgroups: int, smem_kb: int, wait: bool = False):
+    """The body of ``passthrough``: (x_gmem, out_gmem) -> None, for a grid named "n" (and warpgroups "wg")."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -54,10 +65,7 @@ def passthrough(ctas: int, warpgroups: int, smem_kb: int, wait: bool = False):
         collective = {"collective_axes": "wg"} if warpgroups > 1 else {}
         pl.run_scoped(scope, plgpu.SMEM((pad_elems,), jnp.float32), **collective)
 
-    kw = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
-    mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), **kw)
-    return gm.mesh_kernel(body, out_type=jax.ShapeDtypeStruct(X_SHAPE, jnp.bfloat16), mesh=mesh,
-                          name=f"probe_{ctas}x{warpgroups}_{smem_kb}kb" + ("_wait" if wait else ""), aliased=False)
+    return body
 
 
 CASES = [  # name, ctas, warpgroups, smem KB

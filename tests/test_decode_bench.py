@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -196,3 +197,21 @@ def test_merge_replaces_rows_but_keeps_the_bf16_a_kept_row_is_compared_to():
                                    process_peak_gb=1.0, params_gb=1.0, tokens_per_s=100.0 + i)
                               for i, r in enumerate(merged) if r["what"] == "generate"])
     assert any(line.startswith("| a | spqr-w3g16+fused |") and "| 1.01 |" in line for line in lines)
+
+
+def test_write_outputs_keeps_replaced_rows_on_record(tmp_path):
+    """A rewrite of decode.json moves the rows it drops (replaced by a later run) to decode_superseded.json, once
+    each, and keeps the rows it still holds out of it."""
+    gen = lambda fmt, run, ms: dict(what="generate", format=fmt, batch=1, run_id=run, model_shape="m", device="d",  # noqa: E731
+                                    path="p", avg_bits=None, ms_per_step=ms, prefill_s=0.01, peak_mem_gb=1.0,
+                                    process_peak_gb=1.0, params_gb=1.0, tokens_per_s=1000.0 / ms)
+    first = [gen("bf16", "a", 5.0), gen("gptq-w4g128+fused", "a", 2.0)]
+    decode.write_outputs(first, str(tmp_path))
+    assert not (tmp_path / "decode_superseded.json").exists()
+    second = decode.merge_rows(first, [gen("bf16", "b", 5.1), gen("gptq-w4g128+fused", "b", 2.2)])
+    decode.write_outputs(second, str(tmp_path))
+    decode.write_outputs(second, str(tmp_path))  # nothing more to move
+    old = json.loads((tmp_path / "decode_superseded.json").read_text())
+    assert [(r["format"], r["run_id"], r["ms_per_step"]) for r in old] == [("bf16", "a", 5.0),
+                                                                         ("gptq-w4g128+fused", "a", 2.0)]
+    assert [r["run_id"] for r in json.loads((tmp_path / "decode.json").read_text())] == ["b", "b"]

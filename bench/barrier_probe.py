@@ -1,0 +1,136 @@
+"""Probe (GPU): what a grid-wide barrier costs a Mosaic GPU (Pallas) kernel call, the building block of any kernel
+that spans several linears (a stream-K fix-up inside the kernel, a persistent decode layer).
+
+    python bench/barrier_probe.py [--out bench/results/barrier_probe.json]
+    python bench/barrier_probe.py --table bench/results/barrier_probe.json   # (re)write the markdown only
+
+Three kernels of the GPTQ ws kernel's launch shape (132 CTAs of 3 warpgroups, 200 KB of shared memory), each passing
+a [1, 4096] bf16 activation through CTA 0 (``launch_probe.passthrough``): without a semaphore; with a global-memory
+semaphore that every CTA increments (``plgpu.SemaphoreType.REGULAR`` scratch: Pallas zero-fills it with an XLA op
+before every call); and with a grid barrier on it (every CTA increments it, then waits until it holds the CTA count).
+Two timings: CUPTI device time per kernel (which also shows whether the zero fill runs as a kernel of its own), and
+the wall time per call of a jitted chain of ``--chain`` data-dependent calls (the chain's wall time / calls, median of
+``--reps``), which also counts work CUPTI's kernel records leave out, such as a memset node (on the H100 run of
+2026-11-24 the chain was bound by launches: 6.45 us per call of a 1.41 us kernel).
+
+On that run (jax 0.11.2) the barrier mode did not finish (the call hit its 400 s limit; cause not found), so the
+default ``--modes`` leave it out and rows are saved after every mode.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.launch_probe import X_SHAPE, passthrough, passthrough_body  # noqa: E402
+from bench.timing import activations, cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+
+CTAS, WARPGROUPS, SMEM_KB = 132, 3, 200
+MODES = ("none", "signal", "barrier")
+
+
+def semaphore_kernel(mode: str, ctas: int = CTAS, warpgroups: int = WARPGROUPS, smem_kb: int = SMEM_KB):
+    """x -> x by CTA 0 (``launch_probe.passthrough``'s body) after ``mode``: "none", "signal" (warpgroup 0 of every CTA
+    increments a zero-initialised global semaphore) or "barrier" (then waits until it holds ``ctas``, without
+    decrementing: a one-shot grid barrier; the CTAs are all resident, one per SM)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "none":
+        return passthrough(ctas, warpgroups, smem_kb)
+    copy = passthrough_body(warpgroups, smem_kb)
+
+    def body(x_gmem, out_gmem, sem):
+        @jax.named_scope("grid_barrier")
+        def sync():
+            plgpu.semaphore_signal(sem.at[0], 1, memory_scope="gpu")
+            if mode == "barrier":
+                plgpu.semaphore_wait(sem.at[0], ctas, decrement=False, memory_scope="gpu")
+
+        if warpgroups > 1:
+            jax.lax.cond(jax.lax.axis_index("wg") == 0, sync, lambda: None)
+        else:
+            sync()
+        copy(x_gmem, out_gmem)
+
+    kw = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(X_SHAPE, jnp.bfloat16), grid=(ctas,), grid_names=("n",),
+                        scratch_types=[plgpu.SemaphoreType.REGULAR((1,))], **kw)
+
+
+def chain_wall_us(kernel, x, calls: int, reps: int) -> float:
+    """Wall microseconds per call of ``calls`` data-dependent kernel calls in one jitted program (median of reps)."""
+    def run(x):
+        for _ in range(calls):
+            x = kernel(x)
+        return x
+
+    f = jax.jit(run)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--chain", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--modes", default="none,signal",
+                    help="comma-separated subset of " + ",".join(MODES) + " (barrier hung on the H100, 2026-11-24)")
+    ap.add_argument("--passes", type=int, default=2, help="passes over the modes (alternating)")
+    ap.add_argument("--out")
+    ap.add_argument("--table")
+    args = ap.parse_args()
+    if args.table:
+        return rewrite_table(args.table, write_table)
+    xs = [(x,) for x in activations(jax.random.PRNGKey(0), *X_SHAPE, 8)]  # rotating inputs
+    rows, meta = [], run_meta("barrier_probe")
+    for _ in range(args.passes):  # alternating the modes
+        for mode in args.modes.split(","):
+            k = semaphore_kernel(mode)
+            out = jax.jit(k)(xs[0][0])
+            same = bool(jnp.array_equal(out, xs[0][0]))
+            total, _, per = cupti(k, xs, rounds=args.rounds)
+            wall = chain_wall_us(k, xs[0][0], args.chain, args.reps)
+            rows.append(dict(mode=mode, ctas=CTAS, warpgroups=WARPGROUPS, smem_kb=SMEM_KB, kernels=per,
+                             cupti_us=round(total, 2), chain_calls=args.chain, wall_us_per_call=round(wall, 2),
+                             output_ok=same))
+            print(rows[-1], flush=True)
+            if args.out:  # after every row: a mode that hangs (the 2026-11-24 barrier) keeps the rows before it
+                save_rows([dict(meta, **r) for r in rows], args.out, write_table)
+
+
+def write_table(rows: list, path: str) -> None:
+    lines = ["# Grid-barrier probe (bench/barrier_probe.py): a global semaphore in a Mosaic GPU kernel call", "",
+             "CUPTI = device time of the call's kernels (median over rotating inputs); wall = a jitted chain of "
+             "data-dependent calls, wall time / calls (median of repetitions), which also counts a memset node.", ""]
+    for date in sorted({r["date"] for r in rows}):
+        rs = [r for r in rows if r["date"] == date]
+        lines += [f"- {date}: {rs[0]['device']}, jax {rs[0]['jax']}; command: `{rs[0]['command']}`", "",
+                  "| semaphore | CTAs x warpgroups, smem KB | kernels (name, CUPTI us) | CUPTI us | wall us per call "
+                  "(chain) | output ok |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in rs:
+            if r.get("status"):  # a mode that did not finish (recorded by hand from the run log)
+                lines.append(f"| {r['mode']} | {r['ctas']} x {r['warpgroups']}, {r['smem_kb']} | {r['status']} | - | - "
+                             f"| - |")
+                continue
+            ks = "; ".join(f"{n} {t}" for n, t in r["kernels"])
+            lines.append(f"| {r['mode']} | {r['ctas']} x {r['warpgroups']}, {r['smem_kb']} | {ks} | {r['cupti_us']} | "
+                         f"{r['wall_us_per_call']} ({r['chain_calls']}) | {r['output_ok']} |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
