@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.launch_probe import X_SHAPE, passthrough, passthrough_body  # noqa: E402
-from bench.timing import activations, cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.launch_probe import X_SHAPE, passthrough, passthrough_body, probe_inputs  # noqa: E402
+from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
 
 CTAS, WARPGROUPS, SMEM_KB = 132, 3, 200
 MODES = ("none", "signal", "barrier")
@@ -93,7 +93,7 @@ def main():
     args = ap.parse_args()
     if args.table:
         return rewrite_table(args.table, write_table)
-    xs = [(x,) for x in activations(jax.random.PRNGKey(0), *X_SHAPE, 8)]  # rotating inputs
+    xs = probe_inputs()
     rows, meta = [], run_meta("barrier_probe")
     for _ in range(args.passes):  # alternating the modes
         for mode in args.modes.split(","):

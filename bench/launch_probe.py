@@ -23,6 +23,11 @@ from pallas_kernels import gptq_matmul as gm  # noqa: E402
 X_SHAPE = (16, 256)  # the [1, 4096] activation as a TMA-friendly 2D block
 
 
+def probe_inputs(n: int = 8) -> list:
+    """The probes' rotating inputs: n argument tuples, each one X_SHAPE bf16 activation."""
+    return [(x,) for x in activations(jax.random.PRNGKey(0), *X_SHAPE, n)]
+
+
 def passthrough(ctas: int, warpgroups: int, smem_kb: int, wait: bool = False):
     """x -> x by CTA 0 (warpgroup 0) through shared memory; the CTA asks for ``smem_kb`` KB of shared memory.
     ``wait``: every thread first executes ``griddepcontrol.wait`` (``bench/pdl_probe.py``)."""
@@ -85,7 +90,7 @@ def main():
     args = ap.parse_args()
     if args.table:
         return rewrite_table(args.table, write_table)
-    xs = [(x,) for x in activations(jax.random.PRNGKey(0), *X_SHAPE, 8)]  # rotating inputs
+    xs = probe_inputs()
     rows = []
     total, _, per = cupti(lambda x: gap_ops(x, 1), xs, rounds=args.rounds)
     rows.append(dict(case="xla fusion", pattern="alone", kernels=per, call_us=round(total, 2)))

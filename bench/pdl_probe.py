@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.launch_probe import X_SHAPE, passthrough  # noqa: E402
-from bench.timing import activations, cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.launch_probe import X_SHAPE, passthrough, probe_inputs  # noqa: E402
+from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main():
     args = ap.parse_args()
     if args.table:
         return rewrite_table(args.table, write_table)
-    xs = [(x,) for x in activations(jax.random.PRNGKey(0), *X_SHAPE, 8)]  # rotating inputs
+    xs = probe_inputs()
     lowered = jax.jit(passthrough(132, 1, 1, wait=True)).trace(*xs[0]).lower().as_text()
     meta = dict(run_meta("pdl_probe"), xla_flags=os.environ.get("XLA_FLAGS", ""),
                 marked_uses_pdl="mosaic_gpu.uses_pdl" in lowered)  # Pallas's mark on a kernel that waits (JAX 0.11)
