@@ -6,15 +6,16 @@ that spans several linears (a stream-K fix-up inside the kernel, a persistent de
 
 Three kernels of the GPTQ ws kernel's launch shape (132 CTAs of 3 warpgroups, 200 KB of shared memory), each passing
 a [1, 4096] bf16 activation through CTA 0 (``launch_probe.passthrough``): without a semaphore; with a global-memory
-semaphore that every CTA increments (``plgpu.SemaphoreType.REGULAR`` scratch: Pallas zero-fills it with an XLA op
-before every call); and with a grid barrier on it (every CTA increments it, then waits until it holds the CTA count).
+semaphore that every CTA increments (``pl.get_global(plgpu.SemaphoreType.REGULAR)``: Pallas zero-fills it with an
+XLA op before every call); and with a grid barrier on it (every CTA increments it, then waits until it holds the CTA
+count).
 Two timings: CUPTI device time per kernel (which also shows whether the zero fill runs as a kernel of its own), and
 the wall time per call of a jitted chain of ``--chain`` data-dependent calls (the chain's wall time / calls, median of
-``--reps``), which also counts work CUPTI's kernel records leave out, such as a memset node (on the H100 run of
-2026-11-24 the chain was bound by launches: 6.45 us per call of a 1.41 us kernel).
+``--reps``), which also counts work CUPTI's kernel records leave out, such as a memset node (on the H100 runs of
+2026-11-24 the chain was bound by launches: 5-6.5 us per call of a 1.41 us kernel).
 
-On that run (jax 0.11.2) the barrier mode did not finish (the call hit its 400 s limit; cause not found), so the
-default ``--modes`` leave it out and rows are saved after every mode.
+The semaphore is ``pl.get_global``'s, one for the grid: a ``scratch_types`` semaphore is one per CTA (the first
+run's barrier waited on its own CTA's count and hung). Rows are saved after every mode.
 """
 import argparse
 import os
@@ -37,6 +38,7 @@ def semaphore_kernel(mode: str, ctas: int = CTAS, warpgroups: int = WARPGROUPS, 
     """x -> x by CTA 0 (``launch_probe.passthrough``'s body) after ``mode``: "none", "signal" (warpgroup 0 of every CTA
     increments a zero-initialised global semaphore) or "barrier" (then waits until it holds ``ctas``, without
     decrementing: a one-shot grid barrier; the CTAs are all resident, one per SM)."""
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if mode not in MODES:
@@ -45,7 +47,11 @@ def semaphore_kernel(mode: str, ctas: int = CTAS, warpgroups: int = WARPGROUPS, 
         return passthrough(ctas, warpgroups, smem_kb)
     copy = passthrough_body(warpgroups, smem_kb)
 
-    def body(x_gmem, out_gmem, sem):
+    def body(x_gmem, out_gmem):
+        # pl.get_global: one semaphore for the whole grid (a scratch_types semaphore is one per CTA: the barrier
+        # of the first run of this probe waited on its own CTA's count and hung). Pallas zero-fills it before every call.
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
+
         @jax.named_scope("grid_barrier")
         def sync():
             plgpu.semaphore_signal(sem.at[0], 1, memory_scope="gpu")
@@ -60,7 +66,7 @@ def semaphore_kernel(mode: str, ctas: int = CTAS, warpgroups: int = WARPGROUPS, 
 
     kw = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(X_SHAPE, jnp.bfloat16), grid=(ctas,), grid_names=("n",),
-                        scratch_types=[plgpu.SemaphoreType.REGULAR((1,))], **kw)
+                        **kw)
 
 
 def chain_wall_us(kernel, x, calls: int, reps: int) -> float:
@@ -85,9 +91,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--chain", type=int, default=128)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--modes", default="none,signal",
-                    help="comma-separated subset of " + ",".join(MODES) + " (barrier hung on the H100, 2026-11-24)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--passes", type=int, default=2, help="passes over the modes (alternating)")
+    ap.add_argument("--ctas", type=int, default=CTAS)
+    ap.add_argument("--warpgroups", type=int, default=WARPGROUPS)
+    ap.add_argument("--smem-kb", type=int, default=SMEM_KB)
+    ap.add_argument("--check", action="store_true", help="one call per mode and its output check only (no timing)")
     ap.add_argument("--out")
     ap.add_argument("--table")
     args = ap.parse_args()
@@ -97,26 +106,32 @@ def main():
     rows, meta = [], run_meta("barrier_probe")
     for _ in range(args.passes):  # alternating the modes
         for mode in args.modes.split(","):
-            k = semaphore_kernel(mode)
+            k = semaphore_kernel(mode, args.ctas, args.warpgroups, args.smem_kb)
             out = jax.jit(k)(xs[0][0])
             same = bool(jnp.array_equal(out, xs[0][0]))
+            if args.check:
+                print(dict(mode=mode, ctas=args.ctas, warpgroups=args.warpgroups, smem_kb=args.smem_kb,
+                           output_ok=same), flush=True)
+                continue
             total, _, per = cupti(k, xs, rounds=args.rounds)
             wall = chain_wall_us(k, xs[0][0], args.chain, args.reps)
-            rows.append(dict(mode=mode, ctas=CTAS, warpgroups=WARPGROUPS, smem_kb=SMEM_KB, kernels=per,
+            rows.append(dict(mode=mode, ctas=args.ctas, warpgroups=args.warpgroups, smem_kb=args.smem_kb, kernels=per,
                              cupti_us=round(total, 2), chain_calls=args.chain, wall_us_per_call=round(wall, 2),
                              output_ok=same))
             print(rows[-1], flush=True)
-            if args.out:  # after every row: a mode that hangs (the 2026-11-24 barrier) keeps the rows before it
+            if args.out:  # after every row: a mode that hangs keeps the rows before it
                 save_rows([dict(meta, **r) for r in rows], args.out, write_table)
 
 
 def write_table(rows: list, path: str) -> None:
     lines = ["# Grid-barrier probe (bench/barrier_probe.py): a global semaphore in a Mosaic GPU kernel call", "",
-             "CUPTI = device time of the call's kernels (median over rotating inputs); wall = a jitted chain of "
-             "data-dependent calls, wall time / calls (median of repetitions), which also counts a memset node.", ""]
+             "CUPTI = device time of the call's kernels (median over rotating inputs; a memset is not a kernel record); "
+             "wall = a jitted chain of data-dependent calls, wall time / calls (median of repetitions), which also "
+             "counts a memset node but is bound by launches at these sizes.", ""]
     for date in sorted({r["date"] for r in rows}):
         rs = [r for r in rows if r["date"] == date]
-        lines += [f"- {date}: {rs[0]['device']}, jax {rs[0]['jax']}; command: `{rs[0]['command']}`", "",
+        lines += [f"- {date}: {rs[0]['device']}, jax {rs[0]['jax']}; command: `{rs[0]['command']}`; semaphore: "
+                  f"{rs[0].get('semaphore', 'pl.get_global (one per grid)')}", "",
                   "| semaphore | CTAs x warpgroups, smem KB | kernels (name, CUPTI us) | CUPTI us | wall us per call "
                   "(chain) | output ok |", "| --- | --- | --- | --- | --- | --- |"]
         for r in rs:
