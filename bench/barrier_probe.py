@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.launch_probe import X_SHAPE, passthrough, passthrough_body, probe_inputs  # noqa: E402
+from bench.pdl_probe import spin_kernel  # noqa: E402
 from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
 
 CTAS, WARPGROUPS, SMEM_KB = 132, 3, 200
@@ -69,11 +70,13 @@ def semaphore_kernel(mode: str, ctas: int = CTAS, warpgroups: int = WARPGROUPS, 
                         **kw)
 
 
-def chain_wall_us(kernel, x, calls: int, reps: int) -> float:
-    """Wall microseconds per call of ``calls`` data-dependent kernel calls in one jitted program (median of reps)."""
+def chain_wall_us(kernel, x, calls: int, reps: int, before=None) -> float:
+    """Wall microseconds per call of ``calls`` data-dependent kernel calls in one jitted program (median of reps);
+    ``before``: a kernel run ahead of each call (a long one keeps the chain device-bound, so wall differences between
+    kernels are device time, memset nodes included)."""
     def run(x):
         for _ in range(calls):
-            x = kernel(x)
+            x = kernel(before(x) if before else x)
         return x
 
     f = jax.jit(run)
@@ -97,6 +100,8 @@ def main():
     ap.add_argument("--warpgroups", type=int, default=WARPGROUPS)
     ap.add_argument("--smem-kb", type=int, default=SMEM_KB)
     ap.add_argument("--check", action="store_true", help="one call per mode and its output check only (no timing)")
+    ap.add_argument("--spin-iters", type=int, default=0,
+                    help="chain: a one-CTA spin kernel (pdl_probe.spin_kernel) of this many steps before every call")
     ap.add_argument("--out")
     ap.add_argument("--table")
     args = ap.parse_args()
@@ -104,6 +109,7 @@ def main():
         return rewrite_table(args.table, write_table)
     xs = probe_inputs()
     rows, meta = [], run_meta("barrier_probe")
+    spin = spin_kernel(args.spin_iters) if args.spin_iters else None
     for _ in range(args.passes):  # alternating the modes
         for mode in args.modes.split(","):
             k = semaphore_kernel(mode, args.ctas, args.warpgroups, args.smem_kb)
@@ -114,13 +120,17 @@ def main():
                            output_ok=same), flush=True)
                 continue
             total, _, per = cupti(k, xs, rounds=args.rounds)
-            wall = chain_wall_us(k, xs[0][0], args.chain, args.reps)
+            wall = chain_wall_us(k, xs[0][0], args.chain, args.reps, spin)
             rows.append(dict(mode=mode, ctas=args.ctas, warpgroups=args.warpgroups, smem_kb=args.smem_kb, kernels=per,
                              cupti_us=round(total, 2), chain_calls=args.chain, wall_us_per_call=round(wall, 2),
-                             output_ok=same))
+                             chain_spin_iters=args.spin_iters, output_ok=same))
             print(rows[-1], flush=True)
             if args.out:  # after every row: a mode that hangs keeps the rows before it
                 save_rows([dict(meta, **r) for r in rows], args.out, write_table)
+
+
+def spin_note(r) -> str:
+    return f", each after a {r['chain_spin_iters']}-step spin kernel" if r.get("chain_spin_iters") else ""
 
 
 def write_table(rows: list, path: str) -> None:
@@ -141,7 +151,7 @@ def write_table(rows: list, path: str) -> None:
                 continue
             ks = "; ".join(f"{n} {t}" for n, t in r["kernels"])
             lines.append(f"| {r['mode']} | {r['ctas']} x {r['warpgroups']}, {r['smem_kb']} | {ks} | {r['cupti_us']} | "
-                         f"{r['wall_us_per_call']} ({r['chain_calls']}) | {r['output_ok']} |")
+                         f"{r['wall_us_per_call']} ({r['chain_calls']}{spin_note(r)}) | {r['output_ok']} |")
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
