@@ -29,7 +29,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.launch_probe import X_SHAPE, passthrough, passthrough_body, probe_inputs  # noqa: E402
 from bench.pdl_probe import spin_kernel  # noqa: E402
-from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.timing import cupti, parse_probe_args, run_meta, save_rows  # noqa: E402
 
 CTAS, WARPGROUPS, SMEM_KB = 132, 3, 200
 MODES = ("none", "signal", "barrier")
@@ -102,11 +102,9 @@ def main():
     ap.add_argument("--check", action="store_true", help="one call per mode and its output check only (no timing)")
     ap.add_argument("--spin-iters", type=int, default=0,
                     help="chain: a one-CTA spin kernel (pdl_probe.spin_kernel) of this many steps before every call")
-    ap.add_argument("--out")
-    ap.add_argument("--table")
-    args = ap.parse_args()
-    if args.table:
-        return rewrite_table(args.table, write_table)
+    args = parse_probe_args(ap, write_table)
+    if args is None:
+        return
     xs = probe_inputs()
     rows, meta = [], run_meta("barrier_probe")
     spin = spin_kernel(args.spin_iters) if args.spin_iters else None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import copies, cupti, gap_ops, rewrite_table, rotation_sets, run_meta, save_rows  # noqa: E402
+from bench.timing import copies, cupti, gap_ops, parse_probe_args, rotation_sets, run_meta, save_rows  # noqa: E402
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
@@ -73,11 +73,9 @@ def main():
     ap.add_argument("--gaps", default="2,8")
     ap.add_argument("--steps", default="0,2,4,8,all")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out")
-    ap.add_argument("--table", help="no run: write the markdown of this JSON next to it")
-    args = ap.parse_args()
-    if args.table:
-        return rewrite_table(args.table, write_table)
+    args = parse_probe_args(ap, write_table)
+    if args is None:
+        return
     rows = []
     key = jax.random.PRNGKey(0)
     for shape in args.shapes.split(","):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import activations, cupti, gap_ops, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.timing import activations, cupti, gap_ops, parse_probe_args, run_meta, save_rows  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
 X_SHAPE = (16, 256)  # the [1, 4096] activation as a TMA-friendly 2D block
@@ -85,11 +85,9 @@ CASES = [  # name, ctas, warpgroups, smem KB
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--out")
-    ap.add_argument("--table")
-    args = ap.parse_args()
-    if args.table:
-        return rewrite_table(args.table, write_table)
+    args = parse_probe_args(ap, write_table)
+    if args is None:
+        return
     xs = probe_inputs()
     rows = []
     total, _, per = cupti(lambda x: gap_ops(x, 1), xs, rounds=args.rounds)

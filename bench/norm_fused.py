@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import copies, cupti, rewrite_table, rotation_sets, run_meta, save_rows  # noqa: E402
+from bench.timing import copies, cupti, parse_probe_args, rotation_sets, run_meta, save_rows  # noqa: E402
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
@@ -121,11 +121,9 @@ def main():
     ap.add_argument("--formats", default="gptq-w4g128,squeezellm-w4,squeezellm-w3")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-timing", action="store_true")
-    ap.add_argument("--out")
-    ap.add_argument("--table", help="no run: write the markdown of this JSON next to it")
-    args = ap.parse_args()
-    if args.table:
-        return rewrite_table(args.table, write_table)
+    args = parse_probe_args(ap, write_table)
+    if args is None:
+        return
     key = jax.random.PRNGKey(int.from_bytes(os.urandom(3), "little"))
     gm.FUSED_NORM_MAX_M = 7  # this process measures the fused kernel wherever it can run (M < 8)
     rows = check(key)

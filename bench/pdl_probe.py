@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.launch_probe import X_SHAPE, passthrough, probe_inputs  # noqa: E402
-from bench.timing import cupti, rewrite_table, run_meta, save_rows  # noqa: E402
+from bench.timing import cupti, parse_probe_args, run_meta, save_rows  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 
 
@@ -56,11 +56,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--spin-iters", default="0,4000,20000")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--out")
-    ap.add_argument("--table")
-    args = ap.parse_args()
-    if args.table:
-        return rewrite_table(args.table, write_table)
+    args = parse_probe_args(ap, write_table)
+    if args is None:
+        return
     xs = probe_inputs()
     lowered = jax.jit(passthrough(132, 1, 1, wait=True)).trace(*xs[0]).lower().as_text()
     meta = dict(run_meta("pdl_probe"), xla_flags=os.environ.get("XLA_FLAGS", ""),

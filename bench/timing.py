@@ -129,6 +129,18 @@ def save_rows(rows: list, path: str, write_table) -> None:
     write_table(rows, os.path.splitext(path)[0] + ".md")
 
 
+def parse_probe_args(ap, write_table):
+    """The probes' ``--out`` (JSON rows, the markdown written next to it) and ``--table`` options, then parse_args;
+    with ``--table`` the markdown of that JSON is rewritten without a run and None is returned."""
+    ap.add_argument("--out")
+    ap.add_argument("--table", help="no run: write the markdown of this JSON next to it")
+    args = ap.parse_args()
+    if args.table:
+        rewrite_table(args.table, write_table)
+        return None
+    return args
+
+
 def rewrite_table(path: str, write_table) -> None:
     """``--table``: the markdown of the JSON rows in ``path``, rewritten without a run."""
     import json

@@ -1,6 +1,7 @@
 """bench/barrier_probe.py (CPU): the semaphore kernels lower for CUDA with the zero-filled, aliased scratch operand
 that Pallas adds for a global semaphore (and the plain kernel without it), a bad mode is rejected by name, and the
 table keeps every row."""
+import argparse
 import json
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import barrier_probe
+from bench.timing import parse_probe_args, rewrite_table
 from bench.launch_probe import X_SHAPE
 
 
@@ -32,7 +34,7 @@ def test_table_has_every_row(tmp_path, rng):
             for _ in range(2) for mode in barrier_probe.MODES]
     path = tmp_path / "b.json"
     path.write_text(json.dumps(rows))
-    barrier_probe.rewrite_table(str(path), barrier_probe.write_table)
+    rewrite_table(str(path), barrier_probe.write_table)
     lines = [line for line in (tmp_path / "b.md").read_text().splitlines()
              if line.startswith("| ") and not line.startswith(("| semaphore", "| ---"))]
     assert len(lines) == len(rows)
@@ -40,3 +42,17 @@ def test_table_has_every_row(tmp_path, rng):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == r["mode"] and cells[3] == str(r["cupti_us"]) and cells[5] == str(r["output_ok"])
         assert cells[4] == f"{r['wall_us_per_call']} ({r['chain_calls']})"
+
+
+def test_parse_probe_args_rewrites_the_table_without_a_run(tmp_path, monkeypatch):
+    """``--table`` rewrites the markdown of a probe's JSON and returns None (no run); otherwise the parsed options."""
+    rows = [dict(date="2026-01-01T00:00Z", device="GPU", jax="0", command="c", mode="none", ctas=1, warpgroups=1,
+                 smem_kb=1, kernels=[("k", 1.0)], cupti_us=1.0, chain_calls=2, wall_us_per_call=3.0, output_ok=True)]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(rows))
+    monkeypatch.setattr("sys.argv", ["probe", "--table", str(path)])
+    assert parse_probe_args(argparse.ArgumentParser(), barrier_probe.write_table) is None
+    assert "| none | 1 x 1, 1 | k 1.0 | 1.0 | 3.0 (2) | True |" in (tmp_path / "b.md").read_text()
+    monkeypatch.setattr("sys.argv", ["probe", "--out", "x.json"])
+    args = parse_probe_args(argparse.ArgumentParser(), barrier_probe.write_table)
+    assert args.out == "x.json" and args.table is None

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import pdl_probe
+from bench.timing import rewrite_table
 from bench.launch_probe import X_SHAPE, passthrough
 
 
@@ -33,7 +34,7 @@ def test_table_has_every_row(tmp_path, rng):
                                  marked_uses_pdl=True, spin_iters=iters, wait=wait, spin_us=a, dependent_us=b))
     path = tmp_path / "p.json"
     path.write_text(json.dumps(rows))
-    pdl_probe.rewrite_table(str(path), pdl_probe.write_table)
+    rewrite_table(str(path), pdl_probe.write_table)
     md = (tmp_path / "p.md").read_text()
     table_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| spin", "| ---"))]
     assert len(table_rows) == len(rows)
