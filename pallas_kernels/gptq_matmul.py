@@ -1380,21 +1380,15 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
 
                 @pl.when(flush)
                 def _():
-                    # the previous flush's TMA store has read the staging buffers (this wait ends in a warpgroup
-                    # barrier, so no thread overwrites them earlier)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    if not fused_out:
+                        ws_store_partial(acc, acc_smem, o_smem, out_gmem, wg=wg, row0=row0, slot=slot, pieces=pieces,
+                                         slots=slots)
+                        return
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # see ws_store_partial
                     acc_smem.at[wg][...] = acc
-                    if fused_out:
-                        transpose(acc_smem.at[wg], o_smem.at[wg])  # warpgroup barrier, y^T tile -> y tile, cast
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[pl.ds(cta * 0, m_pad), pl.ds(row0, CHUNK)])
-                    else:
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(acc_smem.at[wg], out_gmem.at[slot, pl.ds(row0, CHUNK), :])
-                        for extra in range(1, slots):  # the unit's head CTA zeros the slots its pieces leave
-                            @pl.when((slot == 0) & (pieces <= extra))
-                            def _():
-                                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[extra, pl.ds(row0, CHUNK), :])
+                    transpose(acc_smem.at[wg], o_smem.at[wg])  # warpgroup barrier, y^T tile -> y tile, cast
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[pl.ds(cta * 0, m_pad), pl.ds(row0, CHUNK)])
 
                 return acc * jnp.where(flush, 0.0, 1.0).astype(jnp.float32)  # reset after a flush
 
@@ -1428,6 +1422,26 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased,
                        trace_ranges=6 * grid + 8)  # scope ranges per warpgroup (a step's conds re-enter "step")
+
+
+def ws_store_partial(acc, acc_smem, o_smem, out_gmem, *, wg, row0, slot, pieces, slots: int) -> None:
+    """A stream-K ws warpgroup's flush: its float32 [64, M_pad] accumulator -> partial slot ``slot`` of out [slots,
+    N_pad, M_pad] at rows row0.. (TMA store through acc_smem[wg]); the unit's head CTA (slot 0) also stores the zero
+    tile o_smem[wg] into the slots its unit's ``pieces`` leave empty. Shared by ``build_ws_kernel`` and the fused
+    MLP (``mlp_decode``)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    # the previous flush's TMA store has read the staging buffer (this wait ends in a warpgroup barrier, so no
+    # thread overwrites it earlier)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    acc_smem.at[wg][...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(acc_smem.at[wg], out_gmem.at[slot, pl.ds(row0, CHUNK), :])
+    for extra in range(1, slots):
+        @pl.when((slot == 0) & (pieces <= extra))
+        def _():
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[extra, pl.ds(row0, CHUNK), :])
 
 
 def x_smem_transforms(dtype):
