@@ -135,15 +135,6 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.hidden_size, c.mlp_bias, self.dtype)
 
     def __call__(self, x):
-        import os
-        if (os.environ.get("JAXQUANT_FUSED_MLP") == "1" and self.fused_gate_up and hasattr(x, "scale")
-                and jax.default_backend() == "gpu" and x.x.size == x.x.shape[-1]):
-            from bench.mlp_fused import fused_mlp, fused_mlp_ok
-            params = self.variables["params"]
-            w_gu, w_dn = params["gate_up_proj"]["kernel"], params["down_proj"]["kernel"]
-            if fused_mlp_ok(w_gu, w_dn, 1) and x.x.dtype == w_gu.dtype:
-                y = fused_mlp(x.x.reshape(1, -1), x.scale, x.eps, w_gu, w_dn)
-                return y.reshape(*x.x.shape[:-1], -1)
         if self.fused_gate_up:
             gate_up = self.gate_up_proj(x)
             gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
