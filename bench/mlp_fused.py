@@ -38,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import copies, cupti, parse_probe_args, rotation_sets, run_meta, save_rows  # noqa: E402
+from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_meta, run_sections,  # noqa: E402
+                          save_rows)
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels.gptq_matmul import CHUNK, X_VEC  # noqa: E402
@@ -474,12 +475,9 @@ def timing(key, shapes, formats, variants, rounds, chain, reps, passes) -> list:
 
 
 def write_table(rows: list, path: str) -> None:
-    runs = {}
-    for r in rows:
-        runs.setdefault((r["date"], r["command"]), []).append(r)
     lines = ["# Decode MLP in one kernel (bench/mlp_fused.py) vs norm-fused gate/up + XLA SiLU * up + down", ""]
-    for (date, command), run in sorted(runs.items(), reverse=True):
-        lines += [f"## {date}, {run[0]['device']}, jax {run[0]['jax']}", "", f"Command: `{command}`", ""]
+    for header, run in run_sections(rows):
+        lines += header
         checks = [r for r in run if r["kind"] == "check"]
         if checks:
             lines += ["| check K x I x N | format | CTAs | rel err vs f32 | vs unfused | ok |",

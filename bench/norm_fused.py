@@ -18,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import copies, cupti, parse_probe_args, rotation_sets, run_meta, save_rows  # noqa: E402
+from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_meta, run_sections,  # noqa: E402
+                          save_rows)
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
@@ -89,12 +90,9 @@ def timing(key, shapes, ms, formats, rounds) -> list:
 
 def write_table(rows: list, path: str) -> None:
     """The markdown next to the JSON: per run (date, command), the checks, then the path us per format / shape / M."""
-    runs = {}
-    for r in rows:
-        runs.setdefault((r["date"], r["command"]), []).append(r)
     lines = ["# Fused RMSNorm in the ws kernel vs the norm in XLA", ""]
-    for (date, command), run in sorted(runs.items(), reverse=True):
-        lines += [f"## {date}, {run[0]['device']}, jax {run[0]['jax']}", "", f"Command: `{command}`", ""]
+    for header, run in run_sections(rows):
+        lines += header
         checks = [r for r in run if r["kind"] == "check"]
         if checks:
             lines += ["| check | format | M | fused | rel err vs f32 | vs unfused | ok |",

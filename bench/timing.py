@@ -106,6 +106,15 @@ def latest_rows(rows: list) -> list:
     return [r for r in rows if str(r.get("date", "")) == last[key(r)]]
 
 
+def run_sections(rows: list):
+    """The probes' markdown sections: per run (date, command), newest first, its header lines and its rows."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["date"], r["command"]), []).append(r)
+    for (date, command), run in sorted(runs.items(), reverse=True):
+        yield [f"## {date}, {run[0]['device']}, jax {run[0]['jax']}", "", f"Command: `{command}`", ""], run
+
+
 def run_meta(benchmark: str) -> dict:
     """The common keys of a probe's rows (../shared/RESULTS.md), the date to the UTC minute (several runs a day)."""
     import datetime

@@ -2,6 +2,8 @@
 the rounded SwiGLU between them) against a float64 numpy oracle of RMSNorm -> SiLU(x @ gate) * (x @ up) -> @ down;
 the phase plans; the rule and the errors; the kernel lowers for CUDA with its semaphore and, per timing variant,
 without the parts it leaves out."""
+import json
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import mlp_fused as mf
+from bench.timing import rewrite_table
 from pallas_kernels import gptq_matmul as gm
 from tests.test_kernels import oracle_weight, random_gptq
 
@@ -106,3 +109,23 @@ def test_kernel_lowers_for_cuda(rng):
     assert "stablehlo.rsqrt" not in text and "logistic" not in text  # the norm and the SiLU are inside the kernel
     bare = _lowered(x, scale, w_gu, w_dn, ctas=5, skip=mf.SKIPPABLE)
     assert "fused_mlp_ws5" in bare and "output_operand_alias" not in bare
+
+
+def test_table_has_every_row_per_run(tmp_path, rng):
+    """The markdown keeps every check and timing row, under one section per (date, command), newest first."""
+    def row(date, kind):
+        base = dict(date=date, device="GPU", jax="0", command=f"c {date}", kind=kind, format="gptq-w4g128",
+                    shape="4096x11008x4096")
+        if kind == "check":
+            return dict(base, ctas=132, rel_err=float(rng.uniform(0, 1e-2)), rel_err_vs_unfused=0.0, ok=True)
+        return dict(base, pass_=0, path=str(rng.choice(list(mf.VARIANTS))), us=1.0, pallas_us=1.0,
+                    kernels=[("k", 1.0)], chain_wall_us=None)
+    rows = [row(d, k) for d in ("2026-01-01T00:00Z", "2026-01-02T00:00Z") for k in ("check", "timing", "timing")]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(rows))
+    rewrite_table(str(path), mf.write_table)
+    text = (tmp_path / "m.md").read_text()
+    body = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| check", "| ---",
+                                                                                                  "| format"))]
+    assert len(body) == len(rows)
+    assert text.index("2026-01-02") < text.index("2026-01-01")
