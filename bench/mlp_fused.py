@@ -137,26 +137,24 @@ def reference_fused_mlp(x2d: jax.Array, norm_scale: jax.Array, eps: float, w_gat
     """The kernel's computation in jnp with its exact tiling (``gm.reference_ws_partials`` per phase with the plans
     of ``mlp_plan``; the phase-padding steps repeat unstored pairs and add nothing): the fused norm's rounding, the
     float32 slots, the rounded SwiGLU, then down on the staged act. For CPU tests."""
-    (_, _, _, _), (_, _, _, _), stages = mlp_plan(w_gate_up.k_pad, w_gate_up.n_pad, w_down.k_pad, w_down.n_pad, ctas)
-    xn = gm.rms_norm_rows(x2d, norm_scale, eps)
-    outs = []
-    for w, x in ((w_gate_up, xn), (w_down, None)):
-        if x is None:  # act from the gate/up slots (the kernel's SwiGLU phase reads slots, not y)
-            gate_up = outs[-1].sum(0)[:, 0]
-            inter = w_down.in_features
-            act = swiglu_rounded(gate_up[:inter].astype(x2d.dtype), gate_up[inter:2 * inter].astype(x2d.dtype))
-            x = act[None, :]
+    stages = mlp_plan(w_gate_up.k_pad, w_gate_up.n_pad, w_down.k_pad, w_down.n_pad, ctas)[-1]
+
+    def partials(w, x):
         cfg = gm.KernelConfig(variant="ws", tile_k=MLP_TILE_K, stages=stages, ctas=ctas, wgs=MLP_WGS, fused=False,
-                              post_scale=_post_scale(w))
+                              post_scale=_post_scale(w.bits))
         xk = gm.staged_x_reference(w.direct_activations(x), w.k_pad, MLP_TILE_K).astype(w.dtype)
-        outs.append(gm.reference_ws_partials(xk, w, cfg, lambda tile, k, x_blk, w=w, cfg=cfg: gm._block_product(
-            w, tile, k, MLP_TILE_K, x_blk, cfg.post_scale)))
-    return gm._finish(outs[-1], 1, w_down.out_features, x2d.dtype)
+        return gm.reference_ws_partials(xk, w, cfg, lambda tile, k, x_blk: gm._block_product(
+            w, tile, k, MLP_TILE_K, x_blk, cfg.post_scale))
+
+    gate_up = partials(w_gate_up, gm.rms_norm_rows(x2d, norm_scale, eps)).sum(0)[:, 0]  # the SwiGLU reads slots
+    inter = w_down.in_features
+    act = swiglu_rounded(gate_up[:inter].astype(x2d.dtype), gate_up[inter:2 * inter].astype(x2d.dtype))
+    return gm._finish(partials(w_down, act[None, :]), 1, w_down.out_features, x2d.dtype)
 
 
-def _post_scale(w) -> bool:
+def _post_scale(bits: int) -> bool:
     """The ws kernel's choice (``KernelConfig.resolved``): scales after the wgmma for 3-bit codes only."""
-    return bool(gm.POST_SCALE and w.bits == 3)
+    return bool(gm.POST_SCALE and bits == 3)
 
 
 # ------------------------------------------------------------------------------------------------------------ kernel
@@ -171,7 +169,7 @@ def _build_mlp_call(k_pad_a, n_pad_a, k_pad_b, n_pad_b, inter, k_true, eps, bits
     rows = wgs * CHUNK
     plan_a, plan_b, stages = mlp_plan(k_pad_a, n_pad_a, k_pad_b, n_pad_b, ctas)
     gps = max(1, tile_k // group)
-    post_scale = bits == 3 and gm.POST_SCALE
+    post_scale = _post_scale(bits)
     products = gm._Products(bits, tile_k, group, gps, dtype_name, has_bias, 8, "full", layout, post_scale,
                             wg_local=True)
     zero_x, stage_norm = gm._make_x_stage(1, tile_k, dtype_name, wg_local=True, norm=True)
@@ -282,24 +280,15 @@ def _build_mlp_call(k_pad_a, n_pad_a, k_pad_b, n_pad_b, inter, k_true, eps, bits
                 jax.ShapeDtypeStruct((1, k_pad_b // CHUNK, CHUNK), dtype),
                 jax.ShapeDtypeStruct((plan_b[2], n_pad_b, 8), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
-    name = f"gptq_w{bits}_fused_mlp_ws{ctas}"
-    if not aliased:
-        return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=plgpu.CompilerParams(), name=name)
-    in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=plgpu.CompilerParams(), name=name)
-
-    def call(*args):
-        refs = [jax.new_ref(a) for a in args[-3:]]
-        in_place(*args[:-3], *refs)
-        return tuple(jax.freeze(r) for r in refs)
-
-    return call
+    return gm.mesh_kernel(body, out_type=out_type, mesh=mesh, name=f"gptq_w{bits}_fused_mlp_ws{ctas}",
+                          aliased=aliased)
 
 
 def _make_swiglu(inter: int, k_pad_b: int, slots: int, wgs: int):
     """inline_mgpu ``swiglu(slots_a, act)`` run by every compute warpgroup of the grid: thread e = 128 * (wgs * CTA +
     warpgroup) + lane index of the grid writes act[e] (e < K_pad of down; zero past I) = SiLU(gate) * up with gate
-    = the sum of slots [s, e, 0], up = of [s, I + e, 0], both rounded to bf16, then ``swiglu_rounded``; then a release fence, so
-    the grid barrier that follows publishes it."""
+    = the sum of slots [s, e, 0], up = of [s, I + e, 0], both rounded to bf16, then ``swiglu_rounded``; then a
+    warpgroup barrier (the grid barrier's signal that follows releases the stores)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))

@@ -1664,8 +1664,9 @@ KERNEL_TRACE_DIR = os.environ.get("JAXQUANT_KERNEL_TRACE_DIR", "")  # diagnostic
 
 def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool, trace_ranges: int = 0):
     """``pl.kernel`` of ``body`` over ``mesh`` (Mosaic GPU). ``aliased``: the poisoned-output variant (tests /
-    benchmarks): the kernel writes into a Ref made from the call's last argument instead of a fresh ``out_type``
-    buffer, so any output element it leaves unwritten keeps the caller's poison. ``trace_ranges``: with
+    benchmarks): the kernel writes into a Ref made from the call's last argument (the last len(out_type) arguments
+    for a tuple of outputs) instead of a fresh ``out_type`` buffer, so any output element it leaves unwritten keeps
+    the caller's poison. ``trace_ranges``: with
     ``JAXQUANT_KERNEL_TRACE_DIR`` set, Mosaic GPU's on-device profiler records up to this many named-scope ranges
     per warpgroup and writes a trace there after every call (``bench/ws_trace.py``)."""
     from jax.experimental import pallas as pl
@@ -1677,11 +1678,13 @@ def mesh_kernel(body, *, out_type, mesh, name: str, aliased: bool, trace_ranges:
     if not aliased:
         return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params, name=name)
     in_place = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params, name=name)
+    n_out = len(out_type) if isinstance(out_type, tuple) else 0  # a tuple of outputs: as many trailing arguments
 
     def call(*args):
-        out_ref = jax.new_ref(args[-1])
-        in_place(*args[:-1], out_ref)
-        return jax.freeze(out_ref)
+        refs = [jax.new_ref(a) for a in args[len(args) - max(n_out, 1):]]
+        in_place(*args[:len(args) - len(refs)], *refs)
+        outs = tuple(jax.freeze(r) for r in refs)
+        return outs if n_out else outs[0]
 
     return call
 

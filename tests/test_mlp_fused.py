@@ -107,6 +107,8 @@ def test_kernel_lowers_for_cuda(rng):
     text = _lowered(x, scale, w_gu, w_dn, ctas=5)
     assert "fused_mlp_ws5" in text and "output_operand_alias" in text
     assert "stablehlo.rsqrt" not in text and "logistic" not in text  # the norm and the SiLU are inside the kernel
+    poisoned = _lowered(x, scale, w_gu, w_dn, ctas=5, out_init=mf.mlp_output_buffers(w_gu, w_dn, 5))
+    assert "mosaic_gpu" in poisoned and "output_operand_alias" in poisoned  # in place: the caller's 3 buffers
     bare = _lowered(x, scale, w_gu, w_dn, ctas=5, skip=mf.SKIPPABLE)
     assert "fused_mlp_ws5" in bare and "output_operand_alias" not in bare
 
