@@ -324,14 +324,16 @@ def time_generate(compiled, params, prompt, batch: int, new_tokens: int, reps: i
     return statistics.median(total), statistics.median(prefill), first, steps, total
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def guard_forward(module, params, ids, token, highest: bool):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def guard_forward(module, params, ids, token, highest: bool, xla_attention: bool = False):
     """Prefill last-position logits [B, V], one decode step's logits [B, V] (KV cache in the module's dtype) and the
     prefill's linear inputs (the ``intermediates`` Linear sows). ``highest``: float32 matmuls at full precision (on
-    the GPU the default lets XLA use TF32), for the float32 oracle."""
-    from models.common import init_cache
+    the GPU the default lets XLA use TF32), for the float32 oracle. ``xla_attention``: the decode step with XLA's
+    attention instead of the Pallas decode kernel (a static argument: the choice is made when the step is traced)."""
+    from models.common import init_cache, xla_decode_attention
 
-    with (jax.default_matmul_precision("highest") if highest else contextlib.nullcontext()):
+    with (jax.default_matmul_precision("highest") if highest else contextlib.nullcontext()), \
+            (xla_decode_attention() if xla_attention else contextlib.nullcontext()):
         b, t = ids.shape
         cfg = module.config
         cache = init_cache(cfg.num_layers, b, t + 1, *cfg.kv_cache_shape, module.dtype)
@@ -438,9 +440,11 @@ def accuracy_guard(module, params, stored, prompt, key, linear_tol=1e-2, model_f
     o_layers = _first_linear_inputs(o_inter, cfg.num_layers)
     del oracle, o_inter
     quantized = bool(weight_classes(params))
+    # the decode step with XLA's attention: the reference of the Pallas decode kernel's step
+    _, xa_step, _ = guard_forward(module, params, ids, token, False, True)
     if quantized:
         ref = dense_reference(params)
-        x_pre, x_step, x_inter = guard_forward(module, ref, ids, token, False)
+        x_pre, x_step, x_inter = guard_forward(module, ref, ids, token, False, True)
         x_layers = _first_linear_inputs(x_inter, cfg.num_layers)
         del ref, x_inter
     out_o = (o_pre, o_step)
@@ -456,8 +460,13 @@ def accuracy_guard(module, params, stored, prompt, key, linear_tol=1e-2, model_f
                                                           .reshape(cfg.num_layers, -1), axis=1)
                                            / np.linalg.norm(o_layers.reshape(cfg.num_layers, -1), axis=1)]
         finite = bool(np.isfinite(np.asarray(g_pre)).all() and np.isfinite(np.asarray(g_step)).all())
-        if not quantized:  # the bf16 model vs its float32 self: the noise floor, nothing to judge
-            g["guard_ok"] = None
+        # the decode step as dispatched (the Pallas attention kernel on GPU) vs the same weights with XLA attention
+        g["decode_step_rel_err_vs_f32_xla_attention"] = float(f"{_rel(xa_step, o_step):.3g}")
+        g["decode_step_rel_err_vs_xla_attention"] = float(f"{_rel(g_step, xa_step):.3g}")
+        g["attention_ok"] = bool(finite and g["decode_step_rel_err_vs_f32"]
+                                 <= model_factor * g["decode_step_rel_err_vs_f32_xla_attention"])
+        if not quantized:  # the bf16 model vs its float32 self: the noise floor; only the attention path is judged
+            g["guard_ok"] = g["attention_ok"]
             return g
         for name, got, want in (("prefill", g_pre, x_pre), ("decode_step", g_step, x_step)):
             g[f"{name}_rel_err_vs_bf16_xla"] = float(f"{_rel(got, want):.3g}")
@@ -476,7 +485,8 @@ def accuracy_guard(module, params, stored, prompt, key, linear_tol=1e-2, model_f
         linear_ok = lin["finite"] and max(lin["kernel"]) < linear_tol
         model_ok = finite and all(g[f"{n}_rel_err_vs_f32"] <= model_factor * g[f"bf16_xla_{n}_rel_err_vs_f32"]
                                   for n in ("prefill", "decode_step"))
-        g.update(linear_ok=bool(linear_ok), model_ok=bool(model_ok), guard_ok=bool(linear_ok and model_ok),
+        g.update(linear_ok=bool(linear_ok), model_ok=bool(model_ok),
+                 guard_ok=bool(linear_ok and model_ok and g["attention_ok"]),
                  linear_tol=linear_tol, model_factor=model_factor)
         return g
 
@@ -727,16 +737,23 @@ def summarize(rows):
     new_guards = [r for r in rows if r.get("what") in ("guard", "guard-corrupted") and "prefill_rel_err_vs_f32" in r]
     if new_guards:
         lines += ["", "Guard (batch 1; relative Frobenius errors; oracle = the stored weights in float32 with float32 "
-                  "activations; bf16 XLA = the same bf16 weights through XLA matmuls):", "",
+                  "activations; bf16 XLA = the same bf16 weights through XLA matmuls and XLA attention; attention = "
+                  "the dispatched decode step (the Pallas attention kernel on GPU) vs the same weights with XLA "
+                  "attention, within the model factor):", "",
                   "| run | format | corruption | linears: max / median rel err (bf16 XLA max / median) | prefill "
                   "logits vs f32 (bf16 XLA) | step logits vs f32 (bf16 XLA) | vs bf16 XLA (prefill / step) | "
                   "last-layer input vs f32 (bf16 XLA) | verdict |", "|" + " --- |" * 9]
         for g in new_guards:
             lay = g.get("layer_input_rel_err_vs_f32") or [None]
             xlay = g.get("bf16_xla_layer_input_rel_err_vs_f32") or [None]
-            verdict = ("noise floor (no quantized weights)" if g.get("guard_ok") is None else
-                       f"{'ok' if g['guard_ok'] else 'FAIL'} (linear {'ok' if g.get('linear_ok') else 'FAIL'}, "
-                       f"model {'ok' if g.get('model_ok') else 'FAIL'})")
+            att = ("" if "attention_ok" not in g else
+                   f"attention {'ok' if g['attention_ok'] else 'FAIL'}: step vs f32 with XLA attention "
+                   f"{g['decode_step_rel_err_vs_f32_xla_attention']}")
+            if "linear_ok" not in g:  # the bf16 model: only the decode attention path is judged
+                verdict = f"noise floor (no quantized weights){'; ' + att if att else ''}"
+            else:
+                verdict = (f"{'ok' if g['guard_ok'] else 'FAIL'} (linear {'ok' if g.get('linear_ok') else 'FAIL'}, "
+                           f"model {'ok' if g.get('model_ok') else 'FAIL'}{', ' + att if att else ''})")
             lin = ("-" if "linear_max_rel_err" not in g else
                    f"{g['linear_max_rel_err']} / {g['linear_median_rel_err']} ({g['bf16_xla_linear_max_rel_err']} / "
                    f"{g['bf16_xla_linear_median_rel_err']})")

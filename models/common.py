@@ -9,6 +9,7 @@ which ``kv_mask[b, j]`` is true (False for left padding).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -329,6 +330,77 @@ def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
         # that gathers its input (act-order / SpQR o_proj), where every gathered element recomputes it serially.
         out = jax.lax.optimization_barrier(out)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+# The decode-step attention kernel (pallas_kernels.decode_attention) on GPU: on by default; "0" turns it off (the
+# same-run comparisons in bench/results/decode_attention_kernel.md). Caches longer than DECODE_KERNEL_MAX_CACHE on
+# fewer than DECODE_KERNEL_MIN_CTAS (batch x kv heads) CTAs stay on XLA: the kernel runs one CTA per (sequence, kv
+# head), and at batch 1 with 32 heads (H100, CUPTI, RoPE + cache write + attention) it measured 4.7 / 11.2 / 17.5 /
+# 37.2 us against XLA's 10.6 / 19.0 / 28.3 / 36.8 us at 81 / 512 / 1024 / 2048 slots; at batch 16 it was 2.3-2.6x
+# faster at every length.
+DECODE_ATTENTION_KERNEL = os.environ.get("JAXQUANT_DECODE_ATTENTION_KERNEL", "1") != "0"
+DECODE_KERNEL_MAX_CACHE = 1024
+DECODE_KERNEL_MIN_CTAS = 128
+
+
+@contextlib.contextmanager
+def xla_decode_attention():
+    """Within it, :func:`cached_attention` keeps the XLA path at decode steps too (references, A/B runs). The choice
+    is made when a forward is traced: a jitted function already traced outside keeps its cached program, so make
+    the choice part of its cache key (a static argument), as ``bench/decode.py``'s ``guard_forward`` does."""
+    global DECODE_ATTENTION_KERNEL
+    old, DECODE_ATTENTION_KERNEL = DECODE_ATTENTION_KERNEL, False
+    try:
+        yield
+    finally:
+        DECODE_ATTENTION_KERNEL = old
+
+
+def decode_kernel_ok(q, cache, rope_dims: int = 0) -> bool:
+    """Whether :func:`cached_attention` runs the Pallas decode kernel: one new token, a cache, a GPU, no method
+    interceptor (an ``attention_activation`` hook, e.g. RPTQ's, must see q / k / v / the probabilities, which the
+    kernel keeps inside), and sizes the kernel takes."""
+    if not DECODE_ATTENTION_KERNEL or cache is None or q.shape[1] != 1 or jax.default_backend() != "gpu":
+        return False
+    if nn.module._global_interceptor_stack:  # flax's own check for active interceptors
+        return False
+    from pallas_kernels import decode_attention as kernel
+
+    b, _, h, d = q.shape
+    _, s, kv, _ = cache["k"].shape
+    if s > DECODE_KERNEL_MAX_CACHE and b * kv < DECODE_KERNEL_MIN_CTAS:
+        return False
+    return q.dtype == cache["k"].dtype and kernel.fits(h, kv, s, d, q.dtype, cache["k"].dtype, rope_dims) is None
+
+
+def cached_attention(q, k, v, cache, cache_index, kv_mask, act, scale: Optional[float] = None, rope=None,
+                     fused_qkv=None):
+    """A family's attention after its projections: RoPE, cache write and ``dot_product_attention`` in XLA, or at a
+    decode step (``decode_kernel_ok``) all three in one Pallas kernel.
+
+    q [B, T, H, D], k / v [B, T, KV, D]; ``rope``: (positions [B, T], inv_freq) to rotate q and k here (so the
+    kernel can do it itself), None if they already are. ``fused_qkv``: (qkv [B, T, F], (oq, ok, ov)) when q, k and v
+    are slices of one projection output at those feature offsets: the kernel then reads them from it, with no XLA
+    slice between. Returns (out [B, T, H, D], new cache)."""
+    b, t, h, d = q.shape
+    inv_freq = None if rope is None else jnp.asarray(rope[1], jnp.float32)
+    if decode_kernel_ok(q, cache, 0 if inv_freq is None else 2 * inv_freq.shape[0]):
+        from pallas_kernels import decode_attention as da
+
+        if fused_qkv is not None:
+            flat, offsets = fused_qkv[0].reshape(b, -1), fused_qkv[1]
+            sources = (flat, flat, flat)
+        else:
+            sources, offsets = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)), (0, 0, 0)
+        positions = None if rope is None else rope[0].reshape(b)
+        out, ck, cv = da.decode_attention(*sources, cache["k"], cache["v"], cache_index, kv_mask, positions, inv_freq,
+                                          num_heads=h, offsets=offsets, scale=scale)
+        return out.reshape(b, 1, h, d), {"k": ck, "v": cv}
+    if rope is not None:
+        q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+    k, v, cache = update_cache(cache, k, v, cache_index, act=act)
+    mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
+    return dot_product_attention(q, k, v, mask, scale=scale, act=act), cache
 
 
 def init_cache(num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype) -> list:

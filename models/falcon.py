@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, apply_rope, attention_mask,
-                           dot_product_attention, rope_inverse_frequencies, rope_parameters, update_cache)
+from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, cached_attention,
+                           rope_inverse_frequencies, rope_parameters)
 from models.weights import Rule
 
 # HF get_activation names -> JAX. Falcon's default "gelu" is transformers' GELUActivation: exact (erf) GELU.
@@ -185,10 +185,9 @@ class Attention(AttentionModule):
     def __call__(self, x, positions, cache=None, cache_index=None, kv_mask=None):
         b, t, _ = x.shape
         q, k, v = split_qkv(self.query_key_value(x), self.config)
-        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
-        k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
-        mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
-        out = dot_product_attention(q, k, v, mask, act=self.attention_activation)  # scale 1/sqrt(head_dim), as HF
+        # scale 1/sqrt(head_dim), as HF
+        out, cache = cached_attention(q, k, v, cache, cache_index, kv_mask, self.attention_activation,
+                                      rope=(positions, self.inv_freq))
         return self.dense(out.reshape(b, t, -1)), cache
 
 

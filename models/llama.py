@@ -8,9 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, apply_rope, as_array, attention_mask,
-                           dot_product_attention, fuses_rms_norm, rope_inverse_frequencies, rope_parameters,
-                           update_cache)
+from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, as_array, cached_attention,
+                           fuses_rms_norm, rope_inverse_frequencies, rope_parameters)
 from models.weights import Rule
 
 
@@ -102,20 +101,20 @@ class Attention(AttentionModule):
     def __call__(self, x, positions, cache=None, cache_index=None, kv_mask=None):
         c = self.config
         b, t, _ = x.shape
+        fused = None
         if self.fused_qkv:
             q_n, kv_n = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             qkv = self.qkv_proj(x)
             q, k, v = qkv[..., :q_n], qkv[..., q_n:q_n + kv_n], qkv[..., q_n + kv_n:]
+            fused = (qkv, (0, q_n, q_n + kv_n))
         else:
             x = as_array(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
-        k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
-        mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
-        out = dot_product_attention(q, k, v, mask, act=self.attention_activation)
+        out, cache = cached_attention(q, k, v, cache, cache_index, kv_mask, self.attention_activation,
+                                      rope=(positions, self.inv_freq), fused_qkv=fused)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, attention_mask, dot_product_attention,
-                           permuted_input, update_cache)
+from models.common import AttentionModule, CausalLM, Embed, LayerNorm, Linear, cached_attention, permuted_input
 from models.weights import Rule
 
 # HF ACT2FN names -> JAX. "gelu" is the exact (erf) GELU, the tanh forms are the approximate one.
@@ -155,9 +154,7 @@ class Attention(AttentionModule):
         q = (self.q_proj(x) * (c.head_dim ** -0.5)).reshape(b, t, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(b, t, c.num_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k, v, cache = update_cache(cache, k, v, cache_index, act=self.attention_activation)
-        mask = attention_mask(t, k.shape[1], cache_index, kv_mask)
-        out = dot_product_attention(q, k, v, mask, scale=1.0, act=self.attention_activation)
+        out, cache = cached_attention(q, k, v, cache, cache_index, kv_mask, self.attention_activation, scale=1.0)
         return self.out_proj(out.reshape(b, t, -1)), cache
 
 
