@@ -69,7 +69,7 @@ def write_outputs(rows, out):
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['batch']} | {r['cache']} | {r['implementation']} | {r['us']} | {r['us_without_copies']} | "
               f"{len(r['kernels'])} | {r['rel_err_vs_model']:.2e} |" for r in rows]
-    checks = [r for r in rows[0].get("checks", [])]
+    checks = rows[0].get("checks", [])
     if checks:
         lines += ["", "Kernel check (NaN-poisoned output, vs the jnp reference; caches bitwise):", "",
                   "| B, H, KV, S, D | dtype | index | key padding | RoPE dims | fused q/k/v | rel err | max abs err | "

@@ -364,13 +364,13 @@ def decode_kernel_ok(q, cache, rope_dims: int = 0) -> bool:
         return False
     if nn.module._global_interceptor_stack:  # flax's own check for active interceptors
         return False
-    from pallas_kernels import decode_attention as kernel
+    from pallas_kernels import decode_attention as da
 
     b, _, h, d = q.shape
     _, s, kv, _ = cache["k"].shape
     if s > DECODE_KERNEL_MAX_CACHE and b * kv < DECODE_KERNEL_MIN_CTAS:
         return False
-    return q.dtype == cache["k"].dtype and kernel.fits(h, kv, s, d, q.dtype, cache["k"].dtype, rope_dims) is None
+    return q.dtype == cache["k"].dtype and da.fits(h, kv, s, d, q.dtype, cache["k"].dtype, rope_dims) is None
 
 
 def cached_attention(q, k, v, cache, cache_index, kv_mask, act, scale: Optional[float] = None, rope=None,
