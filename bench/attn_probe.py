@@ -63,8 +63,9 @@ def write_outputs(rows, out):
              "CUPTI kernel time of one call (median). model = models.common's XLA path; xla / cudnn = "
              "jax.nn.dot_product_attention's implementations; pallas = pallas_kernels.decode_attention (RoPE, "
              "cache write and attention in one kernel, q / k / v read from the fused projection's output; its "
-             "second kernel converts the boolean key mask to int32). The copy kernels update the probe's non-donated cache inputs; inside the generation loop the "
-             "update is in place, so \"us w/o copies\" is the figure that carries over.", "",
+             "second kernel converts the boolean key mask to int32). The copy kernels update the probe's "
+             "non-donated cache inputs; inside the generation loop the update is in place, so \"us w/o copies\" "
+             "is the figure that carries over.", "",
              "| batch | cache | implementation | us | us w/o copies | kernels | rel err vs model |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['batch']} | {r['cache']} | {r['implementation']} | {r['us']} | {r['us_without_copies']} | "

@@ -30,8 +30,9 @@ rises within a process (formats in one worker run one after another; the load-ti
 Formats: ``--formats`` names from ``FORMATS``, each optionally with ``+fused``: q/k/v and gate/up fused into one
 linear each at build time (``jaxquant.fusion.fuse_projections`` on the stored weights, before the kernel conversion),
 so a layer makes 4 linear calls instead of 7. Ratios ("x bf16") are to the faster of bf16 and bf16+fused of the same
-run and batch. ``--profile``: CUPTI device time of the batch-1 decode step by kernel (the whole generation's kernels
-minus the prefill-only run's, per step) and the gap to the wall-clock step time (launches, the loop's host sync).
+run and batch. ``--profile``: CUPTI device time of the decode step of every batch by kernel (the whole generation's
+kernels minus the prefill-only run's, per step) and the gap to the wall-clock step time (launches, the loop's host
+sync).
 
 Correctness guard (batch 1; ``accuracy_guard``). Oracle: the *stored* quantized weights (before fusion and kernel
 conversion) dequantized in float32, float32 activations, full-precision float32 matmuls. Two checks:
@@ -617,14 +618,14 @@ def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_pat
             r = dict(info, what="generate", batch=batch, error=f"{type(e).__name__}: {str(e)[:500]}")
         rows.append(r)
         write(r)
-        if profile and batch == 1 and compiled is not None:
+        if profile and compiled is not None:
             try:
                 ids = jnp.asarray(np.tile(np.asarray(prompt, np.int32)[None], (batch, 1)))
                 fixed = (ids, jnp.ones(ids.shape, bool), jax.random.PRNGKey(0), jnp.float32(1e-6), jnp.float32(1.0))
                 b = kernel_breakdown(compiled, (params, *fixed, jnp.int32(-1)), (params, *fixed, jnp.int32(first)),
                                      new_tokens - 1)
                 b["gap_us_per_step"] = round(r["ms_per_step"] * 1e3 - b["kernel_us_per_step"], 1)
-                log(f"[{spec}] profile (batch 1, per decode step): {json.dumps(b)}")
+                log(f"[{spec}] profile (batch {batch}, per decode step): {json.dumps(b)}")
                 write(dict(info, what="profile", batch=batch, ms_per_step=r["ms_per_step"], **b))
             except Exception:
                 log(f"[{spec}] profile FAILED:\n{traceback.format_exc()[-3000:]}")
@@ -765,15 +766,16 @@ def summarize(rows):
                          f"{g.get('decode_step_rel_err_vs_bf16_xla', '-')} | {lay[-1]} ({xlay[-1]}) | {verdict} |")
     profiles = [r for r in rows if r.get("what") == "profile"]
     if profiles:
-        lines += ["", "Decode step at batch 1, CUPTI device time per step (us): kernels of the whole generation "
+        lines += ["", "Decode step, CUPTI device time per step (us): kernels of the whole generation "
                   "minus the prefill-only run, / steps; gap = ms/step (wall) - kernel time:", "",
-                  "| run | format | ms/step | kernel us | kernels | gap us | by category | "
+                  "| run | format | batch | ms/step | kernel us | kernels | gap us | by category | "
                   "top kernels (name, per step, us) |",
-                  "|" + " --- |" * 8]
+                  "|" + " --- |" * 9]
         for r in profiles:
             cats = "; ".join(f"{k} {v}" for k, v in r["categories_us_per_step"].items())
             top = "; ".join(f"{n} x{c:g} {t}" for n, c, t in r["top_kernels_per_step"][:6])
-            lines.append(f"| {r.get('run_id')} | {r['format']} | {r['ms_per_step']} | {r['kernel_us_per_step']} | "
+            lines.append(f"| {r.get('run_id')} | {r['format']} | {r['batch']} | {r['ms_per_step']} | "
+                         f"{r['kernel_us_per_step']} | "
                          f"{r.get('kernels_per_step', '')} | {r['gap_us_per_step']}"
                          f" | {cats} | {top} |")
     return lines
@@ -794,7 +796,7 @@ def main():
                          "times the bf16 XLA reference's")
     ap.add_argument("--guard-formats", default=None,
                     help="comma-separated formats that run the guard (default: all; the guard adds ~3 compiles)")
-    ap.add_argument("--profile", action="store_true", help="CUPTI breakdown of the batch-1 decode step")
+    ap.add_argument("--profile", action="store_true", help="CUPTI breakdown of the decode step (every batch)")
     ap.add_argument("--corrupt-check", action="store_true",
                     help="also run the guard on deliberately corrupted weights (it must FAIL)")
     ap.add_argument("--tiny", action="store_true", help="2 small layers (CPU smoke)")
