@@ -509,6 +509,8 @@ def _linear_leaves(params):
 # ------------------------------------------------------------------------------------------------------- profile
 def _category(name: str) -> str:
     n = name.lower()
+    if "decode_attention" in n:
+        return "pallas decode attention"
     if "mosaic_gpu" in n:
         return "pallas quantized matmul"
     if any(s in n for s in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "xmma", "dot")):
