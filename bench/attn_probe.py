@@ -38,10 +38,11 @@ def cache_index(s: int) -> int:
 def step(impl, qkv, ck, cv, pos, kv_mask):
     b, s = qkv.shape[0], ck.shape[1]
     idx = cache_index(s)
-    if impl == "pallas":  # RoPE in the kernel, q / k / v read from the fused projection's output
+    if impl.startswith("pallas"):  # RoPE in the kernel, q / k / v read from the fused projection's output
         flat = qkv[:, 0]
+        parts = 1 if impl == "pallas-1cta" else None  # one CTA per head instead of the cluster_parts default
         out, ck, cv = da.decode_attention(flat, flat, flat, ck, cv, idx, kv_mask, pos[:, 0], jnp.asarray(inv),
-                                          num_heads=H, offsets=(0, H * D, 2 * H * D))
+                                          num_heads=H, offsets=(0, H * D, 2 * H * D), parts=parts)
         return out.reshape(b, 1, -1), {"k": ck, "v": cv}
     q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].reshape(b, 1, H, D) for i in range(3))
     q, k = apply_rope(q, pos, inv), apply_rope(k, pos, inv)
@@ -63,9 +64,10 @@ def write_outputs(rows, out):
              "CUPTI kernel time of one call (median). model = models.common's XLA path; xla / cudnn = "
              "jax.nn.dot_product_attention's implementations; pallas = pallas_kernels.decode_attention (RoPE, "
              "cache write and attention in one kernel, q / k / v read from the fused projection's output; its "
-             "second kernel converts the boolean key mask to int32). The copy kernels update the probe's "
-             "non-donated cache inputs; inside the generation loop the update is in place, so \"us w/o copies\" "
-             "is the figure that carries over.", "",
+             "second kernel converts the boolean key mask to int32), with its default CTAs per head "
+             "(``cluster_parts``: a cluster of up to 8 at batch 1 on long caches); pallas-1cta = one CTA per "
+             "head. The copy kernels update the probe's non-donated cache inputs; inside the generation loop the "
+             "update is in place, so \"us w/o copies\" is the figure that carries over.", "",
              "| batch | cache | implementation | us | us w/o copies | kernels | rel err vs model |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['batch']} | {r['cache']} | {r['implementation']} | {r['us']} | {r['us_without_copies']} | "
@@ -73,9 +75,10 @@ def write_outputs(rows, out):
     checks = rows[0].get("checks", [])
     if checks:
         lines += ["", "Kernel check (NaN-poisoned output, vs the jnp reference; caches bitwise):", "",
-                  "| B, H, KV, S, D | dtype | index | key padding | RoPE dims | fused q/k/v | rel err | max abs err | "
-                  "caches equal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['shape']} | {c['dtype']} | {c['index']} | {c['padding']} | {c['rope_dims']} | "
+                  "| B, H, KV, S, D | CTAs per head | dtype | index | key padding | RoPE dims | fused q/k/v | "
+                  "rel err | max abs err | caches equal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['shape']} | {c.get('parts', 1)} | {c['dtype']} | {c['index']} | {c['padding']} | "
+                  f"{c['rope_dims']} | "
                   f"{c['fused_source']} | {c['rel_err']:.2e} | {c['max_abs_err']:.2e} | {c['caches_equal']} |"
                   for c in checks]
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
@@ -86,7 +89,8 @@ CHECK_CASES = (  # (B, H, KV, S, D, index, key padding, RoPE dims, fused q/k/v s
     (1, 32, 32, 81, 128, 40, False, 128, True, "bfloat16"), (16, 32, 32, 81, 128, 80, True, 128, True, "bfloat16"),
     (2, 8, 2, 300, 64, 257, True, 32, False, "float16"), (3, 4, 1, 17, 256, 0, False, 0, False, "bfloat16"),
     (1, 32, 8, 1000, 128, 999, True, 128, True, "bfloat16"), (1, 12, 4, 200, 64, 130, False, 64, False, "float16"),
-    (5, 6, 3, 129, 32, 128, True, 16, True, "bfloat16"))
+    (5, 6, 3, 129, 32, 128, True, 16, True, "bfloat16"), (1, 32, 32, 2048, 128, 100, True, 128, True, "bfloat16"),
+    (1, 32, 32, 2048, 128, 2047, True, 128, True, "bfloat16"))
 
 
 def check_kernel(seed: int) -> list:
@@ -114,7 +118,8 @@ def check_kernel(seed: int) -> list:
         err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
         same = bool(np.array_equal(np.asarray(ok_k), np.asarray(rk)) and np.array_equal(np.asarray(ok_v),
                                                                                          np.asarray(rv)))
-        rows.append(dict(shape=f"{b}, {h}, {kv}, {s}, {d}", index=idx, padding=padding, rope_dims=rope,
+        rows.append(dict(shape=f"{b}, {h}, {kv}, {s}, {d}", parts=da.cluster_parts(b, kv, s), index=idx,
+                         padding=padding, rope_dims=rope,
                          fused_source=fused, dtype=dt, rel_err=err,
                          max_abs_err=float(np.max(np.abs(out - ref))), caches_equal=same))
         print(f"check {rows[-1]}", flush=True)
@@ -132,7 +137,7 @@ def main():
     ap.add_argument("--out", help="JSON file for the rows")
     ap.add_argument("--caches", default="81", help="cache lengths S (comma separated)")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--impls", default="model,xla,cudnn,pallas")
+    ap.add_argument("--impls", default="model,xla,cudnn,pallas,pallas-1cta")
     ap.add_argument("--seed", type=int, default=None, help="random inputs (default: fresh)")
     args = ap.parse_args()
     seed = np.random.SeedSequence().entropy % 2**31 if args.seed is None else args.seed

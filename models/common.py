@@ -333,14 +333,10 @@ def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
 
 
 # The decode-step attention kernel (pallas_kernels.decode_attention) on GPU: on by default; "0" turns it off (the
-# same-run comparisons in bench/results/decode_attention_kernel.md). Caches longer than DECODE_KERNEL_MAX_CACHE on
-# fewer than DECODE_KERNEL_MIN_CTAS (batch x kv heads) CTAs stay on XLA: the kernel runs one CTA per (sequence, kv
-# head), and at batch 1 with 32 heads (H100, CUPTI, RoPE + cache write + attention) it measured 4.7 / 11.2 / 17.5 /
-# 37.2 us against XLA's 10.6 / 19.0 / 28.3 / 36.8 us at 81 / 512 / 1024 / 2048 slots; at batch 16 it was 2.3-2.6x
-# faster at every length.
+# same-run comparisons in bench/results/decode_attention_ab.md). Measured against XLA and cuDNN at 81-4096 cache
+# slots, batch 1 and 16 (bench/results/decode_attention_kernel.md): faster at every point, so no size rule beyond
+# what the kernel takes (``decode_attention.fits``).
 DECODE_ATTENTION_KERNEL = os.environ.get("JAXQUANT_DECODE_ATTENTION_KERNEL", "1") != "0"
-DECODE_KERNEL_MAX_CACHE = 1024
-DECODE_KERNEL_MIN_CTAS = 128
 
 
 @contextlib.contextmanager
@@ -366,10 +362,8 @@ def decode_kernel_ok(q, cache, rope_dims: int = 0) -> bool:
         return False
     from pallas_kernels import decode_attention as da
 
-    b, _, h, d = q.shape
+    _, _, h, d = q.shape
     _, s, kv, _ = cache["k"].shape
-    if s > DECODE_KERNEL_MAX_CACHE and b * kv < DECODE_KERNEL_MIN_CTAS:
-        return False
     return q.dtype == cache["k"].dtype and da.fits(h, kv, s, d, q.dtype, cache["k"].dtype, rope_dims) is None
 
 

@@ -16,19 +16,26 @@ float32 and rounded once.
 
 Why a kernel: in a LLaMA-7B decode step XLA runs this as ~6 kernels of 1.1-3.3 us each (cache updates, scores,
 exp, convert, P @ V; bench/NOTES_kernels.md "Decode step anatomy"), ~11 us per layer for ~1 MB of cache. Here it
-is one kernel: one CTA (one warpgroup, 128 threads) per (sequence, kv head), all in registers and shared memory:
+is one kernel: ``parts`` CTAs (one warpgroup, 128 threads each; a thread-block cluster when parts > 1,
+``cluster_parts``) per (sequence, kv head), all in registers and shared memory. CTA ``part`` takes the 128-slot
+chunks part, part + parts, ...:
 
   1. q's G = H / KV heads and the new k and v (RoPE applied on the way) -> shared memory (float32); the new k / v
      row -> the caches.
-  2. Scores: thread t takes key j = 128 c + t of chunk c (16-byte loads along the key's row), for every chunk up to
-     ``index``; masked keys get -inf. Block max (warp shuffles, then the 4 warps through shared memory).
-  3. exp(s - max) in place, block sum, then p = round(e / sum) in place.
-  4. P @ V: thread t owns 8 consecutive dims (t % (D / 8)) of every ``lanes`` = 128 / (D / 8)-th key (t // (D / 8)),
-     16-byte loads, 4 keys in flight; the lanes' partial sums meet in shared memory and each output element is
-     summed and stored once.
+  2. Scores: thread t takes key j = 128 c + t of its chunks c (16-byte loads along the key's row) up to ``index``;
+     masked keys get -inf. Max over the CTA (warp shuffles, then the 4 warps through shared memory), then over the
+     cluster (each CTA's max through distributed shared memory, after a cluster barrier).
+  3. exp(s - max) in place, the sum over the CTA and the cluster the same way, then p = round(e / sum) in place:
+     the probabilities are exactly the one-CTA ones.
+  4. P @ V: thread t owns 8 consecutive dims (t % (D / 8)) of every ``lanes`` = 128 / (D / 8)-th key (t // (D / 8))
+     of its chunks, 16-byte loads, 4 keys in flight; the lanes' partial sums meet in shared memory, the cluster's
+     CTAs' sums in rank order in the first CTA, which stores each output element once.
 
 Keys past ``index`` are never read. Shared memory holds G x round_up(S, 128) float32 scores, so the cache length
-is bounded (``fits``); the models fall back to XLA beyond it and where ``decode_kernel_ok`` says so.
+is bounded (``fits``); the models fall back to XLA beyond it and where ``models.common.decode_kernel_ok`` says so.
+Measured on an H100 (bench/results/decode_attention_kernel.md, 32 heads, head_dim 128, RoPE + cache write +
+attention): faster than XLA's and cuDNN's attention at 81-4096 slots at batch 1 and 16, e.g. 4.7 vs 11.0 / 9.1 us
+at 81 slots and 29.5 vs 64.2 / 37.1 us at 4096 slots at batch 1 (8 CTAs per head there; one CTA per head: 78 us).
 """
 
 from __future__ import annotations
@@ -48,11 +55,23 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def smem_bytes(g: int, s: int, d: int) -> int:
-    """Shared memory of one CTA: q [G, D], (k_new, v_new) [2, D], scores [G, S_pad], warp partials [2, 4, G] and the
-    P @ V lanes [lanes, G, D], all float32."""
+    """Shared memory of one CTA: q [G, D], (k_new, v_new) [2, D], scores [G, S_pad], warp partials [2, 4, G], the
+    P @ V lanes [lanes, G, D] and the cluster exchange [3, G * D], all float32."""
     s_pad = -(-s // THREADS) * THREADS
     lanes = THREADS // (d // VEC)
-    return 4 * (g * d + 2 * d + g * s_pad + 2 * 4 * g + lanes * g * d)
+    return 4 * (g * d + 2 * d + g * s_pad + 2 * 4 * g + lanes * g * d + 3 * g * d)
+
+
+MAX_PARTS = 8  # CTAs per (sequence, kv head): a thread-block cluster (portable size limit)
+TARGET_CTAS = 264  # ~2 CTAs per H100 SM
+
+
+def cluster_parts(b: int, kv: int, s: int) -> int:
+    """CTAs per (sequence, kv head): enough that the call has ~TARGET_CTAS CTAs, at most one per 128-slot chunk of
+    the cache and MAX_PARTS. Each CTA takes the chunks part, part + parts, ... up to the index; the cluster combines
+    the softmax statistics and the P @ V partial sums through distributed shared memory."""
+    chunks = -(-s // THREADS)
+    return max(1, min(MAX_PARTS, chunks, -(-TARGET_CTAS // (b * kv))))
 
 
 def check_shapes(q, k, v, cache_k, cache_v, num_heads: int, offsets) -> tuple[int, int, int, int]:
@@ -126,9 +145,9 @@ def reference_decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None,
     return out.reshape(b, num_heads * d).astype(q.dtype), ck, cv
 
 
-def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int):
+def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int):
     """inline_mgpu function of the whole kernel (module docstring), run by the CTA's one warpgroup. ``rope_half``:
-    R of RoPE (0: none)."""
+    R of RoPE (0: none). ``parts``: CTAs (one thread-block cluster) per (sequence, kv head)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     g_heads = h // kv
@@ -136,11 +155,12 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
     lanes = THREADS // nvd  # keys in parallel in P @ V
     s_pad = -(-s // THREADS) * THREADS
 
-    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in range(15)))
-    def run(ctx, q_g, k_g, v_g, valid_g, index_g, pos_g, freq_g, ck_g, cv_g, out_g, q_s, new_s, sc_s, red_s, pv_s):
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in range(16)))
+    def run(ctx, q_g, k_g, v_g, valid_g, index_g, pos_g, freq_g, ck_g, cv_g, out_g, q_s, new_s, sc_s, red_s, pv_s,
+            xch_s):
         del ctx
         from jax._src.lib.mlir import ir
-        from jax._src.lib.mlir.dialects import arith, memref, scf, vector
+        from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, scf, vector
         from jax._src.lib.mlir.dialects import math as mlir_math
         import jax.experimental.mosaic.gpu as mgpu
 
@@ -169,7 +189,8 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
                     when(ult(e, c(n)), lambda e=e: fn(e))
 
         tid = arith.index_cast(index, mgpu.utils.thread_idx())
-        bid = arith.index_cast(index, mgpu.utils.block_idx())
+        bid = arith.divui(arith.index_cast(index, mgpu.utils.block_idx()), c(parts))  # the cluster: (b, kv head)
+        part = gpu.cluster_block_id(gpu.Dimension.x) if parts > 1 else c(0)  # this CTA's chunks: part + parts i
         bb, kvh = arith.divui(bid, c(kv)), arith.remui(bid, c(kv))
         lane, warp = arith.remui(tid, c(32)), arith.divui(tid, c(32))
         raw = memref.load(index_g, [c(0)])  # clamped to [0, S - 1], as dynamic_update_slice clamps
@@ -211,7 +232,17 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
         strided(d, stage_new)
         mgpu.utils.warpgroup_barrier()
 
-        def block_reduce(values, op, row):  # [G] per thread -> [G] over the CTA (red_s[row] as scratch)
+        def cluster_sync():  # release / acquire across the cluster's CTAs (all their threads)
+            llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
+                            "barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;", "",
+                            has_side_effects=True)
+
+        # every rank's exchange buffer (this CTA's too, through the cluster mapping), in rank order
+        peers = [mgpu.utils.get_cluster_ref(xch_s, gpu.Dimension.x, c(r)) for r in range(parts)] if parts > 1 else []
+
+        def block_reduce(values, op, row):
+            """[G] per thread -> [G] over the CTA (red_s[row] as scratch), then over the cluster's CTAs in rank
+            order (xch_s[row] through distributed shared memory)."""
             for gi, v in enumerate(values):
                 r = mgpu.utils.warp_tree_reduce(v, op, 32)
                 when(eq(lane, c(0)), lambda r=r, gi=gi: memref.store(r, red_s, [c(row), warp, c(gi)]))
@@ -222,12 +253,23 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
                 for w in range(1, 4):
                     r = op(r, memref.load(red_s, [c(row), c(w), c(gi)]))
                 out.append(r)
+            if parts == 1:
+                return out
+            for gi, r in enumerate(out):
+                when(eq(tid, c(0)), lambda r=r, gi=gi: memref.store(r, xch_s, [c(row), c(gi)]))
+            cluster_sync()
+            out = []
+            for gi in range(g_heads):
+                r = memref.load(peers[0], [c(row), c(gi)])
+                for peer in peers[1:]:
+                    r = op(r, memref.load(peer, [c(row), c(gi)]))
+                out.append(r)
             return out
 
-        # 2. scores for chunks 0 .. index // 128 (thread t: key 128 c + t)
+        # 2. scores for this CTA's chunks among 0 .. index // 128 (thread t: key 128 c + t)
         n_chunks = arith.addi(arith.divui(idx, c(THREADS)), c(1))
         neg_inf = fc(-math.inf)
-        loop = scf.ForOp(c(0), n_chunks, c(1), [neg_inf] * g_heads)
+        loop = scf.ForOp(part, n_chunks, c(parts), [neg_inf] * g_heads)
         with ir.InsertionPoint(loop.body):
             j = arith.addi(arith.muli(loop.induction_variable, c(THREADS)), tid)
             live = scf.IfOp(ule(j, idx), [f32] * g_heads, has_else=True)
@@ -258,7 +300,7 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
 
         # 3. e = exp(s - max) in place and its block sum, then p = round(e / sum) in place
         def over_chunks(init, fn):
-            lp = scf.ForOp(c(0), n_chunks, c(1), init)
+            lp = scf.ForOp(part, n_chunks, c(parts), init)
             with ir.InsertionPoint(lp.body):
                 jj = arith.addi(arith.muli(lp.induction_variable, c(THREADS)), tid)
                 scf.yield_(fn(jj, list(lp.inner_iter_args)))
@@ -289,51 +331,76 @@ def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, r
         vnew = vector.load(vec_f32, new_s, [c(1), d0])
         n_keys = arith.addi(idx, c(1))
         zero_vec = vector.broadcast(vec_f32, fc(0.0))
-        pv = scf.ForOp(c(0), n_keys, c(lanes * UNROLL), [zero_vec] * g_heads)
-        with ir.InsertionPoint(pv.body):
-            accs = list(pv.inner_iter_args)
-            for u in range(UNROLL):
-                jj = arith.addi(pv.induction_variable, arith.addi(jl, c(u * lanes)))
-                inb = ult(jj, n_keys)
-                jc = arith.select(inb, jj, c(0))  # out-of-range lanes read slot 0 with p = 0
-                vvec = arith.extf(vec_f32, vector.load(vec_cache, cv_g, [bb, jc, kvh, d0]))
-                vvec = arith.select(eq(jj, idx), vnew, vvec)
-                for gi in range(g_heads):
-                    p = arith.select(inb, memref.load(sc_s, [c(gi), jc]), fc(0.0))
-                    accs[gi] = arith.addf(accs[gi], arith.mulf(vector.broadcast(vec_f32, p), vvec))
-            scf.yield_(accs)
+        chunks = scf.ForOp(part, n_chunks, c(parts), [zero_vec] * g_heads)
+        with ir.InsertionPoint(chunks.body):
+            first = arith.muli(chunks.induction_variable, c(THREADS))
+            end = arith.minui(arith.addi(first, c(THREADS)), n_keys)
+            pv = scf.ForOp(first, end, c(lanes * UNROLL), list(chunks.inner_iter_args))
+            with ir.InsertionPoint(pv.body):
+                accs = list(pv.inner_iter_args)
+                for u in range(UNROLL):
+                    jj = arith.addi(pv.induction_variable, arith.addi(jl, c(u * lanes)))
+                    inb = ult(jj, end)
+                    jc = arith.select(inb, jj, first)  # out-of-range lanes read the chunk's first slot with p = 0
+                    vvec = arith.extf(vec_f32, vector.load(vec_cache, cv_g, [bb, jc, kvh, d0]))
+                    vvec = arith.select(eq(jj, idx), vnew, vvec)
+                    for gi in range(g_heads):
+                        p = arith.select(inb, memref.load(sc_s, [c(gi), jc]), fc(0.0))
+                        accs[gi] = arith.addf(accs[gi], arith.mulf(vector.broadcast(vec_f32, p), vvec))
+                scf.yield_(accs)
+            scf.yield_(list(pv.results))
         for gi in range(g_heads):
-            vector.store(pv.results[gi], pv_s, [jl, c(gi), d0])
+            vector.store(chunks.results[gi], pv_s, [jl, c(gi), d0])
         mgpu.utils.warpgroup_barrier()
 
-        def finish(e):
+        def lane_sum(e):  # this CTA's P @ V for output element e = (gi, dd)
             gi, dd = arith.divui(e, c(d)), arith.remui(e, c(d))
             tot = memref.load(pv_s, [c(0), gi, dd])
             for ln in range(1, lanes):
                 tot = arith.addf(tot, memref.load(pv_s, [c(ln), gi, dd]))
+            return gi, dd, tot
+
+        def store(gi, dd, tot):
             memref.store(arith.truncf(elt, tot), out_g, [bb, arith.addi(arith.muli(arith.addi(head0, gi), c(d)), dd)])
 
-        strided(g_heads * d, finish)
+        if parts == 1:
+            strided(g_heads * d, lambda e: store(*lane_sum(e)))
+            return
+        # the cluster's CTAs add their P @ V in rank order (the first one stores); a last barrier keeps every CTA's
+        # shared memory alive until it has been read
+        strided(g_heads * d, lambda e: memref.store(lane_sum(e)[2], xch_s, [c(2), e]))
+        cluster_sync()
+
+        def gather(e):
+            gi, dd = arith.divui(e, c(d)), arith.remui(e, c(d))
+            tot = memref.load(peers[0], [c(2), e])
+            for peer in peers[1:]:
+                tot = arith.addf(tot, memref.load(peer, [c(2), e]))
+            store(gi, dd, tot)
+
+        when(eq(part, c(0)), lambda: strided(g_heads * d, gather))
+        cluster_sync()
 
     return run, (plgpu.SMEM((g_heads, d), jnp.float32), plgpu.SMEM((2, d), jnp.float32),
                  plgpu.SMEM((g_heads, s_pad), jnp.float32), plgpu.SMEM((2, 4, g_heads), jnp.float32),
-                 plgpu.SMEM((lanes, g_heads, d), jnp.float32))
+                 plgpu.SMEM((lanes, g_heads, d), jnp.float32), plgpu.SMEM((3, g_heads * d), jnp.float32))
 
 
 @functools.lru_cache(maxsize=None)
 def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: float, offsets, rope_half: int,
-           poisoned: bool):
+           poisoned: bool, parts: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    run, scratch = _make_body(b, h, kv, s, d, scale, offsets, rope_half)
+    run, scratch = _make_body(b, h, kv, s, d, scale, offsets, rope_half, parts)
 
     def body(*refs):  # q, k, v, key_valid, index, positions, inv_freq, cache_k, cache_v, out
         pl.run_scoped(lambda *smem: run(*refs, *smem), *scratch)
 
     out_type = () if poisoned else jax.ShapeDtypeStruct((b, h * d), jnp.dtype(dtype_name))
-    kernel = pl.kernel(body, out_type=out_type, mesh=plgpu.Mesh(grid=(b * kv,), grid_names=("bk",)),
-                       compiler_params=plgpu.CompilerParams(), name=f"decode_attention_h{h}_kv{kv}_d{d}")
+    cluster = dict(cluster=(parts,), cluster_names=("part",)) if parts > 1 else {}
+    kernel = pl.kernel(body, out_type=out_type, mesh=plgpu.Mesh(grid=(b * kv,), grid_names=("bk",), **cluster),
+                       compiler_params=plgpu.CompilerParams(), name=f"decode_attention_h{h}_kv{kv}_d{d}_p{parts}")
 
     def call(inputs, cache_k, cache_v, out=None):
         # the caches (and a given out) are Refs: the kernel writes them in place, aliased in and out of the call
@@ -345,13 +412,14 @@ def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: floa
     return call
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "offsets", "scale"))
+@functools.partial(jax.jit, static_argnames=("num_heads", "offsets", "scale", "parts"))
 def decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None, positions=None, inv_freq=None, *,
-                     num_heads: int, offsets=(0, 0, 0), scale: Optional[float] = None, out=None):
+                     num_heads: int, offsets=(0, 0, 0), scale: Optional[float] = None, out=None,
+                     parts: Optional[int] = None):
     """Mosaic GPU kernel (module docstring): -> (out [B, H * D] in q's dtype, cache_k, cache_v), the caches updated
     in place. ``index`` is clamped to [0, S - 1] as ``lax.dynamic_update_slice`` clamps it. RoPE when ``inv_freq``
     [R] (float32) is given, at ``positions`` [B]. ``out``: optional [B, H * D] buffer the kernel writes into (tests
-    poison it, so unwritten elements show)."""
+    poison it, so unwritten elements show). ``parts``: CTAs per (sequence, kv head), default ``cluster_parts``."""
     offsets = tuple(int(o) for o in offsets)
     b, kv, s, d = check_shapes(q, k, v, cache_k, cache_v, num_heads, offsets)
     rope_half = 0 if inv_freq is None else int(inv_freq.shape[0])
@@ -371,6 +439,10 @@ def decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None, positions
         raise ValueError(f"decode_attention: out {out.shape} {out.dtype} must be {(b, num_heads * d)} {q.dtype}")
     pos = jnp.zeros((b,), jnp.int32) if positions is None else positions.astype(jnp.int32)
     freq = jnp.zeros((1,), jnp.float32) if inv_freq is None else jnp.asarray(inv_freq, jnp.float32)
-    call = _build(b, num_heads, kv, s, d, jnp.dtype(q.dtype).name, scale, offsets, rope_half, out is not None)
+    parts = cluster_parts(b, kv, s) if parts is None else int(parts)
+    if not 1 <= parts <= MAX_PARTS:
+        raise ValueError(f"decode_attention: parts={parts}, need 1..{MAX_PARTS} CTAs per (sequence, kv head)")
+    call = _build(b, num_heads, kv, s, d, jnp.dtype(q.dtype).name, scale, offsets, rope_half, out is not None,
+                  parts)
     inputs = (q, k, v, valid, jnp.asarray(index, jnp.int32).reshape(1), pos, freq)
     return call(inputs, cache_k, cache_v, out)
