@@ -325,16 +325,15 @@ def time_generate(compiled, params, prompt, batch: int, new_tokens: int, reps: i
     return statistics.median(total), statistics.median(prefill), first, steps, total
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def guard_forward(module, params, ids, token, highest: bool, xla_attention: bool = False):
-    """Prefill last-position logits [B, V], one decode step's logits [B, V] (KV cache in the module's dtype) and the
-    prefill's linear inputs (the ``intermediates`` Linear sows). ``highest``: float32 matmuls at full precision (on
-    the GPU the default lets XLA use TF32), for the float32 oracle. ``xla_attention``: the decode step with XLA's
-    attention instead of the Pallas decode kernel (a static argument: the choice is made when the step is traced)."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def guard_forward(module, params, ids, token, highest: bool):
+    """Prefill last-position logits [B, V]; one decode step's logits [B, V] (KV cache in the module's dtype) as
+    dispatched (the Pallas decode-attention kernel on GPU) and the same step with XLA's attention, both from the one
+    prefill's cache; the prefill's linear inputs (the ``intermediates`` Linear sows). ``highest``: float32 matmuls
+    at full precision (on the GPU the default lets XLA use TF32), for the float32 oracle."""
     from models.common import init_cache, xla_decode_attention
 
-    with (jax.default_matmul_precision("highest") if highest else contextlib.nullcontext()), \
-            (xla_decode_attention() if xla_attention else contextlib.nullcontext()):
+    with (jax.default_matmul_precision("highest") if highest else contextlib.nullcontext()):
         b, t = ids.shape
         cfg = module.config
         cache = init_cache(cfg.num_layers, b, t + 1, *cfg.kv_cache_shape, module.dtype)
@@ -342,9 +341,16 @@ def guard_forward(module, params, ids, token, highest: bool, xla_attention: bool
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         (logits, cache), state = module.apply({"params": params}, ids, pos, cache=cache, cache_index=0,
                                               kv_mask=kv_mask, mutable=["intermediates"])
-        step, _ = module.apply({"params": params}, token[:, None], jnp.full((b, 1), t), cache=cache, cache_index=t,
-                               kv_mask=kv_mask)
-    return logits[:, -1], step[:, -1], state["intermediates"]
+
+        def step():
+            out, _ = module.apply({"params": params}, token[:, None], jnp.full((b, 1), t), cache=cache,
+                                  cache_index=t, kv_mask=kv_mask)
+            return out[:, -1]
+
+        dispatched = step()
+        with xla_decode_attention():  # read while this function is traced
+            with_xla_attention = step()
+    return logits[:, -1], dispatched, with_xla_attention, state["intermediates"]
 
 
 @jax.jit
@@ -437,21 +443,19 @@ def accuracy_guard(module, params, stored, prompt, key, linear_tol=1e-2, model_f
     token = jax.random.randint(key, (1,), 0, cfg.vocab_size, jnp.int32)
     f32_module = module.clone(dtype=jnp.float32)
     oracle = oracle_params(stored)
-    o_pre, o_step, o_inter = guard_forward(f32_module, oracle, ids, token, True)
+    o_pre, _, o_step, o_inter = guard_forward(f32_module, oracle, ids, token, True)  # the oracle: XLA attention
     o_layers = _first_linear_inputs(o_inter, cfg.num_layers)
     del oracle, o_inter
     quantized = bool(weight_classes(params))
-    # the decode step with XLA's attention: the reference of the Pallas decode kernel's step
-    _, xa_step, _ = guard_forward(module, params, ids, token, False, True)
     if quantized:
         ref = dense_reference(params)
-        x_pre, x_step, x_inter = guard_forward(module, ref, ids, token, False, True)
+        x_pre, _, x_step, x_inter = guard_forward(module, ref, ids, token, False)  # XLA matmuls and attention
         x_layers = _first_linear_inputs(x_inter, cfg.num_layers)
         del ref, x_inter
     out_o = (o_pre, o_step)
 
     def evaluate(p):
-        g_pre, g_step, g_inter = guard_forward(module, p, ids, token, False)
+        g_pre, g_step, xa_step, g_inter = guard_forward(module, p, ids, token, False)
         g = {}
         for name, got, want in (("prefill", g_pre, o_pre), ("decode_step", g_step, o_step)):
             g[f"{name}_rel_err_vs_f32"] = float(f"{_rel(got, want):.3g}")

@@ -343,7 +343,8 @@ DECODE_ATTENTION_KERNEL = os.environ.get("JAXQUANT_DECODE_ATTENTION_KERNEL", "1"
 def xla_decode_attention():
     """Within it, :func:`cached_attention` keeps the XLA path at decode steps too (references, A/B runs). The choice
     is made when a forward is traced: a jitted function already traced outside keeps its cached program, so make
-    the choice part of its cache key (a static argument), as ``bench/decode.py``'s ``guard_forward`` does."""
+    the choice part of its cache key (a static argument), or enter this inside the traced function, as
+    ``bench/decode.py``'s ``guard_forward`` does."""
     global DECODE_ATTENTION_KERNEL
     old, DECODE_ATTENTION_KERNEL = DECODE_ATTENTION_KERNEL, False
     try:

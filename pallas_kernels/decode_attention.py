@@ -145,7 +145,7 @@ def reference_decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None,
     return out.reshape(b, num_heads * d).astype(q.dtype), ck, cv
 
 
-def _make_body(b: int, h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int):
+def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int):
     """inline_mgpu function of the whole kernel (module docstring), run by the CTA's one warpgroup. ``rope_half``:
     R of RoPE (0: none). ``parts``: CTAs (one thread-block cluster) per (sequence, kv head)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -392,7 +392,7 @@ def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: floa
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    run, scratch = _make_body(b, h, kv, s, d, scale, offsets, rope_half, parts)
+    run, scratch = _make_body(h, kv, s, d, scale, offsets, rope_half, parts)
 
     def body(*refs):  # q, k, v, key_valid, index, positions, inv_freq, cache_k, cache_v, out
         pl.run_scoped(lambda *smem: run(*refs, *smem), *scratch)

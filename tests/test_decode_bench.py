@@ -159,6 +159,33 @@ def test_guard_passes_on_dispatched_path_and_catches_a_wrong_product(rng):
     assert not bad["guard_ok"] and not bad["linear_ok"] and bad["linear_worst"].startswith("layers_0/self_attn/o_proj")
 
 
+def test_guard_judges_the_decode_attention_path(rng, monkeypatch):
+    """The guard's decode step runs the attention path the models dispatch to, and its XLA-attention reference does
+    not: a decode-attention kernel that doubles its output fails the guard (on the CPU the dispatch is forced and the
+    kernel's jnp reference stands in for it)."""
+    import models.common as mc
+    from pallas_kernels import decode_attention as da
+
+    dims = dict(DIMS, num_layers=1)
+    module, params, stored, _ = decode.build_model("bf16", _key(rng), dims, keep_stored=True)
+    prompt = rng.integers(0, dims["vocab_size"], 16)
+    monkeypatch.setattr(mc, "decode_kernel_ok", lambda q, cache, rope_dims=0: (
+        mc.DECODE_ATTENTION_KERNEL and cache is not None and q.shape[1] == 1 and q.dtype == cache["k"].dtype))
+
+    def kernel(factor, *args, **kwargs):
+        out, ck, cv = da.reference_decode_attention(*args, **kwargs)
+        return (out.astype(jnp.float32) * factor).astype(out.dtype), ck, cv
+
+    monkeypatch.setattr(da, "decode_attention", functools.partial(kernel, 1.0))
+    good, _ = decode.accuracy_guard(module, params, stored, prompt, _key(rng))
+    assert good["attention_ok"] and good["guard_ok"], good
+    monkeypatch.setattr(da, "decode_attention", functools.partial(kernel, 2.0))
+    jax.clear_caches()  # guard_forward is jitted: retrace it with the broken kernel
+    bad, _ = decode.accuracy_guard(module, params, stored, prompt, _key(rng))
+    assert not bad["attention_ok"] and not bad["guard_ok"], bad
+    assert bad["decode_step_rel_err_vs_xla_attention"] > 10 * good["decode_step_rel_err_vs_xla_attention"], bad
+
+
 def test_summary_ratios_are_same_run_or_flagged():
     base = dict(what="generate", path="p", avg_bits=None, ms_per_step=1.0, prefill_s=0.01, peak_mem_gb=1.0,
                 process_peak_gb=1.0, params_gb=1.0)
