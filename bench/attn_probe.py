@@ -85,12 +85,15 @@ def write_outputs(rows, out):
         f.write("\n".join(lines) + "\n")
 
 
-CHECK_CASES = (  # (B, H, KV, S, D, index, key padding, RoPE dims, fused q/k/v source, dtype)
+CHECK_CASES = (  # (B, H, KV, S, D, index, key padding, RoPE dims, fused q/k/v source (or "slots"), dtype)
     (1, 32, 32, 81, 128, 40, False, 128, True, "bfloat16"), (16, 32, 32, 81, 128, 80, True, 128, True, "bfloat16"),
     (2, 8, 2, 300, 64, 257, True, 32, False, "float16"), (3, 4, 1, 17, 256, 0, False, 0, False, "bfloat16"),
     (1, 32, 8, 1000, 128, 999, True, 128, True, "bfloat16"), (1, 12, 4, 200, 64, 130, False, 64, False, "float16"),
     (5, 6, 3, 129, 32, 128, True, 16, True, "bfloat16"), (1, 32, 32, 2048, 128, 100, True, 128, True, "bfloat16"),
-    (1, 32, 32, 2048, 128, 2047, True, 128, True, "bfloat16"))
+    (1, 32, 32, 2048, 128, 2047, True, 128, True, "bfloat16"),
+    # q / k / v summed from float32 partial slots (a quantized projection's PartialSums)
+    (1, 32, 32, 81, 128, 40, False, 128, "slots", "bfloat16"), (16, 8, 2, 300, 64, 257, True, 32, "slots", "float16"),
+    (1, 32, 32, 2048, 128, 1000, True, 128, "slots", "bfloat16"))
 
 
 def check_kernel(seed: int) -> list:
@@ -102,6 +105,12 @@ def check_kernel(seed: int) -> list:
             src = jax.random.normal(ks[0], (b, 3 + (h + 2 * kv) * d + 5), dt)
             q = k = v = src
             offsets = (3, 3 + h * d, 3 + (h + kv) * d)
+            if fused == "slots":  # 3 random float32 slots summing to src, padded rows / columns random too
+                f = src.shape[1]
+                noise = jax.random.normal(ks[7], (2, f + 7, max(8, b)), jnp.float32)
+                last = jax.random.normal(jax.random.fold_in(ks[7], 1), noise.shape[1:], jnp.float32)
+                last = last.at[:f, :b].set(src.astype(jnp.float32).T - noise[:, :f, :b].sum(0))
+                q = k = v = jnp.concatenate([noise, last[None]])
         else:
             q, k, v = (jax.random.normal(kk, (b, hh * d), dt) for kk, hh in zip(ks[:3], (h, kv, kv)))
             offsets = (0, 0, 0)

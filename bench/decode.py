@@ -282,6 +282,12 @@ def compile_generate(module, params, batch: int, prompt_len: int, new_tokens: in
     return lowered.compile()
 
 
+def steps_per_check() -> int:
+    from models.generate import STEPS_PER_CHECK
+
+    return STEPS_PER_CHECK
+
+
 def program_peak_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -614,7 +620,8 @@ def run_format(spec, batches, prompt_len, new_tokens, reps, dims, seed, rows_pat
                      ms_per_step=round(1e3 * decode_s / (new_tokens - 1), 3),
                      prefill_tokens_per_s=round(batch * prompt_len / prefill, 1),
                      peak_mem_gb=None if prog is None else round(prog / 1e9, 3),
-                     process_peak_gb=None if peak is None else round(peak / 1e9, 3), compile_s=round(compile_s, 1))
+                     process_peak_gb=None if peak is None else round(peak / 1e9, 3), compile_s=round(compile_s, 1),
+                     steps_per_check=steps_per_check())
             log(f"[{spec}] batch {batch}: {r['tokens_per_s']} tok/s ({r['ms_per_step']} ms/step), prefill "
                 f"{prefill * 1e3:.1f} ms, program peak {r['peak_mem_gb']} GB (process {r['process_peak_gb']} GB), "
                 f"compile {compile_s:.1f} s")

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

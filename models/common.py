@@ -55,15 +55,27 @@ def as_array(x):
     return x.value() if isinstance(x, NormedInput) else x
 
 
-def matmul(x, kernel) -> jax.Array:
+def matmul(x, kernel, partial_sums: bool = False):
     """``x @ kernel`` for a dense kernel, or the quantized weight's own matmul (reference path or Pallas kernel);
-    x may be a NormedInput (the kernel applies the norm where it can)."""
+    x may be a NormedInput (the kernel applies the norm where it can). ``partial_sums``: a kernel that leaves float32
+    partial slots may return them unsummed (``pallas_kernels.gptq_matmul.PartialSums``; ``dense_output`` sums)."""
+    kw = {"partial_sums": True} if partial_sums and getattr(kernel, "takes_partial_sums", False) else {}
     if isinstance(x, NormedInput) and getattr(kernel, "fuses_rms_norm", False):
-        return kernel.matmul(x.x, rms_norm=(x.scale, x.eps))
+        return kernel.matmul(x.x, rms_norm=(x.scale, x.eps), **kw)
     x = as_array(x)
     if hasattr(kernel, "matmul"):
-        return kernel.matmul(x)
+        return kernel.matmul(x, **kw)
     return jnp.matmul(x, kernel.astype(x.dtype))
+
+
+# On by default; "0" makes a fused q/k/v projection hand the decode-attention kernel its summed output instead of its
+# partial slots (the same-run comparison in bench/results/decode_qkv_slots.md).
+QKV_PARTIAL_SUMS = os.environ.get("JAXQUANT_QKV_PARTIAL_SUMS", "1") != "0"
+
+
+def dense_output(y, lead: tuple) -> jax.Array:
+    """A Linear's output as an array [*lead, N]: y itself, or the sum of a PartialSums' slots."""
+    return y.value().reshape(*lead, -1) if hasattr(y, "partials") else y
 
 
 def fuses_rms_norm(module: nn.Module, *path: str) -> bool:
@@ -87,7 +99,8 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x) -> jax.Array:
+    def __call__(self, x, partial_sums: bool = False):
+        """``partial_sums`` (no bias): the kernel's unsummed partial slots where it leaves them (``matmul``)."""
         if self.has_variable("params", "kernel"):
             # get_variable, not param: flax checks a param's shape against its initializer, and a quantized kernel is
             # a pytree of packed arrays whose leaves have other shapes.
@@ -95,7 +108,7 @@ class Linear(nn.Module):
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
         self.sow("intermediates", "inputs", as_array(x))  # dropped by XLA unless intermediates is mutable
-        y = matmul(x, kernel)
+        y = matmul(x, kernel, partial_sums and not self.use_bias)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + bias.astype(y.dtype)
@@ -332,6 +345,20 @@ def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+# On by default; "0" turns it off (the same-run comparison in bench/results/decode_residual_barrier.md).
+RESIDUAL_BARRIER = os.environ.get("JAXQUANT_RESIDUAL_BARRIER", "1") != "0"
+
+
+def residual_stream(h: jax.Array) -> jax.Array:
+    """The residual stream after a layer's add, materialised at a decode step (T = 1). Without the barrier XLA
+    fuses each add (with the linear's stream-K partial sums) into the next layer's add and recomputes the chain of
+    several layers there: in a LLaMA-7B GPTQ decode step the 64 adds took ~180 us instead of ~85
+    (bench/NOTES_kernels.md, "The residual stream barrier")."""
+    if RESIDUAL_BARRIER and h.ndim == 3 and h.shape[1] == 1:
+        return jax.lax.optimization_barrier(h)
+    return h
+
+
 # The decode-step attention kernel (pallas_kernels.decode_attention) on GPU: on by default; "0" turns it off (the
 # same-run comparisons in bench/results/decode_attention_ab.md). Measured against XLA and cuDNN at 81-4096 cache
 # slots, batch 1 and 16 (bench/results/decode_attention_kernel.md): faster at every point, so no size rule beyond
@@ -376,14 +403,16 @@ def cached_attention(q, k, v, cache, cache_index, kv_mask, act, scale: Optional[
     q [B, T, H, D], k / v [B, T, KV, D]; ``rope``: (positions [B, T], inv_freq) to rotate q and k here (so the
     kernel can do it itself), None if they already are. ``fused_qkv``: (qkv [B, T, F], (oq, ok, ov)) when q, k and v
     are slices of one projection output at those feature offsets: the kernel then reads them from it, with no XLA
-    slice between. Returns (out [B, T, H, D], new cache)."""
+    slice between; qkv may be that projection's PartialSums (``Linear(partial_sums=True)``), whose slots the kernel
+    sums itself. Returns (out [B, T, H, D], new cache)."""
     b, t, h, d = q.shape
     inv_freq = None if rope is None else jnp.asarray(rope[1], jnp.float32)
     if decode_kernel_ok(q, cache, 0 if inv_freq is None else 2 * inv_freq.shape[0]):
         from pallas_kernels import decode_attention as da
 
-        if fused_qkv is not None:
-            flat, offsets = fused_qkv[0].reshape(b, -1), fused_qkv[1]
+        if fused_qkv is not None:  # the projection's output, or its partial slots (the kernel sums them)
+            src, offsets = fused_qkv
+            flat = src.partials if hasattr(src, "partials") else src.reshape(b, -1)
             sources = (flat, flat, flat)
         else:
             sources, offsets = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)), (0, 0, 0)

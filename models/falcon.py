@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, cached_attention,
-                           rope_inverse_frequencies, rope_parameters)
+                           residual_stream, rope_inverse_frequencies, rope_parameters)
 from models.weights import Rule
 
 # HF get_activation names -> JAX. Falcon's default "gelu" is transformers' GELUActivation: exact (erf) GELU.
@@ -229,9 +229,9 @@ class DecoderLayer(nn.Module):
             attn_in = mlp_in = self.input_layernorm(h)
         attn, cache = self.self_attention(attn_in, positions, cache, cache_index, kv_mask)
         if c.parallel_attn:
-            return h + (self.mlp(mlp_in) + attn), cache
-        h = h + attn
-        return h + self.mlp(self.post_attention_layernorm(h)), cache
+            return residual_stream(h + (self.mlp(mlp_in) + attn)), cache
+        h = residual_stream(h + attn)
+        return residual_stream(h + self.mlp(self.post_attention_layernorm(h))), cache
 
 
 class FalconForCausalLM(CausalLM):

@@ -2,11 +2,14 @@
 
 Prompts are left-padded to a common length (rounded up to ``pad_to`` so nearby prompt lengths share one compiled
 program); the prefill and the whole decode loop (``lax.while_loop``) are one ``jax.jit`` program, so generating N
-tokens never recompiles per token.
+tokens never recompiles per token. The loop checks its stop condition (length, every row at EOS) once per
+``steps_per_check`` decode steps, which run as a fixed-count inner loop: a GPU while loop copies its condition to
+the host and waits for it at every iteration, so checking every step would leave the GPU idle between steps.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -28,9 +31,14 @@ def sample_top_p(logits: jax.Array, key, temperature: float, top_p: float) -> ja
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "greedy", "cache_dtype"))
+# Decode steps per stop-condition check (bench/results/decode_steps_per_check.md); JAXQUANT_STEPS_PER_CHECK=1 checks
+# every step, as before.
+STEPS_PER_CHECK = int(os.environ.get("JAXQUANT_STEPS_PER_CHECK", "8"))
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "greedy", "cache_dtype", "steps_per_check"))
 def _generate(module, params, ids, prompt_mask, key, temperature, top_p, eos_id, *, max_new_tokens: int,
-              greedy: bool, cache_dtype):
+              greedy: bool, cache_dtype, steps_per_check: int = STEPS_PER_CHECK):
     batch, prompt_len = ids.shape
     config = module.config
     kv_heads, head_dim = config.kv_cache_shape
@@ -54,25 +62,33 @@ def _generate(module, params, ids, prompt_mask, key, temperature, top_p, eos_id,
         step, _, _, _, _, done, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
+    def decode_step(_, state):
         step, token, pos, cache, out, done, key = state
         logits, cache = apply(token[:, None], pos[:, None], cache=cache, cache_index=prompt_len + step - 1,
                               kv_mask=kv_mask)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, eos_id, pick(logits[:, -1], sub))
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        # steps past max_new_tokens (the last group's overrun) write nothing out; their cache write clamps to the
+        # last slot, which no later step reads
+        out = jnp.where(step < max_new_tokens, jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step)), out)
         return step + 1, nxt, pos + 1, cache, out, done | (nxt == eos_id), key
 
+    def body(state):
+        return jax.lax.fori_loop(0, steps_per_check, decode_step, state)
+
     step, *_, out, done, _ = jax.lax.while_loop(cond, body, state)
-    return out, step
+    return out, jnp.minimum(step, max_new_tokens)
 
 
 def generate(module, params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None, pad_id: int = 0, pad_to: int = 16,
-             cache_dtype=None) -> list:
-    """Generates up to ``max_new_tokens`` per prompt; returns the new token ids of each (cut after EOS)."""
+             cache_dtype=None, steps_per_check: int = STEPS_PER_CHECK) -> list:
+    """Generates up to ``max_new_tokens`` per prompt; returns the new token ids of each (cut after EOS). The loop
+    stops within ``steps_per_check`` steps of every row reaching EOS (module docstring)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if steps_per_check < 1:
+        raise ValueError(f"steps_per_check must be >= 1, got {steps_per_check}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -88,7 +104,7 @@ def generate(module, params, prompts: Sequence[Sequence[int]], max_new_tokens: i
     out, steps = _generate(module, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(seed),
                            jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                            jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens,
-                           greedy=temperature == 0.0, cache_dtype=cache_dtype)
+                           greedy=temperature == 0.0, cache_dtype=cache_dtype, steps_per_check=steps_per_check)
     out = np.asarray(out)[:, : int(steps)]
     result = []
     for row in out:

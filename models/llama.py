@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import common
 from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, as_array, cached_attention,
-                           fuses_rms_norm, rope_inverse_frequencies, rope_parameters)
+                           dense_output, fuses_rms_norm, residual_stream, rope_inverse_frequencies, rope_parameters)
 from models.weights import Rule
 
 
@@ -104,9 +105,11 @@ class Attention(AttentionModule):
         fused = None
         if self.fused_qkv:
             q_n, kv_n = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            qkv = self.qkv_proj(x)
+            # at a decode step the attention kernel reads the projection's partial slots (no XLA sum between)
+            out = self.qkv_proj(x, partial_sums=t == 1 and common.QKV_PARTIAL_SUMS)
+            qkv = dense_output(out, (b, t))
             q, k, v = qkv[..., :q_n], qkv[..., q_n:q_n + kv_n], qkv[..., q_n + kv_n:]
-            fused = (qkv, (0, q_n, q_n + kv_n))
+            fused = (out, (0, q_n, q_n + kv_n))
         else:
             x = as_array(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -158,9 +161,9 @@ class DecoderLayer(nn.Module):
         # a norm whose linear's kernel applies it (fuses_rms_norm) hands that linear its input and scale instead
         x = self.input_layernorm(h, deferred=fuses_rms_norm(self, "self_attn", "qkv_proj"))
         attn, cache = self.self_attn(x, positions, cache, cache_index, kv_mask)
-        h = h + attn
+        h = residual_stream(h + attn)
         x = self.post_attention_layernorm(h, deferred=fuses_rms_norm(self, "mlp", "gate_up_proj"))
-        h = h + self.mlp(x)
+        h = residual_stream(h + self.mlp(x))
         return h, cache
 
 

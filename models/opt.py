@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.common import AttentionModule, CausalLM, Embed, LayerNorm, Linear, cached_attention, permuted_input
+from models.common import (AttentionModule, CausalLM, Embed, LayerNorm, Linear, cached_attention, permuted_input,
+                           residual_stream)
 from models.weights import Rule
 
 # HF ACT2FN names -> JAX. "gelu" is the exact (erf) GELU, the tanh forms are the approximate one.
@@ -175,11 +176,11 @@ class DecoderLayer(nn.Module):
         pre_ln = self.config.do_layer_norm_before
         x = self.self_attn_layer_norm(h) if pre_ln else h
         attn, cache = self.self_attn(x, cache, cache_index, kv_mask)
-        h = h + attn
+        h = residual_stream(h + attn)
         if not pre_ln:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if pre_ln else h
-        h = h + self.fc2(ACTIVATIONS[self.config.activation](self.fc1(x)))
+        h = residual_stream(h + self.fc2(ACTIVATIONS[self.config.activation](self.fc1(x))))
         if not pre_ln:
             h = self.final_layer_norm(h)
         return h, cache

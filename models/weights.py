@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 

@@ -3,10 +3,12 @@ reference.
 
     q [B, Fq], k [B, Fk], v [B, Fv] (the new token's projections; query head h is q[:, oq + h D : oq + (h + 1) D],
     kv head g is k[:, ok + g D : ...] and v[:, ov + g D : ...] for the static ``offsets`` (oq, ok, ov), so the three
-    may be one fused q/k/v output passed three times), cache_k / cache_v [B, S, KV, D], index (int32 scalar: the
+    may be one fused q/k/v output passed three times; or all three float32 partial slots [P, F, M >= B] of a
+    quantized projection (``gptq_matmul.PartialSums``): the source is then their sum over P, transposed and rounded
+    to the cache dtype, summed here), cache_k / cache_v [B, S, KV, D], index (int32 scalar: the
     cache slot of the new token), key_valid [B, S] (0 = a padding key), and optionally RoPE: positions [B] and
     inv_freq [R] (rotate-half over the first 2 R dims of q's and k's heads, as ``models.common.apply_rope``)
-      ->  out [B, H * D] in q's dtype, and the two caches with slot ``index`` := the new k / v (in place).
+      ->  out [B, H * D] in the cache dtype (q's), and the two caches with slot ``index`` := the new k / v (in place).
 
 Query head h attends to kv head h // (H // KV) at the slots j <= index with key_valid[b, j] != 0; the new token's
 own slot always counts (so a row never has no key). The arithmetic is the models' XLA path (``apply_rope``,
@@ -82,11 +84,21 @@ def check_shapes(q, k, v, cache_k, cache_v, num_heads: int, offsets) -> tuple[in
     b, s, kv, d = cache_k.shape
     if num_heads % kv:
         raise ValueError(f"decode_attention: {num_heads} query heads are not a multiple of {kv} kv heads")
+    slotted = q.ndim == 3
     for name, x, off, heads in (("q", q, offsets[0], num_heads), ("k", k, offsets[1], kv), ("v", v, offsets[2], kv)):
-        if x.ndim != 2 or x.shape[0] != b or off < 0 or off + heads * d > x.shape[1]:
+        if slotted:
+            if x.ndim != 3 or x.shape[2] < b or off < 0 or off + heads * d > x.shape[1] or x.dtype != jnp.float32:
+                raise ValueError(f"decode_attention: {name} {x.shape} {x.dtype} must be float32 partial slots [P, F, "
+                                 f"M >= B={b}] (as q) holding {heads} heads of {d} features from offset {off}")
+        elif x.ndim != 2 or x.shape[0] != b or off < 0 or off + heads * d > x.shape[1]:
             raise ValueError(f"decode_attention: {name} {x.shape} must be [B={b}, F] holding {heads} heads of {d} "
                              f"features from offset {off}")
     return b, kv, s, d
+
+
+def source_values(x, b: int, dtype):
+    """A q / k / v source as [B, F] in ``dtype``: x itself, or partial slots [P, F, M] summed and rounded."""
+    return x.sum(0)[:, :b].T.astype(dtype) if x.ndim == 3 else x
 
 
 def fits(h: int, kv: int, s: int, d: int, dtype, cache_dtype, rope_dims: int = 0) -> Optional[str]:
@@ -123,6 +135,7 @@ def reference_decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None,
     """Pure jnp, same contract and arithmetic as :func:`decode_attention`."""
     b, kv, s, d = check_shapes(q, k, v, cache_k, cache_v, num_heads, offsets)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q, k, v = (source_values(x, b, cache_k.dtype) for x in (q, k, v))
     qh, kh, vh = _heads(q, offsets[0], num_heads, d), _heads(k, offsets[1], kv, d), _heads(v, offsets[2], kv, d)
     if inv_freq is not None:
         qh, kh = _rope(qh, positions, inv_freq), _rope(kh, positions, inv_freq)
@@ -145,9 +158,10 @@ def reference_decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None,
     return out.reshape(b, num_heads * d).astype(q.dtype), ck, cv
 
 
-def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int):
+def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int, slots: int):
     """inline_mgpu function of the whole kernel (module docstring), run by the CTA's one warpgroup. ``rope_half``:
-    R of RoPE (0: none). ``parts``: CTAs (one thread-block cluster) per (sequence, kv head)."""
+    R of RoPE (0: none). ``parts``: CTAs (one thread-block cluster) per (sequence, kv head). ``slots``: P of
+    partial-slot sources (0: [B, F] sources)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     g_heads = h // kv
@@ -202,15 +216,23 @@ def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half
         if rope_half:
             pos = arith.sitofp(f32, memref.load(pos_g, [bb]))
 
+        def load(src, f):  # feature f of row bb in the model dtype (partial slots: summed in order, rounded)
+            if not slots:
+                return memref.load(src, [bb, f])
+            acc = memref.load(src, [c(0), f, bb])
+            for p in range(1, slots):
+                acc = arith.addf(acc, memref.load(src, [c(p), f, bb]))
+            return arith.truncf(elt, acc)
+
         def load_head(src, feature0, dd):  # feature0 + dd of row bb, RoPE'd if on, in the model dtype
             f = arith.addi(feature0, dd)
-            x = memref.load(src, [bb, f])
+            x = load(src, f)
             if not rope_half:
                 return x
             first = ult(dd, c(rope_half))
             rot = ult(dd, c(2 * rope_half))
             partner = arith.select(first, arith.addi(f, c(rope_half)), arith.subi(f, c(rope_half)))
-            r = arith.extf(f32, memref.load(src, [bb, arith.select(rot, partner, f)]))
+            r = arith.extf(f32, load(src, arith.select(rot, partner, f)))
             r = arith.select(first, arith.negf(r), r)
             t = arith.mulf(pos, memref.load(freq_g, [arith.select(rot, arith.remui(dd, c(rope_half)), c(0))]))
             y = arith.addf(arith.mulf(arith.extf(f32, x), mlir_math.cos(t)), arith.mulf(r, mlir_math.sin(t)))
@@ -224,7 +246,7 @@ def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half
         def stage_new(e):
             for which, (src, dst) in enumerate(((k_g, ck_g), (v_g, cv_g))):
                 feature0 = arith.addi(c(offsets[1 + which]), arith.muli(kvh, c(d)))
-                val = load_head(src, feature0, e) if which == 0 else memref.load(src, [bb, arith.addi(feature0, e)])
+                val = load_head(src, feature0, e) if which == 0 else load(src, arith.addi(feature0, e))
                 memref.store(arith.extf(f32, val), new_s, [c(which), e])
                 memref.store(val, dst, [bb, idx, kvh, e])
 
@@ -388,11 +410,11 @@ def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half
 
 @functools.lru_cache(maxsize=None)
 def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: float, offsets, rope_half: int,
-           poisoned: bool, parts: int):
+           poisoned: bool, parts: int, slots: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    run, scratch = _make_body(h, kv, s, d, scale, offsets, rope_half, parts)
+    run, scratch = _make_body(h, kv, s, d, scale, offsets, rope_half, parts, slots)
 
     def body(*refs):  # q, k, v, key_valid, index, positions, inv_freq, cache_k, cache_v, out
         pl.run_scoped(lambda *smem: run(*refs, *smem), *scratch)
@@ -416,16 +438,19 @@ def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: floa
 def decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None, positions=None, inv_freq=None, *,
                      num_heads: int, offsets=(0, 0, 0), scale: Optional[float] = None, out=None,
                      parts: Optional[int] = None):
-    """Mosaic GPU kernel (module docstring): -> (out [B, H * D] in q's dtype, cache_k, cache_v), the caches updated
-    in place. ``index`` is clamped to [0, S - 1] as ``lax.dynamic_update_slice`` clamps it. RoPE when ``inv_freq``
-    [R] (float32) is given, at ``positions`` [B]. ``out``: optional [B, H * D] buffer the kernel writes into (tests
-    poison it, so unwritten elements show). ``parts``: CTAs per (sequence, kv head), default ``cluster_parts``."""
+    """Mosaic GPU kernel (module docstring): -> (out [B, H * D] in the cache dtype, cache_k, cache_v), the caches
+    updated in place. ``index`` is clamped to [0, S - 1] as ``lax.dynamic_update_slice`` clamps it. RoPE when
+    ``inv_freq`` [R] (float32) is given, at ``positions`` [B]. ``out``: optional [B, H * D] buffer the kernel writes
+    into (tests poison it, so unwritten elements show). ``parts``: CTAs per (sequence, kv head), default
+    ``cluster_parts``."""
     offsets = tuple(int(o) for o in offsets)
     b, kv, s, d = check_shapes(q, k, v, cache_k, cache_v, num_heads, offsets)
     rope_half = 0 if inv_freq is None else int(inv_freq.shape[0])
-    why = fits(num_heads, kv, s, d, q.dtype, cache_k.dtype, 2 * rope_half)
-    if why is None and not q.dtype == k.dtype == v.dtype == cache_k.dtype:
-        why = f"q / k / v / cache dtypes {q.dtype} / {k.dtype} / {v.dtype} / {cache_k.dtype} differ"
+    slots = q.shape[0] if q.ndim == 3 else 0
+    dtype = cache_k.dtype
+    why = fits(num_heads, kv, s, d, dtype, dtype, 2 * rope_half)
+    if why is None and not slots and not q.dtype == k.dtype == v.dtype == dtype:
+        why = f"q / k / v / cache dtypes {q.dtype} / {k.dtype} / {v.dtype} / {dtype} differ"
     if why is not None:
         raise ValueError(f"decode_attention: {why}")
     if rope_half and (positions is None or positions.shape != (b,)):
@@ -435,14 +460,14 @@ def decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None, positions
     valid = jnp.ones((b, s), jnp.int32) if key_valid is None else key_valid.astype(jnp.int32)
     if valid.shape != (b, s):
         raise ValueError(f"decode_attention: key_valid {valid.shape} must be (B, S) = {(b, s)}")
-    if out is not None and (out.shape != (b, num_heads * d) or out.dtype != q.dtype):
-        raise ValueError(f"decode_attention: out {out.shape} {out.dtype} must be {(b, num_heads * d)} {q.dtype}")
+    if out is not None and (out.shape != (b, num_heads * d) or out.dtype != dtype):
+        raise ValueError(f"decode_attention: out {out.shape} {out.dtype} must be {(b, num_heads * d)} {dtype}")
     pos = jnp.zeros((b,), jnp.int32) if positions is None else positions.astype(jnp.int32)
     freq = jnp.zeros((1,), jnp.float32) if inv_freq is None else jnp.asarray(inv_freq, jnp.float32)
     parts = cluster_parts(b, kv, s) if parts is None else int(parts)
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"decode_attention: parts={parts}, need 1..{MAX_PARTS} CTAs per (sequence, kv head)")
-    call = _build(b, num_heads, kv, s, d, jnp.dtype(q.dtype).name, scale, offsets, rope_half, out is not None,
-                  parts)
+    call = _build(b, num_heads, kv, s, d, jnp.dtype(dtype).name, scale, offsets, rope_half, out is not None,
+                  parts, slots)
     inputs = (q, k, v, valid, jnp.asarray(index, jnp.int32).reshape(1), pos, freq)
     return call(inputs, cache_k, cache_v, out)

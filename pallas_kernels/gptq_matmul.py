@@ -204,6 +204,7 @@ class KernelWeightShape:
     ``in_features`` / ``out_features`` (K, N) and the activation dtype's name."""
 
     takes_rms_norm = False  # ``matmul`` has the ``rms_norm`` argument (the ws kernel can fuse the norm: GPTQ, LUT)
+    takes_partial_sums = False  # ``matmul`` has the ``partial_sums`` argument (GPTQ, LUT)
 
     @property
     def fuses_rms_norm(self) -> bool:
@@ -265,6 +266,7 @@ class GPTQKernelWeight(KernelWeightShape):
     dtype_name: str
     layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
     takes_rms_norm = True
+    takes_partial_sums = True
 
     @property
     def nbytes(self) -> int:
@@ -307,7 +309,7 @@ class GPTQKernelWeight(KernelWeightShape):
         return jnp.pad(x2d, ((0, m_pad - m), (0, self.k_pad - k)))
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional["KernelConfig"] = None,
-               rms_norm=None):
+               rms_norm=None, partial_sums: bool = False):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
         With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
@@ -315,6 +317,7 @@ class GPTQKernelWeight(KernelWeightShape):
         over 64-row chunks; larger M: dequantize once + one XLA matmul (``dequant_matmul``). Without: the XLA
         reference (the same dequantize-once computation). ``rms_norm`` = (scale [K], eps): rms_norm_rows(x) @ W,
         the norm inside the kernel where ``fused_norm_ok`` (M <= MAX_KERNEL_M), else applied to x first.
+        ``partial_sums``: where the kernel leaves partial slots, return them unsummed (``PartialSums`` of [M, N]).
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
@@ -328,7 +331,9 @@ class GPTQKernelWeight(KernelWeightShape):
         if not use_kernel or m == 0:
             y = reference_matmul(x2d, self)
         elif m <= MAX_KERNEL_M:
-            y = _jit_gptq_matmul(x2d, self, config, *(rms_norm or ()))
+            y = _jit_gptq_matmul(x2d, self, config, *(rms_norm or ()), partial_sums=partial_sums)
+            if isinstance(y, PartialSums):
+                return y
         elif m <= PREFILL_CHUNKED_MAX_M:
             y = chunked_matmul(x2d, self, functools.partial(_jit_gptq_matmul, config=config))
         else:
@@ -586,6 +591,23 @@ def staged_x_reference(xv: jax.Array, k_pad: int, tile_k: int) -> jax.Array:
 
 def _finish(partials: jax.Array, m: int, n: int, dtype) -> jax.Array:
     return partials.sum(0)[:n, :m].T.astype(dtype)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["partials"],
+                   meta_fields=["rows", "features", "dtype_name"])
+@dataclasses.dataclass(frozen=True)
+class PartialSums:
+    """y [rows, features] = x @ W before its last sum: a kernel's float32 partial slots [slots, N_pad, M_pad]
+    (stream-K / split-K), y = the sum over the slots, rounded to ``dtype_name`` (``value``). A consumer that reads
+    the slots itself (``pallas_kernels.decode_attention``) saves the XLA kernel that would sum them."""
+
+    partials: jax.Array
+    rows: int
+    features: int
+    dtype_name: str
+
+    def value(self) -> jax.Array:
+        return _finish(self.partials, self.rows, self.features, self.dtype_name)
 
 
 def _m_pad(m: int) -> int:
@@ -1059,8 +1081,10 @@ def resolve_fused(fused: Optional[bool], k_splits: Optional[int], n: int) -> boo
 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelConfig] = None,
-                out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None) -> jax.Array:
-    """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype.
+                out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None,
+                partial_sums: bool = False):
+    """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (with ``partial_sums``, a
+    ``PartialSums`` instead where the launch leaves partial slots).
 
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``output_buffer_shape`` (float32 partials, or y itself with the fused launch).
@@ -1072,7 +1096,10 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
-    return out if cfg.fused else _finish(out, m, w.out_features, x2d.dtype)
+    if cfg.fused:
+        return out
+    sums = PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name)
+    return sums if partial_sums else sums.value()
 
 
 def rms_norm_rows(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -1129,11 +1156,13 @@ def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype) -> tuple[tuple[i
     return (cfg.k_splits, n_pad, _m_pad(m)), jnp.dtype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "norm_eps"))
+@functools.partial(jax.jit, static_argnames=("config", "norm_eps", "partial_sums"))
 def _jit_gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig] = None,
-                     norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None) -> jax.Array:
+                     norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None,
+                     partial_sums: bool = False):
     """gptq_matmul under jit: the layer's call sites (and the prefill chunks) share one lowering of the kernel."""
-    return gptq_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps))
+    return gptq_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps),
+                       partial_sums=partial_sums)
 
 
 _jit_dequant_matmul = jax.jit(dequant_matmul)

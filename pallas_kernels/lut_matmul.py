@@ -62,7 +62,7 @@ import numpy as np
 from .gptq_matmul import KernelWeightShape, build_ws_kernel, launch_kernel, store_output, ws_wgmma
 from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_reference
-from .gptq_matmul import call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
+from .gptq_matmul import PartialSums, call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
@@ -242,15 +242,16 @@ class LUTKernelWeight(KernelWeightShape):
         return y
 
     takes_rms_norm = True
+    takes_partial_sums = True
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None,
-               rms_norm=None):
+               rms_norm=None, partial_sums: bool = False):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
         With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
         prod(leading dims) rows go to: M <= 64: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M and no sparse part: the
         kernel over 64-row chunks; otherwise the XLA dequantize-then-matmul reference (jitted). ``rms_norm``: as
-        in ``gptq_matmul.GPTQKernelWeight.matmul``.
+        in ``gptq_matmul.GPTQKernelWeight.matmul``, and so is ``partial_sums``.
         """
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
@@ -264,7 +265,9 @@ class LUTKernelWeight(KernelWeightShape):
         if not use_kernel or m == 0:
             y = reference_matmul(x2d, self)
         elif m <= MAX_KERNEL_M:
-            y = _jit_lut_matmul(x2d, self, config, *(rms_norm or ()))
+            y = _jit_lut_matmul(x2d, self, config, *(rms_norm or ()), partial_sums=partial_sums)
+            if isinstance(y, PartialSums):
+                return y
         elif m <= PREFILL_CHUNKED_MAX_M and not self.nnz:
             y = chunked_matmul(x2d, self, functools.partial(_jit_lut_matmul, config=config))
         else:
@@ -404,8 +407,10 @@ def _finish(partials: jax.Array, m: int, w: LUTKernelWeight, x2d: jax.Array) -> 
 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelConfig] = None,
-               out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None) -> jax.Array:
-    """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (sparse part by XLA).
+               out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None,
+               partial_sums: bool = False):
+    """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (sparse part by XLA);
+    ``partial_sums``: as in ``gptq_matmul.gptq_matmul`` (weights without a sparse part).
 
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``gptq_matmul.output_buffer_shape`` for ``kernel_out_dtype(w)`` (float32 partials
@@ -417,6 +422,8 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
     if not cfg.fused:
+        if partial_sums and not w.nnz:
+            return PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name)
         return _finish(out, m, w, x2d)
     sparse = w.sparse_product(x2d)
     return out if sparse is None else (out + sparse).astype(x2d.dtype)
@@ -427,11 +434,13 @@ def kernel_out_dtype(w: LUTKernelWeight):
     return jnp.dtype(jnp.float32) if w.nnz else w.dtype
 
 
-@functools.partial(jax.jit, static_argnames=("config", "norm_eps"))
+@functools.partial(jax.jit, static_argnames=("config", "norm_eps", "partial_sums"))
 def _jit_lut_matmul(x2d: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig] = None,
-                    norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None) -> jax.Array:
+                    norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None,
+                    partial_sums: bool = False):
     """lut_matmul under jit: call sites (and prefill chunks) share one lowering of the kernel."""
-    return lut_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps))
+    return lut_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps),
+                      partial_sums=partial_sums)
 
 
 _jit_reference_matmul = jax.jit(reference_matmul)

@@ -10,6 +10,7 @@ LLaMA (separate and fused q/k/v), OPT and Falcon.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 import models.common as mc
 from pallas_kernels import decode_attention as da
+from pallas_kernels.gptq_matmul import PartialSums
 
 NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -110,6 +112,35 @@ def test_reference_matches_float64_oracle(rng, case):
         np.testing.assert_allclose(np.asarray(nk, np.float64), wk, rtol=2 * ulp, atol=1e-5)
 
 
+def _slotted(rng, x, parts: int, m_pad: int):
+    """x [B, F] -> float32 partial slots [P, F + pad, M_pad] whose sum over P is x (a random split; padding rows /
+    columns random too, so reading them would show)."""
+    b, f = x.shape
+    x32 = np.asarray(x, np.float32)
+    slots = rng.standard_normal((parts, f + 5, m_pad)).astype(np.float32)
+    slots[-1, :f, :b] = x32.T - slots[:-1, :f, :b].sum(0)
+    return jnp.asarray(slots)
+
+
+def test_partial_slot_sources_are_summed_then_rounded(rng):
+    b, h, kv, s, d, dtype = 3, 8, 2, 40, 32, "bfloat16"
+    (src, _, _), ck, cv, valid, pos, inv, offsets = _case(rng, b, h, kv, s, d, dtype, d, True, True)
+    slots = _slotted(rng, src.astype(jnp.float32), 3, 8)
+    # the slot sum in float64, rounded once: the source the kernel reads
+    want_src = _round(np.asarray(slots, np.float64).sum(0)[:, :b].T, dtype)
+    got_src = np.asarray(da.source_values(slots, b, jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(got_src, want_src, rtol=2.0 ** -7)
+    idx = int(rng.integers(0, s))
+    got = da.reference_decode_attention(slots, slots, slots, ck, cv, idx, valid, pos, inv, num_heads=h,
+                                        offsets=offsets)
+    flat = da.source_values(slots, b, jnp.bfloat16)
+    want = da.reference_decode_attention(flat, flat, flat, ck, cv, idx, valid, pos, inv, num_heads=h,
+                                         offsets=offsets)
+    for a, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))
+    assert got[0].dtype == jnp.bfloat16
+
+
 def test_masked_and_later_slots_do_not_matter_and_the_new_token_counts(rng):
     b, h, kv, s, d = 2, 4, 2, 33, 32
     (q, k, v), ck, cv, valid, pos, inv, offsets = _case(rng, b, h, kv, s, d, "bfloat16", 32, False, True)
@@ -131,9 +162,11 @@ def test_masked_and_later_slots_do_not_matter_and_the_new_token_counts(rng):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
-def _lowered(b, h, kv, s, d, dtype, rope_dims, fused, poisoned):
-    (q, k, v), ck, cv, valid, pos, inv, offsets = _case(np.random.default_rng(0), b, h, kv, s, d, dtype, rope_dims,
-                                                        fused, True)
+def _lowered(b, h, kv, s, d, dtype, rope_dims, fused, poisoned, slots=0):
+    rng = np.random.default_rng(0)
+    (q, k, v), ck, cv, valid, pos, inv, offsets = _case(rng, b, h, kv, s, d, dtype, rope_dims, fused, True)
+    if slots:
+        q, k, v = (_slotted(rng, x.astype(jnp.float32), slots, max(8, b)) for x in (q, k, v))
     out = jnp.zeros((b, h * d), dtype) if poisoned else None
     f = functools.partial(da.decode_attention, num_heads=h, offsets=offsets, out=out)
     return jax.jit(f).trace(q, k, v, ck, cv, jnp.int32(3), valid, pos, inv).lower(
@@ -155,6 +188,15 @@ def test_kernel_lowers_for_cuda_with_the_cache_write_inside(shape):
     assert "dynamic_update_slice" not in text
 
 
+@pytest.mark.parametrize("shape", [(1, 32, 32, 81, 128, "bfloat16", 128, True, False, 2),
+                                   (16, 8, 2, 300, 64, "float16", 32, False, True, 3)])
+def test_kernel_lowers_for_cuda_from_partial_slots(shape):
+    text = _lowered(*shape)
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert "tensor<%dx" % shape[-1] in text  # the slots go to the kernel as they are: no XLA sum before it
+    assert "stablehlo.reduce" not in text and "dynamic_update_slice" not in text
+
+
 def test_argument_errors(rng):
     (q, k, v), ck, cv, valid, pos, inv, offsets = _case(rng, 1, 4, 2, 16, 32, "bfloat16", 32, True, False)
     kw = dict(num_heads=4, offsets=offsets)
@@ -170,6 +212,14 @@ def test_argument_errors(rng):
         da.decode_attention(q, k, v, ck, cv, 0, None, None, inv, **kw)
     with pytest.raises(ValueError, match="key_valid"):
         da.decode_attention(q, k, v, ck, cv, 0, jnp.ones((1, 5), bool), pos, inv, **kw)
+    slots = _slotted(rng, q.astype(jnp.float32), 2, 8)
+    with pytest.raises(ValueError, match="k .* must be float32 partial slots"):
+        da.decode_attention(slots, k, v, ck, cv, 0, None, pos, inv, **kw)  # one kind of source for all three
+    with pytest.raises(ValueError, match="must be float32 partial slots"):
+        da.decode_attention(*(slots.astype(jnp.bfloat16),) * 3, ck, cv, 0, None, pos, inv, **kw)
+    with pytest.raises(ValueError, match=r"M >= B=2"):
+        ck2, cv2 = (jnp.concatenate([c, c]) for c in (ck, cv))
+        da.decode_attention(*(slots[:, :, :1],) * 3, ck2, cv2, 0, None, jnp.concatenate([pos, pos]), inv, **kw)
     with pytest.raises(ValueError, match="parts=9"):
         da.decode_attention(q, k, v, ck, cv, 0, None, pos, inv, **kw, parts=9)
     assert "head_dim 24" in da.fits(4, 2, 16, 24, jnp.bfloat16, jnp.bfloat16)
@@ -216,7 +266,28 @@ def _decode_logits(module, params, prompt, token):
     return np.asarray(logits[:, -1]), new
 
 
-@pytest.mark.parametrize("family,fuse", [("llama", False), ("llama", True), ("opt", False), ("falcon", False)])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel"], meta_fields=["seed"])
+@dataclasses.dataclass(frozen=True)
+class _SlottedDense:
+    """A dense kernel [K, N] whose matmul can leave 3 float32 partial slots (a random split of x @ W), as the
+    quantized kernels' stream-K launches do: stands in for them on the CPU."""
+
+    kernel: jax.Array
+    seed: int
+    takes_partial_sums = True
+
+    def matmul(self, x, partial_sums=False):
+        y = jnp.matmul(x, self.kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        if not partial_sums:
+            return y.astype(x.dtype)
+        m, n = math.prod(x.shape[:-1]), self.kernel.shape[1]
+        noise = jax.random.normal(jax.random.key(self.seed), (2, n + 64, 8), jnp.float32)
+        last = jnp.zeros((n + 64, 8), jnp.float32).at[:n, :m].set(y.reshape(m, n).T) - noise.sum(0)
+        return PartialSums(jnp.concatenate([noise, last[None]]), m, n, jnp.dtype(x.dtype).name)
+
+
+@pytest.mark.parametrize("family,fuse", [("llama", False), ("llama", True), ("llama", "slots"), ("opt", False),
+                                         ("falcon", False)])
 def test_decode_step_through_the_kernel_wiring_matches_xla(tiny_hf, rng, monkeypatch, family, fuse):
     lm = tiny_hf(family).loaded
     params = lm.params
@@ -225,13 +296,17 @@ def test_decode_step_through_the_kernel_wiring_matches_xla(tiny_hf, rng, monkeyp
 
         params, report = fuse_projections(params, "llama")
         assert report["fused"]
+    if fuse == "slots":  # the fused q/k/v projection leaves partial slots, which the kernel reads
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, a: _SlottedDense(a, int(rng.integers(1 << 30))) if "qkv_proj" in jax.tree_util.keystr(path)
+            and a.ndim == 2 else a, params)
     prompt = jnp.asarray(rng.integers(0, 128, (2, 5)), jnp.int32)
     token = jnp.asarray(rng.integers(0, 128, (2, 1)), jnp.int32)
     want, want_cache = _decode_logits(lm.module, params, prompt, token)
     calls = []
 
     def kernel(*args, **kwargs):
-        calls.append(kwargs["offsets"])
+        calls.append((kwargs["offsets"], args[0].ndim))
         return da.reference_decode_attention(*args, **kwargs)
 
     monkeypatch.setattr(mc, "decode_kernel_ok", lambda q, cache, rope_dims=0: cache is not None and q.shape[1] == 1)
@@ -239,7 +314,8 @@ def test_decode_step_through_the_kernel_wiring_matches_xla(tiny_hf, rng, monkeyp
     got, got_cache = _decode_logits(lm.module, params, prompt, token)
     assert len(calls) == lm.module.config.num_layers
     if fuse:
-        assert all(o[1] > 0 for o in calls)  # read from the fused projection's output
+        assert all(o[1] > 0 for o, _ in calls)  # read from the fused projection's output
+    assert all(ndim == (3 if fuse == "slots" else 2) for _, ndim in calls)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     for a, c in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)

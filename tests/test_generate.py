@@ -167,3 +167,19 @@ def test_decode_attention_output_is_materialized(rng, t):
     p /= p.sum(-1, keepdims=True)
     want = np.einsum("bkgts,bskd->btkgd", p, np.asarray(v, np.float64)).reshape(2, t, 4, 8)
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps_per_check", [3, 5])
+def test_stop_checks_every_few_steps_give_the_same_tokens(lm, rng, steps_per_check):
+    # NEW - 1 decode steps are not a multiple of the group: the last group runs past max_new_tokens, which must write
+    # nothing; an EOS mid-group stops the rows as with a check every step
+    m = lm.loaded
+    prompts = _prompts(rng)
+    every = generate(m.module, m.params, prompts, max_new_tokens=NEW, steps_per_check=1)
+    grouped = generate(m.module, m.params, prompts, max_new_tokens=NEW, steps_per_check=steps_per_check)
+    assert (NEW - 1) % steps_per_check and grouped == every and all(len(r) == NEW for r in grouped)
+    eos = every[1][int(rng.integers(1, NEW - 1))]
+    assert (generate(m.module, m.params, prompts, max_new_tokens=NEW, eos_id=eos, steps_per_check=steps_per_check)
+            == generate(m.module, m.params, prompts, max_new_tokens=NEW, eos_id=eos, steps_per_check=1))
+    with pytest.raises(ValueError, match="steps_per_check"):
+        generate(m.module, m.params, prompts, steps_per_check=0)

@@ -601,3 +601,28 @@ def test_kernels_lower_for_cuda(rng, bits, M, fields):
     text = jax.jit(lambda x, w: gm.gptq_matmul(x, w, config=config)).trace(x, w).lower(
         lowering_platforms=("cuda",)).as_text()
     assert f"gptq_w{bits}_m" in text and "mosaic_gpu" in text
+
+
+def test_partial_sums_leave_the_kernel_slots_unsummed(rng):
+    """``matmul(partial_sums=True)`` on the kernel path returns the launch's float32 partial slots for a consumer to
+    sum (the decode-attention kernel); a fused launch, the reference path and prefill sizes return y itself."""
+    K, N = 1024, 384
+    w = gm.pack(*random_gptq(rng, K, N, 4, 128, False, False), bits=4, sym=False)
+    x = jnp.asarray(rng.standard_normal((1, 1, K)), jnp.bfloat16)
+    stream = gm.KernelConfig(variant="ws", tile_k=256)
+
+    def shape_of(config, use_kernel=True, x=x):
+        return jax.eval_shape(lambda x: w.matmul(x, use_kernel=use_kernel, config=config, partial_sums=True), x)
+
+    out = shape_of(stream)
+    slots = stream.resolved(w, 1).k_splits
+    assert isinstance(out, gm.PartialSums) and (out.rows, out.features, out.dtype_name) == (1, N, "bfloat16")
+    assert slots >= 2 and out.partials.shape == (slots, w.n_pad, 8) and out.partials.dtype == jnp.float32
+    for y in (shape_of(gm.KernelConfig(variant="ws", tile_k=256, fused=True)), shape_of(stream, use_kernel=False),
+              shape_of(None, x=jnp.zeros((2, 100, K), jnp.bfloat16))):
+        assert not isinstance(y, gm.PartialSums) and y.shape[-1] == N
+    # value(): the sum over the slots, the real rows / columns, transposed, rounded once
+    p = rng.standard_normal((3, 448, 8)).astype(np.float32)
+    got = np.asarray(gm.PartialSums(jnp.asarray(p), 5, 400, "bfloat16").value(), np.float64)
+    want = p.astype(np.float64).sum(0)[:400, :5].T
+    np.testing.assert_allclose(got, want.astype(ml_dtypes.bfloat16).astype(np.float64), rtol=2.0 ** -7)
