@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -64,6 +65,16 @@ def smem_bytes(g: int, s: int, d: int) -> int:
     return 4 * (g * d + 2 * d + g * s_pad + 2 * 4 * g + lanes * g * d + 3 * g * d)
 
 
+# L2 prefetch of each CTA's cache rows at the kernel's start (``prefetches``): on by default, "0" turns it off (the
+# same-run comparisons in bench/results/decode_attention_prefetch.md). Read at trace time.
+PREFETCH = os.environ.get("JAXQUANT_DECODE_ATTENTION_PREFETCH", "1") != "0"
+
+
+def prefetches(s: int, parts: int) -> bool:
+    """Whether the kernel prefetches its cache rows into L2 first: where every CTA has one 128-slot chunk (measured
+    in LLaMA-7B decode steps at 81 slots: the kernel 173 -> 152 us per step; at 2048 slots, 8 CTAs per head, the
+    L2-warm probe lost 2 us, and prefetching every chunk cost batch 16 24 %)."""
+    return PREFETCH and -(-s // THREADS) <= parts
 MAX_PARTS = 8  # CTAs per (sequence, kv head): a thread-block cluster (portable size limit)
 TARGET_CTAS = 264  # ~2 CTAs per H100 SM
 
@@ -158,10 +169,11 @@ def reference_decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None,
     return out.reshape(b, num_heads * d).astype(q.dtype), ck, cv
 
 
-def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int, slots: int):
+def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half: int, parts: int, slots: int,
+               prefetch: bool):
     """inline_mgpu function of the whole kernel (module docstring), run by the CTA's one warpgroup. ``rope_half``:
     R of RoPE (0: none). ``parts``: CTAs (one thread-block cluster) per (sequence, kv head). ``slots``: P of
-    partial-slot sources (0: [B, F] sources)."""
+    partial-slot sources (0: [B, F] sources). ``prefetch``: L2 prefetches of the CTA's cache rows first."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     g_heads = h // kv
@@ -211,6 +223,21 @@ def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half
         idx = arith.index_cast(index, arith.maxsi(arith.minsi(raw, arith.constant(i32, s - 1)),
                                                   arith.constant(i32, 0)))
         head0 = arith.muli(kvh, c(g_heads))
+        if prefetch:  # the K and V rows of this CTA's one chunk (thread t: key 128 part + t) -> L2 now, so their
+            # HBM latency overlaps the staging below and the scores (a decode step finds its cache cold in L2)
+            i64 = ir.IntegerType.get_signless(64)
+            elt_bytes = mgpu.utils.bitwidth(elt) // 8
+
+            def prefetch_row(ref, j):
+                row = arith.addi(arith.muli(arith.addi(arith.muli(bb, c(s)), j), c(kv)), kvh)
+                base = llvm.ptrtoint(i64, mgpu.utils.memref_ptr(ref))
+                addr = arith.addi(base, arith.index_cast(i64, arith.muli(row, c(d * elt_bytes))))
+                for line in range(-(-d * elt_bytes // 128)):
+                    llvm.inline_asm(ir.Type.parse("!llvm.void"), [arith.addi(addr, arith.constant(i64, 128 * line))],
+                                    "prefetch.global.L2 [$0];", "l", has_side_effects=True)
+
+            j = arith.addi(arith.muli(part, c(THREADS)), tid)
+            when(ule(j, idx), lambda: (prefetch_row(ck_g, j), prefetch_row(cv_g, j)))
 
         # 1. q, the new k (both with RoPE) and v -> shared memory (float32); the new k / v row -> the caches
         if rope_half:
@@ -410,11 +437,11 @@ def _make_body(h: int, kv: int, s: int, d: int, scale: float, offsets, rope_half
 
 @functools.lru_cache(maxsize=None)
 def _build(b: int, h: int, kv: int, s: int, d: int, dtype_name: str, scale: float, offsets, rope_half: int,
-           poisoned: bool, parts: int, slots: int):
+           poisoned: bool, parts: int, slots: int, prefetch: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    run, scratch = _make_body(h, kv, s, d, scale, offsets, rope_half, parts, slots)
+    run, scratch = _make_body(h, kv, s, d, scale, offsets, rope_half, parts, slots, prefetch)
 
     def body(*refs):  # q, k, v, key_valid, index, positions, inv_freq, cache_k, cache_v, out
         pl.run_scoped(lambda *smem: run(*refs, *smem), *scratch)
@@ -468,6 +495,6 @@ def decode_attention(q, k, v, cache_k, cache_v, index, key_valid=None, positions
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"decode_attention: parts={parts}, need 1..{MAX_PARTS} CTAs per (sequence, kv head)")
     call = _build(b, num_heads, kv, s, d, jnp.dtype(dtype).name, scale, offsets, rope_half, out is not None,
-                  parts, slots)
+                  parts, slots, prefetches(s, parts))
     inputs = (q, k, v, valid, jnp.asarray(index, jnp.int32).reshape(1), pos, freq)
     return call(inputs, cache_k, cache_v, out)

@@ -186,6 +186,10 @@ def test_kernel_lowers_for_cuda_with_the_cache_write_inside(shape):
     aliased = re.findall(r"output_operand_alias<output_tuple_indices = \[\d\], operand_index = (\d+),", text)
     assert sorted(aliased) == ["7", "8"] + (["9"] if shape[-1] else [])
     assert "dynamic_update_slice" not in text
+    b, h, kv, s = shape[:4]
+    # the cache rows' L2 prefetch where every CTA has one 128-slot chunk
+    assert ("prefetch.global.L2" in text) == da.prefetches(s, da.cluster_parts(b, kv, s))
+    assert da.prefetches(81, 1) == da.PREFETCH and not da.prefetches(2048, 8) and not da.prefetches(300, 2)
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 32, 81, 128, "bfloat16", 128, True, False, 2),
