@@ -69,7 +69,7 @@ def matmul(x, kernel, partial_sums: bool = False):
 
 
 # On by default; "0" makes a fused q/k/v projection hand the decode-attention kernel its summed output instead of its
-# partial slots (the same-run comparison in bench/results/decode_qkv_slots.md).
+# partial slots (the same-run comparison in bench/results/decode_step_levers.md).
 QKV_PARTIAL_SUMS = os.environ.get("JAXQUANT_QKV_PARTIAL_SUMS", "1") != "0"
 
 
@@ -345,15 +345,15 @@ def _attend(q, k, v, mask, scale: float, act) -> jax.Array:
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-# On by default; "0" turns it off (the same-run comparison in bench/results/decode_residual_barrier.md).
+# On by default; "0" turns it off (the same-run comparison in bench/results/decode_step_levers.md).
 RESIDUAL_BARRIER = os.environ.get("JAXQUANT_RESIDUAL_BARRIER", "1") != "0"
 
 
 def residual_stream(h: jax.Array) -> jax.Array:
     """The residual stream after a layer's add, materialised at a decode step (T = 1). Without the barrier XLA
     fuses each add (with the linear's stream-K partial sums) into the next layer's add and recomputes the chain of
-    several layers there: in a LLaMA-7B GPTQ decode step the 64 adds took ~180 us instead of ~85
-    (bench/NOTES_kernels.md, "The residual stream barrier")."""
+    several layers there: in a LLaMA-7B GPTQ decode step the 64 adds took ~164 us instead of ~85
+    (bench/NOTES_kernels.md, "Decode-step levers")."""
     if RESIDUAL_BARRIER and h.ndim == 3 and h.shape[1] == 1:
         return jax.lax.optimization_barrier(h)
     return h

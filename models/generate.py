@@ -3,8 +3,9 @@
 Prompts are left-padded to a common length (rounded up to ``pad_to`` so nearby prompt lengths share one compiled
 program); the prefill and the whole decode loop (``lax.while_loop``) are one ``jax.jit`` program, so generating N
 tokens never recompiles per token. The loop checks its stop condition (length, every row at EOS) once per
-``steps_per_check`` decode steps, which run as a fixed-count inner loop: a GPU while loop copies its condition to
-the host and waits for it at every iteration, so checking every step would leave the GPU idle between steps.
+``steps_per_check`` decode steps, which run as a fixed-count inner loop: XLA's GPU while loop reads its condition
+back to the host at every iteration, so a check per step leaves the GPU waiting between steps (measured:
+bench/results/decode_step_levers.md).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def sample_top_p(logits: jax.Array, key, temperature: float, top_p: float) -> ja
     return jax.random.categorical(key, logits, axis=-1)
 
 
-# Decode steps per stop-condition check (bench/results/decode_steps_per_check.md); JAXQUANT_STEPS_PER_CHECK=1 checks
+# Decode steps per stop-condition check (bench/results/decode_step_levers.md); JAXQUANT_STEPS_PER_CHECK=1 checks
 # every step, as before.
 STEPS_PER_CHECK = int(os.environ.get("JAXQUANT_STEPS_PER_CHECK", "8"))
 
@@ -73,8 +74,10 @@ def _generate(module, params, ids, prompt_mask, key, temperature, top_p, eos_id,
         out = jnp.where(step < max_new_tokens, jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step)), out)
         return step + 1, nxt, pos + 1, cache, out, done | (nxt == eos_id), key
 
+    group = max(1, min(steps_per_check, max_new_tokens - 1))  # no group longer than the whole decode
+
     def body(state):
-        return jax.lax.fori_loop(0, steps_per_check, decode_step, state)
+        return jax.lax.fori_loop(0, group, decode_step, state)
 
     step, *_, out, done, _ = jax.lax.while_loop(cond, body, state)
     return out, jnp.minimum(step, max_new_tokens)

@@ -66,7 +66,7 @@ def smem_bytes(g: int, s: int, d: int) -> int:
 
 
 # L2 prefetch of each CTA's cache rows at the kernel's start (``prefetches``): on by default, "0" turns it off (the
-# same-run comparisons in bench/results/decode_attention_prefetch.md). Read at trace time.
+# same-run comparisons in bench/results/decode_step_levers.md). Read at trace time.
 PREFETCH = os.environ.get("JAXQUANT_DECODE_ATTENTION_PREFETCH", "1") != "0"
 
 
