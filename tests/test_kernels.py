@@ -255,8 +255,8 @@ def test_prefill_dispatch(rng, monkeypatch, M):
     w = gm.pack(codes, scales, zeros, g_idx, bits=4, sym=False, dtype="bfloat16")
     calls = []
 
-    def fake_kernel(x2d, w, config=None):
-        assert x2d.shape[0] <= gm.MAX_KERNEL_M
+    def fake_kernel(x2d, w, config=None, partial_sums=False):
+        assert x2d.shape[0] <= gm.MAX_KERNEL_M and not partial_sums
         calls.append(x2d.shape[0])
         return gm.reference_matmul_tiled(x2d, w, config or gm.KernelConfig())
 

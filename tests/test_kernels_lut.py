@@ -267,8 +267,8 @@ def test_prefill_dispatch(rng, monkeypatch, M, frac):
     w = lm.pack(codes, lut, bits=bits, sparse=sparse, dtype="bfloat16")
     calls = []
 
-    def fake_kernel(x2d, w, config=None):
-        assert x2d.shape[0] <= lm.MAX_KERNEL_M
+    def fake_kernel(x2d, w, config=None, partial_sums=False):
+        assert x2d.shape[0] <= lm.MAX_KERNEL_M and not partial_sums
         calls.append(x2d.shape[0])
         return lm.reference_matmul_tiled(x2d, w, config or lm.KernelConfig())
 
