@@ -73,9 +73,20 @@ def matmul(x, kernel, partial_sums: bool = False):
 QKV_PARTIAL_SUMS = os.environ.get("JAXQUANT_QKV_PARTIAL_SUMS", "1") != "0"
 
 
+def decode_partial_sums(t: int) -> bool:
+    """Whether a fused q/k/v projection over t positions hands its partial slots on (``Linear(partial_sums=...)``):
+    at decode steps, where the attention kernel sums them itself."""
+    return t == 1 and QKV_PARTIAL_SUMS
+
+
+def partial_slots(y):
+    """The float32 partial slots of a Linear's output when it is a PartialSums, else None."""
+    return getattr(y, "partials", None)
+
+
 def dense_output(y, lead: tuple) -> jax.Array:
     """A Linear's output as an array [*lead, N]: y itself, or the sum of a PartialSums' slots."""
-    return y.value().reshape(*lead, -1) if hasattr(y, "partials") else y
+    return y if partial_slots(y) is None else y.value().reshape(*lead, -1)
 
 
 def fuses_rms_norm(module: nn.Module, *path: str) -> bool:
@@ -412,7 +423,7 @@ def cached_attention(q, k, v, cache, cache_index, kv_mask, act, scale: Optional[
 
         if fused_qkv is not None:  # the projection's output, or its partial slots (the kernel sums them)
             src, offsets = fused_qkv
-            flat = src.partials if hasattr(src, "partials") else src.reshape(b, -1)
+            flat = src.reshape(b, -1) if partial_slots(src) is None else partial_slots(src)
             sources = (flat, flat, flat)
         else:
             sources, offsets = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)), (0, 0, 0)

@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import common
 from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, as_array, cached_attention,
-                           dense_output, fuses_rms_norm, residual_stream, rope_inverse_frequencies, rope_parameters)
+                           decode_partial_sums, dense_output, fuses_rms_norm, residual_stream,
+                           rope_inverse_frequencies, rope_parameters)
 from models.weights import Rule
 
 
@@ -106,7 +106,7 @@ class Attention(AttentionModule):
         if self.fused_qkv:
             q_n, kv_n = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             # at a decode step the attention kernel reads the projection's partial slots (no XLA sum between)
-            out = self.qkv_proj(x, partial_sums=t == 1 and common.QKV_PARTIAL_SUMS)
+            out = self.qkv_proj(x, partial_sums=decode_partial_sums(t))
             qkv = dense_output(out, (b, t))
             q, k, v = qkv[..., :q_n], qkv[..., q_n:q_n + kv_n], qkv[..., q_n + kv_n:]
             fused = (out, (0, q_n, q_n + kv_n))

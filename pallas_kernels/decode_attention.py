@@ -108,8 +108,13 @@ def check_shapes(q, k, v, cache_k, cache_v, num_heads: int, offsets) -> tuple[in
 
 
 def source_values(x, b: int, dtype):
-    """A q / k / v source as [B, F] in ``dtype``: x itself, or partial slots [P, F, M] summed and rounded."""
-    return x.sum(0)[:, :b].T.astype(dtype) if x.ndim == 3 else x
+    """A q / k / v source as [B, F] in ``dtype``: x itself, or partial slots [P, F, M] summed and rounded (the
+    matmul kernels' own finish)."""
+    if x.ndim != 3:
+        return x
+    from pallas_kernels.gptq_matmul import PartialSums
+
+    return PartialSums(x, b, x.shape[1], jnp.dtype(dtype).name).value()
 
 
 def fits(h: int, kv: int, s: int, d: int, dtype, cache_dtype, rope_dims: int = 0) -> Optional[str]:
