@@ -42,7 +42,7 @@ from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_me
                           save_rows)
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
-from pallas_kernels.gptq_matmul import CHUNK, X_VEC  # noqa: E402
+from pallas_kernels.gptq_matmul import CHUNK, X_VEC, swiglu_rounded  # noqa: E402  (the kernel's SwiGLU arithmetic)
 
 MLP_TILE_K = 256  # both phases share the pipeline's buffers, so one block shape
 MLP_WGS = gm.WS_COMPUTE_WGS
@@ -120,16 +120,6 @@ def mlp_output_buffers(w_gate_up, w_down, ctas: int, fill=jnp.nan):
     return (jnp.full((slots_a, w_gate_up.n_pad, 8), fill, jnp.float32),
             jnp.full((1, w_down.k_pad // CHUNK, CHUNK), fill, w_down.dtype),
             jnp.full((slots_b, w_down.n_pad, 8), fill, jnp.float32))
-
-
-def swiglu_rounded(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """SiLU(gate) * up in gate's dtype as XLA computes ``jax.nn.silu(gate) * up`` on bf16 (its HLO: every op in float32,
-    rounded to bf16 after it): e = exp(-g), d = 1 + e, sig = 1 / d, s = g * sig, s * up. The kernel's arithmetic."""
-    dt = gate.dtype
-    rnd = lambda v: v.astype(dt).astype(jnp.float32)  # noqa: E731
-    g = gate.astype(jnp.float32)
-    sig = rnd(1.0 / rnd(1.0 + rnd(jnp.exp(-g))))
-    return (rnd(g * sig) * up.astype(jnp.float32)).astype(dt)
 
 
 def reference_fused_mlp(x2d: jax.Array, norm_scale: jax.Array, eps: float, w_gate_up, w_down,

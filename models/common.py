@@ -50,18 +50,26 @@ class NormedInput:
         return rms_norm(self.x, self.scale, self.eps)
 
 
+def _deferred(x) -> bool:
+    """Whether x is an input not computed yet: a NormedInput, or a SwiGLUSlots (``swiglu_input``)."""
+    return isinstance(x, NormedInput) or type(x).__name__ == "SwiGLUSlots"
+
+
 def as_array(x):
-    """x itself, or a NormedInput's normalised value."""
-    return x.value() if isinstance(x, NormedInput) else x
+    """x itself, or the value of a deferred input (a NormedInput's normalised x, a SwiGLUSlots' SiLU(gate) * up)."""
+    return x.value() if _deferred(x) else x
 
 
-def matmul(x, kernel, partial_sums: bool = False):
+def matmul(x, kernel, partial_sums=False):
     """``x @ kernel`` for a dense kernel, or the quantized weight's own matmul (reference path or Pallas kernel);
-    x may be a NormedInput (the kernel applies the norm where it can). ``partial_sums``: a kernel that leaves float32
+    x may be a NormedInput (the kernel applies the norm where it can) or a SwiGLUSlots (the kernel computes it where
+    it can). ``partial_sums`` (True or a slot layout, ``gptq_matmul.slot_layout``): a kernel that leaves float32
     partial slots may return them unsummed (``pallas_kernels.gptq_matmul.PartialSums``; ``dense_output`` sums)."""
-    kw = {"partial_sums": True} if partial_sums and getattr(kernel, "takes_partial_sums", False) else {}
+    kw = {"partial_sums": partial_sums} if partial_sums and getattr(kernel, "takes_partial_sums", False) else {}
     if isinstance(x, NormedInput) and getattr(kernel, "fuses_rms_norm", False):
         return kernel.matmul(x.x, rms_norm=(x.scale, x.eps), **kw)
+    if type(x).__name__ == "SwiGLUSlots" and getattr(kernel, "takes_swiglu_slots", False):
+        return kernel.matmul(x, **kw)
     x = as_array(x)
     if hasattr(kernel, "matmul"):
         return kernel.matmul(x, **kw)
@@ -79,6 +87,30 @@ def decode_partial_sums(t: int) -> bool:
     return t == 1 and QKV_PARTIAL_SUMS
 
 
+# On by default; "0" makes a fused gate/up projection at decode hand the down projection its summed output (SiLU * up
+# in XLA) instead of its "mn" partial slots (the same-run comparison in bench/results/decode_step_levers.md).
+GATE_UP_SLOTS = os.environ.get("JAXQUANT_SWIGLU_STAGING", "1") != "0"
+
+
+def swiglu_slots_layout(module: nn.Module, lead: tuple, *down_path: str):
+    """The ``partial_sums`` a fused gate/up projection over rows ``lead`` passes (``Linear(partial_sums=...)``):
+    "mn" where the down projection at ``down_path`` below ``module`` computes SiLU(gate) * up from those slots
+    while staging its activations (``takes_swiglu_slots``; the kernels do so at M < 8), else False."""
+    if not (GATE_UP_SLOTS and 1 <= math.prod(lead) < 8):
+        return False
+    return "mn" if getattr(_kernel_at(module, *down_path), "takes_swiglu_slots", False) else False
+
+
+def swiglu_input(gate_up, inter: int, lead: tuple):
+    """SiLU(gate) * up [*lead, inter] of a fused [gate | up] projection's output: a SwiGLUSlots when the output is
+    partial slots (the down projection's kernel may compute it itself), else the XLA value."""
+    if partial_slots(gate_up) is None:
+        return jax.nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+    from pallas_kernels.gptq_matmul import SwiGLUSlots
+
+    return SwiGLUSlots(gate_up, inter, tuple(lead))
+
+
 def partial_slots(y):
     """The float32 partial slots of a Linear's output when it is a PartialSums, else None."""
     return getattr(y, "partials", None)
@@ -89,13 +121,18 @@ def dense_output(y, lead: tuple) -> jax.Array:
     return y if partial_slots(y) is None else y.value().reshape(*lead, -1)
 
 
-def fuses_rms_norm(module: nn.Module, *path: str) -> bool:
-    """Whether the linear at ``path`` below ``module`` holds a kernel that applies an RMSNorm itself
-    (``fuses_rms_norm``): only then does the norm before it pass a NormedInput."""
+def _kernel_at(module: nn.Module, *path: str):
+    """The ``kernel`` parameter of the linear at ``path`` below ``module``, or None."""
     tree = module.variables.get("params", {})
     for name in path:
         tree = tree.get(name, {}) if hasattr(tree, "get") else {}
-    return bool(getattr(tree.get("kernel") if hasattr(tree, "get") else None, "fuses_rms_norm", False))
+    return tree.get("kernel") if hasattr(tree, "get") else None
+
+
+def fuses_rms_norm(module: nn.Module, *path: str) -> bool:
+    """Whether the linear at ``path`` below ``module`` holds a kernel that applies an RMSNorm itself
+    (``fuses_rms_norm``): only then does the norm before it pass a NormedInput."""
+    return bool(getattr(_kernel_at(module, *path), "fuses_rms_norm", False))
 
 
 class Linear(nn.Module):
@@ -110,7 +147,7 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, partial_sums: bool = False):
+    def __call__(self, x, partial_sums=False):
         """``partial_sums`` (no bias): the kernel's unsummed partial slots where it leaves them (``matmul``)."""
         if self.has_variable("params", "kernel"):
             # get_variable, not param: flax checks a param's shape against its initializer, and a quantized kernel is
@@ -119,7 +156,7 @@ class Linear(nn.Module):
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
         self.sow("intermediates", "inputs", as_array(x))  # dropped by XLA unless intermediates is mutable
-        y = matmul(x, kernel, partial_sums and not self.use_bias)
+        y = matmul(x, kernel, False if self.use_bias else partial_sums)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + bias.astype(y.dtype)

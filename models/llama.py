@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from models.common import (AttentionModule, CausalLM, Embed, Linear, RMSNorm, as_array, cached_attention,
                            decode_partial_sums, dense_output, fuses_rms_norm, residual_stream,
-                           rope_inverse_frequencies, rope_parameters)
+                           rope_inverse_frequencies, rope_parameters, swiglu_input, swiglu_slots_layout)
 from models.weights import Rule
 
 
@@ -137,13 +137,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.hidden_size, c.mlp_bias, self.dtype)
 
     def __call__(self, x):
-        if self.fused_gate_up:
-            gate_up = self.gate_up_proj(x)
-            gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
-        else:
-            x = as_array(x)
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        if self.fused_gate_up:  # at decode its partial slots may go to down's kernel, which applies SiLU * up itself
+            lead = x.shape[:-1]
+            gate_up = self.gate_up_proj(x, partial_sums=swiglu_slots_layout(self, lead, "down_proj"))
+            return self.down_proj(swiglu_input(gate_up, self.config.intermediate_size, lead))
+        x = as_array(x)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -205,6 +205,7 @@ class KernelWeightShape:
 
     takes_rms_norm = False  # ``matmul`` has the ``rms_norm`` argument (the ws kernel can fuse the norm: GPTQ, LUT)
     takes_partial_sums = False  # ``matmul`` has the ``partial_sums`` argument (GPTQ, LUT)
+    takes_swiglu_slots = False  # the models hand ``matmul`` a ``SwiGLUSlots`` for x (LUT; GPTQ takes one, see there)
 
     @property
     def fuses_rms_norm(self) -> bool:
@@ -267,6 +268,11 @@ class GPTQKernelWeight(KernelWeightShape):
     layout: str = DEFAULT_LAYOUT  # bit layout of the codes (``_fields``); matters for 3-bit codes only
     takes_rms_norm = True
     takes_partial_sums = True
+    # ``matmul`` takes a SwiGLUSlots, but the models do not hand it one: on the H100 (LLaMA-7B decode MLP at M = 1,
+    # bench/NOTES_kernels.md, "SwiGLU staging") the norm-fused gate/up kernel storing "mn" slots ran 1.2 us slower
+    # (21.8 -> 23.0 us) and the down kernel's staging 0.9 us slower, which ate the 1.7 us XLA kernel they save
+    # (37.7 vs 37.6-37.8 us per layer)
+    takes_swiglu_slots = False
 
     @property
     def nbytes(self) -> int:
@@ -317,8 +323,15 @@ class GPTQKernelWeight(KernelWeightShape):
         over 64-row chunks; larger M: dequantize once + one XLA matmul (``dequant_matmul``). Without: the XLA
         reference (the same dequantize-once computation). ``rms_norm`` = (scale [K], eps): rms_norm_rows(x) @ W,
         the norm inside the kernel where ``fused_norm_ok`` (M <= MAX_KERNEL_M), else applied to x first.
-        ``partial_sums``: where the kernel leaves partial slots, return them unsummed (``PartialSums`` of [M, N]).
+        ``partial_sums``: where the kernel leaves partial slots, return them unsummed (``PartialSums`` of [M, N];
+        True / "nm", or "mn": ``gptq_matmul``). x may be a ``SwiGLUSlots`` (the kernel computes it while staging
+        where ``swiglu_staging_ok``, else XLA does first).
         """
+        if isinstance(x, SwiGLUSlots):
+            y = swiglu_matmul(x, self, use_kernel, config, _jit_gptq_swiglu_matmul)
+            if y is not None:
+                return y
+            x = x.value()
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
             raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
@@ -589,25 +602,75 @@ def staged_x_reference(xv: jax.Array, k_pad: int, tile_k: int) -> jax.Array:
     return jnp.asarray(np.concatenate(out, axis=1))
 
 
-def _finish(partials: jax.Array, m: int, n: int, dtype) -> jax.Array:
+def _finish(partials: jax.Array, m: int, n: int, dtype, layout: str = "nm") -> jax.Array:
+    if layout == "mn":  # slots [P, M, N_pad] (``build_ws_kernel``'s ``slots_mn``)
+        return partials.sum(0)[:m, :n].astype(dtype)
     return partials.sum(0)[:n, :m].T.astype(dtype)
 
 
+SLOT_LAYOUTS = ("nm", "mn")  # partial slots [P, N_pad, M_pad] (every launch) / [P, M, N_pad] (ws stream-K only)
+
+
+def slot_layout(partial_sums) -> Optional[str]:
+    """The slot layout a ``partial_sums`` argument asks for: False / None -> None (y itself), True -> "nm", or a
+    name from SLOT_LAYOUTS."""
+    if partial_sums is False or partial_sums is None:
+        return None
+    layout = "nm" if partial_sums is True else partial_sums
+    if layout not in SLOT_LAYOUTS:
+        raise ValueError(f"partial_sums must be a bool or one of {SLOT_LAYOUTS}, got {partial_sums!r}")
+    return layout
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["partials"],
-                   meta_fields=["rows", "features", "dtype_name"])
+                   meta_fields=["rows", "features", "dtype_name", "layout"])
 @dataclasses.dataclass(frozen=True)
 class PartialSums:
-    """y [rows, features] = x @ W before its last sum: a kernel's float32 partial slots [slots, N_pad, M_pad]
-    (stream-K / split-K), y = the sum over the slots, rounded to ``dtype_name`` (``value``). A consumer that reads
-    the slots itself (``pallas_kernels.decode_attention``) saves the XLA kernel that would sum them."""
+    """y [rows, features] = x @ W before its last sum: a kernel's float32 partial slots (stream-K / split-K), y = the
+    sum over the slots, rounded to ``dtype_name`` (``value``). ``layout`` "nm": slots [P, N_pad, M_pad] (every
+    launch); "mn": [P, M, N_pad] (the ws stream-K kernel's ``slots_mn``: a row of y is contiguous, which the
+    SwiGLU staging of the next kernel reads, ``SwiGLUSlots``). A consumer that reads the slots itself
+    (``pallas_kernels.decode_attention``, ``SwiGLUSlots``) saves the XLA kernel that would sum them."""
 
     partials: jax.Array
     rows: int
     features: int
     dtype_name: str
+    layout: str = "nm"
 
     def value(self) -> jax.Array:
-        return _finish(self.partials, self.rows, self.features, self.dtype_name)
+        return _finish(self.partials, self.rows, self.features, self.dtype_name, self.layout)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SiLU(gate) * up as the models compute it (LLaMA's MLP), in the inputs' dtype."""
+    return jax.nn.silu(gate) * up
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["sums"], meta_fields=["inter", "lead"])
+@dataclasses.dataclass(frozen=True)
+class SwiGLUSlots:
+    """The input of an MLP's down projection not computed yet: SiLU(gate) * up [*lead, inter] of a fused [gate | up]
+    projection's output ``sums`` (a PartialSums of [rows, >= 2 inter] features; gate = features 0..inter-1, up =
+    inter..2 inter-1). A ws kernel weight computes it while staging its activations (``swiglu_staging_ok``: the
+    "mn" slots, M < 8), which saves the XLA kernel that sums the slots and applies SiLU * up; ``value`` is that XLA
+    computation, for every other path."""
+
+    sums: PartialSums
+    inter: int
+    lead: tuple
+
+    @property
+    def shape(self) -> tuple:
+        return (*self.lead, self.inter)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.sums.dtype_name)
+
+    def value(self) -> jax.Array:
+        y = self.sums.value()
+        return swiglu(y[:, :self.inter], y[:, self.inter:2 * self.inter]).reshape(self.shape)
 
 
 def _m_pad(m: int) -> int:
@@ -862,11 +925,11 @@ def pick_blocks(tile_ks, k_pad: int, ctas_n: int, target: int, k_splits, max_spl
     return None if best is None else best[1:]
 
 
-def call_with_output(call, args, out_init, cfg, w, m: int, out_dtype):
+def call_with_output(call, args, out_init, cfg, w, m: int, out_dtype, slots_mn: bool = False):
     """``call(*args)``; with ``out_init`` (tests / benchmarks: a NaN-poisoned buffer the aliased kernel writes in
     place) appended after checking it against ``output_buffer_shape``."""
     if out_init is not None:
-        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, out_dtype)
+        shape, dt = output_buffer_shape(cfg, w.n_pad, w.out_features, m, out_dtype, slots_mn)
         if out_init.shape != shape or out_init.dtype != dt:
             raise ValueError(f"out_init must be {dt} {shape}, got {out_init.dtype} {out_init.shape}")
         args = [*args, out_init]
@@ -1082,24 +1145,86 @@ def resolve_fused(fused: Optional[bool], k_splits: Optional[int], n: int) -> boo
 # ---------------------------------------------------------------------------------------------------------- kernel
 def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelConfig] = None,
                 out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None,
-                partial_sums: bool = False):
+                partial_sums=False):
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (with ``partial_sums``, a
-    ``PartialSums`` instead where the launch leaves partial slots).
+    ``PartialSums`` instead where the launch leaves partial slots: True / "nm", or "mn", the layout the ws stream-K
+    launch can store, ``slots_mn_ok``; other launches leave "nm" slots).
 
     ``out_init`` (tests / benchmark): the buffer the kernel writes in place (pass it NaN-filled to prove every
     output tile is written), of ``output_buffer_shape`` (float32 partials, or y itself with the fused launch).
     ``rms_norm`` = (scale [K], eps): computes ``rms_norm_rows(x, scale, eps) @ W``; the norm runs inside the kernel
     where ``fused_norm_ok`` (else in XLA before it).
     """
+    layout = slot_layout(partial_sums)
     m = check_kernel_input(x2d, w, "GPTQ")
     cfg = (config or KernelConfig()).resolved(w, m)
     x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
-    out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
+    mn = layout == "mn" and slots_mn_ok(cfg)
+    out = gptq_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm, slots_mn=mn)
     if cfg.fused:
         return out
-    sums = PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name)
-    return sums if partial_sums else sums.value()
+    sums = PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name, "mn" if mn else "nm")
+    return sums if layout else sums.value()
+
+
+def slots_mn_ok(cfg) -> bool:
+    """Whether a resolved config's launch can store "mn" partial slots: the ws stream-K kernel."""
+    return cfg.variant == "ws" and not cfg.fused
+
+
+# The SwiGLU staging (``SwiGLUSlots``): "0" makes the kernel weights compute a SwiGLUSlots' value in XLA instead (the
+# same-run comparison in bench/results/decode_step_levers.md)
+SWIGLU_STAGING_DEFAULT = os.environ.get("JAXQUANT_SWIGLU_STAGING", "1") != "0"
+
+
+def swiglu_staging_ok(cfg, w, g: "SwiGLUSlots") -> bool:
+    """Whether a resolved config's kernel for w computes g itself while staging its activations
+    (``build_ws_kernel``'s ``swiglu``): the ws kernel on the unpadded path (M < 8), "mn" slots of exactly [gate |
+    up] (N_pad = 2 I, I a multiple of 64: the slots split into a gate half and an up half without a copy) in w's
+    dtype, w taking I inputs in input order without a sparse part, and the slot blocks fitting the shared memory."""
+    sums, m = g.sums, g.sums.rows
+    if not (SWIGLU_STAGING_DEFAULT and cfg.variant == "ws" and cfg.direct_x and sums.layout == "mn" and 1 <= m < 8
+            and getattr(w, "perm", None) is None and not getattr(w, "nnz", 0) and w.in_features == g.inter
+            and g.inter % CHUNK == 0 and sums.partials.shape[2] == 2 * g.inter and sums.dtype_name == w.dtype_name):
+        return False
+    m_pad, slots = _m_pad(m), sums.partials.shape[0]
+    x_bytes = m_pad * cfg.tile_k * w.dtype.itemsize  # the activation block ws_stage_bytes counts
+    stage = ws_stage_bytes(m_pad, cfg.tile_k, w, cfg.wgs) - x_bytes + 2 * slots * m * cfg.tile_k * 4
+    return cfg.stages * stage + ws_staging_bytes(m_pad, cfg.wgs, cfg.tile_k) <= WS_SMEM_LIMIT
+
+
+def swiglu_kernel_input(g: "SwiGLUSlots") -> tuple[jax.Array, int]:
+    """(the "mn" slots [P, M, 2 I] viewed [P, M, 2, I/64, 64] (a bitcast), the kernel's ``swiglu`` = P)."""
+    p, rows, _ = g.sums.partials.shape
+    return g.sums.partials.reshape(p, rows, 2, g.inter // CHUNK, CHUNK), p
+
+
+def swiglu_matmul(g: "SwiGLUSlots", w, use_kernel: Optional[bool], config, kernel_fn):
+    """SiLU(gate) * up @ W for a weight's ``matmul`` given a SwiGLUSlots: ``kernel_fn(slots, w, config, inter)``
+    (the format's jitted kernel with the SwiGLU staging) where ``swiglu_staging_ok``, else None (the caller takes
+    g's XLA value)."""
+    m = g.sums.rows
+    if use_kernel is None:
+        use_kernel = jax.default_backend() == "gpu" and g.dtype == w.dtype
+    if not (use_kernel and 1 <= m < 8 and g.inter == w.in_features):
+        return None
+    cfg = (config or KernelConfig()).resolved(w, m)
+    if not swiglu_staging_ok(cfg, w, g):
+        return None
+    return kernel_fn(g.sums.partials, w, config, g.inter, m).reshape(*g.lead, w.out_features)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "inter", "rows"))
+def _jit_gptq_swiglu_matmul(slots: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig], inter: int,
+                            rows: int) -> jax.Array:
+    """SiLU(gate) * up @ W with the SwiGLU staging (``swiglu_matmul``): slots = a fused gate/up projection's "mn"
+    slots of ``rows`` rows -> y [rows, N]."""
+    g = SwiGLUSlots(PartialSums(slots, rows, slots.shape[2], w.dtype_name, "mn"), inter, (rows,))
+    cfg = (config or KernelConfig()).resolved(w, rows)
+    xk, swiglu = swiglu_kernel_input(g)
+    out = gptq_matmul_partials(xk, w, cfg, m=rows, swiglu=swiglu)
+    return out if cfg.fused else PartialSums(out, rows, w.out_features, w.dtype_name).value()
 
 
 def rms_norm_rows(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -1142,24 +1267,28 @@ def kernel_norm(x2d: jax.Array, w, cfg, m: int, rms_norm):
     return x2d, (w.direct_activations(jnp.reshape(scale, (1, -1)))[0], w.in_features, float(eps))
 
 
-def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype) -> jax.Array:
+def nan_output_buffer(cfg, n_pad: int, n: int, m: int, dtype, slots_mn: bool = False) -> jax.Array:
     """A NaN-filled ``out_init`` for a resolved config (tests / benchmark: unwritten output tiles show as NaN)."""
-    shape, dt = output_buffer_shape(cfg, n_pad, n, m, dtype)
+    shape, dt = output_buffer_shape(cfg, n_pad, n, m, dtype, slots_mn)
     return jnp.full(shape, jnp.nan, dt)
 
 
-def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype) -> tuple[tuple[int, ...], jnp.dtype]:
-    """(shape, dtype) of the buffer a resolved config's kernel writes: float32 partials [k_splits, N_pad, M_pad], or
-    y [M, N] in ``dtype`` (the fused launch)."""
+def output_buffer_shape(cfg, n_pad: int, n: int, m: int, dtype,
+                        slots_mn: bool = False) -> tuple[tuple[int, ...], jnp.dtype]:
+    """(shape, dtype) of the buffer a resolved config's kernel writes: float32 partials [k_splits, N_pad, M_pad]
+    ([k_splits, M, N_pad] with ``slots_mn``, M_pad rows on the padded-x path), or y [M, N] in ``dtype`` (the fused
+    launch)."""
     if cfg.fused:
         return (m, n), jnp.dtype(dtype)
+    if slots_mn:
+        return (cfg.k_splits, m if cfg.direct_x else _m_pad(m), n_pad), jnp.dtype(jnp.float32)
     return (cfg.k_splits, n_pad, _m_pad(m)), jnp.dtype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "norm_eps", "partial_sums"))
 def _jit_gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig] = None,
                      norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None,
-                     partial_sums: bool = False):
+                     partial_sums=False):
     """gptq_matmul under jit: the layer's call sites (and the prefill chunks) share one lowering of the kernel."""
     return gptq_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps),
                        partial_sums=partial_sums)
@@ -1170,14 +1299,14 @@ _jit_dequant_matmul = jax.jit(dequant_matmul)
 
 def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig", *,
                          out_init: Optional[jax.Array] = None, _variant: str = "full",
-                         m: Optional[int] = None, norm=None) -> jax.Array:
+                         m: Optional[int] = None, norm=None, slots_mn: bool = False,
+                         swiglu=None) -> jax.Array:
     """The bare kernel: prepared activations xk [M_pad, K_pad] (kernel row order; with ``cfg.direct_x`` the
-    unpadded view [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with
-    ``cfg.fused`` y [m, N] in w's dtype (m = the real rows, default M_pad); cfg must be resolved. ``norm``: the
-    fused RMSNorm of ``kernel_norm``."""
-    direct_m = xk.shape[0] if cfg.direct_x else 0
-    m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
-    m = (direct_m or m_pad) if m is None else m
+    unpadded view [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad] ([k_splits,
+    M, N_pad] with ``slots_mn``: ``output_buffer_shape``), or with ``cfg.fused`` y [m, N] in w's dtype (m = the real
+    rows, default M_pad); cfg must be resolved. ``norm``: the fused RMSNorm of ``kernel_norm``; ``swiglu`` = P: xk
+    is a fused gate/up projection's P "mn" slots of m rows, [P, M, 2, I/64, 64] (``swiglu_kernel_input``)."""
+    direct_m, m_pad, m = ws_rows(xk, cfg, m, swiglu)
     fused_out = (m, w.out_features, w.dtype_name) if cfg.fused else None
     if norm and not fused_norm_ok(cfg, w, m):
         raise ValueError("the fused RMSNorm needs the ws kernel on the unpadded x (fused_norm_ok)")
@@ -1185,13 +1314,25 @@ def gptq_matmul_partials(xk: jax.Array, w: GPTQKernelWeight, cfg: "KernelConfig"
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.group, w.bits, w.dtype_name, w.nbias is not None,
                               cfg.tile_k, cfg.stages, cfg.ctas, out_init is not None, w.layout, cfg.wgs, fused_out,
                               direct_m=direct_m, variant=_variant, post_scale=bool(cfg.post_scale),
-                              norm=norm and norm[1:])
+                              norm=norm and norm[1:], slots_mn=slots_mn, swiglu=swiglu)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.scales.shape[0], w.group, w.bits, w.dtype_name,
                            w.nbias is not None, cfg.tile_k, cfg.stages, cfg.k_splits, cfg.n_sub, out_init is not None,
                            _variant, w.layout, fused_out, direct_m=direct_m, post_scale=bool(cfg.post_scale))
     args = [xk, w.qweight, w.scales] + ([w.nbias] if w.nbias is not None else []) + ([norm[0]] if norm else [])
-    return call_with_output(call, args, out_init, cfg, w, m, w.dtype)
+    return call_with_output(call, args, out_init, cfg, w, m, w.dtype, slots_mn)
+
+
+def ws_rows(xk: jax.Array, cfg, m: Optional[int], swiglu) -> tuple[int, int, int]:
+    """(direct_m, m_pad, m) of a bare kernel call (``gptq_matmul_partials``): the unpadded rows (0 for the padded
+    x), the kernel's padded rows and the real rows; a SwiGLU source brings m itself."""
+    if swiglu:
+        if cfg.variant != "ws" or not cfg.direct_x or m is None:
+            raise ValueError("the SwiGLU staging runs in the ws kernel on the unpadded path, with m given")
+        return m, _m_pad(m), m
+    direct_m = xk.shape[0] if cfg.direct_x else 0
+    m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
+    return direct_m, m_pad, (direct_m or m_pad) if m is None else m
 
 
 def _i32(v: int) -> int:
@@ -1279,10 +1420,10 @@ def _build_call(m_pad, k_pad, n_pad, g_k, group, bits, dtype_name, has_bias, til
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_k, stages, ctas, aliased,
                    layout=DEFAULT_LAYOUT, wgs=WS_COMPUTE_WGS, fused_out=None, direct_m=0, variant="full",
-                   post_scale=False, norm=None):
+                   post_scale=False, norm=None, slots_mn=False, swiglu=None):
     """The warp-specialized GPTQ kernel (``KernelConfig(variant="ws")``, ``build_ws_kernel``): per step the scales
     (+ nbias) blocks of the CTA's unit; ``variant``, ``post_scale``: as in ``_build_call``; ``norm``: the fused
-    RMSNorm's (K, eps) (``build_ws_kernel``)."""
+    RMSNorm's (K, eps); ``slots_mn``, ``swiglu``: as in ``build_ws_kernel``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows = wgs * CHUNK
@@ -1309,8 +1450,13 @@ def _build_ws_call(m_pad, k_pad, n_pad, group, bits, dtype_name, has_bias, tile_
     return build_ws_kernel(
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
-        dequant=dequant, product=product, norm=norm,
-        name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ("_rmsnorm" if norm else ""))
+        dequant=dequant, product=product, norm=norm, slots_mn=slots_mn, swiglu=swiglu,
+        name=f"gptq_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ws_name_suffix(norm, slots_mn, swiglu))
+
+
+def ws_name_suffix(norm, slots_mn: bool, swiglu) -> str:
+    """The kernel-name suffix of the ws kernel's options (profiles tell the launches apart by name)."""
+    return ("_rmsnorm" if norm else "") + ("_mn" if slots_mn else "") + ("_swiglu" if swiglu else "")
 
 
 def ws_wgmma(acc, a, x_smem):
@@ -1325,7 +1471,7 @@ def ws_wgmma(acc, a, x_smem):
 
 
 def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out,
-                    direct_m, side_specs, dequant, product, name, norm=None):
+                    direct_m, side_specs, dequant, product, name, norm=None, slots_mn=False, swiglu=None):
     """The warp-specialized kernel of every weight format: a persistent grid of ``ctas`` CTAs of ``wgs`` + 1
     warpgroups: one issues the TMA copies (``emit_pipeline_warp_specialized``, ``stages`` buffers), the ``wgs`` others
     dequantize + wgmma, each its own 64-row output tile of the CTA's unit (the activation tile is shared). Work is
@@ -1344,7 +1490,16 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     input after the side inputs (one [tile_k/64, 64] block per step); before its pipeline each compute warpgroup sums
     the squares of x's rows (``_make_row_rms``) and every step's staging normalises the step's block
     (``_make_x_stage``), so the normalised x never goes through global memory (the norm's two XLA kernels fewer per
-    decode step)."""
+    decode step).
+
+    ``slots_mn`` (stream-K, not fused): the partial slots go out as [slots, rows, n_pad], rows = ``direct_m`` (else
+    m_pad), each thread storing its accumulator elements of the real rows straight from its registers
+    (``_make_store_mn``), so a row of y is contiguous for the next kernel's ``swiglu`` staging. ``swiglu`` = P (with
+    ``direct_m``, no ``norm``): x is not an activation but a fused [gate | up] projection's P "mn" slots [P, m, 2 I],
+    viewed [P, m, 2, I/64, 64] float32; every step TMA-copies the
+    step's gate block [P, m, 1, tile_k/64, 64] and its up block (index 0 / 1 of the third axis; the blocks past I,
+    where K_pad > I, are zero-filled by TMA, so SiLU(0) * 0 = 0 there) and each compute warpgroup stages SiLU(gate) *
+    up from them (``_make_swiglu_stage``), so SiLU * up never goes through global memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1356,12 +1511,21 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
     grid = q + (r > 0)
     if norm and not direct_m:
         raise ValueError("the fused RMSNorm needs the unpadded activations (direct_x)")
+    if swiglu and (norm or not direct_m):
+        raise ValueError("the SwiGLU staging needs the unpadded activation path (direct_x) and no fused norm")
+    if slots_mn and fused_out:
+        raise ValueError("slots_mn is a layout of the stream-K partial slots; the fused launch stores y")
     if direct_m:
         zero_x, stage_x = _make_x_stage(direct_m, tile_k, dtype_name, wg_local=True, norm=bool(norm))
+    if swiglu:
+        stage_swiglu = _make_swiglu_stage(direct_m, tile_k, dtype_name, swiglu)
+    n_x = 2 if swiglu else 1  # pipeline inputs before the codes: x, or the gate and up blocks of the slots
     if norm:
         row_rms = _make_row_rms(direct_m, k_true=norm[0], eps=norm[1])
     out_dtype = jnp.dtype(fused_out[2]) if fused_out else jnp.dtype(jnp.float32)
     transpose = _make_cluster_reduce(CHUNK, m_pad, 1, out_dtype.name, wg_local=True) if fused_out else None
+    mn_rows = direct_m or m_pad  # the rows "mn" slots hold
+    store_mn, zero_mn = _make_store_mn(mn_rows, m_pad) if slots_mn else (None, None)
 
     def body(x_gmem, w_gmem, *refs):
         side_gmem, out_gmem = refs[:-1], refs[-1]
@@ -1378,9 +1542,15 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
             unit, k = unit_k(t)
             return (unit, k, 0, 0)
 
+        if swiglu:  # the gate block and the up block of the step's k block
+            x_specs = [plgpu.BlockSpec((swiglu, direct_m, 1, tile_k // CHUNK, CHUNK),
+                                       lambda t, half=half: (0, 0, half, unit_k(t)[1], 0)) for half in (0, 1)]
+        elif direct_m:
+            x_specs = [direct_x_block_spec(direct_m, tile_k, lambda t: unit_k(t)[1])]
+        else:
+            x_specs = [x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1])]
         in_specs = [
-            (direct_x_block_spec(direct_m, tile_k, lambda t: unit_k(t)[1]) if direct_m
-             else x_block_spec(m_pad, tile_k, dtype, lambda t: unit_k(t)[1])),
+            *x_specs,
             plgpu.BlockSpec((wgs, tile_k // CHUNK, bits, 128), w_map),
             *side_specs(unit_k),
         ] + ([plgpu.BlockSpec((tile_k // CHUNK, CHUNK), lambda t: (unit_k(t)[1], 0))] if norm else [])
@@ -1388,7 +1558,8 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
         def scope(acc_smem, o_smem, *x_pad):
             wg = jax.lax.axis_index("wg")
 
-            def step(idx, x_smem, w_smem, *rest):
+            def step(idx, *refs):
+                x_smem, w_smem, *rest = (refs[:n_x], *refs[n_x:])
                 *side, acc = rest
                 norm_smem = []
                 if norm:  # the step's block of the norm's scale
@@ -1401,14 +1572,26 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
                 unit, k, flush, slot, pieces = ws_step(t, cta, units, spu, ctas)
                 cols = pl.ds(wg * CHUNK, CHUNK)
                 a = dequant(w_smem.at[wg], side, cols)
-                if direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
-                    stage_x(x_smem, *norm_smem, x_pad[0], *x_pad[1:])
+                if swiglu:  # SiLU(gate) * up of the step's slot blocks -> this warpgroup's [8, tile_k] tile
+                    stage_swiglu(*x_smem, x_pad[0])
                     x_smem = x_pad[0].at[wg]
+                elif direct_m:  # this warpgroup's [8, tile_k] tile from the shared raw rows (rows m..7 stay zero)
+                    stage_x(x_smem[0], *norm_smem, x_pad[0], *x_pad[1:])
+                    x_smem = x_pad[0].at[wg]
+                else:
+                    x_smem = x_smem[0]
                 acc = product(acc, a, x_smem, side, cols)
                 row0 = (unit * wgs + wg) * CHUNK
 
                 @pl.when(flush)
                 def _():
+                    if slots_mn:  # straight from the registers; the head piece also zeroes the empty slots
+                        store_mn(acc, out_gmem.at[slot, :, pl.ds(row0, CHUNK)])
+                        for extra in range(1, slots):
+                            @pl.when((slot == 0) & (pieces <= extra))
+                            def _():
+                                zero_mn(out_gmem.at[extra, :, pl.ds(row0, CHUNK)])
+                        return
                     if not fused_out:
                         ws_store_partial(acc, acc_smem, o_smem, out_gmem, wg=wg, row0=row0, slot=slot, pieces=pieces,
                                          slots=slots)
@@ -1428,7 +1611,7 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
                     if norm:  # 1 / rms of x's rows -> x_pad[1], read by every step's staging
                         row_rms(x_gmem, x_pad[1])
                     zeros = plgpu.layout_cast(jnp.full((CHUNK, m_pad), 0, jnp.float32), plgpu.Layout.WGMMA)
-                    if not fused_out:
+                    if not (fused_out or slots_mn):
                         o_smem.at[wg][...] = zeros  # the zero tile for the slots a unit's pieces leave
                 eval_pipeline(zeros)
                 with jax.named_scope("epilogue"):
@@ -1437,7 +1620,7 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
             pipeline = plgpu.emit_pipeline_warp_specialized(
                 step, grid=(grid,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
                 max_concurrent_steps=min(stages, grid), wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)
-            pipeline(x_gmem, w_gmem, *side_gmem, *norm_gmem)
+            pipeline(*[x_gmem] * n_x, w_gmem, *side_gmem, *norm_gmem)
 
         o_type = (plgpu.SMEM((wgs, m_pad, CHUNK), out_dtype) if fused_out
                   else plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32))
@@ -1447,7 +1630,7 @@ def build_ws_kernel(*, m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ct
         pl.run_scoped(scope, plgpu.SMEM((wgs, CHUNK, m_pad), jnp.float32), o_type, *x_pad_type, collective_axes="wg")
 
     out_type = (jax.ShapeDtypeStruct(fused_out[:2], out_dtype) if fused_out
-                else jax.ShapeDtypeStruct((slots, n_pad, m_pad), jnp.float32))
+                else jax.ShapeDtypeStruct((slots, mn_rows, n_pad) if slots_mn else (slots, n_pad, m_pad), jnp.float32))
     mesh = plgpu.Mesh(grid=(ctas,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg")
     return mesh_kernel(body, out_type=out_type, mesh=mesh, name=name + ("f" if fused_out else ""), aliased=aliased,
                        trace_ranges=6 * grid + 8)  # scope ranges per warpgroup (a step's conds re-enter "step")
@@ -1471,6 +1654,54 @@ def ws_store_partial(acc, acc_smem, o_smem, out_gmem, *, wg, row0, slot, pieces,
         @pl.when((slot == 0) & (pieces <= extra))
         def _():
             plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[extra, pl.ds(row0, CHUNK), :])
+
+
+def _make_store_mn(rows: int, m_pad: int):
+    """inline_mgpu functions (store(acc, out_ref), zero(out_ref)) of the "mn" slots (``build_ws_kernel``'s
+    ``slots_mn``), run by a compute warpgroup: the float32 [64, m_pad] accumulator in the WGMMA layout (a thread holds
+    rows r and r + 8, r = 16 * warp + lane // 4, and in each 8-column block the columns 2 (lane % 4) and + 1) goes
+    straight from the registers to out_ref = columns row0..row0+63 of one slot, [rows, 64] in global memory: each
+    thread stores its elements of the first ``rows`` columns (at M = 1: a quarter of the threads, two floats each),
+    without shared memory, a fence or a barrier. ``zero`` stores 0 at the same places (the slots a unit's pieces
+    leave empty)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(out_ref, value_of):
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, memref, scf
+
+        index = ir.IndexType.get()
+        tid, row_of = _fragment_rows(wg_local=True)
+        col0 = arith.index_cast(index, arith.muli(arith.remui(tid, arith.constant(tid.type, 4)),
+                                                  arith.constant(tid.type, 2)))
+        for block in range(-(-rows // 8)):
+            for half in range(2):
+                for j in range(2):
+                    col = arith.addi(col0, arith.constant(index, 8 * block + j))
+                    if_op = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, arith.constant(index, rows)))
+                    with ir.InsertionPoint(if_op.then_block):
+                        memref.store(value_of(block, half, j), out_ref, [col, row_of[half]])
+                        scf.yield_([])
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(ctx, acc, out_ref):
+        del ctx
+        from jax._src.lib.mlir.dialects import vector
+
+        assert acc.registers.shape[1] == m_pad // 8 and acc.registers.shape[4] == 2, acc.registers.shape
+        body(out_ref, lambda block, half, j: vector.extract(
+            acc.registers[(0, block, 0, 0, half) + (0,) * (acc.registers.ndim - 5)], [], [j]))
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def zero(ctx, out_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith
+
+        zero_value = arith.constant(ir.F32Type.get(), 0.0)
+        body(out_ref, lambda block, half, j: zero_value)
+
+    return store, zero
 
 
 def x_smem_transforms(dtype):
@@ -1616,6 +1847,123 @@ def _make_x_stage(m: int, tile_k: int, dtype_name: str, wg_local: bool = False, 
             stage_body(raw_ref, pad_ref)
 
     return zero, stage
+
+
+def swiglu_stage_coords(p, tile_k: int, div, rem, xor, scale, add):
+    """Staging plan of the SwiGLU staging for pair index p (python ints, or traced values through the ops, as
+    ``x_stage_coords``; ``scale(a, b)`` = a * b for a python int b, ``add`` of two values): p in [0, m * tile_k / 2)
+    names columns (col, col + 1) of row r of the step's [m, tile_k/64, 64] gate / up blocks, i.e. column w = col % 64
+    of their 64-column block c; both go to row r of tile c of the swizzled [8, tile_k] x tile at physical columns
+    (q ^ r) * 8 + j (+ 1) (16-byte chunk q = w // 8, element j = w % 8). Returns (r, c, w, physical column)."""
+    r, col = div(p, tile_k // 2), scale(rem(p, tile_k // 2), 2)
+    c, w = div(col, CHUNK), rem(col, CHUNK)
+    return r, c, w, add(scale(xor(div(w, X_VEC), r), X_VEC), rem(w, X_VEC))
+
+
+def _make_swiglu_stage(m: int, tile_k: int, dtype_name: str, slots: int):
+    """inline_mgpu ``stage(gate_raw, up_raw, x_pad)`` of the SwiGLU staging (ws kernel, every compute warpgroup,
+    every step; rows m..7 of x_pad are zeroed once by ``_make_x_stage``'s zero): gate_raw / up_raw are the step's
+    [P, m, 1, tile_k/64, 64] float32 blocks of a fused [gate | up] projection's "mn" partial slots; thread t of the
+    warpgroup takes the column pairs p = t + 128 i (``swiglu_stage_coords``), sums each element's P slots in slot
+    order, rounds gate and up to the activation dtype, applies SiLU(g) * u with every operation rounded as XLA's
+    16-bit elementwise ops are (``swiglu_rounded``: e = exp(-g), d = 1 + e, s = 1 / d, g * s, * u) and stores the
+    pair into its warpgroup's swizzled [8, tile_k] tile; then the proxy fence and a warpgroup barrier (as the x
+    staging). Staging before the dequantization with the fence and barrier after it measured slower (H100: GPTQ
+    4-bit 11008x4096 kernel 13.9 vs 13.5 us, bench/NOTES_kernels.md)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not 1 <= m < 8:
+        raise ValueError(f"the SwiGLU staging takes 1..7 activation rows, got {m}")
+    pad_type = plgpu.RefType(transforms=x_smem_transforms(jnp.dtype(dtype_name)))
+    n_pairs = m * tile_k // 2
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), pad_type))
+    def stage(ctx, gate_ref, up_ref, pad_ref):
+        del ctx
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, scf, vector
+        from jax._src.lib.mlir.dialects import math as mlir_math
+        import jax.experimental.mosaic.gpu as mgpu
+
+        index, f32 = ir.IndexType.get(), ir.F32Type.get()
+        dt = ir.MemRefType(pad_ref.type).element_type
+        idx = lambda v: arith.constant(index, v)  # noqa: E731
+        tid_all = arith.index_cast(index, mgpu.utils.thread_idx())
+        tid, wg = arith.remui(tid_all, idx(128)), arith.divui(tid_all, idx(128))
+        ops = dict(div=lambda a, b: arith.divui(a, idx(b)), rem=lambda a, b: arith.remui(a, idx(b)), xor=arith.xori,
+                   scale=lambda a, b: arith.muli(a, idx(b)), add=arith.addi)
+        f32x2, dtx2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), dt)
+        one = arith.constant(f32, 1.0)
+        rnd = lambda v: arith.extf(f32, arith.truncf(dt, v))  # noqa: E731
+
+        def pair(p):
+            r, c, w, phys = swiglu_stage_coords(p, tile_k, **ops)
+            sums = []
+            for ref in (gate_ref, up_ref):
+                total = vector.load(f32x2, ref, [idx(0), r, idx(0), c, w])
+                for s_ in range(1, slots):
+                    total = arith.addf(total, vector.load(f32x2, ref, [idx(s_), r, idx(0), c, w]))
+                sums.append(total)
+            outs = []
+            for j in range(2):
+                g = rnd(vector.extract(sums[0], [], [j]))
+                u = rnd(vector.extract(sums[1], [], [j]))
+                sig = rnd(arith.divf(one, rnd(arith.addf(one, rnd(mlir_math.exp(arith.negf(g)))))))
+                outs.append(arith.truncf(dt, arith.mulf(rnd(arith.mulf(g, sig)), u)))
+            vector.store(vector.from_elements(dtx2, outs), pad_ref, [wg, idx(0), c, r, phys])
+
+        for i in range(-(-n_pairs // 128)):
+            p = arith.addi(tid, idx(128 * i))
+            if 128 * (i + 1) <= n_pairs:
+                pair(p)
+                continue
+            if_op = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, p, idx(n_pairs)))
+            with ir.InsertionPoint(if_op.then_block):
+                pair(p)
+                scf.yield_([])
+        mgpu.utils.commit_shared()
+
+    return stage
+
+
+def swiglu_rounded(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SiLU(gate) * up in gate's dtype as XLA computes ``jax.nn.silu(gate) * up`` on 16-bit inputs (every op in
+    float32, rounded to the dtype after it): e = exp(-g), d = 1 + e, sig = 1 / d, s = g * sig, s * up. The SwiGLU
+    staging's arithmetic (``_make_swiglu_stage``)."""
+    dt = gate.dtype
+    rnd = lambda v: v.astype(dt).astype(jnp.float32)  # noqa: E731
+    g = gate.astype(jnp.float32)
+    sig = rnd(1.0 / rnd(1.0 + rnd(jnp.exp(-g))))
+    return (rnd(g * sig) * up.astype(jnp.float32)).astype(dt)
+
+
+def staged_swiglu_reference(slots_mn: jax.Array, m: int, inter: int, k_pad: int, tile_k: int, dtype) -> jax.Array:
+    """The SwiGLU staging's x tiles in numpy, built through its own plan (``swiglu_stage_coords``): the gate columns
+    0..inter-1 and the up columns inter..2 inter-1 of "mn" slots [P, >= m, 2 inter] (rows 0..m-1, as the TMA boxes
+    bring them; zero from inter to k_pad, as TMA fills the boxes past the array), summed over the slots in slot
+    order, then ``swiglu_rounded`` in ``dtype``; per step the plan places the
+    step's pairs into a NaN-poisoned physical [tile_k/64, 8, 64] swizzled tile whose rows m..7 are zero, read back
+    in the wgmma's logical order. Returns [8, k_pad] (what the padded path's x would be), NaN where the plan leaves
+    a hole."""
+    sl = np.zeros((*slots_mn.shape[:2], 2, k_pad), np.float32)
+    sl[..., :inter] = np.asarray(slots_mn, np.float32).reshape(*slots_mn.shape[:2], 2, inter)
+    gate, up = sl[0, :m, 0], sl[0, :m, 1]
+    for s_ in range(1, sl.shape[0]):
+        gate, up = gate + sl[s_, :m, 0], up + sl[s_, :m, 1]
+    act = np.asarray(swiglu_rounded(jnp.asarray(gate).astype(dtype), jnp.asarray(up).astype(dtype)), np.float32)
+    ints = dict(div=lambda a, b: a // b, rem=lambda a, b: a % b, xor=lambda a, b: a ^ b, scale=lambda a, b: a * b,
+                add=lambda a, b: a + b)
+    out = []
+    for kb in range(k_pad // tile_k):
+        phys = np.full((tile_k // CHUNK, 8, CHUNK), np.nan, np.float32)
+        phys[:, m:] = 0.0
+        for p in range(m * tile_k // 2):
+            r, c, w, col = swiglu_stage_coords(p, tile_k, **ints)
+            k0 = kb * tile_k + c * CHUNK + w
+            phys[c, r, col:col + 2] = act[r, k0:k0 + 2]
+        rows, cols = np.arange(8)[:, None], np.arange(tile_k)[None, :]
+        out.append(phys[cols // CHUNK, rows, ((cols % CHUNK) // X_VEC ^ rows) * X_VEC + cols % X_VEC])
+    return jnp.asarray(np.concatenate(out, axis=1))
 
 
 NORM_R = 32  # the fused RMSNorm's scratch [wgs, NORM_SCRATCH] float32: 4 warps x 8 rows of partial sums, then 1 / rms

@@ -64,6 +64,8 @@ from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pa
 from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_reference
 from .gptq_matmul import PartialSums, call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
+from .gptq_matmul import SwiGLUSlots, slot_layout, slots_mn_ok, swiglu_kernel_input, swiglu_matmul, ws_name_suffix
+from .gptq_matmul import ws_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -244,15 +246,26 @@ class LUTKernelWeight(KernelWeightShape):
     takes_rms_norm = True
     takes_partial_sums = True
 
+    # the models hand ``matmul`` a SwiGLUSlots (``gptq_matmul.swiglu_matmul``). H100, LLaMA-7B decode MLP at M = 1
+    # (bench/NOTES_kernels.md, "SwiGLU staging"): CUPTI per layer 43.6-43.7 vs 44.9-45.0 us (4-bit), 33.3-33.4 vs
+    # 33.6-33.8 us (3-bit); decode step, alternating runs: 2.454 / 2.453 vs 2.487 / 2.511 ms (4-bit), 1.968 / 1.957 vs
+    # 2.043 / 1.963 ms (3-bit)
+    takes_swiglu_slots = True
+
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None,
-               rms_norm=None, partial_sums: bool = False):
+               rms_norm=None, partial_sums=False):
         """x [..., K] -> x @ W [..., N] in x's dtype, accumulated in float32.
 
         With ``use_kernel`` (default: the default backend is a GPU and x's dtype is the packed dtype), M =
         prod(leading dims) rows go to: M <= 64: the Pallas kernel; M <= PREFILL_CHUNKED_MAX_M and no sparse part: the
         kernel over 64-row chunks; otherwise the XLA dequantize-then-matmul reference (jitted). ``rms_norm``: as
-        in ``gptq_matmul.GPTQKernelWeight.matmul``, and so is ``partial_sums``.
+        in ``gptq_matmul.GPTQKernelWeight.matmul``, and so are ``partial_sums`` and a ``SwiGLUSlots`` x.
         """
+        if isinstance(x, SwiGLUSlots):
+            y = swiglu_matmul(x, self, use_kernel, config, _jit_lut_swiglu_matmul)
+            if y is not None:
+                return y
+            x = x.value()
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.in_features:
             raise ValueError(f"x has {k} input features, the weight expects {self.in_features}")
@@ -408,7 +421,7 @@ def _finish(partials: jax.Array, m: int, w: LUTKernelWeight, x2d: jax.Array) -> 
 # ---------------------------------------------------------------------------------------------------------- kernel
 def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelConfig] = None,
                out_init: Optional[jax.Array] = None, _variant: str = "full", rms_norm=None,
-               partial_sums: bool = False):
+               partial_sums=False):
     """Pallas Mosaic GPU kernel: x [M, K] (M <= 64, w's dtype) @ W -> [M, N] in x's dtype (sparse part by XLA);
     ``partial_sums``: as in ``gptq_matmul.gptq_matmul`` (weights without a sparse part).
 
@@ -416,14 +429,16 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     output tile is written), of ``gptq_matmul.output_buffer_shape`` for ``kernel_out_dtype(w)`` (float32 partials
     [k_splits, N_pad, M_pad], or the fused launch's y [M, N]). ``rms_norm``: as in ``gptq_matmul.gptq_matmul``.
     """
+    layout = slot_layout(partial_sums)
     m = check_kernel_input(x2d, w, "LUT")
     cfg = (config or KernelConfig()).resolved(w, m)
     x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)  # (fused only without a sparse part, which needs the norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
-    out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm)
+    mn = layout == "mn" and slots_mn_ok(cfg) and not w.nnz
+    out = lut_matmul_partials(xk, w, cfg, out_init=out_init, _variant=_variant, m=m, norm=norm, slots_mn=mn)
     if not cfg.fused:
-        if partial_sums and not w.nnz:
-            return PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name)
+        if layout and not w.nnz:
+            return PartialSums(out, m, w.out_features, jnp.dtype(x2d.dtype).name, "mn" if mn else "nm")
         return _finish(out, m, w, x2d)
     sparse = w.sparse_product(x2d)
     return out if sparse is None else (out + sparse).astype(x2d.dtype)
@@ -434,10 +449,21 @@ def kernel_out_dtype(w: LUTKernelWeight):
     return jnp.dtype(jnp.float32) if w.nnz else w.dtype
 
 
+@functools.partial(jax.jit, static_argnames=("config", "inter", "rows"))
+def _jit_lut_swiglu_matmul(slots: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig], inter: int,
+                           rows: int) -> jax.Array:
+    """SiLU(gate) * up @ W with the SwiGLU staging (``gptq_matmul.swiglu_matmul``; weights without a sparse part)."""
+    g = SwiGLUSlots(PartialSums(slots, rows, slots.shape[2], w.dtype_name, "mn"), inter, (rows,))
+    cfg = (config or KernelConfig()).resolved(w, rows)
+    xk, swiglu = swiglu_kernel_input(g)
+    out = lut_matmul_partials(xk, w, cfg, m=rows, swiglu=swiglu)
+    return out if cfg.fused else PartialSums(out, rows, w.out_features, w.dtype_name).value()
+
+
 @functools.partial(jax.jit, static_argnames=("config", "norm_eps", "partial_sums"))
 def _jit_lut_matmul(x2d: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig] = None,
                     norm_scale: Optional[jax.Array] = None, norm_eps: Optional[float] = None,
-                    partial_sums: bool = False):
+                    partial_sums=False):
     """lut_matmul under jit: call sites (and prefill chunks) share one lowering of the kernel."""
     return lut_matmul(x2d, w, config=config, rms_norm=None if norm_scale is None else (norm_scale, norm_eps),
                       partial_sums=partial_sums)
@@ -448,26 +474,25 @@ _jit_reference_matmul = jax.jit(reference_matmul)
 
 def lut_matmul_partials(xk: jax.Array, w: LUTKernelWeight, cfg: KernelConfig, *,
                         out_init: Optional[jax.Array] = None, _variant: str = "full",
-                        m: Optional[int] = None, norm=None) -> jax.Array:
+                        m: Optional[int] = None, norm=None, slots_mn: bool = False, swiglu=None) -> jax.Array:
     """The bare kernel: prepared activations xk [M_pad, K_pad] (with ``cfg.direct_x``, the ws kernel's unpadded view
     [m, K_x/64, 64] of ``direct_activations``) -> float32 partials [k_splits, N_pad, M_pad], or with ``cfg.fused``
     y [m, N] in ``kernel_out_dtype(w)`` (m = the real rows, default M_pad); cfg must be resolved; the sparse part is
-    not included. ``norm``: the fused RMSNorm of ``gptq_matmul.kernel_norm``."""
-    direct_m = xk.shape[0] if cfg.direct_x else 0
-    m_pad = _m_pad(direct_m) if cfg.direct_x else xk.shape[0]
-    m = (direct_m or m_pad) if m is None else m
+    not included. ``norm``, ``slots_mn``, ``swiglu``: as in ``gptq_matmul.gptq_matmul_partials``."""
+    direct_m, m_pad, m = ws_rows(xk, cfg, m, swiglu)
     out_dtype = kernel_out_dtype(w)
     fused_out = (m, w.out_features, out_dtype.name) if cfg.fused else None
     if norm and not fused_norm_ok(cfg, w, m):
         raise ValueError("the fused RMSNorm needs the ws kernel on the unpadded x (fused_norm_ok)")
     if cfg.variant == "ws":
         call = _build_ws_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.ctas,
-                              out_init is not None, cfg.wgs, fused_out, _variant, direct_m, norm and norm[1:])
+                              out_init is not None, cfg.wgs, fused_out, _variant, direct_m, norm and norm[1:],
+                              slots_mn, swiglu)
     else:
         call = _build_call(m_pad, w.k_pad, w.n_pad, w.bits, w.dtype_name, cfg.tile_k, cfg.stages, cfg.k_splits,
                            cfg.n_sub, out_init is not None, _variant, fused_out)
     args = [xk, w.qweight, w.lutw] + ([norm[0]] if norm else [])
-    return call_with_output(call, args, out_init, cfg, w, m, out_dtype)
+    return call_with_output(call, args, out_init, cfg, w, m, out_dtype, slots_mn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -524,11 +549,11 @@ def _build_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, k_splits,
 
 @functools.lru_cache(maxsize=None)
 def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, aliased, wgs, fused_out=None,
-                   variant="full", direct_m=0, norm=None):
+                   variant="full", direct_m=0, norm=None, slots_mn=False, swiglu=None):
     """The warp-specialized kernel (``gptq_matmul.build_ws_kernel``) for LUT weights: per step the tables of the
     step's unit (one [wgs * 64, 2**bits / 2] TMA copy, an L2 hit after the unit's first step), each compute
     warpgroup looking up its 64 rows' tables. ``direct_m``: the unpadded x rows (as in the GPTQ kernels); ``norm``:
-    the fused RMSNorm's (K, eps)."""
+    the fused RMSNorm's (K, eps); ``slots_mn``, ``swiglu``: as in ``build_ws_kernel``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     dequant = _make_dequant(bits, tile_k, dtype_name, skip_lookup=variant == "nolookup", wg_local=True)
@@ -540,8 +565,8 @@ def _build_ws_call(m_pad, k_pad, n_pad, bits, dtype_name, tile_k, stages, ctas, 
         m_pad=m_pad, k_pad=k_pad, n_pad=n_pad, bits=bits, dtype_name=dtype_name, tile_k=tile_k, stages=stages,
         ctas=ctas, aliased=aliased, wgs=wgs, fused_out=fused_out, direct_m=direct_m, side_specs=side_specs,
         dequant=lambda w_ref, side, cols: dequant(w_ref, side[0].at[cols]),
-        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem), norm=norm,
-        name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ("_rmsnorm" if norm else ""))
+        product=lambda acc, a, x_smem, side, cols: ws_wgmma(acc, a, x_smem), norm=norm, slots_mn=slots_mn,
+        swiglu=swiglu, name=f"lut_w{bits}_m{m_pad}_k{tile_k}_ws{ctas}x{wgs}" + ws_name_suffix(norm, slots_mn, swiglu))
 
 
 def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):

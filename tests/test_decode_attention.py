@@ -281,10 +281,15 @@ class _SlottedDense:
     takes_partial_sums = True
 
     def matmul(self, x, partial_sums=False):
+        """``partial_sums``: True / "nm" -> slots [3, N + 64, 8]; "mn" -> [3, M, N] (the ws kernel's "mn" store)."""
         y = jnp.matmul(x, self.kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         if not partial_sums:
             return y.astype(x.dtype)
         m, n = math.prod(x.shape[:-1]), self.kernel.shape[1]
+        if partial_sums == "mn":
+            noise = jax.random.normal(jax.random.key(self.seed), (2, m, n), jnp.float32)
+            slots = jnp.concatenate([noise, (y.reshape(m, n) - noise.sum(0))[None]])
+            return PartialSums(slots, m, n, jnp.dtype(x.dtype).name, "mn")
         noise = jax.random.normal(jax.random.key(self.seed), (2, n + 64, 8), jnp.float32)
         last = jnp.zeros((n + 64, 8), jnp.float32).at[:n, :m].set(y.reshape(m, n).T) - noise.sum(0)
         return PartialSums(jnp.concatenate([noise, last[None]]), m, n, jnp.dtype(x.dtype).name)
