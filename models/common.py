@@ -50,9 +50,15 @@ class NormedInput:
         return rms_norm(self.x, self.scale, self.eps)
 
 
+def _swiglu_slots(x) -> bool:
+    """Whether x is a ``pallas_kernels.gptq_matmul.SwiGLUSlots`` (``swiglu_input``; by name: the models do not
+    import the kernels unless they use them)."""
+    return type(x).__name__ == "SwiGLUSlots"
+
+
 def _deferred(x) -> bool:
-    """Whether x is an input not computed yet: a NormedInput, or a SwiGLUSlots (``swiglu_input``)."""
-    return isinstance(x, NormedInput) or type(x).__name__ == "SwiGLUSlots"
+    """Whether x is an input not computed yet: a NormedInput, or a SwiGLUSlots."""
+    return isinstance(x, NormedInput) or _swiglu_slots(x)
 
 
 def as_array(x):
@@ -68,7 +74,7 @@ def matmul(x, kernel, partial_sums=False):
     kw = {"partial_sums": partial_sums} if partial_sums and getattr(kernel, "takes_partial_sums", False) else {}
     if isinstance(x, NormedInput) and getattr(kernel, "fuses_rms_norm", False):
         return kernel.matmul(x.x, rms_norm=(x.scale, x.eps), **kw)
-    if type(x).__name__ == "SwiGLUSlots" and getattr(kernel, "takes_swiglu_slots", False):
+    if _swiglu_slots(x) and getattr(kernel, "takes_swiglu_slots", False):
         return kernel.matmul(x, **kw)
     x = as_array(x)
     if hasattr(kernel, "matmul"):
@@ -87,16 +93,12 @@ def decode_partial_sums(t: int) -> bool:
     return t == 1 and QKV_PARTIAL_SUMS
 
 
-# On by default; "0" makes a fused gate/up projection at decode hand the down projection its summed output (SiLU * up
-# in XLA) instead of its "mn" partial slots (the same-run comparison in bench/results/decode_step_levers.md).
-GATE_UP_SLOTS = os.environ.get("JAXQUANT_SWIGLU_STAGING", "1") != "0"
-
-
 def swiglu_slots_layout(module: nn.Module, lead: tuple, *down_path: str):
     """The ``partial_sums`` a fused gate/up projection over rows ``lead`` passes (``Linear(partial_sums=...)``):
     "mn" where the down projection at ``down_path`` below ``module`` computes SiLU(gate) * up from those slots
-    while staging its activations (``takes_swiglu_slots``; the kernels do so at M < 8), else False."""
-    if not (GATE_UP_SLOTS and 1 <= math.prod(lead) < 8):
+    while staging its activations (``takes_swiglu_slots``, off with JAXQUANT_SWIGLU_STAGING=0; the kernels do so at
+    M < 8), else False."""
+    if not 1 <= math.prod(lead) < 8:
         return False
     return "mn" if getattr(_kernel_at(module, *down_path), "takes_swiglu_slots", False) else False
 

@@ -205,13 +205,19 @@ class KernelWeightShape:
 
     takes_rms_norm = False  # ``matmul`` has the ``rms_norm`` argument (the ws kernel can fuse the norm: GPTQ, LUT)
     takes_partial_sums = False  # ``matmul`` has the ``partial_sums`` argument (GPTQ, LUT)
-    takes_swiglu_slots = False  # the models hand ``matmul`` a ``SwiGLUSlots`` for x (LUT; GPTQ takes one, see there)
+    stages_swiglu = False  # the SwiGLU staging measured faster than XLA's SiLU * up for this format (LUT; see GPTQ)
 
     @property
     def fuses_rms_norm(self) -> bool:
         """Whether models hand this weight's ``matmul`` an RMSNorm's input and scale (models.common.NormedInput)
         instead of the normalised x: ``takes_rms_norm`` and FUSED_NORM_DEFAULT."""
         return self.takes_rms_norm and FUSED_NORM_DEFAULT
+
+    @property
+    def takes_swiglu_slots(self) -> bool:
+        """Whether models hand this weight's ``matmul`` a ``SwiGLUSlots`` (models.common.swiglu_slots_layout):
+        ``stages_swiglu`` and SWIGLU_STAGING_DEFAULT. (GPTQ and LUT ``matmul`` take one either way.)"""
+        return self.stages_swiglu and SWIGLU_STAGING_DEFAULT
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -272,7 +278,7 @@ class GPTQKernelWeight(KernelWeightShape):
     # bench/NOTES_kernels.md, "SwiGLU staging") the norm-fused gate/up kernel storing "mn" slots ran 1.2 us slower
     # (21.8 -> 23.0 us) and the down kernel's staging 0.9 us slower, which ate the 1.7 us XLA kernel they save
     # (37.7 vs 37.6-37.8 us per layer)
-    takes_swiglu_slots = False
+    stages_swiglu = False
 
     @property
     def nbytes(self) -> int:
@@ -328,7 +334,7 @@ class GPTQKernelWeight(KernelWeightShape):
         where ``swiglu_staging_ok``, else XLA does first).
         """
         if isinstance(x, SwiGLUSlots):
-            y = swiglu_matmul(x, self, use_kernel, config, _jit_gptq_swiglu_matmul)
+            y = swiglu_matmul(x, self, use_kernel, config, gptq_matmul_partials)
             if y is not None:
                 return y
             x = x.value()
@@ -1173,8 +1179,8 @@ def slots_mn_ok(cfg) -> bool:
     return cfg.variant == "ws" and not cfg.fused
 
 
-# The SwiGLU staging (``SwiGLUSlots``): "0" makes the kernel weights compute a SwiGLUSlots' value in XLA instead (the
-# same-run comparison in bench/results/decode_step_levers.md)
+# The SwiGLU staging (``SwiGLUSlots``): "0" makes the models keep SiLU * up in XLA (``takes_swiglu_slots``) and the
+# kernel weights compute a SwiGLUSlots' value in XLA (the same-run comparison in bench/results/decode_step_levers.md)
 SWIGLU_STAGING_DEFAULT = os.environ.get("JAXQUANT_SWIGLU_STAGING", "1") != "0"
 
 
@@ -1200,10 +1206,10 @@ def swiglu_kernel_input(g: "SwiGLUSlots") -> tuple[jax.Array, int]:
     return g.sums.partials.reshape(p, rows, 2, g.inter // CHUNK, CHUNK), p
 
 
-def swiglu_matmul(g: "SwiGLUSlots", w, use_kernel: Optional[bool], config, kernel_fn):
-    """SiLU(gate) * up @ W for a weight's ``matmul`` given a SwiGLUSlots: ``kernel_fn(slots, w, config, inter)``
-    (the format's jitted kernel with the SwiGLU staging) where ``swiglu_staging_ok``, else None (the caller takes
-    g's XLA value)."""
+def swiglu_matmul(g: "SwiGLUSlots", w, use_kernel: Optional[bool], config, partials_fn):
+    """SiLU(gate) * up @ W for a weight's ``matmul`` given a SwiGLUSlots: the format's bare kernel ``partials_fn``
+    (``gptq_matmul_partials`` / ``lut_matmul_partials``) with the SwiGLU staging, jitted, where
+    ``swiglu_staging_ok``; else None (the caller takes g's XLA value)."""
     m = g.sums.rows
     if use_kernel is None:
         use_kernel = jax.default_backend() == "gpu" and g.dtype == w.dtype
@@ -1212,18 +1218,16 @@ def swiglu_matmul(g: "SwiGLUSlots", w, use_kernel: Optional[bool], config, kerne
     cfg = (config or KernelConfig()).resolved(w, m)
     if not swiglu_staging_ok(cfg, w, g):
         return None
-    return kernel_fn(g.sums.partials, w, config, g.inter, m).reshape(*g.lead, w.out_features)
+    return _jit_swiglu_matmul(g.sums.partials, w, cfg, g.inter, m, partials_fn).reshape(*g.lead, w.out_features)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "inter", "rows"))
-def _jit_gptq_swiglu_matmul(slots: jax.Array, w: GPTQKernelWeight, config: Optional[KernelConfig], inter: int,
-                            rows: int) -> jax.Array:
-    """SiLU(gate) * up @ W with the SwiGLU staging (``swiglu_matmul``): slots = a fused gate/up projection's "mn"
-    slots of ``rows`` rows -> y [rows, N]."""
+@functools.partial(jax.jit, static_argnames=("cfg", "inter", "rows", "partials_fn"))
+def _jit_swiglu_matmul(slots: jax.Array, w, cfg: KernelConfig, inter: int, rows: int, partials_fn) -> jax.Array:
+    """``swiglu_matmul``'s kernel call: slots = a fused gate/up projection's "mn" slots of ``rows`` rows, cfg
+    resolved -> y [rows, N]."""
     g = SwiGLUSlots(PartialSums(slots, rows, slots.shape[2], w.dtype_name, "mn"), inter, (rows,))
-    cfg = (config or KernelConfig()).resolved(w, rows)
     xk, swiglu = swiglu_kernel_input(g)
-    out = gptq_matmul_partials(xk, w, cfg, m=rows, swiglu=swiglu)
+    out = partials_fn(xk, w, cfg, m=rows, swiglu=swiglu)
     return out if cfg.fused else PartialSums(out, rows, w.out_features, w.dtype_name).value()
 
 

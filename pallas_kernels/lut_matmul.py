@@ -64,7 +64,7 @@ from .gptq_matmul import CHUNK, K_ALIGN, MAX_KERNEL_M, KernelConfig, _i32, _m_pa
 from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_reference
 from .gptq_matmul import PartialSums, call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
-from .gptq_matmul import SwiGLUSlots, slot_layout, slots_mn_ok, swiglu_kernel_input, swiglu_matmul, ws_name_suffix
+from .gptq_matmul import SwiGLUSlots, slot_layout, slots_mn_ok, swiglu_matmul, ws_name_suffix
 from .gptq_matmul import ws_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
@@ -246,11 +246,11 @@ class LUTKernelWeight(KernelWeightShape):
     takes_rms_norm = True
     takes_partial_sums = True
 
-    # the models hand ``matmul`` a SwiGLUSlots (``gptq_matmul.swiglu_matmul``). H100, LLaMA-7B decode MLP at M = 1
+    # the models hand ``matmul`` a SwiGLUSlots (``takes_swiglu_slots``). H100, LLaMA-7B decode MLP at M = 1
     # (bench/NOTES_kernels.md, "SwiGLU staging"): CUPTI per layer 43.6-43.7 vs 44.9-45.0 us (4-bit), 33.3-33.4 vs
     # 33.6-33.8 us (3-bit); decode step, alternating runs: 2.454 / 2.453 vs 2.487 / 2.511 ms (4-bit), 1.968 / 1.957 vs
     # 2.043 / 1.963 ms (3-bit)
-    takes_swiglu_slots = True
+    stages_swiglu = True
 
     def matmul(self, x: jax.Array, *, use_kernel: Optional[bool] = None, config: Optional[KernelConfig] = None,
                rms_norm=None, partial_sums=False):
@@ -262,7 +262,7 @@ class LUTKernelWeight(KernelWeightShape):
         in ``gptq_matmul.GPTQKernelWeight.matmul``, and so are ``partial_sums`` and a ``SwiGLUSlots`` x.
         """
         if isinstance(x, SwiGLUSlots):
-            y = swiglu_matmul(x, self, use_kernel, config, _jit_lut_swiglu_matmul)
+            y = swiglu_matmul(x, self, use_kernel, config, lut_matmul_partials)
             if y is not None:
                 return y
             x = x.value()
@@ -447,17 +447,6 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
 def kernel_out_dtype(w: LUTKernelWeight):
     """The fused launch's output dtype: the activation dtype, or float32 when XLA adds the sparse part after it."""
     return jnp.dtype(jnp.float32) if w.nnz else w.dtype
-
-
-@functools.partial(jax.jit, static_argnames=("config", "inter", "rows"))
-def _jit_lut_swiglu_matmul(slots: jax.Array, w: LUTKernelWeight, config: Optional[KernelConfig], inter: int,
-                           rows: int) -> jax.Array:
-    """SiLU(gate) * up @ W with the SwiGLU staging (``gptq_matmul.swiglu_matmul``; weights without a sparse part)."""
-    g = SwiGLUSlots(PartialSums(slots, rows, slots.shape[2], w.dtype_name, "mn"), inter, (rows,))
-    cfg = (config or KernelConfig()).resolved(w, rows)
-    xk, swiglu = swiglu_kernel_input(g)
-    out = lut_matmul_partials(xk, w, cfg, m=rows, swiglu=swiglu)
-    return out if cfg.fused else PartialSums(out, rows, w.out_features, w.dtype_name).value()
 
 
 @functools.partial(jax.jit, static_argnames=("config", "norm_eps", "partial_sums"))

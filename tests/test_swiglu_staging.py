@@ -12,7 +12,6 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-import models.common as mc
 from pallas_kernels import gptq_matmul as gm
 from pallas_kernels import lut_matmul as lm
 from tests.test_decode_attention import _decode_logits, _SlottedDense
@@ -132,7 +131,7 @@ def test_kernels_lower_for_cuda(rng, fmt, monkeypatch):
     assert kernel not in plain and "stablehlo.exponential" in plain
 
 
-def test_staging_rules_and_fallbacks(rng):
+def test_staging_rules_and_fallbacks(rng, monkeypatch):
     """``swiglu_staging_ok`` names the kernel path's conditions; off it the weight computes the XLA value first
     (on the CPU: the reference product of SiLU(gate) * up)."""
     K, I, N = 512, 384, 256
@@ -155,19 +154,26 @@ def test_staging_rules_and_fallbacks(rng):
     codes, lut, sparse = random_lut(rng, I, N, 4, nnz_frac=0.01)
     sparse_lut = lm.pack(codes, lut, bits=4, sparse=sparse)
     assert not gm.swiglu_staging_ok(WS.resolved(sparse_lut, 1), sparse_lut, slots())
+    lut3 = lm.pack(*random_lut(rng, I, N, 3)[:2], bits=3)
+    # the models hand LUT weights the slots (measured faster), not GPTQ ones; JAXQUANT_SWIGLU_STAGING=0 neither
+    assert lut3.takes_swiglu_slots and not w_dn.takes_swiglu_slots
+    monkeypatch.setattr(gm, "SWIGLU_STAGING_DEFAULT", False)
+    assert not lut3.takes_swiglu_slots and not gm.swiglu_staging_ok(cfg, w_dn, slots())
+    monkeypatch.setattr(gm, "SWIGLU_STAGING_DEFAULT", True)
     g = slots()
-    for w in (w_dn, lm.pack(*random_lut(rng, I, N, 3)[:2], bits=3)):
+    for w in (w_dn, lut3):
         np.testing.assert_array_equal(np.asarray(w.matmul(g), np.float32), np.asarray(w.matmul(g.value()), np.float32))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel"], meta_fields=["takes_swiglu_slots"])
 @dataclasses.dataclass(frozen=True)
 class _StagingDense:
-    """A dense down projection [I, N] that takes a SwiGLUSlots as the ws kernels do: through the staging's own plan
-    (``staged_swiglu_reference``) -> the staged rows @ W. Counts the calls that came with slots."""
+    """A dense down projection [I, N] that takes a SwiGLUSlots as the ws kernels do (``takes_swiglu_slots``):
+    through the staging's own plan (``staged_swiglu_reference``) -> the staged rows @ W. Counts the calls that came
+    with slots."""
 
     kernel: jax.Array
-    takes_swiglu_slots = True
+    takes_swiglu_slots: bool = True
     staged_calls = [0]
 
     def matmul(self, x):
@@ -179,11 +185,11 @@ class _StagingDense:
         return jnp.matmul(tiles[:m].astype(x.dtype), self.kernel.astype(x.dtype)).reshape(*x.lead, -1)
 
 
-def test_llama_decode_hands_gate_up_slots_to_the_down_kernel(tiny_hf, rng, monkeypatch):
+def test_llama_decode_hands_gate_up_slots_to_the_down_kernel(tiny_hf, rng):
     """LLaMA with a fused gate/up projection whose kernel leaves 3 random "mn" slots and a down projection that
     stages SiLU * up from them: at the decode step (2 rows) down receives the slots (once per layer), at the prefill
-    (10 rows) the summed value; the logits and caches equal the XLA path's. A down kernel that does not take slots,
-    or the switch off, keeps the projection's summed output."""
+    (10 rows) the summed value; the logits and caches equal the XLA path's. A down kernel that does not take slots
+    keeps the projection's summed output."""
     from jaxquant.fusion import fuse_projections
 
     lm_ = tiny_hf("llama").loaded
@@ -207,8 +213,9 @@ def test_llama_decode_hands_gate_up_slots_to_the_down_kernel(tiny_hf, rng, monke
     for a, c in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
-    monkeypatch.setattr(mc, "GATE_UP_SLOTS", False)
+    not_taking = jax.tree_util.tree_map(lambda k: _StagingDense(k.kernel, False) if isinstance(k, _StagingDense)
+                                        else k, staged, is_leaf=lambda k: isinstance(k, _StagingDense))
     _StagingDense.staged_calls[0] = 0
-    off, _ = _decode_logits(lm_.module, staged, prompt, token)
+    off, _ = _decode_logits(lm_.module, not_taking, prompt, token)
     assert _StagingDense.staged_calls[0] == 0
     np.testing.assert_allclose(off, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
