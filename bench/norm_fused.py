@@ -53,7 +53,7 @@ def check(key) -> list:
         w, x, scale = case_inputs(jax.random.fold_in(key, i), K, N, fmt, M)
         lut = isinstance(w, lm.LUTKernelWeight)
         kernel = lm.lut_matmul if lut else gm.gptq_matmul
-        cfg = (config or gm.KernelConfig()).resolved(w, M)
+        cfg = (config or gm.KernelConfig()).resolved(w, M, staged=True)
         fused = gm.fused_norm_ok(cfg, w, M)
         xn = gm.rms_norm_rows(x, scale, EPS)
         want = np.asarray(xn, np.float32) @ np.asarray(w.dequantize(jnp.float32), np.float32)

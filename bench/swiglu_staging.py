@@ -46,14 +46,14 @@ def staged_poisoned(x, scale, w_gu, w_dn, config=None):
     resolved config)."""
     mm, partials_fn = _kernel_fns(w_gu)
     config = config or gm.KernelConfig()
-    cfg_gu = config.resolved(w_gu, 1)
+    cfg_gu = config.resolved(w_gu, 1, staged=True)
     if not gm.slots_mn_ok(cfg_gu):
         raise SystemExit(f"gate/up {w_gu.shape} does not run the ws stream-K kernel: no 'mn' slots to check")
     poison = gm.nan_output_buffer(cfg_gu, w_gu.n_pad, w_gu.out_features, 1, jnp.float32, slots_mn=True)
     sums = mm(x, w_gu, config=config, rms_norm=(scale, EPS), partial_sums="mn", out_init=poison)
     assert isinstance(sums, gm.PartialSums) and sums.layout == "mn", sums
     g = gm.SwiGLUSlots(sums, w_dn.in_features, (1,))
-    cfg = config.resolved(w_dn, 1)
+    cfg = config.resolved(w_dn, 1, staged=True)
     if not gm.swiglu_staging_ok(cfg, w_dn, g):
         raise SystemExit(f"down {w_dn.shape} at {cfg} does not take the SwiGLU staging")
     xk, sw = gm.swiglu_kernel_input(g)

@@ -277,7 +277,8 @@ class GPTQKernelWeight(KernelWeightShape):
     # ``matmul`` takes a SwiGLUSlots, but the models do not hand it one: on the H100 (LLaMA-7B decode MLP at M = 1,
     # bench/NOTES_kernels.md, "SwiGLU staging") the norm-fused gate/up kernel storing "mn" slots ran 1.2 us slower
     # (21.8 -> 23.0 us) and the down kernel's staging 0.9 us slower, which ate the 1.7 us XLA kernel they save
-    # (37.7 vs 37.6-37.8 us per layer)
+    # (37.7 vs 37.6-37.8 us per layer); since then an unstaged down projection runs the one-warpgroup kernel
+    # (``plain_decode_blocks``, ~0.8 us faster than the ws launch the staging needs)
     stages_swiglu = False
 
     @property
@@ -835,6 +836,27 @@ WS_STREAM_TILE_K = 256
 WS_STREAM_MIN_STEPS_PER_SM = 8
 # "0": the one-warpgroup kernel where the stream-K ws defaults (GPTQ 4-bit, LUT 4-bit) would apply
 WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
+# Except (``plain_decode_blocks``) where the kernel stages x as it is (no RMSNorm or SwiGLU to apply while staging,
+# which only the ws kernel does) and ``decode_blocks`` splits K at least PLAIN_DECODE_MIN_SPLITS ways (LLaMA-7B
+# down_proj, 11008x4096): there the one-warpgroup kernel with the scales after the wgmma, at decode_blocks' tile_k /
+# k_splits and PLAIN_DECODE_STAGES stages. H100: 11008x4096 M = 1 kernel 11.68 us vs 12.42-12.54 for the ws launch
+# (2026-11-24 07:23Z, kernels.md "ws step probes"); in the GPTQ 4-bit LLaMA-7B decode step down_proj 372.9-375.0 vs
+# 400.7-401.4 us per step and all kernels 2095.6-2098.6 vs 2124.6-2125.0 us (2026-11-25, decode_step_levers.md
+# "Plain-x decode rule"). "0" turns it off.
+PLAIN_DECODE_DEFAULT = os.environ.get("JAXQUANT_GPTQ_PLAIN_DECODE", "1") != "0"
+PLAIN_DECODE_MIN_SPLITS = 4
+PLAIN_DECODE_STAGES = 4
+
+
+def plain_decode_blocks(w, m: int, num_sms: int = 132) -> Optional[tuple[int, int]]:
+    """(tile_k, k_splits) of the one-warpgroup kernel for a GPTQ 4-bit weight at 1 <= M < 8 where the stream-K ws
+    default would apply and ``decode_blocks`` splits K at least PLAIN_DECODE_MIN_SPLITS ways; None elsewhere. The
+    caller applies it only to calls without a fused norm or SwiGLU (``KernelConfig.resolved(staged=False)``)."""
+    if not (PLAIN_DECODE_DEFAULT and isinstance(w, GPTQKernelWeight) and w.bits == 4 and 1 <= m < 8
+            and ws_stream_tile_k(w, m, num_sms)):
+        return None
+    blocks = decode_blocks(w, num_sms)
+    return blocks if blocks and blocks[1] >= PLAIN_DECODE_MIN_SPLITS else None
 
 
 # The same stream-K ws launch is the default for three more weight kinds (``ws_stream_tile_k``); H100,
@@ -1032,10 +1054,17 @@ class KernelConfig:
             raise ValueError(f"stages={self.stages} x tile_k={self.tile_k} exceed {WS_SMEM_BYTES} bytes of shared "
                              f"memory at M_pad={_m_pad(m)}")
 
-    def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132) -> "KernelConfig":
+    def resolved(self, w: GPTQKernelWeight, m: int = 1, num_sms: int = 132, staged: bool = False) -> "KernelConfig":
         """``_resolved_blocks`` (the block sizes, launch and variant) with ``direct_x`` filled in: None ->
         DIRECT_X_DEFAULT where ``direct_x_ok`` (the ws kernel; the one-warpgroup kernel up to
-        DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM); True where it is not ok raises."""
+        DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM); True where it is not ok raises. ``staged``: the call asks the
+        kernel to apply an RMSNorm or a SwiGLU while staging x (the ws kernel's), so ``plain_decode_blocks`` does
+        not apply."""
+        plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
+        blocks = None if staged or not plain else plain_decode_blocks(w, m, num_sms)
+        if blocks:  # the one-warpgroup kernel where the x staged as it is measured faster (PLAIN_DECODE_DEFAULT)
+            base = dataclasses.replace(self, tile_k=blocks[0], k_splits=blocks[1], stages=PLAIN_DECODE_STAGES)
+            return base.resolved(w, m, num_sms, staged=True)
         cfg = self._resolved_blocks(w, m, num_sms)
         direct = self.direct_x
         if direct is None:
@@ -1163,7 +1192,7 @@ def gptq_matmul(x2d: jax.Array, w: GPTQKernelWeight, *, config: Optional[KernelC
     """
     layout = slot_layout(partial_sums)
     m = check_kernel_input(x2d, w, "GPTQ")
-    cfg = (config or KernelConfig()).resolved(w, m)
+    cfg = (config or KernelConfig()).resolved(w, m, staged=rms_norm is not None)
     x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     mn = layout == "mn" and slots_mn_ok(cfg)
@@ -1215,7 +1244,7 @@ def swiglu_matmul(g: "SwiGLUSlots", w, use_kernel: Optional[bool], config, parti
         use_kernel = jax.default_backend() == "gpu" and g.dtype == w.dtype
     if not (use_kernel and 1 <= m < 8 and g.inter == w.in_features):
         return None
-    cfg = (config or KernelConfig()).resolved(w, m)
+    cfg = (config or KernelConfig()).resolved(w, m, staged=True)
     if not swiglu_staging_ok(cfg, w, g):
         return None
     return _jit_swiglu_matmul(g.sums.partials, w, cfg, g.inter, m, partials_fn).reshape(*g.lead, w.out_features)

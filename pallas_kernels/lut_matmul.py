@@ -431,7 +431,7 @@ def lut_matmul(x2d: jax.Array, w: LUTKernelWeight, *, config: Optional[KernelCon
     """
     layout = slot_layout(partial_sums)
     m = check_kernel_input(x2d, w, "LUT")
-    cfg = (config or KernelConfig()).resolved(w, m)
+    cfg = (config or KernelConfig()).resolved(w, m, staged=rms_norm is not None)
     x2d, norm = kernel_norm(x2d, w, cfg, m, rms_norm)  # (fused only without a sparse part, which needs the norm)
     xk = w.direct_activations(x2d) if cfg.direct_x else w.prepare_activations(x2d, _m_pad(m))
     mn = layout == "mn" and slots_mn_ok(cfg) and not w.nnz

@@ -521,6 +521,57 @@ def test_ws_stream_ctas(rng):
     assert gm.ws_stream_ctas(66 * 16) == 132 and gm.ws_stream_ctas(100) == 100
 
 
+def test_plain_decode_rule(rng, monkeypatch):
+    """GPTQ 4-bit at M < 8 where the stream-K ws launch would apply and ``decode_blocks`` splits K >= 4 ways (the
+    LLaMA-7B down projection, 11008x4096): a call that stages x as it is takes the one-warpgroup kernel at (256, 4)
+    with 4 stages and the scales after the wgmma; with a norm or SwiGLU to stage (``staged``), at M = 8, for 3-bit
+    codes, where K splits fewer ways (q/k/v, gate/up), for explicit configs or with the switch off, the ws launch
+    stays."""
+    small = gm.pack(*random_gptq(rng, 256, 64, 4, 128, False, False), bits=4, sym=False)
+
+    def shaped(K, N, bits=4):  # block-size logic only: shapes without arrays
+        k_pad = gm.split_friendly_k_pad(gm._round_up(K, 256), 128)
+        return dataclasses.replace(small, qweight=jax.ShapeDtypeStruct((N // 64, k_pad // 64, bits, 128), jnp.int32),
+                                   in_features=K, out_features=N, bits=bits)
+
+    down = shaped(11008, 4096)
+    for m in (1, 7):
+        cfg = gm.KernelConfig().resolved(down, m)
+        assert (cfg.variant, cfg.tile_k, cfg.k_splits, cfg.stages) == (None, 256, 4, gm.PLAIN_DECODE_STAGES)
+        assert cfg.post_scale and cfg.direct_x and not cfg.fused
+        assert gm.KernelConfig().resolved(down, m, staged=True).variant == "ws"
+        assert gm.KernelConfig(direct_x=True).resolved(down, m).variant is None  # direct_x alone keeps it plain
+    assert gm.KernelConfig().resolved(down, 8).variant == "ws"  # padded x
+    assert gm.KernelConfig(stages=3).resolved(down, 1).k_splits != 4  # explicit fields: the general search
+    for K, N in ((4096, 12288), (4096, 22016)):
+        assert gm.plain_decode_blocks(shaped(K, N), 1) is None
+        assert gm.KernelConfig().resolved(shaped(K, N), 1).variant == "ws"
+    assert gm.plain_decode_blocks(shaped(11008, 4096, bits=3), 1) is None
+    assert gm.plain_decode_blocks(shaped(4096, 4096), 1) is None  # too few (unit, step) pairs for the ws launch
+    monkeypatch.setattr(gm, "PLAIN_DECODE_DEFAULT", False)
+    assert gm.KernelConfig().resolved(down, 1).variant == "ws"
+
+
+def test_plain_decode_rule_skips_staged_calls(rng, monkeypatch):
+    """``gptq_matmul`` asks for the plain-x rule only when it has no RMSNorm to hand the kernel, and then runs the
+    config the rule names (traced and lowered for CUDA on the CPU)."""
+    w = gm.pack(*random_gptq(rng, 1024, 512, 4, 128, False, False), bits=4, sym=False)
+    asked = []
+
+    def rule(w, m, num_sms=132):
+        asked.append(m)
+        return (256, 4)
+
+    monkeypatch.setattr(gm, "plain_decode_blocks", rule)
+    x = jnp.asarray(rng.standard_normal((1, 1024)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 1024), jnp.bfloat16)
+    plain = jax.jit(lambda x, w: gm.gptq_matmul(x, w)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert asked == [1] and "gptq_w4_m8_k256_n64" in plain
+    jax.jit(lambda x, w, s: gm.gptq_matmul(x, w, rms_norm=(s, 1e-5))).trace(x, w, scale).lower(
+        lowering_platforms=("cuda",))
+    assert asked == [1]
+
+
 def test_ws_default_rule(rng, monkeypatch):
     """The fused ws launch is the default only for GPTQ 4-bit at M_pad = 8 on shapes whose whole 128-row units fill
     >= 80% of the SMs (8192x28672: 112 of 132), the stream-K one where the (unit, step) pairs give every SM >= 8
