@@ -842,17 +842,20 @@ WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 # k_splits and PLAIN_DECODE_STAGES stages. H100: 11008x4096 M = 1 kernel 11.68 us vs 12.42-12.54 for the ws launch
 # (2026-11-24 07:23Z, kernels.md "ws step probes"); in the GPTQ 4-bit LLaMA-7B decode step down_proj 372.9-375.0 vs
 # 400.7-401.4 us per step and all kernels 2095.6-2098.6 vs 2124.6-2125.0 us (2026-11-25, decode_step_levers.md
-# "Plain-x decode rule"). "0" turns it off.
+# "... the plain-x decode rule"). Measured with the unpadded x only, so it needs direct_x. "0" turns it off.
 PLAIN_DECODE_DEFAULT = os.environ.get("JAXQUANT_GPTQ_PLAIN_DECODE", "1") != "0"
 PLAIN_DECODE_MIN_SPLITS = 4
 PLAIN_DECODE_STAGES = 4
 
 
-def plain_decode_blocks(w, m: int, num_sms: int = 132) -> Optional[tuple[int, int]]:
-    """(tile_k, k_splits) of the one-warpgroup kernel for a GPTQ 4-bit weight at 1 <= M < 8 where the stream-K ws
-    default would apply and ``decode_blocks`` splits K at least PLAIN_DECODE_MIN_SPLITS ways; None elsewhere. The
-    caller applies it only to calls without a fused norm or SwiGLU (``KernelConfig.resolved(staged=False)``)."""
-    if not (PLAIN_DECODE_DEFAULT and isinstance(w, GPTQKernelWeight) and w.bits == 4 and 1 <= m < 8
+def plain_decode_blocks(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = None
+                        ) -> Optional[tuple[int, int]]:
+    """(tile_k, k_splits) of the one-warpgroup kernel for a GPTQ 4-bit weight at 1 <= M < 8 on the unpadded x
+    (``direct_x``: the config's field) where the stream-K ws default would apply and ``decode_blocks`` splits K at
+    least PLAIN_DECODE_MIN_SPLITS ways; None elsewhere. The caller applies it only to calls without a fused norm or
+    SwiGLU (``KernelConfig.resolved(staged=False)``)."""
+    unpadded = (DIRECT_X_DEFAULT if direct_x is None else direct_x) and direct_x_ok(w, m)
+    if not (PLAIN_DECODE_DEFAULT and isinstance(w, GPTQKernelWeight) and w.bits == 4 and unpadded
             and ws_stream_tile_k(w, m, num_sms)):
         return None
     blocks = decode_blocks(w, num_sms)
@@ -1004,6 +1007,11 @@ class KernelConfig:
     # kernel, off for the ws kernel.
     post_scale: Optional[bool] = None
 
+    @property
+    def leaves_blocks_open(self) -> bool:
+        """No field but ``direct_x`` / ``post_scale`` given: the launch and block sizes are the defaults' choice."""
+        return dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
+
     def groups_per_step(self, w: GPTQKernelWeight) -> int:
         return max(1, self.tile_k // w.group)
 
@@ -1060,8 +1068,7 @@ class KernelConfig:
         DIRECT_X_MAX_STEPS_PER_SM CTA-steps per SM); True where it is not ok raises. ``staged``: the call asks the
         kernel to apply an RMSNorm or a SwiGLU while staging x (the ws kernel's), so ``plain_decode_blocks`` does
         not apply."""
-        plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
-        blocks = None if staged or not plain else plain_decode_blocks(w, m, num_sms)
+        blocks = None if staged or not self.leaves_blocks_open else plain_decode_blocks(w, m, num_sms, self.direct_x)
         if blocks:  # the one-warpgroup kernel where the x staged as it is measured faster (PLAIN_DECODE_DEFAULT)
             base = dataclasses.replace(self, tile_k=blocks[0], k_splits=blocks[1], stages=PLAIN_DECODE_STAGES)
             return base.resolved(w, m, num_sms, staged=True)
@@ -1108,7 +1115,7 @@ class KernelConfig:
         lut = _is_lut(w)
         one_split = (gptq and w.bits == 4 and small_m and self.fused is None and self.k_splits is None
                      and ctas_n >= ONE_SPLIT_MIN_TILES_PER_SM * num_sms and fused_output_ok(1, w.out_features, w.dtype))
-        plain = dataclasses.replace(self, direct_x=None, post_scale=None) == KernelConfig()
+        plain = self.leaves_blocks_open
         if WS_DEFAULT and one_split and _m_pad(m) == 8 and plain and ws_default_ok(w, num_sms):
             return KernelConfig(variant="ws", fused=True, tile_k=512, stages=3)._resolved_blocks(w, m, num_sms)
         if WS_STREAM_DEFAULT and plain and (stream_tile_k := ws_stream_tile_k(w, m, num_sms, self.direct_x)):

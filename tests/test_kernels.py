@@ -541,7 +541,11 @@ def test_plain_decode_rule(rng, monkeypatch):
         assert cfg.post_scale and cfg.direct_x and not cfg.fused
         assert gm.KernelConfig().resolved(down, m, staged=True).variant == "ws"
         assert gm.KernelConfig(direct_x=True).resolved(down, m).variant is None  # direct_x alone keeps it plain
+        assert gm.KernelConfig(direct_x=False).resolved(down, m).variant == "ws"  # measured unpadded only
     assert gm.KernelConfig().resolved(down, 8).variant == "ws"  # padded x
+    monkeypatch.setattr(gm, "DIRECT_X_DEFAULT", False)
+    assert gm.KernelConfig().resolved(down, 1).variant == "ws"
+    monkeypatch.setattr(gm, "DIRECT_X_DEFAULT", True)
     assert gm.KernelConfig(stages=3).resolved(down, 1).k_splits != 4  # explicit fields: the general search
     for K, N in ((4096, 12288), (4096, 22016)):
         assert gm.plain_decode_blocks(shaped(K, N), 1) is None
@@ -558,7 +562,7 @@ def test_plain_decode_rule_skips_staged_calls(rng, monkeypatch):
     w = gm.pack(*random_gptq(rng, 1024, 512, 4, 128, False, False), bits=4, sym=False)
     asked = []
 
-    def rule(w, m, num_sms=132):
+    def rule(w, m, num_sms=132, direct_x=None):
         asked.append(m)
         return (256, 4)
 
