@@ -317,6 +317,9 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
                 "after the wgmma at the decode shapes (device time, CUPTI)"),
     "ws-grid": ("<!-- ws-grid rows begin -->", "<!-- ws-grid rows end -->",
                 "## Even stream-K grids: fewer CTAs where the (unit, step) pairs split evenly (device time, CUPTI)"),
+    "plain-decode": ("<!-- plain-decode rows begin -->", "<!-- plain-decode rows end -->",
+                     "## Plain-x decode rule: down_proj (11008x4096) at M < 8 on the one-warpgroup kernel (device "
+                     "time, CUPTI)"),
     "ws-fixup": ("<!-- ws-fixup rows begin -->", "<!-- ws-fixup rows end -->",
                  "## Slot-sum probes: stream-K fix-up in clusters, transposed partial slots, symmetric 3-bit (device "
                  "time, CUPTI; not kept)"),
@@ -354,6 +357,8 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         "dequantize group g + 1 during group g's wgmma (removed: slower)" if r.get("kernel_variant") == "ilv"
         else "warp mma.sync from the unpadded x (removed: not faster)" if r.get("kernel_variant") == "mma"
         and r["config"].get("variant") else "default")),
+    "plain-decode": (("kernel (CTAs)", "scales"), lambda r: (
+        _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
     "ws-grid": (("kernel (CTAs)", "slots"), lambda r: (_ws_kind(r["config"]), r["config"].get("k_splits"))),
     "ws-fixup": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (

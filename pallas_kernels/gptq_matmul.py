@@ -837,12 +837,15 @@ WS_STREAM_MIN_STEPS_PER_SM = 8
 # "0": the one-warpgroup kernel where the stream-K ws defaults (GPTQ 4-bit, LUT 4-bit) would apply
 WS_STREAM_DEFAULT = os.environ.get("JAXQUANT_GPTQ_WS_STREAM", "1") != "0"
 # Except (``plain_decode_blocks``) where the kernel stages x as it is (no RMSNorm or SwiGLU to apply while staging,
-# which only the ws kernel does) and ``decode_blocks`` splits K at least PLAIN_DECODE_MIN_SPLITS ways (LLaMA-7B
-# down_proj, 11008x4096): there the one-warpgroup kernel with the scales after the wgmma, at decode_blocks' tile_k /
-# k_splits and PLAIN_DECODE_STAGES stages. H100: 11008x4096 M = 1 kernel 11.68 us vs 12.42-12.54 for the ws launch
-# (2026-11-24 07:23Z, kernels.md "ws step probes"); in the GPTQ 4-bit LLaMA-7B decode step down_proj 372.9-375.0 vs
-# 400.7-401.4 us per step and all kernels 2095.6-2098.6 vs 2124.6-2125.0 us (2026-11-25, decode_step_levers.md
-# "... the plain-x decode rule"). Measured with the unpadded x only, so it needs direct_x. "0" turns it off.
+# which only the ws kernel does), the (unit, step) pairs would give the ws launch every SM >= 8 steps
+# (``ws_stream_ok``) and ``decode_blocks`` splits K at least PLAIN_DECODE_MIN_SPLITS ways (LLaMA-7B down_proj,
+# 11008x4096): there GPTQ 3- and 4-bit weights run the one-warpgroup kernel with the scales after the wgmma, at
+# decode_blocks' tile_k / k_splits and PLAIN_DECODE_STAGES stages. H100, 11008x4096 M = 1, kernel us: 4-bit 11.68 vs
+# 12.42-12.54 for the ws launch (2026-11-24 07:23Z, kernels.md "ws step probes"); 4-bit 11.58-11.62, 3-bit 11.10 vs
+# 12.54 at the 3-bit default 128 / 3 / 8 (2026-11-25 01:3xZ, kernels.md "Plain-x decode rule"). In the GPTQ 4-bit
+# LLaMA-7B decode step down_proj 372.9-375.0 vs 400.7-401.4 us per step and all kernels 2095.6-2098.6 vs
+# 2124.6-2125.0 us (2026-11-25, decode_step_levers.md "... the plain-x decode rule"). Measured with the unpadded x
+# only, so it needs direct_x. "0" turns it off.
 PLAIN_DECODE_DEFAULT = os.environ.get("JAXQUANT_GPTQ_PLAIN_DECODE", "1") != "0"
 PLAIN_DECODE_MIN_SPLITS = 4
 PLAIN_DECODE_STAGES = 4
@@ -850,13 +853,13 @@ PLAIN_DECODE_STAGES = 4
 
 def plain_decode_blocks(w, m: int, num_sms: int = 132, direct_x: Optional[bool] = None
                         ) -> Optional[tuple[int, int]]:
-    """(tile_k, k_splits) of the one-warpgroup kernel for a GPTQ 4-bit weight at 1 <= M < 8 on the unpadded x
-    (``direct_x``: the config's field) where the stream-K ws default would apply and ``decode_blocks`` splits K at
-    least PLAIN_DECODE_MIN_SPLITS ways; None elsewhere. The caller applies it only to calls without a fused norm or
-    SwiGLU (``KernelConfig.resolved(staged=False)``)."""
+    """(tile_k, k_splits) of the one-warpgroup kernel for a GPTQ 3- or 4-bit weight at 1 <= M < 8 on the unpadded x
+    (``direct_x``: the config's field) where ``ws_stream_ok`` and ``decode_blocks`` splits K at least
+    PLAIN_DECODE_MIN_SPLITS ways; None elsewhere. The caller applies it only to calls without a fused norm or SwiGLU
+    (``KernelConfig.resolved(staged=False)``)."""
     unpadded = (DIRECT_X_DEFAULT if direct_x is None else direct_x) and direct_x_ok(w, m)
-    if not (PLAIN_DECODE_DEFAULT and isinstance(w, GPTQKernelWeight) and w.bits == 4 and unpadded
-            and ws_stream_tile_k(w, m, num_sms)):
+    if not (PLAIN_DECODE_DEFAULT and isinstance(w, GPTQKernelWeight) and w.bits in (3, 4) and unpadded
+            and ws_stream_ok(w, num_sms)):
         return None
     blocks = decode_blocks(w, num_sms)
     return blocks if blocks and blocks[1] >= PLAIN_DECODE_MIN_SPLITS else None

@@ -522,11 +522,11 @@ def test_ws_stream_ctas(rng):
 
 
 def test_plain_decode_rule(rng, monkeypatch):
-    """GPTQ 4-bit at M < 8 where the stream-K ws launch would apply and ``decode_blocks`` splits K >= 4 ways (the
-    LLaMA-7B down projection, 11008x4096): a call that stages x as it is takes the one-warpgroup kernel at (256, 4)
-    with 4 stages and the scales after the wgmma; with a norm or SwiGLU to stage (``staged``), at M = 8, for 3-bit
-    codes, where K splits fewer ways (q/k/v, gate/up), for explicit configs or with the switch off, the ws launch
-    stays."""
+    """GPTQ 3- and 4-bit at M < 8 on the unpadded x where the stream-K ws launch has >= 8 steps per SM and
+    ``decode_blocks`` splits K >= 4 ways (the LLaMA-7B down projection, 11008x4096): a call that stages x as it is
+    takes the one-warpgroup kernel at (256, 4) with 4 stages and the scales after the wgmma; with a norm or SwiGLU to
+    stage (``staged``), at M = 8, on the padded x, where K splits fewer ways (q/k/v, gate/up) or the grid is small
+    (o_proj), for explicit configs or with the switch off, the previous defaults stay."""
     small = gm.pack(*random_gptq(rng, 256, 64, 4, 128, False, False), bits=4, sym=False)
 
     def shaped(K, N, bits=4):  # block-size logic only: shapes without arrays
@@ -550,10 +550,14 @@ def test_plain_decode_rule(rng, monkeypatch):
     for K, N in ((4096, 12288), (4096, 22016)):
         assert gm.plain_decode_blocks(shaped(K, N), 1) is None
         assert gm.KernelConfig().resolved(shaped(K, N), 1).variant == "ws"
-    assert gm.plain_decode_blocks(shaped(11008, 4096, bits=3), 1) is None
+    down3 = shaped(11008, 4096, bits=3)
+    cfg = gm.KernelConfig().resolved(down3, 1)
+    assert (cfg.variant, cfg.tile_k, cfg.k_splits, cfg.stages, cfg.post_scale) == (None, 256, 4, 4, True)
+    assert gm.KernelConfig().resolved(down3, 1, staged=True).tile_k != 256  # the 3-bit default (128 / 3 / 8)
     assert gm.plain_decode_blocks(shaped(4096, 4096), 1) is None  # too few (unit, step) pairs for the ws launch
     monkeypatch.setattr(gm, "PLAIN_DECODE_DEFAULT", False)
     assert gm.KernelConfig().resolved(down, 1).variant == "ws"
+    assert gm.KernelConfig().resolved(down3, 1).tile_k != 256
 
 
 def test_plain_decode_rule_skips_staged_calls(rng, monkeypatch):
