@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_meta, run_sections,  # noqa: E402
-                          save_rows)
+from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_checked_probe,  # noqa: E402
+                          run_sections)
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels.gptq_matmul import CHUNK, X_VEC, swiglu_rounded  # noqa: E402  (the kernel's SwiGLU arithmetic)
@@ -494,17 +494,9 @@ def main():
         return
     key = jax.random.PRNGKey(int.from_bytes(os.urandom(3), "little"))
     formats = args.formats.split(",")
-    rows, meta = check(key, formats), run_meta("mlp_fused")
-    if args.out:
-        save_rows([dict(meta, **r) for r in rows], args.out, write_table)
-    if not args.no_timing:
-        rows += timing(key, args.shapes.split(","), formats, args.variants.split(","), args.rounds, args.chain,
-                       args.reps, args.passes)
-    if args.out:
-        save_rows([dict(meta, eps=EPS, **r) for r in rows], args.out, write_table)
-    failed = [r for r in rows if r.get("ok") is False]
-    if failed:
-        raise SystemExit(f"{len(failed)} check(s) failed")
+    run_checked_probe(args, "mlp_fused", write_table, lambda: check(key, formats),
+                      lambda: timing(key, args.shapes.split(","), formats, args.variants.split(","), args.rounds,
+                                     args.chain, args.reps, args.passes), eps=EPS)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import random_weight  # noqa: E402
-from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_meta, run_sections,  # noqa: E402
-                          save_rows)
+from bench.timing import (copies, cupti, parse_probe_args, rotation_sets, run_checked_probe,  # noqa: E402
+                          run_sections)
 from jaxquant.kernel_layout import prepare_for_kernels  # noqa: E402
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
@@ -124,16 +124,9 @@ def main():
         return
     key = jax.random.PRNGKey(int.from_bytes(os.urandom(3), "little"))
     gm.FUSED_NORM_MAX_M = 7  # this process measures the fused kernel wherever it can run (M < 8)
-    rows = check(key)
-    if not args.no_timing:
-        rows += timing(key, args.shapes.split(","), [int(m) for m in args.ms.split(",")], args.formats.split(","),
-                       args.rounds)
-    failed = [r for r in rows if r.get("ok") is False]
-    if args.out:
-        meta = dict(run_meta("norm_fused"), eps=EPS)
-        save_rows([dict(meta, **r) for r in rows], args.out, write_table)
-    if failed:
-        raise SystemExit(f"{len(failed)} check(s) failed")
+    run_checked_probe(args, "norm_fused", write_table, lambda: check(key),
+                      lambda: timing(key, args.shapes.split(","), [int(m) for m in args.ms.split(",")],
+                                     args.formats.split(","), args.rounds), eps=EPS)
 
 
 if __name__ == "__main__":

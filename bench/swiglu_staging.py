@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.mlp_fused import EPS, case_inputs, oracle, unfused  # noqa: E402
-from bench.timing import copies, cupti, parse_probe_args, rotation_sets, run_meta, run_sections, save_rows  # noqa
+from bench.timing import copies, cupti, parse_probe_args, rotation_sets, run_checked_probe, run_sections  # noqa
 from pallas_kernels import gptq_matmul as gm  # noqa: E402
 from pallas_kernels import lut_matmul as lm  # noqa: E402
 
@@ -150,17 +150,8 @@ def main():
         return
     key = jax.random.PRNGKey(int.from_bytes(os.urandom(3), "little"))
     formats = args.formats.split(",")
-    meta = run_meta("swiglu_staging")
-    rows = check(key, formats)
-    if args.out:
-        save_rows([dict(meta, **r) for r in rows], args.out, write_table)
-    failed = [r for r in rows if not r["ok"]]
-    if failed:
-        raise SystemExit(f"{len(failed)} check(s) failed")
-    if not args.no_timing:
-        rows += timing(key, args.shapes.split(","), formats, args.rounds, args.passes)
-    if args.out:
-        save_rows([dict(meta, eps=EPS, **r) for r in rows], args.out, write_table)
+    run_checked_probe(args, "swiglu_staging", write_table, lambda: check(key, formats),
+                      lambda: timing(key, args.shapes.split(","), formats, args.rounds, args.passes), eps=EPS)
 
 
 if __name__ == "__main__":

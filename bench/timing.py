@@ -138,6 +138,24 @@ def save_rows(rows: list, path: str, write_table) -> None:
     write_table(rows, os.path.splitext(path)[0] + ".md")
 
 
+def run_checked_probe(args, benchmark: str, write_table, check, timing, **meta) -> list:
+    """A probe's run: ``check()`` rows (NaN-poisoned correctness), written to ``args.out`` at once; any wrong row
+    stops the run before ``timing()`` (unless ``args.no_timing``), whose rows are then written with them. ``meta``:
+    extra keys of every row beside ``run_meta(benchmark)``."""
+    meta = dict(run_meta(benchmark), **meta)
+    rows = check()
+    if args.out:
+        save_rows([dict(meta, **r) for r in rows], args.out, write_table)
+    failed = [r for r in rows if r.get("ok") is False]
+    if failed:
+        raise SystemExit(f"{len(failed)} check(s) failed")
+    if not args.no_timing:
+        rows += timing()
+        if args.out:
+            save_rows([dict(meta, **r) for r in rows], args.out, write_table)
+    return rows
+
+
 def parse_probe_args(ap, write_table):
     """The probes' ``--out`` (JSON rows, the markdown written next to it) and ``--table`` options, then parse_args;
     with ``--table`` the markdown of that JSON is rewritten without a run and None is returned."""

@@ -131,3 +131,36 @@ def test_table_has_every_row_per_run(tmp_path, rng):
                                                                                                   "| format"))]
     assert len(body) == len(rows)
     assert text.index("2026-01-02") < text.index("2026-01-01")
+
+
+def test_checked_probe_stops_before_timing_on_a_wrong_check(tmp_path, rng):
+    """``bench.timing.run_checked_probe`` (the fused-kernel probes' run): check rows are written at once; a wrong one
+    stops the run before the timing (and the file keeps it); right checks are followed by the timing rows, every row
+    carrying the run's keys and the extra ones."""
+    import types
+
+    from bench.timing import run_checked_probe
+
+    written = []
+
+    def write_table(rows, md_path):
+        written.append((len(rows), md_path))
+
+    out = str(tmp_path / "probe.json")
+    args = types.SimpleNamespace(out=out, no_timing=False)
+    err = float(rng.uniform(1e-3, 1e-2))
+    timed = []
+    with pytest.raises(SystemExit, match="1 check"):
+        run_checked_probe(args, "probe", write_table, lambda: [dict(kind="check", ok=True, rel_err=err),
+                                                               dict(kind="check", ok=False, rel_err=1.0)],
+                          lambda: timed.append(1) or [], eps=1e-5)
+    assert not timed and [r["ok"] for r in json.load(open(out))] == [True, False]
+    rows = run_checked_probe(args, "probe", write_table, lambda: [dict(kind="check", ok=True, rel_err=err)],
+                             lambda: [dict(kind="timing", us=12.5)], eps=1e-5)
+    saved = json.load(open(out))
+    assert [r["kind"] for r in rows] == [r["kind"] for r in saved] == ["check", "timing"]
+    assert all(r["benchmark"] == "probe" and r["eps"] == 1e-5 and r["jax"] == jax.__version__ for r in saved)
+    assert written[-1] == (2, str(tmp_path / "probe.md"))
+    run_checked_probe(types.SimpleNamespace(out=None, no_timing=True), "probe", write_table,
+                      lambda: [dict(kind="check", ok=True)], lambda: timed.append(1) or [])
+    assert not timed
