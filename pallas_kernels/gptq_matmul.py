@@ -145,16 +145,19 @@ def _extract_plan(fields, bits: int, mantissa: int):
     """How the kernel reads one pair (both halves at once) into the mantissa of the magic float: (k, [(plane,
     shift, mask)]) with ``v = magic_bits | OR((word[plane] >> shift) & mask)`` = the float magic + code * 2**k.
 
-    A single field is moved only as far as needed to fit the mantissa: the shift is a multiple of the window
-    W = mantissa + 1 - bits (so neighbouring codes share one shifted word) and the code lands at bit k < W; a
-    negative shift is a left shift. Several fields (split codes) are assembled at k = 0."""
-    if len(fields) == 1:
-        (plane, src, width, _), = fields
-        window = mantissa + 1 - bits
-        shift = window * (src // window)
-        k = src - shift
-        return k, [(plane, shift, ((2**width - 1) << k) * 0x00010001)]
-    return 0, [(plane, src - code_bit, ((2**width - 1) << code_bit) * 0x00010001)
+    A code may sit at any bit k < W = mantissa + 1 - bits. Codes lie at multiples of ``bits`` in a half, so the
+    ``period`` = bits * ceil(W / bits) bits starting at a multiple of it share one shifted word, and k takes only
+    the values 0, bits, .. (bf16 3-bit: shifts 0 / 6 / 12, k in {0, 3}). Few distinct k matter: the kernel derives
+    one bias per group and k (``_make_dequant``). A negative shift is a left shift. A split code (several fields)
+    is assembled at the k its first field's shared shift gives when that k is one of those values, else at k = 0."""
+    window = mantissa + 1 - bits
+    period = bits * ((window - 1) // bits + 1)
+    plane0, src0, width0, code_bit0 = fields[0]
+    shift0 = period * (src0 // period)
+    k = src0 - code_bit0 - shift0
+    if len(fields) > 1 and not (0 <= k < window and k % bits == 0 and k + bits <= 16):  # inside the 16-bit half
+        k = 0
+    return k, [(plane, src - k - code_bit, ((2**width - 1) << (k + code_bit)) * 0x00010001)
                for plane, src, width, code_bit in fields]
 
 
@@ -703,6 +706,7 @@ DIRECT_X_DEFAULT = os.environ.get("JAXQUANT_GPTQ_DIRECT_X", "1") != "0"
 # 21.14 vs 22.72, 11008x4096 13.89 vs 14.27; int4 M = 16 52.18 vs 52.72; rel err 2.2e-3 vs 2.7e-3. The ws kernel keeps
 # the scaled weights: 48.42 vs 47.30 us (ws-f, tile_k 512), stream-K tile_k 256 within +-1%.
 POST_SCALE = os.environ.get("JAXQUANT_GPTQ_POST_SCALE", "1") != "0"
+DEQUANT_LOP3 = os.environ.get("JAXQUANT_GPTQ_LOP3", "1") != "0"  # "0": the field extraction as LLVM and + or
 # "0": the models apply their RMSNorms in XLA before GPTQ kernel weights (``fuses_rms_norm``) instead of handing the
 # kernel the norm's input and scale (``kernel_norm``)
 FUSED_NORM_DEFAULT = os.environ.get("JAXQUANT_FUSED_NORM", "1") != "0"
@@ -2349,6 +2353,20 @@ def _fragment_rows(wg_local: bool):
     return tid, [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, c(8)))]
 
 
+def or_and(a, mask, c):
+    """``(a & mask) | c`` on i32 values inside an inline_mgpu function: one field of a packed code word put into a
+    magic float's mantissa. Written as one PTX ``lop3`` (DEQUANT_LOP3): from LLVM's and + or, ptxas emitted two LOP3s
+    (bench/results/ncu/sass_mix_lut4_int3_8192x28672_m1.txt: 8.6 LOP3 per 8 int3 weights where the fields need 4.5)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    if not DEQUANT_LOP3:
+        return arith.ori(c, arith.andi(a, mask))
+    # immLut 0xEA = (a & b) | c over PTX's operand tables a = 0xF0, b = 0xCC, c = 0xAA
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, mask, c], "lop3.b32 $0, $1, $2, $3, 0xEA;",
+                           "=r,r,r,r")
+
+
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
                   wg_local=False, scaled=True):
     """inline_mgpu function: (w_smem [tile_k/64, bits, 128] i32, scales [gps, 64], nbias [gps, 64]) -> the
@@ -2423,7 +2441,7 @@ def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmeti
                         w = words[plane]
                         shifted[(plane, shift)] = (arith.shrui(w, ci(shift)) if shift > 0 else
                                                    arith.shli(w, ci(-shift)) if shift < 0 else w)
-                    v = arith.ori(v, arith.andi(shifted[(plane, shift)], ci(mask)))
+                    v = or_and(shifted[(plane, shift)], ci(mask), v)
                 if k == 0:
                     d = fma2(v, one, nb2[h])  # magic + code - (magic + zero): exact
                 else:

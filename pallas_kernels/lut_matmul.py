@@ -65,7 +65,7 @@ from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_referen
 from .gptq_matmul import PartialSums, call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
 from .gptq_matmul import SwiGLUSlots, slot_layout, slots_mn_ok, swiglu_matmul, ws_name_suffix
-from .gptq_matmul import ws_rows
+from .gptq_matmul import or_and, ws_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -617,8 +617,8 @@ def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):
             else:
                 sels = [arith.andi(wd, nibble_mask) for wd in words]
                 high = arith.andi(arith.shrui(words[0], ci(3)), ci(0x11111111))
-                high = arith.ori(high, arith.andi(arith.shrui(words[1], ci(2)), ci(0x22222222)))
-                high = arith.ori(high, arith.andi(arith.shrui(words[2], ci(1)), ci(0x44444444)))
+                high = or_and(arith.shrui(words[1], ci(2)), ci(0x22222222), high)
+                high = or_and(arith.shrui(words[2], ci(1)), ci(0x44444444), high)
                 sels.append(high)
             for j in range(4):
                 sel_h = [sels[j], arith.shrui(sels[j], sixteen)]

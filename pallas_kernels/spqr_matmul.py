@@ -71,7 +71,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gptq_matmul import MAX_CLUSTER, fused_output_ok, gather_columns, launch_kernel, resolve_fused, store_output
+from .gptq_matmul import MAX_CLUSTER, fused_output_ok, gather_columns, launch_kernel, or_and, resolve_fused
+from .gptq_matmul import store_output
 from .gptq_matmul import CHUNK, MAX_KERNEL_M, KernelWeightShape, _i32, _m_pad, _round_up, _thread_coords
 from .gptq_matmul import _MANTISSA, _extract_plan, call_with_output, check_kernel_input, pick_blocks
 from .spqr_outliers import outlier_product_add, outlier_sums_mgpu
@@ -819,7 +820,7 @@ def _make_dequant(bits, tile_k, dtype_name, skip_stats=False):
                 w = words[word]
                 if shift > 0:
                     w = arith.shrui(w, ci(shift))
-                v = arith.ori(v, arith.andi(w, ci(mask)))
+                v = or_and(w, ci(mask), v)
             return f32_op("sub", arith.bitcast(f32, v), cf(2.0**23)), k
 
         def statistic(words, f, z, s):
@@ -862,7 +863,7 @@ def _make_dequant(bits, tile_k, dtype_name, skip_stats=False):
                         w = words[word]
                         shifted[(word, shift)] = (arith.shrui(w, ci(shift)) if shift > 0 else
                                                   arith.shli(w, ci(-shift)) if shift < 0 else w)
-                    v = arith.ori(v, arith.andi(shifted[(word, shift)], ci(mask)))
+                    v = or_and(shifted[(word, shift)], ci(mask), v)
                 code = fma2(v, ci(half2(2.0**-k)), ci(half2(-magic * 2.0**-k)))  # exact
                 wv = fma2(code, scale2[h], nb2[h])
                 regs[0, c * 8 + kc, 0, 0, h, 0, 0, 0, 0] = vector.bitcast(

@@ -302,7 +302,10 @@ def test_int3_layouts_fields_and_instruction_count():
         assert sum(len(parts) for _, parts in plans) == 18
         assert all(k + 3 <= gm._MANTISSA[dtype] for k, _ in plans)  # code * 2**k stays inside the mantissa
         shifts = {(plane, shift) for _, parts in plans for plane, shift, _ in parts if shift}
-        assert len(shifts) <= 9  # shared shifts (bf16: 2 per plane + 3 for pair 15)
+        # shared shifts (bf16: 2 per plane + 2 for pair 15, whose plane-0 field reuses the shift by 12), and few
+        # distinct code positions k: the kernel derives one bias per group and k
+        assert len(shifts) == {"bfloat16": 8, "float16": 5}[dtype]
+        assert {k for k, _ in plans} == {"bfloat16": {0, 3}, "float16": {0, 3, 6}}[dtype]
     with pytest.raises(ValueError, match="layout"):
         gm._fields(3, "nibbles")
 
