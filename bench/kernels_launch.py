@@ -320,6 +320,8 @@ MD_SECTIONS = {  # --merge-section: (begin marker, end marker, heading)
     "plain-decode": ("<!-- plain-decode rows begin -->", "<!-- plain-decode rows end -->",
                      "## Plain-x decode rule: down_proj (11008x4096) at M < 8 on the one-warpgroup kernel (device "
                      "time, CUPTI)"),
+    "lop3": ("<!-- lop3 rows begin -->", "<!-- lop3 rows end -->",
+             "## Code-field extraction as one PTX lop3, and the probes after it (device time, CUPTI)"),
     "ws-fixup": ("<!-- ws-fixup rows begin -->", "<!-- ws-fixup rows end -->",
                  "## Slot-sum probes: stream-K fix-up in clusters, transposed partial slots, symmetric 3-bit (device "
                  "time, CUPTI; not kept)"),
@@ -361,6 +363,7 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
     "ws-grid": (("kernel (CTAs)", "slots"), lambda r: (_ws_kind(r["config"]), r["config"].get("k_splits"))),
     "ws-fixup": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
+    "lop3": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

@@ -145,19 +145,16 @@ def _extract_plan(fields, bits: int, mantissa: int):
     """How the kernel reads one pair (both halves at once) into the mantissa of the magic float: (k, [(plane,
     shift, mask)]) with ``v = magic_bits | OR((word[plane] >> shift) & mask)`` = the float magic + code * 2**k.
 
-    A code may sit at any bit k < W = mantissa + 1 - bits. Codes lie at multiples of ``bits`` in a half, so the
-    ``period`` = bits * ceil(W / bits) bits starting at a multiple of it share one shifted word, and k takes only
-    the values 0, bits, .. (bf16 3-bit: shifts 0 / 6 / 12, k in {0, 3}). Few distinct k matter: the kernel derives
-    one bias per group and k (``_make_dequant``). A negative shift is a left shift. A split code (several fields)
-    is assembled at the k its first field's shared shift gives when that k is one of those values, else at k = 0."""
-    window = mantissa + 1 - bits
-    period = bits * ((window - 1) // bits + 1)
-    plane0, src0, width0, code_bit0 = fields[0]
-    shift0 = period * (src0 // period)
-    k = src0 - code_bit0 - shift0
-    if len(fields) > 1 and not (0 <= k < window and k % bits == 0 and k + bits <= 16):  # inside the 16-bit half
-        k = 0
-    return k, [(plane, src - k - code_bit, ((2**width - 1) << (k + code_bit)) * 0x00010001)
+    A single field is moved only as far as needed to fit the mantissa: the shift is a multiple of the window
+    W = mantissa + 1 - bits (so neighbouring codes share one shifted word) and the code lands at bit k < W; a
+    negative shift is a left shift. Several fields (split codes) are assembled at k = 0."""
+    if len(fields) == 1:
+        (plane, src, width, _), = fields
+        window = mantissa + 1 - bits
+        shift = window * (src // window)
+        k = src - shift
+        return k, [(plane, shift, ((2**width - 1) << k) * 0x00010001)]
+    return 0, [(plane, src - code_bit, ((2**width - 1) << code_bit) * 0x00010001)
                for plane, src, width, code_bit in fields]
 
 
@@ -2362,9 +2359,11 @@ def or_and(a, mask, c):
 
     if not DEQUANT_LOP3:
         return arith.ori(c, arith.andi(a, mask))
-    # immLut 0xEA = (a & b) | c over PTX's operand tables a = 0xF0, b = 0xCC, c = 0xAA
-    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, mask, c], "lop3.b32 $0, $1, $2, $3, 0xEA;",
-                           "=r,r,r,r")
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, mask, c],
+                           f"lop3.b32 $0, $1, $2, $3, {LOP3_AND_OR:#x};", "=r,r,r,r")
+
+
+LOP3_AND_OR = (0xF0 & 0xCC) | 0xAA  # PTX lop3 immLut of (a & b) | c: the function applied to a = 0xF0, b = 0xCC, c = 0xAA
 
 
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
