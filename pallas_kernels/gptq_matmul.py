@@ -23,9 +23,10 @@ Kernel layout (built once at load time by :func:`pack`, a :class:`GPTQKernelWeig
   perm    [K_pad] int32 or None: activation column feeding each kernel row (act-order weights are sorted by group at
       pack time; value K = a zero column for padding). None when the rows are already in group order.
 
-Dequantization in registers (per bf16x2 / f16x2 register, 2 weights): ``v = ((word >> s) & mask) | magic`` is the
-float ``magic + code * 2**k`` (magic = 128 for bf16, 1024 for f16; ``_extract_plan``: a code is shifted only as far as
-needed to lie inside the mantissa, at bit k, so neighbouring codes share one shift and the first ones need none),
+Dequantization in registers (per bf16x2 / f16x2 register, 2 weights): ``v = ((word >> s) & mask) | magic`` (one PTX
+``lop3`` per field, ``or_and``) is the float ``magic + code * 2**k`` (magic = 128 for bf16, 1024 for f16;
+``_extract_plan``: a code is shifted only as far as needed to lie inside the mantissa, at bit k, so neighbouring codes
+share one shift and the first ones need none),
 then ``w = fma(fma(v, 2**-k, nbias_k), scale, -0)`` with nbias_k = -(magic * 2**-k + zero) (derived once per group):
 an exact ``code - zero`` and one rounding of ``scale * (code - zero)``, the same value as the reference's float32
 product rounded to the activation dtype. With ``KernelConfig.post_scale`` (the default of the one-warpgroup kernel)
