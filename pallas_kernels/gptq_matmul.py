@@ -2364,7 +2364,8 @@ def or_and(a, mask, c):
                            f"lop3.b32 $0, $1, $2, $3, {LOP3_AND_OR:#x};", "=r,r,r,r")
 
 
-LOP3_AND_OR = (0xF0 & 0xCC) | 0xAA  # PTX lop3 immLut of (a & b) | c: the function applied to a = 0xF0, b = 0xCC, c = 0xAA
+# PTX lop3's immLut for (a & b) | c: that function applied to the operand tables a = 0xF0, b = 0xCC, c = 0xAA
+LOP3_AND_OR = (0xF0 & 0xCC) | 0xAA
 
 
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,
