@@ -1076,7 +1076,7 @@ class KernelConfig:
         blocks = None if staged or not self.leaves_blocks_open else plain_decode_blocks(w, m, num_sms, self.direct_x)
         if blocks:  # the one-warpgroup kernel where the x staged as it is measured faster (PLAIN_DECODE_DEFAULT)
             base = dataclasses.replace(self, tile_k=blocks[0], k_splits=blocks[1], stages=PLAIN_DECODE_STAGES)
-            return base.resolved(w, m, num_sms, staged=True)
+            return base.resolved(w, m, num_sms)  # its blocks are set: the rule does not apply again
         cfg = self._resolved_blocks(w, m, num_sms)
         direct = self.direct_x
         if direct is None:
@@ -2351,21 +2351,32 @@ def _fragment_rows(wg_local: bool):
     return tid, [arith.index_cast(index, row0), arith.index_cast(index, arith.addi(row0, c(8)))]
 
 
+def lop3_table(f) -> int:
+    """PTX ``lop3``'s immLut for the bitwise function f(a, b, c): f applied to the operand tables a = 0xF0, b = 0xCC,
+    c = 0xAA."""
+    return f(0xF0, 0xCC, 0xAA) & 0xFF
+
+
+LOP3_AND_OR = lop3_table(lambda a, b, c: (a & b) | c)
+
+
+def lop3(a, b, c, table: int):
+    """One PTX ``lop3.b32`` (any bitwise function of three i32 values, ``lop3_table``) inside an inline_mgpu
+    function."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, b, c], f"lop3.b32 $0, $1, $2, $3, {table:#x};",
+                           "=r,r,r,r")
+
+
 def or_and(a, mask, c):
     """``(a & mask) | c`` on i32 values inside an inline_mgpu function: one field of a packed code word put into a
     magic float's mantissa. Written as one PTX ``lop3`` (DEQUANT_LOP3): from LLVM's and + or, ptxas emitted two LOP3s
     (bench/results/ncu/sass_mix_lut4_int3_8192x28672_m1.txt: 8.6 LOP3 per 8 int3 weights where the fields need 4.5)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax._src.lib.mlir.dialects import arith
 
-    if not DEQUANT_LOP3:
-        return arith.ori(c, arith.andi(a, mask))
-    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, mask, c],
-                           f"lop3.b32 $0, $1, $2, $3, {LOP3_AND_OR:#x};", "=r,r,r,r")
-
-
-# PTX lop3's immLut for (a & b) | c: that function applied to the operand tables a = 0xF0, b = 0xCC, c = 0xAA
-LOP3_AND_OR = (0xF0 & 0xCC) | 0xAA
+    return lop3(a, mask, c, LOP3_AND_OR) if DEQUANT_LOP3 else arith.ori(c, arith.andi(a, mask))
 
 
 def _make_dequant(bits, tile_k, group, gps, dtype_name, has_bias, skip_arithmetic=False, layout=DEFAULT_LAYOUT,

@@ -65,7 +65,7 @@ from .gptq_matmul import _fragment_rows, reference_ws_partials, staged_x_referen
 from .gptq_matmul import PartialSums, call_with_output, check_kernel_input, chunked_matmul, split_friendly_k_pad
 from .gptq_matmul import fused_norm_ok, kernel_norm, rms_norm_rows
 from .gptq_matmul import SwiGLUSlots, slot_layout, slots_mn_ok, swiglu_matmul, ws_name_suffix
-from .gptq_matmul import or_and, ws_rows
+from .gptq_matmul import lop3, lop3_table, or_and, ws_rows
 
 # Prefill (M > MAX_KERNEL_M) on GPU for weights without a sparse part: up to this many rows the kernel runs over
 # 64-row chunks, above it the XLA dequantize-once path (reference_matmul). Measured (H100, CUPTI, dense lut4
@@ -77,7 +77,7 @@ PREFILL_CHUNKED_MAX_M = 2048
 
 LUT_KERNEL_BITS = (3, 4)
 _DTYPES = ("bfloat16", "float16")
-_LOP3_SELECT = 0xD8  # lop3 truth table of (a & ~c) | (b & c): a = 0xF0, b = 0xCC, c = 0xAA
+_LOP3_SELECT = lop3_table(lambda a, b, c: (a & ~c) | (b & c))  # bytes of b where the mask c is 0xFF, else a
 _MASK_SEL = (0xD9C8, 0xFBEA)  # sign-replicate prmt selectors: bit 3 of nibbles 0-3 / 4-7 of w -> byte masks
 _INTERLEAVE = (0x5140, 0x7362)  # (L, H) -> bf16x2 of selector nibbles (0, 1) / (2, 3)
 
@@ -589,7 +589,7 @@ def _make_dequant(bits, tile_k, dtype_name, skip_lookup=False, wg_local=False):
             return llvm.inline_asm(i32, [a, b, sel], "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
 
         def select(a, b, mask):  # bytes of b where mask is 0xFF, else a
-            return llvm.inline_asm(i32, [a, b, mask], f"lop3.b32 $0, $1, $2, $3, {_LOP3_SELECT};", "=r,r,r,r")
+            return lop3(a, b, mask, _LOP3_SELECT)
 
         tid, row_idx = _fragment_rows(wg_local)
         tid_idx = arith.index_cast(index, tid)

@@ -642,15 +642,23 @@ def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng)
 
 
 def test_lop3_truth_table_is_and_or(rng, monkeypatch):
-    """The code-field extraction's PTX ``lop3`` (``gm.or_and``): evaluated bit by bit as PTX defines immLut (bit
-    index 4a + 2b + c), LOP3_AND_OR is (a & b) | c on random words; both forms of ``or_and`` still lower for CUDA."""
+    """The kernels' PTX ``lop3`` tables, evaluated bit by bit as PTX defines immLut (bit index 4a + 2b + c) on random
+    words: LOP3_AND_OR (``gm.or_and``, the code-field extraction) is (a & b) | c and the LUT kernel's byte select is
+    (a & ~c) | (b & c); both forms of ``or_and`` still lower for CUDA."""
+    from pallas_kernels import lut_matmul as lm
     a, b, c = (rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32) for _ in range(3))
     bit = lambda v, i: (v >> np.uint32(i)) & np.uint32(1)  # noqa: E731
-    got = np.zeros_like(a)
-    for i in range(32):
-        index = (bit(a, i) << np.uint32(2)) | (bit(b, i) << np.uint32(1)) | bit(c, i)
-        got |= ((np.uint32(gm.LOP3_AND_OR) >> index) & np.uint32(1)) << np.uint32(i)
-    np.testing.assert_array_equal(got, (a & b) | c)
+
+    def ptx_lop3(table):
+        out = np.zeros_like(a)
+        for i in range(32):
+            index = (bit(a, i) << np.uint32(2)) | (bit(b, i) << np.uint32(1)) | bit(c, i)
+            out |= ((np.uint32(table) >> index) & np.uint32(1)) << np.uint32(i)
+        return out
+
+    np.testing.assert_array_equal(ptx_lop3(gm.LOP3_AND_OR), (a & b) | c)
+    np.testing.assert_array_equal(ptx_lop3(lm._LOP3_SELECT), (a & ~c) | (b & c))
+    assert (gm.LOP3_AND_OR, lm._LOP3_SELECT) == (0xEA, 0xD8)  # the values the measured kernels ran
     w = gm.pack(*random_gptq(rng, 512, 128, 3, 128, False, False), bits=3, sym=False)
     x = jnp.asarray(rng.standard_normal((1, 512)), jnp.bfloat16)
     for on in (True, False):
