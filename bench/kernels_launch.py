@@ -337,6 +337,8 @@ def _ws_kind(c):
     return f"{'ws-f' if c.get('fused') else 'ws stream-K'} ({c.get('ctas')})"
 
 
+# sections whose rows are A/B probes labelled by the code they ran (row field "probe"; HEAD = the committed code)
+_PROBE_COLUMNS = (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD")))
 SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "direct": (("variant", "x"), lambda r: (
         f"{r['config'].get('variant') or 'wg1'}"
@@ -362,8 +364,8 @@ SECTION_COLUMNS = {  # section -> (extra column heads, row -> their cells)
     "plain-decode": (("kernel (CTAs)", "scales"), lambda r: (
         _ws_kind(r["config"]), "after the wgmma" if r["config"].get("post_scale") else "on the weights")),
     "ws-grid": (("kernel (CTAs)", "slots"), lambda r: (_ws_kind(r["config"]), r["config"].get("k_splits"))),
-    "ws-fixup": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
-    "lop3": (("kernel (CTAs)", "code"), lambda r: (_ws_kind(r["config"]), r.get("probe", "HEAD"))),
+    "ws-fixup": _PROBE_COLUMNS,
+    "lop3": _PROBE_COLUMNS,
     "ws-diagnostics": (("kernel (CTAs)", "variant"), lambda r: (
         _ws_kind(r["config"]), "no dequant arithmetic (wrong y)" if r.get("kernel_variant") == "nodeq"
         else "wgmma overlap (abandoned)" if r["config"].get("overlap") else "default")),

@@ -644,7 +644,7 @@ def test_call_with_output_appends_only_a_buffer_of_the_kernels_output_shape(rng)
 def test_lop3_truth_table_is_and_or(rng, monkeypatch):
     """The kernels' PTX ``lop3`` tables, evaluated bit by bit as PTX defines immLut (bit index 4a + 2b + c) on random
     words: LOP3_AND_OR (``gm.or_and``, the code-field extraction) is (a & b) | c and the LUT kernel's byte select is
-    (a & ~c) | (b & c); both forms of ``or_and`` still lower for CUDA."""
+    (a & ~c) | (b & c); both forms of ``or_and`` lower for CUDA, the PTX ``lop3`` only where DEQUANT_LOP3 is on."""
     from pallas_kernels import lut_matmul as lm
     a, b, c = (rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32) for _ in range(3))
     bit = lambda v, i: (v >> np.uint32(i)) & np.uint32(1)  # noqa: E731
@@ -664,7 +664,7 @@ def test_lop3_truth_table_is_and_or(rng, monkeypatch):
     for on in (True, False):
         monkeypatch.setattr(gm, "DEQUANT_LOP3", on)
         text = jax.jit(lambda x, w: gm.gptq_matmul(x, w)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+        assert "mosaic_gpu" in text and ("lop3.b32" in text) == on
 
 
 @pytest.mark.parametrize("bits,M,fields", [
